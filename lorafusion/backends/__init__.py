@@ -1,0 +1,102 @@
+"""Backend choice for the fused LoRA linear.
+
+A backend is a module exposing two functions over 2-D row-major operands (x2d: T x in, dy2d: T x out; they may
+be non-contiguous views), with the math of ``lorafusion.reference``:
+
+    forward(x2d, weight, bias, lora_A, lora_B, scale, seed, p) -> (Y, S)
+        Y = X W^T + b + s * D(X) A^T B^T in x's dtype; S = D(X) A^T in float32 (kept for backward).
+    backward(dy2d, x2d, weight, lora_A, lora_B, S, scale, seed, p, need_dx) -> (dX or None, dA, dB)
+        dA, dB in float32 (the caller casts to the parameters' dtype); dX in dy's dtype.
+
+``bias`` may be None. ``lora_A`` / ``lora_B`` may be in a wider dtype than x (PEFT keeps fp32 adapters over a bf16
+base); every backend computes the rank-r path with float32 accumulation.
+
+Backends: ``triton`` (Triton kernels: the two big GEMMs with the rank-r term in the tile), ``cuda`` (C++/CUDA
+custom ops + cuBLAS), ``cpu`` (C++ custom ops, per-row-block fusion around torch's GEMM), ``reference`` (plain
+torch). Choose with the ``backend=`` argument or ``LORAFUSION_BACKEND``; ``auto`` picks the fastest available for
+the device. The choice is logged once per (device type, backend, reason).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+
+logger = logging.getLogger("lorafusion")
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+_ENV = "LORAFUSION_BACKEND"
+_logged: set[tuple] = set()
+_cache: dict[str, ModuleType | Exception] = {}
+
+_MODULES = {
+    "triton": "lorafusion.backends.triton_backend",
+    "cuda": "lorafusion.backends.cuda_backend",
+    "cpu": "lorafusion.backends.cpu_backend",
+    "reference": "lorafusion.backends.reference_backend",
+}
+
+
+def _load(name: str) -> ModuleType | Exception:
+    if name not in _cache:
+        try:
+            mod = importlib.import_module(_MODULES[name])
+            reason = getattr(mod, "unavailable_reason", lambda: None)()
+            _cache[name] = RuntimeError(reason) if reason else mod
+        except Exception as exc:  # an optional dependency missing or a build absent
+            _cache[name] = exc
+    return _cache[name]
+
+
+def available_backends() -> dict[str, str]:
+    """Map each backend name to 'available' or the reason it is not."""
+    out = {}
+    for name in BACKENDS:
+        mod = _load(name)
+        out[name] = "available" if isinstance(mod, ModuleType) else f"unavailable: {mod}"
+    return out
+
+
+def _supports(mod: ModuleType, device_type: str) -> bool:
+    return device_type in getattr(mod, "DEVICE_TYPES", ())
+
+
+def _log_once(key: tuple, msg: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(msg, *args)
+
+
+def resolve_backend_name(requested: str | None) -> str:
+    """The backend asked for: the argument, else $LORAFUSION_BACKEND, else 'auto'. Validated."""
+    name = requested if requested is not None else os.environ.get(_ENV, "auto")
+    name = name.strip().lower()
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"backend={name!r} is not one of {BACKENDS + ('auto',)} (argument or ${_ENV})")
+    return name
+
+
+def get_backend(device_type: str, requested: str | None = None) -> ModuleType:
+    """The backend module to run on ``device_type`` ('cpu' or 'cuda').
+
+    An explicitly requested backend that cannot run raises; 'auto' falls back loudly (one log line)."""
+    name = resolve_backend_name(requested)
+    if name != "auto":
+        mod = _load(name)
+        if not isinstance(mod, ModuleType):
+            raise RuntimeError(f"backend {name!r} was requested but is unavailable: {mod}")
+        if not _supports(mod, device_type):
+            raise RuntimeError(f"backend {name!r} was requested but does not run on device type {device_type!r}")
+        _log_once((device_type, name, "requested"), "lorafusion: %s backend on %s (requested)", name, device_type)
+        return mod
+    order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpu", "reference")
+    skipped = []
+    for cand in order:
+        mod = _load(cand)
+        if isinstance(mod, ModuleType) and _supports(mod, device_type):
+            why = "fastest available" if not skipped else "; ".join(skipped)
+            _log_once((device_type, cand, why), "lorafusion: %s backend on %s (%s)", cand, device_type, why)
+            return mod
+        skipped.append(f"{cand} skipped: {mod if not isinstance(mod, ModuleType) else 'not for ' + device_type}")
+    raise RuntimeError(f"no lorafusion backend runs on device type {device_type!r}: {'; '.join(skipped)}")

@@ -1,0 +1,61 @@
+"""The fused LoRA linear as one autograd Function over a chosen backend (math: ``lorafusion.reference``)."""
+from __future__ import annotations
+
+import torch
+
+from lorafusion.backends import get_backend
+
+_SEED_MIX = 0x9E3779B97F4A7C15
+_SEED_MASK = (1 << 63) - 1
+
+
+def draw_dropout_seed(device: torch.device) -> int:
+    """A dropout seed from torch's generator for ``device``, so ``torch.manual_seed`` reproduces a run.
+
+    On CUDA the seed comes from the device generator's (seed, offset) pair without a host sync: the offset is
+    advanced as a dropout kernel would advance it."""
+    if device.type == "cuda":
+        gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        offset = gen.get_offset()
+        gen.set_offset(offset + 4)
+        return (gen.initial_seed() * _SEED_MIX + offset) & _SEED_MASK
+    return int(torch.randint(0, _SEED_MASK, (1,), dtype=torch.int64).item())
+
+
+class FusedLoRAFunction(torch.autograd.Function):
+    """Y = X W^T + b + scale * D(X) A^T B^T; saves X, S (T x r) and the seed, never D(X) or a mask."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float, p: float, seed: int, backend):
+        x2d = x.reshape(-1, x.shape[-1])
+        y2d, S = backend.forward(x2d, weight, bias, lora_A, lora_B, scale, seed, p)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, S)
+        ctx.scale, ctx.p, ctx.seed, ctx.backend = scale, p, seed, backend
+        ctx.has_bias = bias is not None
+        return y2d.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, S = ctx.saved_tensors
+        need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
+        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        dX, dA, dB = ctx.backend.backward(
+            dy2d, x2d, weight, lora_A, lora_B, S, ctx.scale, ctx.seed, ctx.p, need_dx
+        )
+        dx = dX.view(x.shape) if dX is not None else None
+        # A trainable base is not the LoRA use case, but stays correct: plain torch for its gradients.
+        dw = (dy2d.t() @ x2d).to(weight.dtype) if need_dw else None
+        db = dy2d.sum(0) if (need_db and ctx.has_bias) else None
+        da = dA.to(lora_A.dtype) if need_da else None
+        dbb = dB.to(lora_B.dtype) if need_dbb else None
+        return dx, dw, db, da, dbb, None, None, None, None
+
+
+def fused_lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 0.0, backend: str | None = None,
+                      seed: int | None = None):
+    """Functional fused LoRA linear. ``p`` is the dropout probability to apply now (0 in eval)."""
+    mod = get_backend(x.device.type, backend)
+    if p > 0.0 and seed is None:
+        seed = draw_dropout_seed(x.device)
+    return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), float(p), int(seed or 0), mod)

@@ -1,0 +1,104 @@
+"""``FusedLoRALinear``: a frozen ``nn.Linear`` plus a low-rank adapter, run by the fused kernels.
+
+    y = base(x) + scale * dropout(x) @ A^T @ B^T,    scale = alpha / r  (alpha / sqrt(r) with rsLoRA)
+
+A is Kaiming-uniform and B zero (PEFT's init), so a fresh layer equals its base. Dropout is on the adapter path only
+and its mask is regenerated in backward from a seed drawn from torch's generator for the input's device.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lorafusion.backends import resolve_backend_name
+from lorafusion.function import fused_lora_linear
+from lorafusion.reference import lora_scale
+
+
+def check_lora_args(name: str, in_features: int, out_features: int, r, alpha, dropout) -> None:
+    """Validate adapter hyper-parameters; errors name the layer and the value."""
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise TypeError(f"{name}: r must be an int, got {r!r}")
+    if not 1 <= r <= min(in_features, out_features):
+        raise ValueError(f"{name}: r={r} must be in [1, min(in_features, out_features)={min(in_features, out_features)}]")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise TypeError(f"{name}: alpha must be a finite number, got {alpha!r}")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{name}: dropout={dropout!r} must be in [0, 1)")
+
+
+def check_input(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}: input's last dimension is {tuple(x.shape)[-1:]}, expected in_features={weight.shape[1]}")
+    if x.device != weight.device:
+        raise ValueError(f"{name}: input is on {x.device} but the weights are on {weight.device}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"{name}: input dtype {x.dtype} differs from the weight dtype {weight.dtype}")
+
+
+class FusedLoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 backend: str | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"FusedLoRALinear: base must be an nn.Linear, got {type(base).__name__}")
+        check_lora_args("FusedLoRALinear", base.in_features, base.out_features, r, alpha, dropout)
+        self.base = base
+        base.requires_grad_(False)
+        self.r, self.alpha, self.dropout, self.use_rslora = r, alpha, float(dropout), use_rslora
+        self.scale = lora_scale(r, alpha, use_rslora)
+        self.backend = resolve_backend_name(backend)
+        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
+        self.disabled = False
+
+    def adapter_params(self) -> list[str]:
+        """Names of the trainable adapter parameters."""
+        return ["lora_A", "lora_B"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.base.weight
+        check_input("FusedLoRALinear", x, w)
+        if self.disabled and self.merged:  # take the merged delta back out on the fly, no dropout
+            return fused_lora_linear(x, w, self.base.bias, self.lora_A, self.lora_B, -self.scale, 0.0, self.backend)
+        if self.disabled or self.merged:
+            return self.base(x)
+        p = self.dropout if self.training else 0.0
+        return fused_lora_linear(x, w, self.base.bias, self.lora_A, self.lora_B, self.scale, p, self.backend)
+
+    def _delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold scale * B A into the base weight; forward then runs the base GEMM alone."""
+        if not self.merged:
+            self.base.weight.copy_((self.base.weight.float() + self._delta_weight()).to(self.base.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight.copy_((self.base.weight.float() - self._delta_weight()).to(self.base.weight.dtype))
+            self.merged = False
+
+    @contextmanager
+    def adapter_disabled(self):
+        """Run the base layer alone inside the block."""
+        prev, self.disabled = self.disabled, True
+        try:
+            yield self
+        finally:
+            self.disabled = prev
+
+    def extra_repr(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, rslora={self.use_rslora}, "
+                f"backend={self.backend}, merged={self.merged}")

@@ -1,0 +1,182 @@
+"""FusedLoRALinear and the autograd Function, on every backend that runs on this machine, against float64."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lorafusion
+from lorafusion import FusedLoRALinear, fused_lora_linear
+from lorafusion.backends import available_backends
+from lorafusion.reference import dropout_keep_mask, lora_linear_reference, lora_scale
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _cpu_backends():
+    out = []
+    for name, status in available_backends().items():
+        if status != "available":
+            continue
+        mod = lorafusion.get_backend("cpu", name) if name in ("cpu", "reference") else None
+        if name == "triton":
+            from lorafusion.backends import triton_backend
+            if "cpu" in triton_backend.DEVICE_TYPES:
+                out.append(name)
+            continue
+        if mod is not None:
+            out.append(name)
+    return out
+
+
+BACKENDS = _cpu_backends()
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    err = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert not math.isnan(err), "NaN in output"
+    return err
+
+
+def _make(T, fin, fout, r, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, fin, generator=g)
+    w = torch.randn(fout, fin, generator=g) / fin**0.5
+    b = torch.randn(fout, generator=g) if bias else None
+    a = torch.randn(r, fin, generator=g) / fin**0.5
+    bb = torch.randn(fout, r, generator=g) / r**0.5
+    dy = torch.randn(T, fout, generator=g)
+    return x, w, b, a, bb, dy
+
+
+def _grads(fn, x, w, b, a, bb, dy, dtype):
+    leaves = [t.to(dtype).detach().requires_grad_(t is not w and t is not b) if t is not None else None
+              for t in (x, w, b, a, bb)]
+    y = fn(*leaves)
+    y.backward(dy.to(dtype).reshape(y.shape))
+    return y.detach(), leaves[0].grad, leaves[3].grad, leaves[4].grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,fin,fout,r,p,bias", [
+    (1, 100, 300, 1, 0.0, True),
+    (7, 33, 17, 8, 0.1, False),
+    (133, 100, 300, 16, 0.1, True),
+    (64, 72, 40, 16, 0.0, False),
+])
+def test_function_matches_float64(backend, dtype, T, fin, fout, r, p, bias):
+    x, w, b, a, bb, dy = _make(T, fin, fout, r, dtype, bias, seed=T * 7 + r)
+    s = lora_scale(r, 2 * r)
+    seed = 12345 + T
+
+    def fused(xx, ww, bb_, aa, bbb):
+        return fused_lora_linear(xx, ww, bb_, aa, bbb, s, p, backend=backend, seed=seed)
+
+    def ref(xx, ww, bb_, aa, bbb):
+        return lora_linear_reference(xx, ww, bb_, aa, bbb, s, p, seed)
+
+    y, dx, da, db = _grads(fused, x, w, b, a, bb, dy, dtype)
+    # The reference sees the inputs rounded to dtype, then computes in float64.
+    rx, rw, rb, ra, rbb = (t.to(dtype).double() if t is not None else None for t in (x, w, b, a, bb))
+    y64, dx64, da64, db64 = _grads(ref, rx, rw, rb, ra, rbb, dy.to(dtype), torch.float64)
+    tol = TOL[dtype]
+    assert rel_err(y, y64) < tol
+    assert rel_err(dx, dx64) < tol
+    assert rel_err(da, da64) < tol
+    assert rel_err(db, db64) < tol
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layer_3d_noncontiguous_and_rank64(backend):
+    torch.manual_seed(3)
+    base = nn.Linear(96, 80)
+    layer = FusedLoRALinear(base, r=64, alpha=16, dropout=0.2, use_rslora=True, backend=backend)
+    nn.init.normal_(layer.lora_B)
+    assert layer.scale == pytest.approx(16 / 8)
+    x_full = torch.randn(3, 96, 11)
+    x = x_full.transpose(1, 2)  # (3, 11, 96), non-contiguous
+    assert not x.is_contiguous()
+    x.requires_grad_(True)
+    layer.train()
+    seed = 99
+    y = fused_lora_linear(x, base.weight, base.bias, layer.lora_A, layer.lora_B, layer.scale, 0.2, backend, seed=seed)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xr = x.detach().double().requires_grad_(True)
+    ar = layer.lora_A.detach().double().requires_grad_(True)
+    br = layer.lora_B.detach().double().requires_grad_(True)
+    yr = lora_linear_reference(xr, base.weight.double(), base.bias.double(), ar, br, layer.scale, 0.2, seed)
+    yr.backward(dy.double())
+    assert y.shape == (3, 11, 80)
+    for got, want in [(y, yr), (x.grad, xr.grad), (layer.lora_A.grad, ar.grad), (layer.lora_B.grad, br.grad)]:
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_reproducible_and_mask_consistent(backend):
+    base = nn.Linear(64, 48)
+    layer = FusedLoRALinear(base, r=8, alpha=8, dropout=0.5, backend=backend)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(40, 64)
+    torch.manual_seed(7)
+    y1 = layer(x)
+    torch.manual_seed(7)
+    y2 = layer(x)
+    y3 = layer(x)
+    assert torch.equal(y1, y2)
+    assert not torch.allclose(y2, y3)
+    layer.eval()
+    y_eval = layer(x)
+    ref = lora_linear_reference(x.double(), base.weight.double(), base.bias.double(), layer.lora_A.double(),
+                                layer.lora_B.double(), layer.scale, 0.0)
+    assert rel_err(y_eval, ref) < 1e-5
+
+
+def test_keep_rate_matches_p():
+    for p in (0.1, 0.5, 0.9):
+        n = 400 * 500
+        keep = dropout_keep_mask(2024, 400, 500, p).double().mean().item()
+        sigma = math.sqrt(p * (1 - p) / n)
+        assert abs(keep - (1 - p)) < 5 * sigma, (p, keep)
+
+
+def test_fresh_layer_equals_base_and_merge_roundtrip():
+    torch.manual_seed(0)
+    base = nn.Linear(50, 70)
+    layer = FusedLoRALinear(base, r=4, alpha=8)
+    x = torch.randn(9, 50)
+    assert torch.allclose(layer(x), base(x))
+    nn.init.normal_(layer.lora_B)
+    w0 = base.weight.detach().clone()
+    y = layer(x)
+    layer.merge()
+    assert layer.merged
+    assert rel_err(layer(x), y) < 1e-5
+    with layer.adapter_disabled():
+        assert rel_err(layer(x), x @ w0.t() + base.bias) < 1e-5
+    layer.unmerge()
+    assert rel_err(base.weight, w0) < 1e-6
+    with layer.adapter_disabled():
+        assert torch.allclose(layer(x), base(x))
+    assert layer.adapter_params() == ["lora_A", "lora_B"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+
+
+def test_bad_input_errors_name_the_value():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        FusedLoRALinear(nn.Conv1d(3, 3, 1), r=1, alpha=1)
+    with pytest.raises(ValueError, match="r=0"):
+        FusedLoRALinear(nn.Linear(8, 8), r=0, alpha=1)
+    with pytest.raises(ValueError, match="r=9"):
+        FusedLoRALinear(nn.Linear(8, 16), r=9, alpha=1)
+    with pytest.raises(ValueError, match="dropout=1.0"):
+        FusedLoRALinear(nn.Linear(8, 8), r=2, alpha=1, dropout=1.0)
+    with pytest.raises(ValueError, match="backend='gpu'"):
+        FusedLoRALinear(nn.Linear(8, 8), r=2, alpha=1, backend="gpu")
+    layer = FusedLoRALinear(nn.Linear(8, 8), r=2, alpha=1)
+    with pytest.raises(ValueError, match="last dimension"):
+        layer(torch.randn(3, 7))
+    with pytest.raises(ValueError, match="dtype"):
+        layer(torch.randn(3, 8, dtype=torch.float64))

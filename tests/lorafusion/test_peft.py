@@ -1,0 +1,122 @@
+"""PEFT drop-in: a small Llama built from a config, PEFT LoRA on all linear layers, patched vs PEFT's own layers."""
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+import lorafusion  # noqa: E402
+from lorafusion.peft_integration import FusedPeftLoraLinear  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).float().eval()
+
+
+def peft_model(seed=0, dropout=0.0, config_cls=LoraConfig, **extra):
+    base = tiny_llama(seed)
+    cfg = config_cls(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS, init_lora_weights=False,
+                     **extra)
+    torch.manual_seed(seed + 1)
+    return get_peft_model(base, cfg)
+
+
+def _train(model, steps=20, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(0, 97, (4, 24), generator=g)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_patched_training_matches_peft():
+    ref = peft_model()
+    fused = peft_model()
+    report = lorafusion.patch_peft(fused)
+    assert len(report["fused"]) == 2 * len(TARGETS) and not report["unfused"]
+    assert set(ref.state_dict()) == set(fused.state_dict())
+    l_ref, l_fused = _train(ref), _train(fused)
+    for a, b in zip(l_ref, l_fused):
+        assert abs(a - b) <= 1e-5 * abs(a), (l_ref, l_fused)
+    assert l_fused[-1] < l_fused[0]
+
+
+def test_save_load_roundtrip_and_plain_peft(tmp_path):
+    fused = peft_model(seed=3)
+    lorafusion.patch_peft(fused)
+    _train(fused, steps=3)
+    fused.eval()
+    ids = torch.randint(0, 97, (2, 17))
+    with torch.no_grad():
+        want = fused(input_ids=ids).logits
+    fused.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").exists() and (tmp_path / "adapter_config.json").exists()
+    plain = PeftModel.from_pretrained(tiny_llama(3), tmp_path).eval()
+    with torch.no_grad():
+        got_plain = plain(input_ids=ids).logits
+    lorafusion.patch_peft(plain)
+    with torch.no_grad():
+        got_fused = plain(input_ids=ids).logits
+    assert torch.allclose(got_plain, want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got_fused, want, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_module_registration_builds_fused_layers():
+    base = tiny_llama(4)
+    cfg = lorafusion.fused_lora_config(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+    torch.manual_seed(9)
+    model = get_peft_model(base, cfg)
+    layers = [m for m in model.modules() if isinstance(m, FusedPeftLoraLinear)]
+    assert len(layers) == 2 * len(TARGETS)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        fused_out = model(input_ids=ids).logits
+        n = lorafusion.unpatch_peft(model)
+        plain_out = model(input_ids=ids).logits
+    assert n == len(layers)
+    assert torch.allclose(fused_out, plain_out, rtol=1e-5, atol=1e-5)
+
+
+def test_dora_and_multi_adapter_fall_back_with_one_warning():
+    model = peft_model(seed=6, use_dora=True)
+    with pytest.warns(UserWarning, match="variant"):
+        report = lorafusion.patch_peft(model)
+    assert not report["fused"] and len(report["unfused"]) == 2 * len(TARGETS)
+
+    model = peft_model(seed=7)
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS, init_lora_weights=False))
+    lorafusion.patch_peft(model)
+    ids = torch.randint(0, 97, (2, 5))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.set_adapter(["default", "second"])
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        x = torch.randn(3, 48)
+        out1 = layer(x)
+        out2 = layer(x)
+    msgs = [str(w.message) for w in rec if "2 active adapters" in str(w.message)]
+    assert len(msgs) == 1 and "q_proj" in msgs[0]
+    torch.testing.assert_close(out1, out2)
+    del ids
+
+
+def test_patch_peft_rejects_a_model_without_lora():
+    with pytest.raises(ValueError, match="no PEFT LoRA Linear"):
+        lorafusion.patch_peft(tiny_llama())
+    with pytest.raises(TypeError, match="nn.Module"):
+        lorafusion.patch_peft("not a model")
