@@ -1,0 +1,126 @@
+"""Planner benchmark: the plan against (a) each job alone, sequentially, FFD-packed and flushed per global batch, and
+(b) an mLoRA-like schedule (one adapter per microbatch, padded to the longest sample, adapters round-robin), under the
+1F1B discrete-event simulator of `scheduling.simulate` (forward 200 + padded tokens per stage, backward 2x, no-op 50).
+
+    python benchmarks/planner.py [--seeds 0 1 2 3 4] [--jobs my_jobs.yaml] [--out benchmarks/results/planner.json]
+
+Mixes (log-normal lengths, sigma 0.5, clipped to the capacity): 4 jobs with medians 300/700/1200/2000 and batch 16;
+8 jobs with medians 150..2400 and batches 8..16; 3-4 global batches each; 4 stages; capacity 4096 and 8192; padding
+multiple 128; seeds 0-4 by default. "plan s/gb" is the planning wall time divided by the largest number of global
+batches of any job (the number of global-batch rounds), the stricter of the two readings of "per global batch".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scheduling import PlanParams, check, load_jobs, lognormal_jobs, mlora_like, plan, sequential_ffd, simulate, simulate_flushed  # noqa: E402
+
+MIXES = {
+    "4 jobs": dict(medians=[300, 700, 1200, 2000], batch_sizes=[16, 16, 16, 16], num_global_batches=[4, 3, 4, 3]),
+    "8 jobs": dict(medians=[150, 300, 500, 800, 1100, 1500, 2000, 2400], batch_sizes=[8, 16, 8, 16, 12, 8, 16, 8],
+                   num_global_batches=[3, 4, 3, 4, 3, 4, 3, 4]),
+}
+TARGETS = {"4 jobs": 1.50, "8 jobs": 1.71}
+TARGET_B = 1.46
+TARGET_PAD = 0.02
+TARGET_PLAN_S = 2.0
+
+
+def _row(mix: str, cap: int, seed: int, jobs, params: PlanParams, milp_time_limit: float) -> dict:
+    t0 = time.perf_counter()
+    sched = plan(jobs, params, seed=seed, milp_time_limit=milp_time_limit)
+    secs = time.perf_counter() - t0
+    check(sched, jobs, params)
+    a_pieces = sequential_ffd(jobs, params)
+    for piece in a_pieces:  # each flushed piece holds one global batch of one job
+        assert piece.microbatches and all(m.segments[0].adapter == piece.meta["adapter"] for m in piece.microbatches)
+    b = mlora_like(jobs, params)
+    check(b, jobs, params, exact_padding=False)
+    ra, rb, rc = simulate_flushed(a_pieces), simulate(b), simulate(sched)
+    rounds = max(j.num_global_batches for j in jobs)
+    r = {
+        "mix": mix, "capacity": cap, "seed": seed, "tokens": rc.real_tokens,
+        "speedup_vs_a": ra.time / rc.time, "speedup_vs_b": rb.time / rc.time,
+        "bubble": rc.bubble_fraction, "padding": rc.padding_fraction,
+        "plan_seconds": secs, "plan_seconds_per_global_batch": secs / rounds,
+        "microbatches": rc.num_microbatches, "noops": rc.num_noops,
+        "plan_meta": {k: sched.meta[k] for k in ("mode", "groups", "target_tokens", "head_ramp", "drain_fraction",
+                                                 "tail_ramp", "packing")},
+        "plan": rc.to_dict(), "a": ra.to_dict(), "b": rb.to_dict(),
+    }
+    print(f"{mix:<7} {cap:>5} {seed:>4} {r['speedup_vs_a']:>8.3f} {r['speedup_vs_b']:>8.3f} "
+          f"{r['bubble']:>7.3f} {ra.bubble_fraction:>7.3f} {rb.bubble_fraction:>7.3f} "
+          f"{r['padding']:>8.4f} {rb.padding_fraction:>7.3f} {r['plan_seconds_per_global_batch']:>9.3f}", flush=True)
+    return r
+
+
+def run_file(path: str, capacities: list[int], milp_time_limit: float) -> list[dict]:
+    rows = []
+    for cap in capacities:
+        jobs, settings = load_jobs(path)
+        params = PlanParams(cap, int(settings.get("pad_multiple", 128)), int(settings.get("stages", 4)))
+        rows.append(_row(Path(path).stem, cap, int(settings.get("seed", 0)), jobs, params, milp_time_limit))
+    return rows
+
+
+def run(seeds: list[int], capacities: list[int], milp_time_limit: float) -> list[dict]:
+    rows = []
+    for mix, spec in MIXES.items():
+        for cap in capacities:
+            for seed in seeds:
+                params = PlanParams(cap, 128, 4)
+                jobs = lognormal_jobs(**spec, sigma=0.5, maximum=cap, seed=seed)
+                rows.append(_row(mix, cap, seed, jobs, params, milp_time_limit))
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--jobs", help="also plan this jobs file (e.g. lengths from a local JSONL dataset) as an extra mix")
+    ap.add_argument("--capacities", type=int, nargs="+", default=[4096, 8192])
+    ap.add_argument("--milp-time-limit", type=float, default=0.3)
+    ap.add_argument("--out", default="benchmarks/results/planner.json")
+    args = ap.parse_args()
+    print(f"{'mix':<7} {'cap':>5} {'seed':>4} {'vs (a)':>8} {'vs (b)':>8} {'bubble':>7} {'bub(a)':>7} {'bub(b)':>7} "
+          f"{'padding':>8} {'pad(b)':>7} {'plan s/gb':>9}")
+    rows = run(args.seeds, args.capacities, args.milp_time_limit)
+    if args.jobs:
+        rows += run_file(args.jobs, args.capacities, args.milp_time_limit)
+    print()
+    print("targets:")
+    summary = {}
+    for mix in MIXES:
+        rs = [r for r in rows if r["mix"] == mix]
+        if not rs:
+            continue
+        worst_a = min(r["speedup_vs_a"] for r in rs)
+        worst_b = min(r["speedup_vs_b"] for r in rs)
+        worst_pad = max(r["padding"] for r in rs)
+        worst_t = max(r["plan_seconds_per_global_batch"] for r in rs)
+        summary[mix] = {"min_speedup_vs_a": worst_a, "min_speedup_vs_b": worst_b, "max_padding": worst_pad,
+                        "max_plan_seconds_per_global_batch": worst_t,
+                        "met": {"vs_a": worst_a >= TARGETS[mix], "vs_b": worst_b >= TARGET_B,
+                                "padding": worst_pad <= TARGET_PAD, "plan_time": worst_t <= TARGET_PLAN_S}}
+        print(f"  {mix}: min vs (a) {worst_a:.3f} (target {TARGETS[mix]}), min vs (b) {worst_b:.3f} (target "
+              f"{TARGET_B}), max padding {worst_pad:.4f} (target {TARGET_PAD}), max plan s/gb {worst_t:.3f} "
+              f"(target {TARGET_PLAN_S}) -> {'all met' if all(summary[mix]['met'].values()) else summary[mix]['met']}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+                               "date": time.strftime("%Y-%m-%d"), "rows": rows, "summary": summary}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

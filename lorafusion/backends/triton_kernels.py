@@ -1,0 +1,486 @@
+"""Triton kernels of the fused LoRA linear (the math is in ``lorafusion.reference``).
+
+Five kernels, split at the small tensor S as in LoRAFusion:
+
+* ``_shrink_kernel``          S  = D(X) A^T                  one pass over X, mask regenerated in-tile
+* ``_expand_forward_kernel``  Y  = X W^T + b + s S B^T       one GEMM; rank-r term added to the accumulator
+                                                             before the single store of Y
+* ``_dy_shrink_kernel``       dS = s dY B, dB = s dY^T S     one pass over dY
+* ``_grad_A_kernel``          dA = dS^T D(X)                 one pass over X, mask regenerated in-tile (and,
+                                                             for the backward, written out one byte/element)
+* ``_expand_backward_kernel`` dX = dY W + D'(dS A)           one GEMM; the masked rank-r term is the initial
+                                                             accumulator, dY W is added on, dX stored once
+
+The dropout mask is ``reference.dropout_keep_mask``: Philox-4x32-10 with counter (col, row, 0, 0) and key
+(seed lo, seed hi), first output, unsigned ``>= threshold``. ``HAS_DROPOUT`` is a constexpr, so p == 0 compiles
+every bit of mask work out. Philox costs ~35 integer multiplies per element, about 75-100 us per pass over an
+8192 x 4096 input on an H100/H200: the GEMM epilogue does not run it on its 128 x 256 tile (register spills,
+measured +420 us) but reads the mask ``_grad_A_kernel`` just generated (32 MB write + read at 8192 x 4096; 4 MB
+bit-packed, but the reshape-based packing we tried failed Triton 3.6's LLVM lowering). Offsets are formed in int64 so
+tensors past 2**31 elements index correctly.
+
+Reductions over the token dimension (dB, dA) and, when the reduced dimension is split for parallelism (K in
+shrink, N in dy_shrink, tokens in grad_A), the outputs are accumulated with relaxed fp32 atomics into zeroed
+buffers: per-block partials plus a reduction would write and re-read the same number of bytes (blocks x N x r x 4)
+and add a launch and a (blocks x N x r) buffer. The cost: S/dS/dB/dA are order-dependent at fp32 rounding (not
+bitwise reproducible run to run on a GPU). Autotuning benchmarks these kernels on the live buffers, so the
+launcher zeroes and reruns once after a fresh tune.
+
+Under ``TRITON_INTERPRET=1`` every kernel runs one fixed config (autotuning in the interpreter is slow).
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_PHILOX_KEY_A: tl.constexpr = tl.constexpr(0x9E3779B9)
+_PHILOX_KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
+_PHILOX_ROUND_A: tl.constexpr = tl.constexpr(0xD2511F53)
+_PHILOX_ROUND_B: tl.constexpr = tl.constexpr(0xCD9E8D57)
+
+
+def _configs(gpu_list, interp):
+    """The autotune list on a GPU; one config under the interpreter."""
+    return [interp] if INTERPRET else gpu_list
+
+
+def _cfg(num_warps=4, num_stages=1, **meta):
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+_SMEM_FALLBACK = 160 * 1024  # fits sm_80 (164 KB opt-in) and sm_90 (227 KB)
+_SMEM_RESERVE = 8 * 1024  # the compiler's scratch (layout conversions, reductions)
+_smem_optin: dict = {}
+
+
+def _smem_budget(device) -> int:
+    """Shared memory one program may use for its pipelined operand tiles, from the device's properties."""
+    key = (device.type, device.index)
+    if key not in _smem_optin:
+        optin = 0
+        if device.type == "cuda":
+            import torch
+
+            props = torch.cuda.get_device_properties(device)
+            optin = getattr(props, "shared_memory_per_block_optin", 0)
+        _smem_optin[key] = (optin or _SMEM_FALLBACK) - _SMEM_RESERVE
+    return _smem_optin[key]
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    """Drop GEMM configs whose pipelined operand tiles overflow shared memory for this dtype, and the large
+    tiles when there are few tokens (fewer configs to compile and time)."""
+    x = named_args["x_ptr" if "x_ptr" in named_args else "dy_ptr"]
+    elem = x.element_size()
+    budget = _smem_budget(x.device)
+    m = named_args["M_BUCKET"]
+    out = []
+    for c in configs:
+        kw = c.kwargs
+        br = kwargs.get("BR", 64)
+        smem = (c.num_stages * kw["BK"] + br) * (kw["BM"] + kw["BN"]) * max(elem, 2)
+        if smem > budget or (m <= 64 and kw["BM"] > 64) or (m <= 256 and kw["BM"] * kw["BN"] > 128 * 128):
+            continue
+        out.append(c)
+    return out or configs[-1:]
+
+
+def _tile_bytes(kernel_name, kw, named_args, BR):
+    """Shared memory of the pipelined operand tiles of one memory-bound kernel config."""
+    if kernel_name == "shrink":
+        a, b = kw["BM"] * kw["BK"] * named_args["x_ptr"].element_size(), kw["BK"] * BR * 4
+    elif kernel_name == "dy_shrink":
+        a, b = kw["BM"] * kw["BN"] * named_args["dy_ptr"].element_size(), kw["BN"] * BR * 4
+    else:
+        a, b = kw["BM"] * kw["BK"] * named_args["x_ptr"].element_size(), kw["BM"] * BR * 4
+    return a + b
+
+
+def _prune_streaming(kernel_name):
+    """Memory-bound kernels: configs whose tiles fit shared memory; with few tokens only the smallest."""
+
+    def prune(configs, named_args, **kwargs):
+        BR = kwargs.get("BR", named_args.get("BR", 16))
+        x = named_args["dy_ptr" if kernel_name == "dy_shrink" else "x_ptr"]
+        budget = _smem_budget(x.device)
+        sized = sorted(((c.num_stages * _tile_bytes(kernel_name, c.kwargs, named_args, BR), i, c)
+                        for i, c in enumerate(configs)), key=lambda t: (t[0], t[1]))
+        if named_args["M_BUCKET"] <= 256:
+            return [sized[0][2]]
+        fit = [c for size, _, c in sized if size <= budget]
+        return fit or [sized[0][2]]
+
+    return prune
+
+
+@triton.jit
+def _cdiv(a, b):
+    # not tl.cdiv: Triton's own @jit helpers are fixed as compiled or interpreted when triton is imported,
+    # so kernels that use none of them also run interpreted after a late TRITON_INTERPRET=1 (test collection)
+    return (a + b - 1) // b
+
+
+@triton.jit
+def philox_first(rows, cols, seed_lo, seed_hi):
+    """First Philox-4x32-10 output (uint32) of counter (col, row, 0, 0), key (seed_lo, seed_hi), for a tile."""
+    zero = tl.full([rows.shape[0], cols.shape[0]], 0, tl.uint32)
+    c0 = zero + cols.to(tl.uint32)[None, :]
+    c1 = zero + rows.to(tl.uint32)[:, None]
+    c2 = zero
+    c3 = zero
+    k0 = seed_lo.to(tl.uint32, bitcast=True)
+    k1 = seed_hi.to(tl.uint32, bitcast=True)
+    for _ in tl.static_range(10):
+        _c0 = c0
+        _c2 = c2
+        c0 = tl.umulhi(_c2, _PHILOX_ROUND_B) ^ c1 ^ k0
+        c2 = tl.umulhi(_c0, _PHILOX_ROUND_A) ^ c3 ^ k1
+        c1 = _c2 * _PHILOX_ROUND_B
+        c3 = _c0 * _PHILOX_ROUND_A
+        k0 = k0 + _PHILOX_KEY_A
+        k1 = k1 + _PHILOX_KEY_B
+    return c0
+
+
+@triton.jit
+def philox_keep(rows, cols, seed_lo, seed_hi, threshold):
+    """Dropout keep mask of a tile: ``philox_first >= threshold`` compared as unsigned 32-bit."""
+    return philox_first(rows, cols, seed_lo, seed_hi) >= threshold.to(tl.uint32, bitcast=True)
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _philox_kernel(out_ptr, rows, cols, seed_lo, seed_hi, BM: tl.constexpr, BN: tl.constexpr):
+    """Test hook: the raw first Philox output of every (row, col), as int64."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    bits = philox_first(offs_m, offs_n, seed_lo, seed_hi)
+    mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
+    ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * cols + offs_n[None, :]
+    tl.store(ptrs, bits.to(tl.int64), mask=mask)
+
+
+@triton.jit
+def _grouped_pid(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Swizzled program order: GROUP_M row-blocks share each column block while it is in L2."""
+    pid = tl.program_id(0)
+    num_m = _cdiv(M, BM)
+    num_n = _cdiv(N, BN)
+    per_group = GROUP_M * num_n
+    group = pid // per_group
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % per_group) % size_m)
+    pid_n = (pid % per_group) // size_m
+    return pid_m, pid_n
+
+
+def split_count(blocks: int, work_blocks: int, num_sms: int) -> int:
+    """How many ways to split a reduction so a memory-bound pass has about 4 programs per SM (at least 1,
+    at most one split per ``work_blocks`` block of the reduced dimension)."""
+    return max(1, min(triton.cdiv(4 * num_sms, max(blocks, 1)), work_blocks))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# S = D(X) A^T   (grid: token blocks x rank blocks x K splits; K splits reduce with atomics into a zeroed S)
+# --------------------------------------------------------------------------------------------------------------
+@triton.autotune(
+    configs=_configs(
+        [_cfg(BM=64, BK=128, num_warps=4, num_stages=4), _cfg(BM=128, BK=64, num_warps=8, num_stages=4),
+         _cfg(BM=64, BK=256, num_warps=8, num_stages=3), _cfg(BM=32, BK=64, num_warps=4, num_stages=3)],
+        _cfg(BM=16, BK=32)),
+    key=["M_BUCKET", "K", "R", "HAS_DROPOUT"],
+    prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_streaming("shrink")},
+)
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+def _shrink_kernel(x_ptr, a_ptr, s_ptr, M, K, R, M_BUCKET,
+                   stride_xm, stride_xk, stride_ar, stride_ak, stride_sm,
+                   seed_lo, seed_hi, threshold, keep_scale,
+                   HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, BR: tl.constexpr,
+                   BM: tl.constexpr, BK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_split = tl.program_id(2)
+    n_split = tl.num_programs(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_r = pid_r * BR + tl.arange(0, BR)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    k_per_split = _cdiv(_cdiv(K, BK), n_split) * BK
+    k_start = pid_split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    x_rows = x_ptr + (offs_m % M).to(tl.int64)[:, None] * stride_xm
+    a_cols = a_ptr + (offs_r % R).to(tl.int64)[None, :] * stride_ar
+    acc = tl.full([BM, BR], 0, tl.float32)
+    for k0 in range(k_start, k_end, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        k_ok = offs_k < k_end
+        x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = philox_keep(offs_m, offs_k, seed_lo, seed_hi, threshold)
+            x = tl.where(keep, x, 0.0)
+        a = tl.load(a_cols + offs_k.to(tl.int64)[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, a.to(x.dtype), acc)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :]
+    if n_split == 1:
+        tl.store(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :])
+    else:
+        tl.atomic_add(s_ptrs, acc, mask=m_ok[:, None] & r_ok[None, :], sem="relaxed")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Y = X W^T + b + s S B^T
+# --------------------------------------------------------------------------------------------------------------
+_GEMM_CONFIGS = [
+    _cfg(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+    _cfg(BM=128, BN=256, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
+    _cfg(BM=256, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=3),
+    _cfg(BM=128, BN=128, BK=64, GROUP_M=8, num_warps=8, num_stages=4),
+    _cfg(BM=64, BN=128, BK=64, GROUP_M=8, num_warps=4, num_stages=4),
+    _cfg(BM=64, BN=64, BK=32, GROUP_M=8, num_warps=4, num_stages=4),
+]
+_GEMM_INTERP = _cfg(BM=32, BN=32, BK=32, GROUP_M=4)
+_EVEN_K = {"EVEN_K": lambda args: args["K"] % args["BK"] == 0}
+_EVEN_N = {"EVEN_K": lambda args: args["N"] % args["BK"] == 0}
+
+
+@triton.autotune(configs=_configs(_GEMM_CONFIGS, _GEMM_INTERP), key=["M_BUCKET", "N", "K", "R"],
+                 prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_gemm})
+@triton.heuristics(_EVEN_K)
+@triton.jit
+def _expand_forward_kernel(x_ptr, w_ptr, b_ptr, s_ptr, lb_ptr, y_ptr, M, N, K, R, M_BUCKET,
+                           stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_bn, stride_br,
+                           stride_ym, scale,
+                           HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BR: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                           EVEN_K: tl.constexpr):
+    pid_m, pid_n = _grouped_pid(M, N, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    # rows/cols past the edge wrap to valid ones (their results are never stored): loads need no M/N mask
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BK).to(tl.int64)
+    x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + rn[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.full([BM, BN], 0, tl.float32)
+    for k in range(0, _cdiv(K, BK)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k * BK, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k * BK, other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+        x_ptrs += BK * stride_xk
+        w_ptrs += BK * stride_wk
+    # rank-r term, added in the tile before the single store: acc += (s S) B^T, r in chunks of BR
+    s_rows = s_ptr + rm[:, None] * stride_sm
+    b_cols = lb_ptr + rn[None, :] * stride_bn
+    for r0 in range(0, R, BR):
+        offs_r = r0 + tl.arange(0, BR)
+        r_ok = offs_r < R
+        s = tl.load(s_rows + offs_r[None, :], mask=r_ok[None, :], other=0.0) * scale
+        b = tl.load(b_cols + offs_r.to(tl.int64)[:, None] * stride_br, mask=r_ok[:, None], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(s, b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(s.to(y_ptr.dtype.element_ty), b.to(y_ptr.dtype.element_ty), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dS = s dY B ; dB = s dY^T S   (one pass over dY; grid: token blocks x out-feature splits x rank blocks;
+# dB reduced over token blocks with atomics, dS over out-feature splits when there is more than one)
+# --------------------------------------------------------------------------------------------------------------
+@triton.autotune(
+    configs=_configs(
+        [_cfg(BM=64, BN=64, num_warps=4, num_stages=3), _cfg(BM=128, BN=64, num_warps=8, num_stages=3),
+         _cfg(BM=256, BN=32, num_warps=8, num_stages=3)],
+        _cfg(BM=16, BN=32)),
+    key=["M_BUCKET", "N", "R"],
+    prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_streaming("dy_shrink")},
+)
+@triton.jit
+def _dy_shrink_kernel(dy_ptr, lb_ptr, s_ptr, ds_ptr, db_ptr, M, N, R, M_BUCKET,
+                      stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_dsm, stride_dbn, scale,
+                      DOT_FP32: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    pid_r = tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_r = pid_r * BR + tl.arange(0, BR)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    s = tl.load(s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :],
+                mask=m_ok[:, None] & r_ok[None, :], other=0.0) * scale
+    if not DOT_FP32:
+        s = s.to(dy_ptr.dtype.element_ty)
+    dy_rows = dy_ptr + offs_m.to(tl.int64)[:, None] * stride_dym
+    b_cols = lb_ptr + offs_r.to(tl.int64)[None, :] * stride_br
+    ds = tl.full([BM, BR], 0, tl.float32)
+    n_per_split = _cdiv(_cdiv(N, BN), n_split) * BN
+    n_start = pid_split * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    for n0 in range(n_start, n_end, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        n_ok = offs_n < n_end
+        dy = tl.load(dy_rows + offs_n.to(tl.int64)[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :],
+                     other=0.0)
+        b = tl.load(b_cols + offs_n.to(tl.int64)[:, None] * stride_bn, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        if DOT_FP32:
+            ds = tl.dot(dy.to(tl.float32), b.to(tl.float32), ds, input_precision="ieee")
+            db = tl.dot(tl.trans(dy.to(tl.float32)), s, input_precision="ieee")
+        else:
+            ds = tl.dot(dy, b.to(dy.dtype), ds)
+            db = tl.dot(tl.trans(dy), s)
+        db_ptrs = db_ptr + offs_n.to(tl.int64)[:, None] * stride_dbn + offs_r[None, :]
+        tl.atomic_add(db_ptrs, db, mask=n_ok[:, None] & r_ok[None, :], sem="relaxed")
+    ds = ds * scale
+    ds_ptrs = ds_ptr + offs_m.to(tl.int64)[:, None] * stride_dsm + offs_r[None, :]
+    if n_split == 1:
+        tl.store(ds_ptrs, ds, mask=m_ok[:, None] & r_ok[None, :])
+    else:
+        tl.atomic_add(ds_ptrs, ds, mask=m_ok[:, None] & r_ok[None, :], sem="relaxed")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dA = dS^T D(X)   (one pass over X; grid: K blocks x token splits x rank blocks, token splits reduced with
+# atomics). With WRITE_BITS it also stores the keep mask it regenerated, one byte per element, so the dX GEMM
+# reads it instead of running Philox on a 128 x 256 tile in its epilogue (measured: +420 us at 8192 x 4096).
+# --------------------------------------------------------------------------------------------------------------
+@triton.autotune(
+    configs=_configs(
+        [_cfg(BM=64, BK=64, num_warps=4, num_stages=3), _cfg(BM=64, BK=128, num_warps=4, num_stages=4),
+         _cfg(BM=128, BK=64, num_warps=8, num_stages=3)],
+        _cfg(BM=32, BK=32)),
+    key=["M_BUCKET", "K", "R", "HAS_DROPOUT"],
+    prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_streaming("grad_A")},
+)
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+def _grad_A_kernel(x_ptr, ds_ptr, da_ptr, bits_ptr, M, K, R, M_BUCKET,
+                   stride_xm, stride_xk, stride_dsm, stride_dar, stride_bits,
+                   seed_lo, seed_hi, threshold, keep_scale,
+                   HAS_DROPOUT: tl.constexpr, WRITE_BITS: tl.constexpr, DOT_FP32: tl.constexpr, BR: tl.constexpr,
+                   BM: tl.constexpr, BK: tl.constexpr):
+    pid_k = tl.program_id(0)
+    pid_split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    pid_r = tl.program_id(2)
+    offs_k = pid_k * BK + tl.arange(0, BK)
+    offs_r = pid_r * BR + tl.arange(0, BR)
+    k_ok = offs_k < K
+    r_ok = offs_r < R
+    m_per_split = _cdiv(_cdiv(M, BM), n_split) * BM
+    m_start = pid_split * m_per_split
+    m_end = tl.minimum(m_start + m_per_split, M)
+    acc = tl.full([BR, BK], 0, tl.float32)
+    x_cols = x_ptr + offs_k.to(tl.int64)[None, :] * stride_xk
+    first_r = offs_k * 0 + pid_r == 0  # one rank block writes the mask
+    for m0 in range(m_start, m_end, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        m_ok = offs_m < m_end
+        x = tl.load(x_cols + offs_m.to(tl.int64)[:, None] * stride_xm, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = philox_keep(offs_m, offs_k, seed_lo, seed_hi, threshold)
+            x = tl.where(keep, x, 0.0)
+            if WRITE_BITS:
+                k_ptrs = bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_k[None, :]
+                tl.store(k_ptrs, keep.to(tl.int8), mask=m_ok[:, None] & (k_ok & first_r)[None, :])
+        ds = tl.load(ds_ptr + offs_m.to(tl.int64)[:, None] * stride_dsm + offs_r[None, :],
+                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(tl.trans(ds), x.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(ds.to(x.dtype)), x, acc)
+    if HAS_DROPOUT:
+        acc = acc * keep_scale
+    da_ptrs = da_ptr + offs_r.to(tl.int64)[:, None] * stride_dar + offs_k[None, :]
+    if n_split == 1:
+        tl.store(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :])
+    else:
+        tl.atomic_add(da_ptrs, acc, mask=r_ok[:, None] & k_ok[None, :], sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "threshold"])
+def _dropout_bits_kernel(bits_ptr, M, K, stride_bits, seed_lo, seed_hi, threshold,
+                         BM: tl.constexpr, BK: tl.constexpr):
+    """The keep mask alone, one byte per element as ``_grad_A_kernel`` writes it (for ``lora_expand_backward``
+    called on its own)."""
+    offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    keep = philox_keep(offs_m, offs_k, seed_lo, seed_hi, threshold)
+    k_ptrs = bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_k[None, :]
+    tl.store(k_ptrs, keep.to(tl.int8), mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dX = dY W + D'(dS A)
+# --------------------------------------------------------------------------------------------------------------
+@triton.autotune(configs=_configs(_GEMM_CONFIGS, _GEMM_INTERP), key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT"],
+                 prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_gemm})
+@triton.heuristics(_EVEN_N)
+@triton.jit
+def _expand_backward_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, bits_ptr, dx_ptr, M, N, K, R, M_BUCKET,
+                            stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_ar, stride_ak,
+                            stride_bits, stride_dxm, keep_scale,
+                            HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, BR: tl.constexpr,
+                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                            EVEN_K: tl.constexpr):
+    # output tile (BM x BN) of dX (M x K); the reduction runs over the out-features N in steps of BK.
+    # EVEN_K here means N % BK == 0.
+    pid_m, pid_n = _grouped_pid(M, K, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_c = pid_n * BN + tl.arange(0, BN)
+    rm = (offs_m % M).to(tl.int64)
+    rc = (offs_c % K).to(tl.int64)
+    # the masked rank-r term first: it becomes the accumulator the main loop adds dY W into, so only one
+    # BM x BN fp32 tile is ever live
+    acc = tl.full([BM, BN], 0, tl.float32)
+    ds_rows = ds_ptr + rm[:, None] * stride_dsm
+    a_cols = a_ptr + rc[None, :] * stride_ak
+    for r0 in range(0, R, BR):
+        offs_r = r0 + tl.arange(0, BR)
+        r_ok = offs_r < R
+        ds = tl.load(ds_rows + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+        a = tl.load(a_cols + offs_r.to(tl.int64)[:, None] * stride_ar, mask=r_ok[:, None], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(ds, a.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(ds.to(dx_ptr.dtype.element_ty), a.to(dx_ptr.dtype.element_ty), acc)
+    if HAS_DROPOUT:
+        keep = tl.load(bits_ptr + rm[:, None] * stride_bits + rc[None, :]) != 0
+        acc = tl.where(keep, acc * keep_scale, 0.0)
+    offs_n = tl.arange(0, BK).to(tl.int64)
+    dy_ptrs = dy_ptr + rm[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+    w_ptrs = w_ptr + rc[None, :] * stride_wk + offs_n[:, None] * stride_wn
+    for n in range(0, _cdiv(N, BK)):
+        if EVEN_K:
+            dy = tl.load(dy_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            dy = tl.load(dy_ptrs, mask=offs_n[None, :] < N - n * BK, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_n[:, None] < N - n * BK, other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(dy.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(dy, w.to(dy.dtype), acc)
+        dy_ptrs += BK * stride_dyn
+        w_ptrs += BK * stride_wn
+    dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_c[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_c < K)[None, :])

@@ -1,0 +1,305 @@
+"""Planner input: fine-tuning jobs sharing one pipeline, and the packing parameters.
+
+A :class:`Job` is one adapter's training run: the token lengths of its samples in dataset order (sample id = index
+into ``lengths``), a global batch size in samples, and how many global batches to run (given directly or as epochs).
+Global batch ``g`` holds the samples at positions ``g*B .. (g+1)*B - 1`` of the dataset repeated epoch after epoch,
+so over an epoch every sample appears exactly once. Lengths come from a JSONL file (through a tokenizer or a length
+field), from a seeded length distribution, or explicitly, either as one flat list or listed per global batch.
+
+:class:`PlanParams` holds the pipeline parameters: token capacity per microbatch, the padding multiple applied to
+each adapter segment, and the number of pipeline stages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is ``>= n``."""
+    return -(-n // multiple) * multiple
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class PlanParams:
+    """Pipeline parameters: token capacity per microbatch, padding multiple per adapter segment, pipeline stages."""
+
+    capacity: int
+    pad_multiple: int = 1
+    stages: int = 4
+
+    def __post_init__(self) -> None:
+        _positive_int(self.capacity, "capacity")
+        _positive_int(self.pad_multiple, "pad_multiple")
+        _positive_int(self.stages, "stages")
+        if self.capacity < self.pad_multiple:
+            raise ValueError(
+                f"capacity ({self.capacity}) must be at least the padding multiple ({self.pad_multiple})"
+            )
+
+    @property
+    def max_piece(self) -> int:
+        """The largest sample (or piece of a split sample) that fits one microbatch once padded."""
+        return self.capacity // self.pad_multiple * self.pad_multiple
+
+
+@dataclass(frozen=True)
+class Job:
+    """One adapter's fine-tuning job.
+
+    ``lengths``: token length of every sample in dataset order (sample id = index). ``global_batch_size``: samples per
+    global batch. ``num_global_batches``: how many global batches to run; defaults to one epoch (the last global batch
+    of an epoch may be short). ``allow_split``: a sample longer than a microbatch's capacity is cut into pieces instead
+    of being rejected.
+    """
+
+    adapter: str
+    lengths: tuple[int, ...]
+    global_batch_size: int
+    num_global_batches: int | None = None
+    allow_split: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.adapter, str) or not self.adapter:
+            raise ValueError(f"job adapter id must be a non-empty string, got {self.adapter!r}")
+        object.__setattr__(self, "lengths", tuple(self.lengths))
+        if len(self.lengths) == 0:
+            raise ValueError(f"job {self.adapter!r} has no samples")
+        for i, n in enumerate(self.lengths):
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+                raise ValueError(f"job {self.adapter!r} sample {i} has length {n!r}; lengths must be positive integers")
+        object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
+        _positive_int(self.global_batch_size, f"job {self.adapter!r} global_batch_size")
+        if self.num_global_batches is None:
+            object.__setattr__(self, "num_global_batches", math.ceil(len(self.lengths) / self.global_batch_size))
+        _positive_int(self.num_global_batches, f"job {self.adapter!r} num_global_batches")
+
+    @classmethod
+    def from_batches(cls, adapter: str, batches: Sequence[Sequence[int]], allow_split: bool = False) -> "Job":
+        """A job whose lengths are listed per global batch (all batches the same size but the last)."""
+        if len(batches) == 0:
+            raise ValueError(f"job {adapter!r} has no global batches")
+        sizes = [len(b) for b in batches]
+        if any(s == 0 for s in sizes):
+            raise ValueError(f"job {adapter!r} global batch {sizes.index(0)} is empty")
+        size = sizes[0]
+        for g, s in enumerate(sizes[:-1]):
+            if s != size:
+                raise ValueError(f"job {adapter!r} global batch {g} has {s} samples, expected {size} like batch 0")
+        if sizes[-1] > size:
+            raise ValueError(f"job {adapter!r} last global batch has {sizes[-1]} samples, more than {size}")
+        lengths = [n for b in batches for n in b]
+        return cls(adapter, tuple(lengths), size, len(batches), allow_split)
+
+    def global_batch_samples(self, g: int) -> list[int]:
+        """Sample ids of global batch ``g``: the dataset, repeated epoch after epoch, cut into global batches."""
+        n = len(self.lengths)
+        per_epoch = math.ceil(n / self.global_batch_size)
+        epoch, k = divmod(g, per_epoch)
+        start = k * self.global_batch_size
+        return list(range(start, min(start + self.global_batch_size, n)))
+
+    def global_batches(self) -> list[list[int]]:
+        return [self.global_batch_samples(g) for g in range(self.num_global_batches)]
+
+    def pieces(self, sample: int, params: PlanParams) -> list[int]:
+        """Token counts of the pieces one sample is packed as (one piece unless it is split)."""
+        n = self.lengths[sample]
+        cap = params.max_piece
+        if n <= cap:
+            return [n]
+        if not self.allow_split:
+            raise ValueError(
+                f"job {self.adapter!r} sample {sample} has {n} tokens, more than the microbatch capacity {cap} "
+                f"(capacity {params.capacity}, padding multiple {params.pad_multiple}); set allow_split to cut it"
+            )
+        full, rest = divmod(n, cap)
+        return [cap] * full + ([rest] if rest else [])
+
+
+def validate_jobs(jobs: Sequence[Job], params: PlanParams) -> None:
+    """Raise ``ValueError`` for an empty job list, repeated adapter ids or samples that cannot fit."""
+    if len(jobs) == 0:
+        raise ValueError("jobs is empty: nothing to plan")
+    seen: set[str] = set()
+    for job in jobs:
+        if not isinstance(job, Job):
+            raise ValueError(f"jobs must hold Job objects, got {type(job).__name__}")
+        if job.adapter in seen:
+            raise ValueError(f"adapter id {job.adapter!r} appears in more than one job")
+        seen.add(job.adapter)
+        for g in range(job.num_global_batches):
+            for s in job.global_batch_samples(g):
+                job.pieces(s, params)
+
+
+# --------------------------------------------------------------------------------------------------- length sources
+
+
+def sample_lengths(
+    count: int,
+    *,
+    median: float,
+    sigma: float = 0.5,
+    minimum: int = 1,
+    maximum: int | None = None,
+    seed: int | Sequence[int] = 0,
+) -> list[int]:
+    """``count`` log-normal token lengths with the given median and sigma, clipped to ``[minimum, maximum]``."""
+    _positive_int(count, "count")
+    if not median > 0:
+        raise ValueError(f"median must be positive, got {median!r}")
+    if not sigma >= 0:
+        raise ValueError(f"sigma must be non-negative, got {sigma!r}")
+    _positive_int(minimum, "minimum")
+    if maximum is not None and maximum < minimum:
+        raise ValueError(f"maximum ({maximum}) is below minimum ({minimum})")
+    rng = np.random.default_rng(seed)
+    raw = rng.lognormal(mean=math.log(median), sigma=sigma, size=count)
+    out = np.maximum(np.rint(raw).astype(np.int64), minimum)
+    if maximum is not None:
+        out = np.minimum(out, maximum)
+    return [int(x) for x in out]
+
+
+def _job_seed(seed: int, adapter: str) -> list[int]:
+    return [int(seed), zlib.crc32(adapter.encode())]
+
+
+def jsonl_lengths(path: str | Path, *, text_field: str = "text", length_field: str | None = None,
+                  tokenizer: str | None = None) -> list[int]:
+    """Token lengths of a JSONL dataset: a length field if named, else the text through a Hugging Face tokenizer."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"dataset {str(path)!r} is not a file")
+    tok = None
+    if length_field is None:
+        if tokenizer is None:
+            raise ValueError(f"dataset {str(path)!r}: give either length_field or tokenizer")
+        from transformers import AutoTokenizer  # lazy: only JSONL-through-tokenizer needs it
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    out = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if length_field is not None:
+                if length_field not in rec:
+                    raise ValueError(f"dataset {str(path)!r} line {lineno} has no field {length_field!r}")
+                out.append(int(rec[length_field]))
+            else:
+                if text_field not in rec:
+                    raise ValueError(f"dataset {str(path)!r} line {lineno} has no field {text_field!r}")
+                out.append(len(tok(rec[text_field])["input_ids"]))
+    if not out:
+        raise ValueError(f"dataset {str(path)!r} has no records")
+    return out
+
+
+def job_from_spec(spec: dict, *, seed: int = 0, base_dir: str | Path = ".") -> Job:
+    """Build a job from its YAML/dict description (see ``benchmarks/jobs_example.yaml``)."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"job spec must be a mapping, got {spec!r}")
+    adapter = spec.get("adapter")
+    if not isinstance(adapter, str) or not adapter:
+        raise ValueError(f"job spec needs an 'adapter' id, got {adapter!r}")
+    allow_split = bool(spec.get("allow_split", False))
+    sources = [k for k in ("batches", "lengths", "distribution", "dataset") if k in spec]
+    if len(sources) != 1:
+        raise ValueError(
+            f"job {adapter!r} needs exactly one of batches / lengths / distribution / dataset, got {sources}"
+        )
+    src = sources[0]
+    if src == "batches":
+        return Job.from_batches(adapter, spec["batches"], allow_split)
+    gbs = spec.get("global_batch_size")
+    if gbs is None:
+        raise ValueError(f"job {adapter!r} needs global_batch_size")
+    gbs = _positive_int(gbs, f"job {adapter!r} global_batch_size")
+    num_gb = spec.get("num_global_batches")
+    epochs = spec.get("epochs")
+    if num_gb is not None and epochs is not None:
+        raise ValueError(f"job {adapter!r}: give num_global_batches or epochs, not both")
+    if src == "lengths":
+        lengths = list(spec["lengths"])
+    elif src == "distribution":
+        d = spec["distribution"]
+        if not isinstance(d, dict):
+            raise ValueError(f"job {adapter!r} distribution must be a mapping, got {d!r}")
+        kind = d.get("kind", "lognormal")
+        if kind != "lognormal":
+            raise ValueError(f"job {adapter!r} distribution kind {kind!r} is not supported (only 'lognormal')")
+        if num_gb is None:
+            raise ValueError(f"job {adapter!r} with a length distribution needs num_global_batches")
+        num_gb = _positive_int(num_gb, f"job {adapter!r} num_global_batches")
+        lengths = sample_lengths(
+            gbs * num_gb, median=d.get("median", 0), sigma=d.get("sigma", 0.5), minimum=d.get("min", 1),
+            maximum=d.get("max"), seed=_job_seed(d.get("seed", seed), adapter),
+        )
+    else:
+        p = Path(spec["dataset"])
+        if not p.is_absolute():
+            p = Path(base_dir) / p
+        lengths = jsonl_lengths(p, text_field=spec.get("text_field", "text"), length_field=spec.get("length_field"),
+                                tokenizer=spec.get("tokenizer"))
+    if epochs is not None:
+        epochs = _positive_int(epochs, f"job {adapter!r} epochs")
+        num_gb = epochs * math.ceil(len(lengths) / gbs)
+    return Job(adapter, tuple(lengths), gbs, num_gb, allow_split)
+
+
+def load_jobs(path: str | Path, *, seed: int | None = None) -> tuple[list[Job], dict]:
+    """Read a jobs file (YAML or JSON): ``{jobs: [...], capacity:, pad_multiple:, stages:, seed:}``.
+
+    Returns the jobs and the file's top-level planner settings (everything but ``jobs``).
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"jobs file {str(path)!r} does not exist")
+    with path.open() as f:
+        doc = yaml.safe_load(f)
+    if isinstance(doc, list):
+        doc = {"jobs": doc}
+    if not isinstance(doc, dict) or "jobs" not in doc:
+        raise ValueError(f"jobs file {str(path)!r} must hold a 'jobs' list")
+    settings = {k: v for k, v in doc.items() if k != "jobs"}
+    use_seed = seed if seed is not None else int(settings.get("seed", 0))
+    specs = doc["jobs"]
+    if not isinstance(specs, list) or not specs:
+        raise ValueError(f"jobs file {str(path)!r}: 'jobs' is empty")
+    jobs = [job_from_spec(s, seed=use_seed, base_dir=path.parent) for s in specs]
+    return jobs, settings
+
+
+def lognormal_jobs(medians: Iterable[float], batch_sizes: Iterable[int], num_global_batches: Iterable[int], *,
+                   sigma: float = 0.5, maximum: int | None = None, seed: int = 0) -> list[Job]:
+    """A synthetic mix: job ``j`` has log-normal lengths with ``medians[j]``, its batch size and batch count."""
+    jobs = []
+    for j, (m, b, n) in enumerate(zip(medians, batch_sizes, num_global_batches, strict=True)):
+        name = f"job{j}"
+        lengths = sample_lengths(b * n, median=m, sigma=sigma, minimum=1, maximum=maximum,
+                                 seed=_job_seed(seed, name))
+        jobs.append(Job(name, tuple(lengths), b, n))
+    return jobs

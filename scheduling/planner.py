@@ -1,0 +1,730 @@
+"""Pack many jobs' samples into balanced microbatches for one shared pipeline.
+
+The algorithm (LoRAFusion's, with its free knobs searched and judged by the 1F1B simulator):
+
+1. **Group** adapters: order them long-sample / short-sample alternately, then deal them to ``G`` groups by least
+   tokens so far (longest-processing-time), so each group mixes long and short samples and the groups carry similar
+   work per global batch. A (global batch, group) pair is a *unit*.
+2. **Stagger** the units by list scheduling: whenever work is needed, the *ready* group (its previous global batch
+   ended at least ``stages`` microbatches ago, so its optimizer step has run) with the most tokens left opens its next
+   unit; while one group waits for its optimizer step the others keep the pipeline full. When no group is ready, an
+   explicit no-op slot is inserted.
+3. **Pack**, two competing packers:
+   - *stream*: every microbatch is filled to a target size ``tau <= capacity`` from the open units, oldest first,
+     crossing unit boundaries (a microbatch may end one group's global batch and start another group's), so every
+     microbatch but the last is full. An adapter's segment is chosen by exact subset sum to land on a padding
+     multiple (a padding token costs compute, an empty one does not). The first microbatches ramp up (``HEAD_RAMPS``)
+     and the last ones ramp down (``STREAM_TAILS``) so the pipeline fills and drains with little idle time.
+   - *units*: each unit packed on its own into ``K`` microbatches, by greedy first-fit-decreasing onto the
+     least-loaded microbatch plus a move/swap local search, and by an exact MILP (HiGHS through
+     ``scipy.optimize.milp``; fewest microbatches, then least ``max padded load + total padded tokens``) under a
+     time limit, keeping the better; then a merge pass joins adjacent under-filled microbatches of disjoint adapters
+     and drops no-op slots wherever the dependency rule still holds.
+4. **Choose** by simulation: every (G, tau, packer) is built and simulated; the best stream layout is retried with
+   the head and drain ramps; a units winner is refined (local search, MILP); the last microbatch may be cut into a
+   drain ramp (``TAIL_RAMPS``). The fastest simulated layout wins; ties go to fewer microbatches.
+
+Rules every output keeps (checked by :mod:`scheduling.verify`): capacity, exact padding per adapter segment, no
+microbatch holds two global batches of one adapter, and an adapter's global batch g+1 starts at least ``stages``
+microbatches after g's last one. The output is deterministic for a given input and seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .jobs import Job, PlanParams, round_up, validate_jobs
+from .schedule import NOOP, Microbatch, Schedule, Segment, optimizer_steps_for
+from .simulate import CostModel, simulate
+
+log = logging.getLogger(__name__)
+
+# fill ramps (first microbatches' sizes as fractions of the target), drain fractions for the stream packer, and the
+# cuts of the last microbatch tried at the end; the simulator picks among them
+HEAD_RAMPS: tuple[tuple[float, ...], ...] = (
+    (), (0.5,), (0.25, 0.5), (0.5, 0.75), (0.25, 0.5, 0.75), (0.125, 0.25, 0.5))
+STREAM_TAILS: tuple[float, ...] = (0.0, 0.35, 0.5, 0.65)
+TAIL_RAMPS: tuple[tuple[float, ...], ...] = ((0.5,), (0.3,), (0.5, 0.5), (0.6, 0.5), (0.5, 0.5, 0.5))
+
+Item = tuple[str, int, int]  # (adapter, sample id, tokens)
+Bin = list[Item]
+
+
+# ----------------------------------------------------------------------------------------------------- bin helpers
+
+
+def bin_segments(items: Sequence[Item]) -> dict[str, int]:
+    seg: dict[str, int] = {}
+    for a, _, t in items:
+        seg[a] = seg.get(a, 0) + t
+    return seg
+
+
+def padded_load(items: Sequence[Item], pad: int) -> int:
+    return sum(round_up(t, pad) for t in bin_segments(items).values())
+
+
+def packing_cost(bins: Sequence[Bin], pad: int) -> tuple[int, int]:
+    """The key packings are compared by: (microbatches, largest padded load + total padded tokens)."""
+    loads = [padded_load(b, pad) for b in bins]
+    return (len(bins), (max(loads) if loads else 0) + sum(loads))
+
+
+# --------------------------------------------------------------------------------------------------------- packers
+
+
+def _sorted_items(items: Sequence[Item]) -> list[Item]:
+    return sorted(items, key=lambda it: (-it[2], it[0], it[1]))
+
+
+def pack_greedy(items: Sequence[Item], num_bins: int, capacity: int, pad: int, *, improve: bool = True) -> list[Bin]:
+    """First-fit-decreasing onto the least-loaded of ``num_bins`` microbatches (more if they cannot hold it all),
+    then (``improve``) a local search of moves and swaps that lowers ``max load + total padded tokens``."""
+    items = _sorted_items(items)
+    k = max(1, num_bins)
+    while True:
+        bins: list[Bin] = [[] for _ in range(k)]
+        segs: list[dict[str, int]] = [{} for _ in range(k)]
+        loads = [0] * k
+        ok = True
+        for it in items:
+            a, _, t = it
+            best, best_key = -1, None
+            for b in range(k):
+                old = segs[b].get(a, 0)
+                new_load = loads[b] - round_up(old, pad) + round_up(old + t, pad)
+                if new_load > capacity:
+                    continue
+                # least loaded after placing; among ties prefer a bin that already holds this adapter (no new segment)
+                key = (new_load, 0 if old else 1, b)
+                if best_key is None or key < best_key:
+                    best, best_key = b, key
+            if best < 0:
+                ok = False
+                break
+            bins[best].append(it)
+            segs[best][a] = segs[best].get(a, 0) + t
+            loads[best] = best_key[0]
+        if ok:
+            break
+        k += 1
+    if improve and k > 1:
+        bins = _local_search(bins, capacity, pad)
+    return bins
+
+
+def _local_search(bins: list[Bin], capacity: int, pad: int, max_passes: int = 4) -> list[Bin]:
+    """Moves and swaps between microbatches that lower ``max load + total padded tokens`` (capacity kept)."""
+    k = len(bins)
+    segs = [bin_segments(b) for b in bins]
+    loads = [sum(round_up(t, pad) for t in s.values()) for s in segs]
+
+    def load_with(b: int, a_out: str | None, t_out: int, a_in: str | None, t_in: int) -> int:
+        s = segs[b]
+        load = loads[b]
+        if a_out is not None and a_out == a_in:
+            old = s[a_out]
+            return load - round_up(old, pad) + round_up(old - t_out + t_in, pad)
+        if a_out is not None:
+            old = s[a_out]
+            load += round_up(old - t_out, pad) - round_up(old, pad)
+        if a_in is not None:
+            old = s.get(a_in, 0)
+            load += round_up(old + t_in, pad) - round_up(old, pad)
+        return load
+
+    def apply(b: int, a_out: str | None, t_out: int, a_in: str | None, t_in: int) -> None:
+        s = segs[b]
+        if a_out is not None:
+            s[a_out] -= t_out
+            if s[a_out] == 0:
+                del s[a_out]
+        if a_in is not None:
+            s[a_in] = s.get(a_in, 0) + t_in
+        loads[b] = sum(round_up(t, pad) for t in s.values())
+
+    for _ in range(max_passes):
+        improved = False
+        for x in range(k):
+            for y in range(k):
+                if x == y:
+                    continue
+                i = 0
+                while i < len(bins[x]):
+                    ax, sx, tx = bins[x][i]
+                    cur_max = max(loads)
+                    others_max = max((loads[z] for z in range(k) if z != x and z != y), default=0)
+                    base = cur_max + loads[x] + loads[y]
+                    # move item i from x to y
+                    lx, ly = load_with(x, ax, tx, None, 0), load_with(y, None, 0, ax, tx)
+                    best = None
+                    if ly <= capacity and len(bins[x]) > 1:
+                        gain = base - (max(others_max, lx, ly) + lx + ly)
+                        if gain > 0:
+                            best = (gain, None)
+                    # swap item i of x with item j of y
+                    for j, (ay, sy, ty) in enumerate(bins[y]):
+                        if ty == tx and ay == ax:
+                            continue
+                        lx2 = load_with(x, ax, tx, ay, ty)
+                        ly2 = load_with(y, ay, ty, ax, tx)
+                        if lx2 > capacity or ly2 > capacity:
+                            continue
+                        gain = base - (max(others_max, lx2, ly2) + lx2 + ly2)
+                        if gain > 0 and (best is None or gain > best[0]):
+                            best = (gain, j)
+                    if best is None:
+                        i += 1
+                        continue
+                    improved = True
+                    item = bins[x][i]
+                    if best[1] is None:
+                        apply(x, ax, tx, None, 0)
+                        apply(y, None, 0, ax, tx)
+                        bins[x].pop(i)
+                        bins[y].append(item)
+                    else:
+                        j = best[1]
+                        other = bins[y][j]
+                        apply(x, ax, tx, other[0], other[2])
+                        apply(y, other[0], other[2], ax, tx)
+                        bins[x][i] = other
+                        bins[y][j] = item
+                        i += 1
+        if not improved:
+            break
+    return [b for b in bins if b]
+
+
+def pack_milp(items: Sequence[Item], num_bins: int, capacity: int, pad: int, time_limit: float) -> list[Bin] | None:
+    """Exact packing into ``num_bins`` microbatches: minimise largest padded load + total padded tokens.
+
+    Returns the best solution HiGHS found within ``time_limit`` seconds, or ``None`` if it found none.
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    from scipy.sparse import lil_matrix
+
+    items = _sorted_items(items)
+    n, K = len(items), num_bins
+    adapters = sorted({a for a, _, _ in items})
+    A = len(adapters)
+    aidx = {a: i for i, a in enumerate(adapters)}
+    nx, ns = n * K, A * K
+    nv = nx + ns + 1
+    zi = nv - 1
+
+    def xv(i: int, b: int) -> int:
+        return i * K + b
+
+    def sv(a: int, b: int) -> int:
+        return nx + a * K + b
+
+    c = np.zeros(nv)
+    c[nx:nx + ns] = pad
+    c[zi] = 1.0
+    rows = n + ns + 2 * K
+    M = lil_matrix((rows, nv))
+    lo = np.empty(rows)
+    hi = np.empty(rows)
+    r = 0
+    for i in range(n):
+        for b in range(K):
+            M[r, xv(i, b)] = 1
+        lo[r] = hi[r] = 1
+        r += 1
+    for a in range(A):
+        for b in range(K):
+            for i, (ai, _, t) in enumerate(items):
+                if aidx[ai] == a:
+                    M[r, xv(i, b)] = t
+            M[r, sv(a, b)] = -pad
+            lo[r], hi[r] = -np.inf, 0
+            r += 1
+    for b in range(K):
+        for a in range(A):
+            M[r, sv(a, b)] = pad
+        lo[r], hi[r] = -np.inf, capacity
+        r += 1
+        for a in range(A):
+            M[r, sv(a, b)] = pad
+        M[r, zi] = -1
+        lo[r], hi[r] = -np.inf, 0
+        r += 1
+    lb = np.zeros(nv)
+    ub = np.ones(nv)
+    ub[nx:nx + ns] = capacity // pad
+    ub[zi] = capacity
+    lb[xv(0, 0)] = 1  # symmetry: the largest item sits in microbatch 0
+    integrality = np.ones(nv)
+    integrality[zi] = 0
+    res = milp(c, constraints=LinearConstraint(M.tocsr(), lo, hi), integrality=integrality, bounds=Bounds(lb, ub),
+               options={"time_limit": float(time_limit), "disp": False, "presolve": True})
+    if res.x is None:
+        return None
+    x = res.x[:nx].reshape(n, K)
+    bins: list[Bin] = [[] for _ in range(K)]
+    for i in range(n):
+        bins[int(np.argmax(x[i]))].append(items[i])
+    if any(padded_load(b, pad) > capacity for b in bins):
+        return None
+    return [b for b in bins if b]
+
+
+def pack_unit(items: Sequence[Item], num_bins: int, capacity: int, pad: int, *, milp_time_limit: float = 0.0,
+              improve: bool = True) -> tuple[list[Bin], str]:
+    """Greedy packing, and (``milp_time_limit > 0``) the MILP's; the better by :func:`packing_cost`."""
+    greedy = pack_greedy(items, num_bins, capacity, pad, improve=improve)
+    if milp_time_limit <= 0 or len(greedy) == 1 and len(bin_segments(greedy[0])) == 1:
+        return greedy, "greedy"
+    # fewest microbatches first: the requested count when greedy needed more, else greedy's count
+    exact = None
+    for k in sorted({min(max(1, num_bins), len(greedy)), len(greedy)}):
+        exact = pack_milp(items, k, capacity, pad, milp_time_limit)
+        if exact is not None:
+            break
+    if exact is not None and packing_cost(exact, pad) < packing_cost(greedy, pad):
+        return exact, "milp"
+    return greedy, "greedy"
+
+
+# --------------------------------------------------------------------------------------------------- plan pieces
+
+
+def group_adapters(jobs: Sequence[Job], num_groups: int) -> list[list[str]]:
+    """Deal adapters to ``num_groups`` groups: long/short alternating order, each to the group with least tokens."""
+    by_len = sorted(jobs, key=lambda j: (-sum(j.lengths) / len(j.lengths), j.adapter))
+    order = []
+    lo, hi = 0, len(by_len) - 1
+    while lo <= hi:
+        order.append(by_len[lo])
+        if lo != hi:
+            order.append(by_len[hi])
+        lo, hi = lo + 1, hi - 1
+    groups: list[list[str]] = [[] for _ in range(num_groups)]
+    work = [0.0] * num_groups
+    for j in order:
+        per_gb = sum(j.lengths) / len(j.lengths) * j.global_batch_size
+        g = min(range(num_groups), key=lambda k: (work[k], k))
+        groups[g].append(j.adapter)
+        work[g] += per_gb
+    return [g for g in groups if g]
+
+
+@dataclass
+class _Unit:
+    group: int
+    round: int
+    items: list[Item]
+    bins: list[Bin] | None = None
+
+
+def _units(jobs: Sequence[Job], groups: list[list[str]], params: PlanParams) -> list[list[_Unit]]:
+    by_id = {j.adapter: j for j in jobs}
+    out = []
+    for k, members in enumerate(groups):
+        rounds = max(by_id[a].num_global_batches for a in members)
+        units = []
+        for r in range(rounds):
+            items: list[Item] = []
+            for a in members:
+                job = by_id[a]
+                if r < job.num_global_batches:
+                    for s in job.global_batch_samples(r):
+                        items.extend((a, s, t) for t in job.pieces(s, params))
+            units.append(_Unit(k, r, items))
+        out.append(units)
+    return out
+
+
+def _num_bins(items: Sequence[Item], capacity: int, target: int) -> int:
+    total = sum(t for _, _, t in items)
+    return max(1, math.ceil(total / capacity), round(total / target))
+
+
+def _sequence(units: list[list[_Unit]], stages: int) -> list[tuple[int, int, Bin] | None]:
+    """List-schedule the units (each kept contiguous); ``None`` is a no-op slot. Entries: (group, round, bin)."""
+    nxt = [0] * len(units)
+    ready = [0] * len(units)
+    left = [sum(len(u.bins) for u in us) for us in units]
+    out: list[tuple[int, int, Bin] | None] = []
+    while any(nxt[k] < len(units[k]) for k in range(len(units))):
+        p = len(out)
+        cands = [k for k in range(len(units)) if nxt[k] < len(units[k]) and ready[k] <= p]
+        if not cands:
+            out.append(None)
+            continue
+        k = max(cands, key=lambda k: (left[k], -k))
+        u = units[k][nxt[k]]
+        for b in u.bins:
+            out.append((k, u.round, b))
+        left[k] -= len(u.bins)
+        nxt[k] += 1
+        ready[k] = len(out) - 1 + stages
+    return out
+
+
+def _to_microbatch(items: Bin, round_of: dict[str, int], pad: int) -> Microbatch:
+    by_a: dict[str, list[tuple[int, int]]] = {}
+    for a, s, t in items:
+        by_a.setdefault(a, []).append((s, t))
+    segs = []
+    for a in sorted(by_a):
+        st = sorted(by_a[a])
+        tot = sum(t for _, t in st)
+        segs.append(Segment(a, round_of[a], tuple(s for s, _ in st), tuple(t for _, t in st), round_up(tot, pad)))
+    return Microbatch(tuple(segs))
+
+
+def _dependencies_hold(mbs: list[Microbatch], stages: int) -> bool:
+    first: dict[tuple[str, int], int] = {}
+    last: dict[tuple[str, int], int] = {}
+    for i, mb in enumerate(mbs):
+        for s in mb.segments:
+            first.setdefault((s.adapter, s.global_batch), i)
+            last[(s.adapter, s.global_batch)] = i
+    for (a, g), p in last.items():
+        q = first.get((a, g + 1))
+        if q is not None and q - p < stages:
+            return False
+    return True
+
+
+def merge_pass(mbs: list[Microbatch], capacity: int, stages: int, target: int) -> list[Microbatch]:
+    """Drop no-op slots and merge adjacent under-filled microbatches of disjoint adapters where the rules allow."""
+    out = list(mbs)
+    i = 0
+    while i < len(out):
+        if out[i].is_noop:
+            trial = out[:i] + out[i + 1:]
+            if _dependencies_hold(trial, stages):
+                out = trial
+                continue
+        i += 1
+    i = 0
+    while i + 1 < len(out):
+        a, b = out[i], out[i + 1]
+        if (not a.is_noop and not b.is_noop and set(a.adapters).isdisjoint(b.adapters)
+                and a.padded_tokens + b.padded_tokens <= min(capacity, target)
+                and (a.padded_tokens < target // 2 or b.padded_tokens < target // 2)):
+            merged = Microbatch(tuple(sorted(a.segments + b.segments, key=lambda s: s.adapter)))
+            trial = out[:i] + [merged] + out[i + 2:]
+            if _dependencies_hold(trial, stages):
+                out = trial
+                continue
+        i += 1
+    return out
+
+
+def _build(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], target: int, *,
+           milp_time_limit: float, improve: bool, stats: dict | None = None) -> list[Microbatch]:
+    units = _units(jobs, groups, params)
+    for us in units:
+        for u in us:
+            k = _num_bins(u.items, params.capacity, target)
+            u.bins, how = pack_unit(u.items, k, params.capacity, params.pad_multiple,
+                                    milp_time_limit=milp_time_limit, improve=improve)
+            if stats is not None:
+                stats[how] = stats.get(how, 0) + 1
+    seq = _sequence(units, params.stages)
+    mbs = []
+    for e in seq:
+        if e is None:
+            mbs.append(NOOP)
+        else:
+            k, r, b = e
+            mbs.append(_to_microbatch(b, {a: r for a in groups[k]}, params.pad_multiple))
+    return merge_pass(mbs, params.capacity, params.stages, target)
+
+
+def _reach(items: Sequence[tuple[int, int]], limit: int) -> list[int]:
+    """Subset-sum bitsets: bit s of entry i is set when some subset of the first i items sums to s (s <= limit)."""
+    mask = (1 << (limit + 1)) - 1
+    reach = [1]
+    for _, t in items:
+        reach.append((reach[-1] | (reach[-1] << t)) & mask)
+    return reach
+
+
+def _max_below(bits: int, m: int) -> int:
+    """The largest set bit of ``bits`` at or below ``m`` (0 when none but bit 0)."""
+    return (bits & ((1 << (m + 1)) - 1)).bit_length() - 1 if m >= 0 else -1
+
+
+def _pick(reach: list[int], items: Sequence[tuple[int, int]], total: int) -> list[int]:
+    chosen = []
+    for i in range(len(items) - 1, -1, -1):
+        if not (reach[i] >> total) & 1:
+            chosen.append(i)
+            total -= items[i][1]
+    return chosen[::-1]
+
+
+WASTE_WEIGHT = 4  # a padding token costs compute; room left empty is mostly filled by the next adapter
+WASTE_SEARCH = 4  # how many padding multiples below the room a segment may stop short to avoid padding
+
+
+def _best_fills(bits: int, limit: int, pad: int) -> list[int]:
+    """For every padded budget m = 0, pad, 2 pad, .. <= limit: the best ``s - WASTE_WEIGHT * padding(s)`` over the
+    reachable sums ``s`` whose padded size fits m."""
+    out, best = [], 0
+    for m in range(0, limit + 1, pad):
+        s = _max_below(bits, m)
+        if s > 0:
+            best = max(best, s - WASTE_WEIGHT * (-s % pad))
+        out.append(best)
+    return out
+
+
+def fill_subset(items: Sequence[tuple[int, int]], limit: int, pad: int = 1,
+                after: Sequence[tuple[int, int]] = ()) -> list[int]:
+    """Indices of a subset of (sample, tokens) items to place in ``limit`` padded tokens (exact subset sum).
+
+    The subset's padded size (its sum rounded up to ``pad``) fits ``limit``; it maximises its real tokens minus
+    ``WASTE_WEIGHT`` times its padding tokens (a padding token costs compute, an empty one does not), plus, given
+    ``after`` (the items of the adapter that fills the room left), the same value for that adapter's best fill.
+    """
+    if limit <= 0 or not items:
+        return []
+    limit = limit // pad * pad
+    reach = _reach(items, limit)
+    full = reach[-1]
+    rest_value = _best_fills(_reach(after, limit)[-1], limit, pad) if after else None
+    best, value = 0, None
+    lowest = 0 if after else max(0, limit - WASTE_SEARCH * pad)
+    m = limit
+    while m > lowest:
+        s = _max_below(full, m)
+        if s <= 0:
+            break
+        padded = -(-s // pad) * pad
+        v = s - WASTE_WEIGHT * (padded - s)
+        if rest_value is not None:
+            v += rest_value[(limit - padded) // pad]
+        if value is None or v > value:
+            best, value = s, v
+        m = min(m, padded) - pad  # every sum in (m - pad, m] was this one or smaller
+    if best <= 0:
+        return []
+    return _pick(reach, items, best)
+
+
+def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], target: int,
+            head: Sequence[float] = (), tail: float = 0.0) -> list[Microbatch]:
+    """Stream packing: fill every microbatch to ``target`` from the open (global batch, group) units, oldest first,
+    opening the ready group with the most work left when they run dry; an adapter's segment is chosen by exact
+    subset sum so that it fills the room to a padding multiple. A no-op slot when nothing may run."""
+    pad, S, cap = params.pad_multiple, params.stages, params.capacity
+    by_id = {j.adapter: j for j in jobs}
+    rounds = [max(by_id[a].num_global_batches for a in members) for members in groups]
+    nxt = [0] * len(groups)
+    ready = [0] * len(groups)
+    left = [sum(sum(t for s in by_id[a].global_batches() for x in s for t in by_id[a].pieces(x, params))
+                for a in members) for members in groups]
+    # open units: [group, round, {adapter: [(sample, tokens), ...]}] in opening order
+    active: list[list] = []
+    mbs: list[Microbatch] = []
+
+    def open_unit(k: int) -> None:
+        r = nxt[k]
+        nxt[k] += 1
+        rem = {}
+        for a in groups[k]:
+            job = by_id[a]
+            if r < job.num_global_batches:
+                its = [(x, t) for x in job.global_batch_samples(r) for t in job.pieces(x, params)]
+                rem[a] = sorted(its, key=lambda it: (-it[1], it[0]))
+        active.append([k, r, rem])
+
+    while active or any(nxt[k] < rounds[k] for k in range(len(groups))):
+        p = len(mbs)
+        room = int(target * head[p]) if p < len(head) else target
+        if tail:
+            # drain ramp: near the end each microbatch takes a fraction of the tokens left, so the last ones are small
+            room = min(room, max(int(sum(left) * tail), target // 8))
+        content: dict[str, list[tuple[int, int]]] = {}
+        round_of: dict[str, int] = {}
+        finished: list[list] = []
+        while True:
+            cand = None
+            for unit in active:
+                if unit in finished:
+                    continue
+                for a, its in unit[2].items():
+                    if a not in content and its:
+                        cand = (unit, a)
+                        break
+                if cand:
+                    break
+            if cand is None:
+                opts = [k for k in range(len(groups)) if nxt[k] < rounds[k] and ready[k] <= p
+                        and all(u[0] != k for u in active)]
+                if not opts:
+                    break
+                open_unit(max(opts, key=lambda k: (left[k], -k)))
+                continue
+            unit, a = cand
+            its = unit[2][a]
+            limit = room // pad * pad
+            if not content and its[-1][1] > limit:
+                limit = cap // pad * pad  # an empty microbatch always takes the adapter's smallest sample
+            total = sum(t for _, t in its)
+            if total <= limit:
+                take = list(range(len(its)))
+            else:
+                take = fill_subset(its, limit, pad)
+            if not take:
+                break
+            chosen = [its[i] for i in take]
+            unit[2][a] = [it for i, it in enumerate(its) if i not in set(take)]
+            got = sum(t for _, t in chosen)
+            content[a] = chosen
+            round_of[a] = unit[1]
+            room -= round_up(got, pad)
+            left[unit[0]] -= got
+            if all(not v for v in unit[2].values()):
+                finished.append(unit)
+            if room < pad:
+                break
+        for unit in finished:
+            active.remove(unit)
+            ready[unit[0]] = p + S
+        if not content:
+            mbs.append(NOOP)
+            continue
+        mbs.append(_to_microbatch([(a, x, t) for a, its in content.items() for x, t in its], round_of, pad))
+    return mbs
+
+
+def split_tail(mbs: list[Microbatch], fractions: Sequence[float], pad: int) -> list[Microbatch]:
+    """Cut the last microbatch into a ramp of smaller ones (each ``fraction`` of the one before it), so the pipeline
+    drains faster. Splitting only adds positions, so dependency gaps never shrink."""
+    out = list(mbs)
+    for frac in fractions:
+        last = out[-1]
+        if last.is_noop:
+            break
+        items = [(s.adapter, x, t) for s in last.segments for x, t in zip(s.samples, s.tokens)]
+        if len(items) < 2:
+            break
+        round_of = {s.adapter: s.global_batch for s in last.segments}
+        take = fill_subset([(i, t) for i, (_, _, t) in enumerate(items)], int(last.real_tokens * frac))
+        if not take or len(take) == len(items):
+            break
+        small = [items[i] for i in take]
+        rest = [it for i, it in enumerate(items) if i not in set(take)]
+        out[-1:] = [_to_microbatch(rest, round_of, pad), _to_microbatch(small, round_of, pad)]
+    return out
+
+
+def _as_schedule(mbs: list[Microbatch], params: PlanParams, meta: dict) -> Schedule:
+    return Schedule(mbs, optimizer_steps_for(mbs), params.capacity, params.pad_multiple, params.stages, meta)
+
+
+def plan(
+    jobs: Sequence[Job],
+    params: PlanParams,
+    *,
+    seed: int = 0,
+    milp_time_limit: float = 0.3,
+    cost: CostModel = CostModel(),
+    group_counts: Sequence[int] | None = None,
+    target_fractions: Sequence[float] = (1.0, 0.9, 0.8, 0.65, 0.5),
+    modes: Sequence[str] = ("stream", "units"),
+) -> Schedule:
+    """Plan ``jobs`` on the pipeline described by ``params``; deterministic for a given input.
+
+    ``seed`` is recorded in the schedule's meta: the search itself has no randomness (every tie is broken by a fixed
+    key), so the same input gives the same schedule whatever the seed; sampled lengths take their seed elsewhere.
+
+    ``milp_time_limit``: seconds per packing unit for the exact packer (0 disables it). ``group_counts``: the numbers
+    of adapter groups to try (default 1..4 and one group per adapter). ``target_fractions``: microbatch sizes to
+    try, as fractions of the capacity. ``modes``: which packers compete ("stream": every microbatch filled across
+    unit boundaries; "units": each (global batch, group) packed on its own, greedy vs MILP). ``cost``: the pipeline
+    cost model candidates are judged by.
+    """
+    if not isinstance(params, PlanParams):
+        raise ValueError(f"params must be a PlanParams, got {type(params).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not milp_time_limit >= 0:
+        raise ValueError(f"milp_time_limit must be >= 0 seconds, got {milp_time_limit!r}")
+    validate_jobs(jobs, params)
+    jobs = list(jobs)
+    A = len(jobs)
+    if group_counts is None:
+        group_counts = sorted({g for g in (1, 2, 3, 4, A) if g <= A})
+    for g in group_counts:
+        if isinstance(g, bool) or not isinstance(g, int) or not 1 <= g <= A:
+            raise ValueError(f"group_counts entries must be integers in [1, {A}], got {g!r}")
+    for f in target_fractions:
+        if not 0 < f <= 1:
+            raise ValueError(f"target_fractions entries must be in (0, 1], got {f!r}")
+    if not modes or any(m not in ("stream", "units") for m in modes):
+        raise ValueError(f"modes must be a non-empty subset of ('stream', 'units'), got {modes!r}")
+    targets = sorted({max(params.pad_multiple, int(params.capacity * f)) for f in target_fractions}, reverse=True)
+
+    def finish(mbs: list[Microbatch]) -> tuple[float, tuple[float, ...]]:
+        """Simulated time with the best drain ramp (cutting the last microbatch) and that ramp."""
+        out = (simulate(_as_schedule(mbs, params, {}), cost).time, ())
+        for fr in TAIL_RAMPS:
+            t = simulate(_as_schedule(split_tail(mbs, fr, params.pad_multiple), params, {}), cost).time
+            if t < out[0]:
+                out = (t, fr)
+        return out
+
+    # phase 1: group count x target size, both packers; phase 2: head ramps for the best stream layout
+    best = None
+    best_stream = None
+    for g in group_counts:
+        groups = group_adapters(jobs, g)
+        for tau in targets:
+            cands = []
+            if "stream" in modes:
+                cands.append(("stream", (HEAD_RAMPS[1], 0.0), _stream(jobs, params, groups, tau, HEAD_RAMPS[1])))
+            if "units" in modes:
+                cands.append(("units", (), _build(jobs, params, groups, tau, milp_time_limit=0.0, improve=False)))
+            for mode, h, mbs in cands:
+                t = simulate(_as_schedule(mbs, params, {}), cost).time
+                key = (t, len(mbs), mode != "stream", g, -tau)
+                if best is None or key < best[0]:
+                    best = (key, groups, tau, mode, h, mbs)
+                if mode == "stream" and (best_stream is None or key < best_stream[0]):
+                    best_stream = (key, groups, tau, mode, h, mbs)
+    if best_stream is not None:
+        _, groups_s, tau_s, _, _, _ = best_stream
+        for h in HEAD_RAMPS:
+            for tl in STREAM_TAILS:
+                mbs = _stream(jobs, params, groups_s, tau_s, h, tl)
+                t = simulate(_as_schedule(mbs, params, {}), cost).time
+                key = (t, len(mbs), False, len(groups_s), -tau_s)
+                if key < best[0]:
+                    best = (key, groups_s, tau_s, "stream", (h, tl), mbs)
+    _, groups, tau, mode, head, chosen = best
+    t_best, tail = finish(chosen)
+    how = mode
+    stats: dict = {}
+    if mode == "units":
+        # refine the winner: local search, and the MILP where enabled; keep whichever simulates fastest
+        for limit in ((0.0, milp_time_limit) if milp_time_limit > 0 else (0.0,)):
+            st: dict = {}
+            refined = _build(jobs, params, groups, tau, milp_time_limit=limit, improve=True, stats=st)
+            t_ref, tail_ref = finish(refined)
+            if t_ref <= t_best:
+                t_best, tail, chosen = t_ref, tail_ref, refined
+                how, stats = "units+local-search" + ("+milp" if limit else ""), st
+    chosen = split_tail(chosen, tail, params.pad_multiple)
+    meta = {
+        "planner": "grouped-staggered", "mode": mode, "seed": seed, "groups": groups, "target_tokens": tau,
+        "packing": how, "unit_packers": stats, "head_ramp": list(head[0]) if mode == "stream" else [],
+        "drain_fraction": head[1] if mode == "stream" else 0.0,
+        "tail_ramp": list(tail),
+        "cost_model": {"overhead": cost.overhead, "per_token": cost.per_token,
+                       "backward_factor": cost.backward_factor, "noop": cost.noop},
+    }
+    log.info("plan: %d microbatches, groups %s, target %d tokens, %s", len(chosen), groups, tau, how)
+    return _as_schedule(chosen, params, meta)

@@ -1,0 +1,140 @@
+"""The planner's output, which the pipeline executor consumes.
+
+A :class:`Schedule` is an ordered list of microbatches. A microbatch holds one :class:`Segment` per adapter in it
+(that adapter's global batch index, the sample ids, the tokens each sample contributes, and the segment's padded
+token count); a microbatch with no segments is an explicit no-op slot. ``optimizer_steps[adapter][g]`` is the index of
+the microbatch after which the adapter's optimizer step for global batch ``g`` may run.
+
+JSON form (``Schedule.to_dict``)::
+
+    {"format": "lorafusion.schedule/1", "capacity": 4096, "pad_multiple": 128, "stages": 4,
+     "microbatches": [{"segments": [{"adapter": "a", "global_batch": 0, "samples": [3, 1], "tokens": [700, 300],
+                                     "padded_tokens": 1024}, ...]},
+                      {"segments": []},                      # a no-op slot
+                      ...],
+     "optimizer_steps": {"a": [5, 12, ...], ...},
+     "meta": {...}}
+
+A sample split because it is longer than a microbatch appears in several segments (same id), its tokens summing to
+its length.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = "lorafusion.schedule/1"
+
+
+@dataclass(frozen=True)
+class Segment:
+    adapter: str
+    global_batch: int
+    samples: tuple[int, ...]
+    tokens: tuple[int, ...]
+    padded_tokens: int
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(self.tokens)
+
+    def to_dict(self) -> dict:
+        return {"adapter": self.adapter, "global_batch": self.global_batch, "samples": list(self.samples),
+                "tokens": list(self.tokens), "padded_tokens": self.padded_tokens}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Segment":
+        return cls(str(d["adapter"]), int(d["global_batch"]), tuple(int(x) for x in d["samples"]),
+                   tuple(int(x) for x in d["tokens"]), int(d["padded_tokens"]))
+
+
+@dataclass(frozen=True)
+class Microbatch:
+    segments: tuple[Segment, ...] = ()
+
+    @property
+    def is_noop(self) -> bool:
+        return not self.segments
+
+    @property
+    def padded_tokens(self) -> int:
+        return sum(s.padded_tokens for s in self.segments)
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(s.real_tokens for s in self.segments)
+
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        return tuple(s.adapter for s in self.segments)
+
+    def to_dict(self) -> dict:
+        return {"segments": [s.to_dict() for s in self.segments]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Microbatch":
+        return cls(tuple(Segment.from_dict(s) for s in d.get("segments", [])))
+
+
+NOOP = Microbatch(())
+
+
+@dataclass
+class Schedule:
+    microbatches: list[Microbatch]
+    optimizer_steps: dict[str, list[int]]
+    capacity: int
+    pad_multiple: int
+    stages: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_noops(self) -> int:
+        return sum(1 for m in self.microbatches if m.is_noop)
+
+    def positions(self) -> dict[tuple[str, int], list[int]]:
+        """Microbatch indices holding each (adapter, global batch), in order."""
+        out: dict[tuple[str, int], list[int]] = {}
+        for i, mb in enumerate(self.microbatches):
+            for s in mb.segments:
+                out.setdefault((s.adapter, s.global_batch), []).append(i)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "capacity": self.capacity, "pad_multiple": self.pad_multiple,
+                "stages": self.stages, "microbatches": [m.to_dict() for m in self.microbatches],
+                "optimizer_steps": {a: list(v) for a, v in self.optimizer_steps.items()}, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Schedule":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"schedule format must be {FORMAT!r}, got {d.get('format')!r}")
+        return cls([Microbatch.from_dict(m) for m in d["microbatches"]],
+                   {str(a): [int(x) for x in v] for a, v in d["optimizer_steps"].items()},
+                   int(d["capacity"]), int(d["pad_multiple"]), int(d["stages"]), dict(d.get("meta", {})))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Schedule":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Schedule":
+        return cls.from_json(Path(path).read_text())
+
+
+def optimizer_steps_for(microbatches: list[Microbatch]) -> dict[str, list[int]]:
+    """The earliest legal optimizer step of every (adapter, global batch): after its last microbatch."""
+    last: dict[str, dict[int, int]] = {}
+    for i, mb in enumerate(microbatches):
+        for s in mb.segments:
+            last.setdefault(s.adapter, {})[s.global_batch] = i
+    return {a: [d[g] for g in sorted(d)] for a, d in sorted(last.items())}

@@ -1,0 +1,133 @@
+"""Check a schedule against its jobs and every packing rule.
+
+Violation kinds:
+
+- ``params``: the schedule's capacity / padding multiple / stages differ from the ones given.
+- ``unknown``: a segment names an adapter with no job, or a global batch index out of range.
+- ``capacity``: a microbatch's padded tokens exceed the capacity.
+- ``padding``: a segment's padded token count is not its real tokens rounded up to the padding multiple, or a
+  segment is malformed (no samples, samples and tokens of different lengths, non-positive tokens).
+- ``same_adapter``: a microbatch holds two segments of one adapter (two global batches, or one split in two).
+- ``coverage``: a global batch's samples are not exactly its expected samples, each once with all its tokens (a
+  missing, extra, duplicated or foreign sample, or tokens not summing to the sample's length).
+- ``dependency``: an adapter's global batch g+1 starts fewer than ``stages`` microbatches after g's last one, or
+  before it.
+- ``optimizer_step``: the optimizer step of (adapter, g) is missing, before g's last microbatch, or at/after g+1's
+  first one.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+from .jobs import Job, PlanParams, round_up
+from .schedule import Schedule
+
+KINDS = ("params", "unknown", "capacity", "padding", "same_adapter", "coverage", "dependency", "optimizer_step")
+
+
+@dataclass(frozen=True)
+class Violation:
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.message}"
+
+
+def verify(schedule: Schedule, jobs: Sequence[Job], params: PlanParams | None = None, *,
+           exact_padding: bool = True) -> list[Violation]:
+    """Every rule ``schedule`` breaks (empty when it is valid).
+
+    ``exact_padding``: a segment must be padded to exactly its tokens rounded up to the multiple; with ``False``,
+    any multiple at or above its tokens is allowed (padding to the longest sample, as the mLoRA-like baseline does).
+    """
+    out: list[Violation] = []
+
+    def bad(kind: str, msg: str) -> None:
+        out.append(Violation(kind, msg))
+
+    if params is not None:
+        for name in ("capacity", "pad_multiple", "stages"):
+            if getattr(schedule, name) != getattr(params, name):
+                bad("params", f"schedule {name} {getattr(schedule, name)} != expected {getattr(params, name)}")
+    cap, pad, S = schedule.capacity, schedule.pad_multiple, schedule.stages
+    by_id = {j.adapter: j for j in jobs}
+    got: dict[tuple[str, int], Counter] = defaultdict(Counter)
+    positions: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i, mb in enumerate(schedule.microbatches):
+        if mb.padded_tokens > cap:
+            bad("capacity", f"microbatch {i} has {mb.padded_tokens} padded tokens > capacity {cap}")
+        seen = Counter(s.adapter for s in mb.segments)
+        for a, n in seen.items():
+            if n > 1:
+                bad("same_adapter", f"microbatch {i} holds {n} segments of adapter {a!r}")
+        for seg in mb.segments:
+            job = by_id.get(seg.adapter)
+            if job is None:
+                bad("unknown", f"microbatch {i} has a segment of adapter {seg.adapter!r}, which has no job")
+                continue
+            if not 0 <= seg.global_batch < job.num_global_batches:
+                bad("unknown", f"microbatch {i}: adapter {seg.adapter!r} global batch {seg.global_batch} is out of "
+                               f"range [0, {job.num_global_batches})")
+                continue
+            if not seg.samples or len(seg.samples) != len(seg.tokens) or any(t <= 0 for t in seg.tokens):
+                bad("padding", f"microbatch {i}: malformed segment of adapter {seg.adapter!r} "
+                               f"(samples {list(seg.samples)}, tokens {list(seg.tokens)})")
+                continue
+            want = round_up(seg.real_tokens, pad)
+            if seg.padded_tokens != want and (exact_padding or seg.padded_tokens < want or seg.padded_tokens % pad):
+                bad("padding", f"microbatch {i}: adapter {seg.adapter!r} segment has {seg.real_tokens} tokens padded "
+                               f"to {seg.padded_tokens}, expected {want} (multiple {pad})")
+            key = (seg.adapter, seg.global_batch)
+            positions[key].append(i)
+            for sid, t in zip(seg.samples, seg.tokens):
+                got[key][sid] += t
+    for job in jobs:
+        for g in range(job.num_global_batches):
+            key = (job.adapter, g)
+            expected = job.global_batch_samples(g)
+            have = got.get(key, Counter())
+            missing = [s for s in expected if s not in have]
+            extra = sorted(set(have) - set(expected))
+            wrong = [(s, have[s], job.lengths[s]) for s in expected if s in have and have[s] != job.lengths[s]]
+            if missing or extra or wrong:
+                bad("coverage", f"adapter {job.adapter!r} global batch {g}: missing samples {missing[:8]}, "
+                                f"foreign samples {extra[:8]}, wrong token totals (sample, got, length) {wrong[:8]}")
+    steps = schedule.optimizer_steps
+    for job in jobs:
+        a = job.adapter
+        for g in range(job.num_global_batches - 1):
+            p, q = positions.get((a, g)), positions.get((a, g + 1))
+            if p and q and min(q) - max(p) < S:
+                bad("dependency", f"adapter {a!r} global batch {g + 1} starts at microbatch {min(q)}, "
+                                  f"{min(q) - max(p)} after global batch {g} ends at {max(p)} (need >= {S})")
+        a_steps = steps.get(a)
+        if a_steps is None or len(a_steps) != job.num_global_batches:
+            bad("optimizer_step", f"adapter {a!r} needs {job.num_global_batches} optimizer steps, got "
+                                  f"{None if a_steps is None else len(a_steps)}")
+            continue
+        for g, step in enumerate(a_steps):
+            p = positions.get((a, g))
+            if not p:
+                continue
+            nxt = positions.get((a, g + 1))
+            if step < max(p) or (nxt and step >= min(nxt)) or step >= len(schedule.microbatches):
+                bad("optimizer_step", f"adapter {a!r} global batch {g}: optimizer step after microbatch {step}, "
+                                      f"but the batch ends at {max(p)}" + (f" and the next starts at {min(nxt)}"
+                                                                             if nxt else ""))
+    for a in steps:
+        if a not in by_id:
+            bad("unknown", f"optimizer steps given for adapter {a!r}, which has no job")
+    return out
+
+
+def check(schedule: Schedule, jobs: Sequence[Job], params: PlanParams | None = None, *,
+          exact_padding: bool = True) -> None:
+    """Raise ``ValueError`` listing the violations if ``schedule`` breaks any rule."""
+    v = verify(schedule, jobs, params, exact_padding=exact_padding)
+    if v:
+        head = "\n  ".join(str(x) for x in v[:20])
+        raise ValueError(f"schedule breaks {len(v)} rule(s):\n  {head}")

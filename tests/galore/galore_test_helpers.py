@@ -1,0 +1,73 @@
+"""Shared pieces of the galore tests: a small model with matrices of both orientations, fresh random batches."""
+
+import random
+
+import torch
+from torch import nn
+
+
+def fresh_seed() -> int:
+    return random.randrange(2**31)
+
+
+class SmallNet(nn.Module):
+    """Weights 40x24 (tall: std projects right), 17x40 (wide: std projects left), 17x17, plus biases and a norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(24, 40)
+        self.norm = nn.LayerNorm(40)
+        self.down = nn.Linear(40, 17)
+        self.head = nn.Linear(17, 17, bias=False)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.down(torch.relu(self.norm(self.up(x))))))
+
+
+def make_model(seed: int, dtype=torch.float32) -> SmallNet:
+    torch.manual_seed(seed)
+    return SmallNet().to(dtype)
+
+
+def make_batches(seed: int, steps: int, batch: int = 16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed + 1)
+    return [
+        (torch.randn(batch, 24, generator=g).to(dtype), torch.randn(batch, 17, generator=g).to(dtype))
+        for _ in range(steps)
+    ]
+
+
+def galore_groups(model, rank=6, gap=10, scale=0.25, proj_type="std", named=False):
+    """Projected group: the three weights; plain group: the rest."""
+    weights = {"up.weight", "down.weight", "head.weight"}
+    proj = [(n, p) if named else p for n, p in model.named_parameters() if n in weights]
+    rest = [(n, p) if named else p for n, p in model.named_parameters() if n not in weights]
+    return [
+        {"params": proj, "rank": rank, "update_proj_gap": gap, "scale": scale, "proj_type": proj_type},
+        {"params": rest},
+    ]
+
+
+def loss_fn(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def train(model, optimizer, batches, accumulation=1, before_step=None):
+    for i in range(0, len(batches), accumulation):
+        for x, y in batches[i : i + accumulation]:
+            (loss_fn(model, x, y) / accumulation).backward()
+        if before_step is not None:
+            before_step(model)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def max_param_rel_err(model_a, model_b) -> float:
+    errs = [rel_err(pa.detach(), pb.detach()) for pa, pb in zip(model_a.parameters(), model_b.parameters())]
+    assert all(e == e for e in errs), "NaN in parameters"
+    return max(errs)

@@ -1,0 +1,122 @@
+"""Layer-wise mode: updates from post-accumulate-grad hooks, projected-gradient accumulation across microbatches."""
+
+import copy
+
+import pytest
+import torch
+
+import galore
+from galore_test_helpers import (
+    fresh_seed, galore_groups, loss_fn, make_batches, make_model, max_param_rel_err, rel_err, train,
+)
+
+OPTIMIZERS = {
+    "galore_adamw": lambda groups: galore.GaLoreAdamW(groups, lr=3e-3, weight_decay=0.01),
+    "galore_adamw8bit": lambda groups: galore.GaLoreAdamW8bit(groups, lr=3e-3, min_8bit_size=64),
+    "galore_adafactor": lambda groups: galore.GaLoreAdafactor(groups, lr=3e-3, relative_step=False,
+                                                              scale_parameter=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_layerwise_with_accumulation_4_equals_plain_with_accumulation_4(name):
+    seed = fresh_seed()
+    batches = make_batches(seed, 4 * 7, batch=8)
+    model = make_model(seed)
+    model_lw = copy.deepcopy(model)
+    start = copy.deepcopy(model)
+    opt = OPTIMIZERS[name](galore_groups(model, gap=3))  # refreshes at steps 0, 3, 6: both hook paths run
+    opt_lw = OPTIMIZERS[name](galore_groups(model_lw, gap=3))
+    opt_lw.enable_layerwise(accumulation_steps=4)
+    train(model, opt, batches, accumulation=4)
+    train(model_lw, opt_lw, batches, accumulation=4)
+    err = max_param_rel_err(model_lw, model)
+    assert err < 1e-5, f"seed={seed} {name}: layer-wise differs by {err}"
+    assert max_param_rel_err(model, start) > 1e-3
+    assert opt_lw.state[model_lw.up.weight]["step"] == 7
+
+
+def test_layerwise_with_accumulation_1_equals_plain_and_frees_gradients():
+    seed = fresh_seed()
+    batches = make_batches(seed, 6)
+    model = make_model(seed)
+    model_lw = copy.deepcopy(model)
+    train(model, galore.GaLoreAdamW(galore_groups(model, gap=2), lr=1e-2), batches)
+    opt_lw = galore.GaLoreAdamW(galore_groups(model_lw, gap=2), lr=1e-2)
+    opt_lw.enable_layerwise()
+    seen = []
+    train(model_lw, opt_lw, batches, before_step=lambda m: seen.append([p.grad for p in m.parameters()]))
+    assert all(g is None for grads in seen for g in grads), "layer-wise mode left gradients behind"
+    assert max_param_rel_err(model_lw, model) < 1e-5, f"seed={seed}"
+
+
+def test_projected_accumulator_replaces_full_gradient_between_microbatches():
+    seed = fresh_seed()
+    model = make_model(seed)
+    opt = galore.GaLoreAdamW(galore_groups(model, rank=5, gap=100), lr=1e-2)
+    opt.enable_layerwise(accumulation_steps=3)
+    batches = make_batches(seed, 5)
+    train(model, opt, batches[:3], accumulation=3)  # step 0 (refresh): full gradients kept until the last micro
+    x, y = batches[3]
+    loss_fn(model, x, y).backward()  # step 1, microbatch 1 of 3
+    pending = opt._layerwise["pending"]
+    assert model.up.weight.grad is None and model.down.weight.grad is None and model.head.weight.grad is None
+    assert pending[model.up.weight].shape == (40, 5)  # 40x24 right-projected
+    assert pending[model.down.weight].shape == (5, 40)  # 17x40 left-projected
+    assert model.up.bias.grad is not None  # unprojected: autograd keeps accumulating
+    before = model.up.weight.detach().clone()
+    opt.step()  # fewer microbatches than announced: step() finishes them anyway
+    assert not torch.equal(before, model.up.weight) and not pending
+
+
+def test_clipping_by_projected_gradient_norm():
+    """With max_grad_norm, the first step equals a plain step on gradients scaled by max_norm / ‖g_eff‖, where
+    ‖g_eff‖² = Σ top-r σ² over projected matrices + Σ ‖g‖² over the rest (float64 SVD, independent)."""
+    seed = fresh_seed()
+    model = make_model(seed)
+    model_lw = copy.deepcopy(model)
+    rank = 4
+    x, y = make_batches(seed, 1)[0]
+    # large eps makes Adam's update proportional to the gradient, so the clip factor shows
+    opt = galore.GaLoreAdamW(galore_groups(model, rank=rank), lr=1e-2, eps=10.0)
+    opt_lw = galore.GaLoreAdamW(galore_groups(model_lw, rank=rank), lr=1e-2, eps=10.0)
+    opt_lw.enable_layerwise(max_grad_norm=1e-3)
+    loss_fn(model, x, y).backward()
+    total_sq = 0.0
+    for name, p in model.named_parameters():
+        g = p.grad.double()
+        if name.endswith("weight") and g.dim() == 2:
+            total_sq += (torch.linalg.svdvals(g)[:rank] ** 2).sum().item()
+        else:
+            total_sq += (g**2).sum().item()
+    coef = min(1.0, 1e-3 / (total_sq**0.5 + 1e-6))
+    assert coef < 0.5
+    for p in model.parameters():
+        p.grad.mul_(coef)
+    opt.step()
+    loss_fn(model_lw, x, y).backward()
+    start = copy.deepcopy(model_lw)
+    opt_lw.step()
+    assert max_param_rel_err(model_lw, start) > 1e-7
+    for p, q, s in zip(model_lw.parameters(), model.parameters(), start.parameters()):
+        assert rel_err((p - s).detach(), (q - s).detach()) < 1e-4, f"seed={seed}"
+
+
+def test_build_optimizer_layerwise_name_and_scheduler():
+    seed = fresh_seed()
+    model = make_model(seed)
+    opt = galore.build_optimizer(model, "galore_adamw_layerwise", target_modules=["up", "down"], lr=1e-2, rank=4,
+                                 accumulation_steps=2)
+    assert opt.layerwise and opt._layerwise["accumulation_steps"] == 2
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
+    before = copy.deepcopy(model)
+    train(model, opt, make_batches(seed, 4), accumulation=2)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)
+    assert max_param_rel_err(model, before) > 1e-4
+    opt.set_accumulation_steps(3)
+    assert opt._layerwise["accumulation_steps"] == 3
+    opt.disable_layerwise()
+    assert not opt.layerwise
+    with pytest.raises(ValueError, match="accumulation_steps must be >= 1, got 0"):
+        opt.enable_layerwise(accumulation_steps=0)

@@ -1,0 +1,179 @@
+"""Triton backend ops against the float64 reference, run in Triton's interpreter on CPU tensors.
+
+The interpreter is switched on here, before triton is imported, and only where no CUDA device exists: on a GPU
+machine these tests skip and ``test_triton_gpu.py`` checks the compiled kernels (bf16 included; a bf16 ``tl.dot``
+is wrong under the interpreter, so bf16 is not checked here).
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+import importlib  # noqa: E402
+import sys  # noqa: E402
+
+from lorafusion import reference as ref  # noqa: E402
+from lorafusion.backends import triton_backend as tb  # noqa: E402
+
+if not torch.cuda.is_available() and not tb._INTERPRET:
+    # an earlier test module imported the backend before the interpreter was switched on (backend discovery at
+    # collection time): rebuild the kernels as interpreted ones and let discovery look again
+    importlib.reload(sys.modules["lorafusion.backends.triton_kernels"])
+    tb = importlib.reload(tb)
+    importlib.import_module("lorafusion.backends")._cache.pop("triton", None)
+
+if not tb._INTERPRET or tb.unavailable_reason() is not None:
+    pytest.skip("interpreter tests: need TRITON_INTERPRET=1 before triton is imported and no CUDA device "
+                f"(interpret={tb._INTERPRET}, reason={tb.unavailable_reason()})", allow_module_level=True)
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+SEED = 0x9ABCDEF012345  # above 2**32, so both key words are non-trivial
+
+
+def rel_err(out, want):
+    out = out.double()
+    want = want.double()
+    assert out.shape == want.shape, (out.shape, want.shape)
+    assert torch.isfinite(out).all(), "non-finite output"
+    return ((out - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_outputs(monkeypatch):
+    """Every buffer the backend allocates with torch.empty starts as NaN, so an unwritten element fails."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(tb.torch, "empty", nan_empty)
+    yield
+
+
+def make_case(M, K, N, r, dtype, adapter_dtype, noncontig, gen):
+    def rnd(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen) * scale
+
+    if noncontig:
+        x = rnd(K, M).to(dtype).t()  # column-major view: stride (1, M)
+        dy = rnd(M, 2 * N).to(dtype)[:, ::2]  # strided columns
+    else:
+        x = rnd(M, K).to(dtype)
+        dy = rnd(M, N).to(dtype)
+    W = rnd(N, K, scale=K ** -0.5).to(dtype)
+    bias = rnd(N).to(dtype)
+    A = rnd(r, K, scale=K ** -0.5).to(adapter_dtype)
+    B = rnd(N, r, scale=0.5).to(adapter_dtype)
+    return x, dy, W, bias, A, B
+
+
+# (tokens, in, out, r, bias, non-contiguous x/dy, adapters fp32 under half x)
+CASES = [
+    (1, 33, 17, 1, True, False, False),
+    (7, 100, 300, 8, False, True, True),
+    (133, 33, 17, 64, True, True, False),
+    (133, 100, 300, 16, True, False, True),
+]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[0]}_{c[1]}to{c[2]}_r{c[3]}")
+def test_forward_backward_match_reference(case, dtype, p):
+    M, K, N, r, has_bias, noncontig, fp32_adapters = case
+    gen = torch.Generator().manual_seed(hash((case, str(dtype), p)) & 0xFFFF)
+    adapter_dtype = torch.float32 if fp32_adapters else dtype
+    x, dy, W, bias, A, B = make_case(M, K, N, r, dtype, adapter_dtype, noncontig, gen)
+    bias = bias if has_bias else None
+    scale = 2.0 / r
+
+    Y, S = tb.forward(x, W, bias, A, B, scale, SEED, p)
+    dX, dA, dB = tb.backward(dy, x, W, A, B, S, scale, SEED, p, need_dx=True)
+
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    S_ref = ref.lora_shrink(d(x), d(A), SEED, p)
+    Y_ref = ref.lora_expand_forward(d(x), d(W), d(bias), S_ref, d(B), scale)
+    dS_ref, dB_ref = ref.lora_dy_shrink(d(dy), d(B), S_ref, scale)
+    dA_ref = ref.lora_dropout_grad_A(d(x), dS_ref, SEED, p, torch.float64)
+    dX_ref = ref.lora_expand_backward(d(dy), d(W), dS_ref, d(A), SEED, p)
+
+    assert S.dtype == torch.float32 and Y.dtype == dtype and dX.dtype == dtype
+    assert dA.dtype == torch.float32 and dB.dtype == torch.float32
+    tol = TOL[dtype]
+    for name, out, want in (("S", S, S_ref), ("Y", Y, Y_ref), ("dA", dA, dA_ref), ("dB", dB, dB_ref),
+                            ("dX", dX, dX_ref)):
+        err = rel_err(out, want)
+        assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
+
+    dX_none, dA2, dB2 = tb.backward(dy, x, W, A, B, S, scale, SEED, p, need_dx=False)
+    assert dX_none is None
+    assert rel_err(dA2, dA_ref) < tol and rel_err(dB2, dB_ref) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_each_op_matches_reference(dtype):
+    """The five public ops on their own, fed the reference's intermediates; r = 200 loops over rank chunks."""
+    M, K, N, r, p = 7, 100, 300, 200, 0.1
+    gen = torch.Generator().manual_seed(1234)
+    x, dy, W, bias, A, B = make_case(M, K, N, r, dtype, dtype, False, gen)
+    d = lambda t: t.double()  # noqa: E731
+    scale = 1.0 / r ** 0.5
+    tol = TOL[dtype]
+    S_ref = ref.lora_shrink(d(x), d(A), SEED, p)
+    dS_ref, dB_ref = ref.lora_dy_shrink(d(dy), d(B), S_ref, scale)
+
+    assert rel_err(tb.lora_shrink(x, A, SEED, p), S_ref) < tol
+    Y = tb.lora_expand_forward(x, W, bias, S_ref.float(), B, scale)
+    assert Y.dtype == dtype
+    assert rel_err(Y, ref.lora_expand_forward(d(x), d(W), d(bias), S_ref, d(B), scale)) < tol
+    dS, dB = tb.lora_dy_shrink(dy, B, S_ref.float(), scale)
+    assert rel_err(dS, dS_ref) < tol and rel_err(dB, dB_ref) < tol
+    dA = tb.lora_dropout_grad_A(x, dS_ref.float(), SEED, p, dtype)
+    assert dA.dtype == dtype
+    assert rel_err(dA, ref.lora_dropout_grad_A(d(x), dS_ref, SEED, p, torch.float64)) < tol
+    dX = tb.lora_expand_backward(dy, W, dS_ref.float(), A, SEED, p)
+    assert dX.dtype == dtype
+    assert rel_err(dX, ref.lora_expand_backward(d(dy), d(W), dS_ref, d(A), SEED, p)) < tol
+
+
+@pytest.mark.parametrize("seed", [0, 1, 0xFFFFFFFF, 0x1_0000_0001, 0xFEDC_BA98_7654_3210])
+def test_philox_bits_match_reference(seed):
+    rows, cols = 37, 45
+    got = tb.philox_uint32(seed, rows, cols, "cpu")
+    assert torch.equal(got, ref.philox_uint32(seed, rows, cols))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
+def test_dropout_mask_matches_reference(p):
+    """S with A = identity is D(X) itself: the in-kernel mask and 1/(1-p) scale equal the reference's."""
+    M, K = 9, 16
+    x = torch.randn(M, K) + 3.0  # no zeros, so a dropped element is visible
+    S = tb.lora_shrink(x, torch.eye(K), SEED, p)
+    want = ref.apply_dropout(x.double(), SEED, p)
+    assert torch.equal(S != 0, want != 0)
+    assert rel_err(S, want) < 1e-6
+
+
+def test_bad_input_raises():
+    x = torch.randn(4, 8)
+    A = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="p="):
+        tb.lora_shrink(x, A, 0, 1.0)
+    with pytest.raises(TypeError, match="x2d"):
+        tb.lora_shrink(x.double(), A, 0, 0.0)
+    with pytest.raises(ValueError, match="lora_A"):
+        tb.lora_shrink(x, torch.randn(2, 7), 0, 0.0)
+
+
+def test_backend_attributes():
+    assert tb.NAME == "triton"
+    assert tb.DEVICE_TYPES == ("cuda", "cpu")
+    assert tb.unavailable_reason() is None

@@ -1,0 +1,62 @@
+"""`scheduling.cli.main` (what `lorafusion plan` dispatches to) and `python -m scheduling plan`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from scheduling import Schedule, load_jobs, verify
+from scheduling.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "benchmarks" / "jobs_example.yaml"
+
+
+def test_plan_writes_a_valid_schedule(tmp_path, capsys):
+    out = tmp_path / "schedule.json"
+    metrics = tmp_path / "metrics.json"
+    rc = main(["plan", "--jobs", str(EXAMPLE), "-o", str(out), "--milp-time-limit", "0.05",
+               "--metrics-json", str(metrics)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "a: sequential FFD" in text and "b: mLoRA-like" in text
+    s = Schedule.load(out)
+    jobs, settings = load_jobs(EXAMPLE)
+    assert s.capacity == settings["capacity"] and s.pad_multiple == settings["pad_multiple"]
+    assert verify(s, jobs) == []
+    m = json.loads(metrics.read_text())
+    assert m["plan"]["time"] < m["a: sequential FFD"]["time"]
+    assert m["plan"]["time"] < m["b: mLoRA-like"]["time"]
+
+
+def test_flags_override_the_file(tmp_path):
+    out = tmp_path / "s.json"
+    assert main(["--jobs", str(EXAMPLE), "-o", str(out), "--capacity", "8192", "--pad-multiple", "64",
+                 "--stages", "2", "--no-baselines", "--milp-time-limit", "0"]) == 0
+    s = Schedule.load(out)
+    assert (s.capacity, s.pad_multiple, s.stages) == (8192, 64, 2)
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["--jobs", str(EXAMPLE), "--capacity", "3000", "--pad-multiple", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: job 'code' sample" in err and "capacity 3000" in err
+    assert main(["--jobs", str(EXAMPLE), "--capacity", "64"]) == 2
+    assert "capacity (64) must be at least the padding multiple (128)" in capsys.readouterr().err
+    assert main(["--jobs", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("capacity: 1024\njobs: []\n")
+    assert main(["--jobs", str(empty)]) == 2
+    assert "'jobs' is empty" in capsys.readouterr().err
+
+
+def test_python_dash_m(tmp_path):
+    out = tmp_path / "s.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "scheduling", "plan", "--jobs", str(EXAMPLE), "-o", str(out),
+                        "--milp-time-limit", "0", "--no-baselines"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert Schedule.load(out).microbatches

@@ -1,0 +1,126 @@
+"""Job input: sources, validation and the errors bad input gives."""
+
+import json
+
+import pytest
+
+from scheduling import Job, PlanParams, load_jobs, plan, sample_lengths, sequential_ffd, mlora_like
+from scheduling.jobs import job_from_spec, jsonl_lengths
+
+
+def test_global_batches_cover_each_sample_once_per_epoch():
+    job = Job("a", tuple(range(1, 11)), 4, num_global_batches=5)  # 10 samples, 3 batches per epoch
+    gbs = job.global_batches()
+    assert gbs[:3] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert gbs[3] == [0, 1, 2, 3]  # second epoch
+    assert sorted(s for g in gbs[:3] for s in g) == list(range(10))
+
+
+def test_from_batches_and_sizes():
+    job = Job.from_batches("a", [[5, 6, 7], [8, 9, 10], [11]])
+    assert job.global_batch_size == 3 and job.num_global_batches == 3
+    assert job.global_batch_samples(2) == [6]
+    with pytest.raises(ValueError, match="global batch 1 has 2 samples"):
+        Job.from_batches("a", [[5, 6, 7], [8, 9], [1, 2, 3]])
+    with pytest.raises(ValueError, match="global batch 1 is empty"):
+        Job.from_batches("a", [[5], []])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(adapter="a", lengths=(), global_batch_size=2), "job 'a' has no samples"),
+    (dict(adapter="a", lengths=(5, 0), global_batch_size=2), "job 'a' sample 1 has length 0"),
+    (dict(adapter="a", lengths=(5, -3), global_batch_size=2), "sample 1 has length -3"),
+    (dict(adapter="a", lengths=(5,), global_batch_size=0), "global_batch_size must be a positive integer, got 0"),
+    (dict(adapter="a", lengths=(5,), global_batch_size=2, num_global_batches=-1), "num_global_batches.*-1"),
+    (dict(adapter="", lengths=(5,), global_batch_size=2), "adapter id"),
+])
+def test_bad_job(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Job(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(capacity=0), "capacity must be a positive integer, got 0"),
+    (dict(capacity=-5), "capacity must be a positive integer, got -5"),
+    (dict(capacity=100, pad_multiple=128), r"capacity \(100\) must be at least the padding multiple \(128\)"),
+    (dict(capacity=1024, stages=0), "stages must be a positive integer, got 0"),
+    (dict(capacity=1024, pad_multiple=0), "pad_multiple must be a positive integer, got 0"),
+])
+def test_bad_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PlanParams(**kwargs)
+
+
+def test_sample_longer_than_capacity_names_job_and_sample():
+    jobs = [Job("a", (10, 20), 2), Job("big", (100, 700, 30), 3)]
+    p = PlanParams(capacity=512, pad_multiple=128, stages=2)
+    for fn in (plan, sequential_ffd, mlora_like):
+        with pytest.raises(ValueError, match=r"job 'big' sample 1 has 700 tokens.*capacity 512"):
+            fn(jobs, p)
+
+
+def test_split_when_allowed():
+    p = PlanParams(capacity=512, pad_multiple=128, stages=2)
+    job = Job("big", (100, 1100, 30), 3, allow_split=True)
+    assert job.pieces(1, p) == [512, 512, 76]
+    assert job.pieces(0, p) == [100]
+
+
+def test_empty_and_duplicate_jobs():
+    p = PlanParams(capacity=512)
+    with pytest.raises(ValueError, match="jobs is empty"):
+        plan([], p)
+    with pytest.raises(ValueError, match="adapter id 'a' appears in more than one job"):
+        plan([Job("a", (1,), 1), Job("a", (2,), 1)], p)
+
+
+def test_sample_lengths_deterministic_and_bounded():
+    x = sample_lengths(500, median=1000, sigma=0.5, minimum=16, maximum=4096, seed=3)
+    assert x == sample_lengths(500, median=1000, sigma=0.5, minimum=16, maximum=4096, seed=3)
+    assert x != sample_lengths(500, median=1000, sigma=0.5, minimum=16, maximum=4096, seed=4)
+    assert min(x) >= 16 and max(x) <= 4096
+    assert 850 < sorted(x)[250] < 1150  # median near 1000
+    with pytest.raises(ValueError, match="median must be positive, got 0"):
+        sample_lengths(5, median=0)
+
+
+def test_load_yaml_and_jsonl(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"n": n, "text": "x"}) for n in (30, 40, 50)) + "\n")
+    assert jsonl_lengths(data, length_field="n") == [30, 40, 50]
+    with pytest.raises(ValueError, match="line 1 has no field 'm'"):
+        jsonl_lengths(data, length_field="m")
+    cfg = tmp_path / "jobs.yaml"
+    cfg.write_text(
+        "capacity: 1024\npad_multiple: 64\nstages: 3\nseed: 7\njobs:\n"
+        "  - {adapter: x, global_batch_size: 4, num_global_batches: 2, distribution: {median: 200, sigma: 0.5}}\n"
+        "  - {adapter: y, batches: [[10, 20], [30]]}\n"
+        "  - {adapter: z, dataset: d.jsonl, length_field: n, global_batch_size: 2, epochs: 2}\n"
+        "  - {adapter: w, lengths: [5, 6, 7], global_batch_size: 2}\n"
+    )
+    jobs, settings = load_jobs(cfg)
+    assert settings == {"capacity": 1024, "pad_multiple": 64, "stages": 3, "seed": 7}
+    assert [j.adapter for j in jobs] == ["x", "y", "z", "w"]
+    assert len(jobs[0].lengths) == 8 and jobs[0].num_global_batches == 2
+    assert jobs[1].lengths == (10, 20, 30) and jobs[1].num_global_batches == 2
+    assert jobs[2].lengths == (30, 40, 50) and jobs[2].num_global_batches == 4
+    assert jobs[3].num_global_batches == 2
+    again, _ = load_jobs(cfg)
+    assert again[0].lengths == jobs[0].lengths
+    other, _ = load_jobs(cfg, seed=8)
+    assert other[0].lengths != jobs[0].lengths
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"adapter": "x", "global_batch_size": 2}, "exactly one of"),
+    ({"adapter": "x", "lengths": [1], "batches": [[1]]}, "exactly one of"),
+    ({"adapter": "x", "lengths": [1, 2]}, "job 'x' needs global_batch_size"),
+    ({"adapter": "x", "global_batch_size": 2, "distribution": {"median": 5}}, "needs num_global_batches"),
+    ({"adapter": "x", "global_batch_size": 2, "num_global_batches": 1, "distribution": {"kind": "zipf"}},
+     "kind 'zipf' is not supported"),
+    ({"global_batch_size": 2, "lengths": [1]}, "needs an 'adapter' id"),
+    ({"adapter": "x", "global_batch_size": 2, "lengths": [1], "epochs": 1, "num_global_batches": 1}, "not both"),
+])
+def test_bad_spec(spec, match):
+    with pytest.raises(ValueError, match=match):
+        job_from_spec(spec)

@@ -1,0 +1,130 @@
+"""The verifier catches every kind of violation in hand-made schedules, and accepts a hand-made valid one."""
+
+import pytest
+
+from scheduling import Job, Microbatch, PlanParams, Schedule, Segment, check, verify
+from scheduling.schedule import NOOP, optimizer_steps_for
+
+PARAMS = PlanParams(capacity=1024, pad_multiple=128, stages=2)
+A = Job.from_batches("a", [[100, 200], [300, 50]])
+B = Job.from_batches("b", [[400, 100]])
+JOBS = [A, B]
+
+
+def seg(adapter, g, samples, tokens, padded=None):
+    padded = -(-sum(tokens) // 128) * 128 if padded is None else padded
+    return Segment(adapter, g, tuple(samples), tuple(tokens), padded)
+
+
+def sched(mbs, steps=None, **kw):
+    p = dict(capacity=PARAMS.capacity, pad_multiple=PARAMS.pad_multiple, stages=PARAMS.stages)
+    p.update(kw)
+    return Schedule(list(mbs), optimizer_steps_for(list(mbs)) if steps is None else steps, **p)
+
+
+def valid_mbs():
+    # a/g0 at 0, b/g0 at 1, a/g1 at 2: gap for a is 2 == stages
+    return [Microbatch((seg("a", 0, [0, 1], [100, 200]),)),
+            Microbatch((seg("b", 0, [0, 1], [400, 100]),)),
+            Microbatch((seg("a", 1, [2, 3], [300, 50]),))]
+
+
+def kinds(s, jobs=JOBS, **kw):
+    return sorted({v.kind for v in verify(s, jobs, PARAMS, **kw)})
+
+
+def test_valid_schedule_passes():
+    s = sched(valid_mbs())
+    assert verify(s, JOBS, PARAMS) == []
+    check(s, JOBS, PARAMS)
+    assert s.optimizer_steps == {"a": [0, 2], "b": [1]}
+
+
+def test_params_mismatch():
+    assert kinds(sched(valid_mbs(), capacity=2048)) == ["params"]
+    assert kinds(sched(valid_mbs(), stages=3)) == ["dependency", "params"]  # the gap of 2 is too small for 3
+
+
+def test_unknown_adapter_and_global_batch():
+    mbs = valid_mbs() + [Microbatch((seg("zzz", 0, [0], [10]),))]
+    assert "unknown" in kinds(sched(mbs))
+    mbs = valid_mbs()
+    mbs[1] = Microbatch((seg("b", 5, [0, 1], [400, 100]),))
+    assert "unknown" in kinds(sched(mbs))
+
+
+def test_capacity():
+    mbs = valid_mbs()
+    mbs[1] = Microbatch((seg("b", 0, [0, 1], [400, 100], padded=1152),))  # a multiple, but over the capacity
+    assert kinds(sched(mbs), exact_padding=False) == ["capacity"]
+
+
+def test_padding_wrong_amount():
+    mbs = valid_mbs()
+    mbs[0] = Microbatch((seg("a", 0, [0, 1], [100, 200], padded=300),))  # not a multiple of 128
+    assert kinds(sched(mbs)) == ["padding"]
+    assert kinds(sched(mbs), exact_padding=False) == ["padding"]
+    mbs[0] = Microbatch((seg("a", 0, [0, 1], [100, 200], padded=512),))  # over-padded: only exact mode rejects
+    assert kinds(sched(mbs)) == ["padding"]
+    assert kinds(sched(mbs), exact_padding=False) == []
+
+
+def test_padding_malformed_segment():
+    mbs = valid_mbs()
+    mbs[0] = Microbatch((Segment("a", 0, (0, 1), (300,), 384),))
+    assert "padding" in kinds(sched(mbs))
+
+
+def test_same_adapter_twice_in_one_microbatch():
+    mbs = [Microbatch((seg("a", 0, [0], [100]), seg("a", 0, [1], [200]))),
+           Microbatch((seg("b", 0, [0, 1], [400, 100]),)),
+           Microbatch((seg("a", 1, [2, 3], [300, 50]),))]
+    assert kinds(sched(mbs)) == ["same_adapter"]
+
+
+def test_coverage_missing_duplicate_foreign_and_wrong_tokens():
+    base = valid_mbs()
+    missing = [Microbatch((seg("a", 0, [0], [100]),))] + base[1:]
+    assert kinds(sched(missing)) == ["coverage"]
+    dup = base + [NOOP, Microbatch((seg("b", 0, [1], [100]),))]
+    assert "coverage" in kinds(sched(dup))
+    foreign = [Microbatch((seg("a", 0, [0, 1, 3], [100, 200, 50]),))] + base[1:]
+    assert "coverage" in kinds(sched(foreign))
+    wrong = [Microbatch((seg("a", 0, [0, 1], [100, 199]),))] + base[1:]
+    assert kinds(sched(wrong)) == ["coverage"]
+    absent_b = [base[0], NOOP, base[2]]
+    assert kinds(sched(absent_b, steps={"a": [0, 2], "b": [1]})) == ["coverage"]
+
+
+def test_split_sample_tokens_must_sum_to_length():
+    job = Job("c", (1500, 100), 2, allow_split=True)
+    p = PlanParams(capacity=1024, pad_multiple=128, stages=2)
+    ok = [Microbatch((Segment("c", 0, (0,), (1024,), 1024),)),
+          Microbatch((Segment("c", 0, (0, 1), (476, 100), 640),))]
+    s = Schedule(ok, optimizer_steps_for(ok), 1024, 128, 2)
+    assert verify(s, [job], p) == []
+    bad = [ok[0], Microbatch((Segment("c", 0, (0, 1), (400, 100), 512),))]
+    assert [v.kind for v in verify(Schedule(bad, optimizer_steps_for(bad), 1024, 128, 2), [job], p)] == ["coverage"]
+
+
+def test_dependency_gap_too_small():
+    mbs = [valid_mbs()[0], valid_mbs()[2], valid_mbs()[1]]  # a/g1 right after a/g0
+    assert kinds(sched(mbs)) == ["dependency"]
+    # a global batch starting before the previous one is a violation too
+    mbs = [valid_mbs()[2], valid_mbs()[1], valid_mbs()[0]]
+    assert "dependency" in kinds(sched(mbs, steps={"a": [2, 0], "b": [1]}))
+
+
+def test_optimizer_steps():
+    assert kinds(sched(valid_mbs(), steps={"a": [1, 2], "b": [1]})) == []  # after b's microbatch: still legal
+    assert kinds(sched(valid_mbs(), steps={"a": [2, 2], "b": [1]})) == ["optimizer_step"]  # at g1's first
+    assert kinds(sched(valid_mbs(), steps={"a": [0], "b": [1]})) == ["optimizer_step"]  # missing one
+    assert kinds(sched(valid_mbs(), steps={"b": [1]})) == ["optimizer_step"]
+    assert kinds(sched(valid_mbs(), steps={"a": [0, 2], "b": [0]})) == ["optimizer_step"]  # before b's end
+    assert "unknown" in kinds(sched(valid_mbs(), steps={"a": [0, 2], "b": [1], "q": [0]}))
+
+
+def test_check_raises_naming_the_violation():
+    mbs = [valid_mbs()[0], valid_mbs()[2], valid_mbs()[1]]
+    with pytest.raises(ValueError, match="dependency"):
+        check(sched(mbs), JOBS, PARAMS)
