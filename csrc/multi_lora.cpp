@@ -1,0 +1,364 @@
+// Multi-adapter (segmented) LoRA ops: schemas and CPU kernels. CUDA kernels are in multi_lora.cu; fake impls are
+// registered from lorafusion/multi/ops.py. The math and the layout are documented in lorafusion/multi/segments.py:
+//
+//   seg   (n_seg x 4) int64: [start row, end row, slot, first row of the segment inside its slot's block]
+//   slot  (n_slot x 3) int64: [rank r, row offset into the concatenated weights, element offset into the flat buffer]
+//   slot_p (n_slot) float64 dropout probability, slot_scale (n_slot) float32 scale per slot
+//   flat buffers (S, dS): float32, slot k's block is (rows of k x r_k) row-major at its element offset.
+//
+// Three ops cover forward and backward (dropout masks: philox.h, keyed by (seed, global row, col)):
+//   multi_lora_shrink(x, w_cat)        flat[seg rows] = [scale] * D?(x[rows]) w_k^T          (S = D(X)A^T, dS = s dY B)
+//   multi_lora_grad(l_flat, m)         G[k] = [scale] * sum_rows l[rows]^T D?(m[rows])        (dA = dS^T D(X), dB^T)
+//   multi_lora_expand_add_(out, l, w)  out[rows] += [scale] * D'?(l[rows] w_k)               (Y += s S B^T, dX += D'(dS A))
+//   multi_lora_grad_a_expand_dx_      CPU only: the last two of backward in one pass over the mask
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "philox.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define LORAFUSION_MULTI_X86_SIMD 1
+#endif
+
+namespace {
+
+// ---- Philox draws of one row: out[j] = dropout_draw(seed, row, col0 + j) -------------------------------------
+// Run-time dispatch to AVX-512 / AVX2 (a 32x32->64 multiply-high per lane); the scalar philox.h definition
+// otherwise. Bit-identical to philox.h. (lora_cpu.cpp has the same routine in its anonymous namespace; a shared
+// header would let both use one copy.)
+void draws_scalar(uint32_t* out, int64_t n, uint32_t row, uint32_t col0, uint32_t k0, uint32_t k1) {
+  for (int64_t j = 0; j < n; ++j) out[j] = lorafusion::philox_first_word(col0 + static_cast<uint32_t>(j), row, k0, k1);
+}
+
+#ifdef LORAFUSION_MULTI_X86_SIMD
+__attribute__((target("avx512f"))) inline __m512i mulhilo512(__m512i a, __m512i m, __m512i* hi) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  const __m512i lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  return lo;
+}
+
+__attribute__((target("avx512f"))) void draws_avx512(uint32_t* out, int64_t n, uint32_t row, uint32_t col0,
+                                                     uint32_t k0, uint32_t k1) {
+  const __m512i ma = _mm512_set1_epi32(static_cast<int>(lorafusion::kPhiloxRoundA));
+  const __m512i mb = _mm512_set1_epi32(static_cast<int>(lorafusion::kPhiloxRoundB));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(col0 + static_cast<uint32_t>(j))), lane);
+    __m512i c1 = _mm512_set1_epi32(static_cast<int>(row));
+    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+    uint32_t a = k0, b = k1;
+    for (int round = 0; round < 10; ++round) {
+      __m512i hi_b, hi_a;
+      const __m512i lo_b = mulhilo512(c2, mb, &hi_b);
+      const __m512i lo_a = mulhilo512(c0, ma, &hi_a);
+      c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(static_cast<int>(a)));
+      c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(static_cast<int>(b)));
+      c1 = lo_b;
+      c3 = lo_a;
+      a += lorafusion::kPhiloxKeyA;
+      b += lorafusion::kPhiloxKeyB;
+    }
+    _mm512_storeu_si512(reinterpret_cast<void*>(out + j), c0);
+  }
+  draws_scalar(out + j, n - j, row, col0 + static_cast<uint32_t>(j), k0, k1);
+}
+#endif
+
+using DrawsFn = void (*)(uint32_t*, int64_t, uint32_t, uint32_t, uint32_t, uint32_t);
+
+DrawsFn pick_draws() {
+#ifdef LORAFUSION_MULTI_X86_SIMD
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return &draws_avx512;
+#endif
+  return &draws_scalar;
+}
+
+const DrawsFn draws_row = pick_draws();
+constexpr int64_t kDrawChunk = 512;  // draws buffered on the stack, consumed while in L1
+
+
+struct Seg {
+  int64_t start, end, slot, srow;
+};
+struct Slot {
+  int64_t r, w_off, f_off;
+  float p, scale;
+  uint32_t threshold;
+};
+
+void check_tables(const at::Tensor& seg, const at::Tensor& slot, const at::Tensor& slot_p,
+                  const at::Tensor& slot_scale) {
+  TORCH_CHECK(seg.dim() == 2 && seg.size(1) == 4 && seg.scalar_type() == at::kLong, "seg must be (n_seg x 4) int64");
+  TORCH_CHECK(slot.dim() == 2 && slot.size(1) == 3 && slot.scalar_type() == at::kLong,
+              "slot must be (n_slot x 3) int64");
+  TORCH_CHECK(slot_p.numel() == slot.size(0) && slot_scale.numel() == slot.size(0),
+              "slot_p / slot_scale need one entry per slot");
+}
+
+std::vector<Seg> read_segs(const at::Tensor& seg) {
+  auto s = seg.contiguous();
+  const int64_t* d = s.data_ptr<int64_t>();
+  std::vector<Seg> out(s.size(0));
+  for (int64_t i = 0; i < s.size(0); ++i) out[i] = {d[4 * i], d[4 * i + 1], d[4 * i + 2], d[4 * i + 3]};
+  return out;
+}
+
+std::vector<Slot> read_slots(const at::Tensor& slot, const at::Tensor& slot_p, const at::Tensor& slot_scale) {
+  auto s = slot.contiguous();
+  auto p = slot_p.to(at::kDouble).contiguous();  // float64 so the threshold matches reference.dropout_threshold
+  auto sc = slot_scale.to(at::kFloat).contiguous();
+  const int64_t* d = s.data_ptr<int64_t>();
+  std::vector<Slot> out(s.size(0));
+  for (int64_t k = 0; k < s.size(0); ++k) {
+    const double pk = p.data_ptr<double>()[k];
+    out[k] = {d[3 * k], d[3 * k + 1], d[3 * k + 2], static_cast<float>(pk), sc.data_ptr<float>()[k],
+              lorafusion::dropout_threshold(pk)};
+  }
+  return out;
+}
+
+// dst (rows x ncols, float32, row-major) = D?(src[r0:r1, c0:c0+ncols]) with the mask of (seed, global row, col).
+template <typename T>
+void load_rows(float* dst, const T* src, int64_t ld, int64_t r0, int64_t r1, int64_t c0, int64_t ncols, bool drop,
+               const Slot& sl, uint64_t seed) {
+  const float inv = drop ? 1.0f / (1.0f - sl.p) : 1.0f;
+  for (int64_t i = r0; i < r1; ++i) {
+    const T* s = src + i * ld + c0;
+    float* d = dst + (i - r0) * ncols;
+    if (!drop) {
+      for (int64_t j = 0; j < ncols; ++j) d[j] = static_cast<float>(s[j]);
+    } else {
+      uint32_t draws[kDrawChunk];
+      for (int64_t j0 = 0; j0 < ncols; j0 += kDrawChunk) {
+        const int64_t m = std::min(kDrawChunk, ncols - j0);
+        draws_row(draws, m, static_cast<uint32_t>(i), static_cast<uint32_t>(c0 + j0), static_cast<uint32_t>(seed),
+                  static_cast<uint32_t>(seed >> 32));
+        for (int64_t j = 0; j < m; ++j) {
+          const float v = static_cast<float>(s[j0 + j]) * inv;  // unconditional, so the select vectorises
+          d[j0 + j] = draws[j] >= sl.threshold ? v : 0.0f;
+        }
+      }
+    }
+  }
+}
+
+at::Tensor rowmajor(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+// Segments are processed one after another, each with whole-segment GEMMs (torch's BLAS parallelises them); the
+// dropout mask is applied by a parallel loop into a float32 scratch block of at most kChunk rows. Rows are capped so
+// the scratch stays small while the GEMMs stay large.
+constexpr int64_t kChunk = 1024;
+
+// float32 (rows x ncols) block of D?(src[r0:r1, :]) (a view of src itself when no conversion or mask is needed).
+at::Tensor masked_rows(const at::Tensor& src, int64_t r0, int64_t r1, bool drop, const Slot& sl, uint64_t seed,
+                       std::vector<float>& buf) {
+  const int64_t rows = r1 - r0, N = src.size(1), ld = src.stride(0);
+  if (!drop && src.scalar_type() == at::kFloat) return src.narrow(0, r0, rows);
+  buf.resize(rows * N);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "multi_lora_masked_rows", [&] {
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
+      load_rows(buf.data() + (b - r0) * N, sp, ld, b, e, 0, N, drop, sl, seed);
+    });
+  });
+  return at::from_blob(buf.data(), {rows, N}, at::TensorOptions().dtype(at::kFloat));
+}
+
+at::Tensor flat_block(const at::Tensor& flat, const Seg& sg, const Slot& sl, int64_t r0, int64_t r1) {
+  return flat.narrow(0, sl.f_off + (sg.srow + r0 - sg.start) * sl.r, (r1 - r0) * sl.r).view({r1 - r0, sl.r});
+}
+
+at::Tensor multi_lora_shrink_cpu(const at::Tensor& x_in, const at::Tensor& w_cat_in, const at::Tensor& seg,
+                                 const at::Tensor& slot, const at::Tensor& slot_p, const at::Tensor& slot_scale,
+                                 int64_t numel, int64_t seed, bool dropout, bool scaled) {
+  check_tables(seg, slot, slot_p, slot_scale);
+  TORCH_CHECK(x_in.dim() == 2 && w_cat_in.dim() == 2 && x_in.size(1) == w_cat_in.size(1),
+              "multi_lora_shrink: x (T x K) and w_cat (R x K) must agree on K");
+  const auto x = rowmajor(x_in);
+  const auto w = w_cat_in.to(at::kFloat).contiguous();
+  const auto segs = read_segs(seg);
+  const auto slots = read_slots(slot, slot_p, slot_scale);
+  auto out = at::empty({numel}, x.options().dtype(at::kFloat));
+  std::vector<float> buf;
+  for (const Seg& sg : segs) {
+    const Slot& sl = slots[sg.slot];
+    for (int64_t r0 = sg.start; r0 < sg.end; r0 += kChunk) {
+      const int64_t r1 = std::min(r0 + kChunk, sg.end);
+      auto xb = masked_rows(x, r0, r1, dropout && sl.p > 0.f, sl, static_cast<uint64_t>(seed), buf);
+      auto ob = flat_block(out, sg, sl, r0, r1);
+      if (scaled)  // beta = 0: ob is uninitialised and never read
+        at::addmm_out(ob, ob, xb, w.narrow(0, sl.w_off, sl.r).t(), 0.0, sl.scale);
+      else
+        at::mm_out(ob, xb, w.narrow(0, sl.w_off, sl.r).t());
+    }
+  }
+  return out;
+}
+
+at::Tensor multi_lora_grad_cpu(const at::Tensor& l_flat_in, const at::Tensor& m_in, const at::Tensor& seg,
+                               const at::Tensor& slot, const at::Tensor& slot_p, const at::Tensor& slot_scale,
+                               int64_t total_rank, int64_t seed, bool dropout, bool scaled) {
+  check_tables(seg, slot, slot_p, slot_scale);
+  TORCH_CHECK(m_in.dim() == 2, "multi_lora_grad: m must be 2-D");
+  const auto m = rowmajor(m_in);
+  const auto l_flat = l_flat_in.to(at::kFloat).contiguous();
+  const auto segs = read_segs(seg);
+  const auto slots = read_slots(slot, slot_p, slot_scale);
+  auto G = at::zeros({total_rank, m.size(1)}, m.options().dtype(at::kFloat));
+  std::vector<float> buf;
+  for (const Seg& sg : segs) {
+    const Slot& sl = slots[sg.slot];
+    auto g = G.narrow(0, sl.w_off, sl.r);
+    for (int64_t r0 = sg.start; r0 < sg.end; r0 += kChunk) {
+      const int64_t r1 = std::min(r0 + kChunk, sg.end);
+      auto mb = masked_rows(m, r0, r1, dropout && sl.p > 0.f, sl, static_cast<uint64_t>(seed), buf);
+      g.addmm_(flat_block(l_flat, sg, sl, r0, r1).t(), mb, 1.0, scaled ? sl.scale : 1.0);
+    }
+  }
+  return G;
+}
+
+void multi_lora_expand_add_cpu(at::Tensor& out, const at::Tensor& l_flat_in, const at::Tensor& w_cat_in,
+                               const at::Tensor& seg, const at::Tensor& slot, const at::Tensor& slot_p,
+                               const at::Tensor& slot_scale, int64_t seed, bool dropout, bool scaled) {
+  check_tables(seg, slot, slot_p, slot_scale);
+  TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1, "multi_lora_expand_add_: out must be 2-D with unit col stride");
+  TORCH_CHECK(w_cat_in.dim() == 2 && w_cat_in.size(1) == out.size(1), "multi_lora_expand_add_: w_cat is R x N");
+  const auto l_flat = l_flat_in.to(at::kFloat).contiguous();
+  const auto w = w_cat_in.to(at::kFloat).contiguous();
+  const auto segs = read_segs(seg);
+  const auto slots = read_slots(slot, slot_p, slot_scale);
+  const int64_t N = out.size(1), ld = out.stride(0);
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  for (const Seg& sg : segs) {
+    const Slot& sl = slots[sg.slot];
+    const bool drop = dropout && sl.p > 0.f;
+    const double mul = (scaled ? sl.scale : 1.0) * (drop ? 1.0 / (1.0 - sl.p) : 1.0);
+    for (int64_t r0 = sg.start; r0 < sg.end; r0 += kChunk) {
+      const int64_t r1 = std::min(r0 + kChunk, sg.end);
+      auto lb = flat_block(l_flat, sg, sl, r0, r1);
+      auto wk = w.narrow(0, sl.w_off, sl.r);
+      if (!drop && out.scalar_type() == at::kFloat) {  // straight into the output block
+        out.narrow(0, r0, r1 - r0).addmm_(lb, wk, 1.0, mul);
+        continue;
+      }
+      auto tmp = at::mm(lb, wk);
+      const float* tp = tmp.data_ptr<float>();
+      const float fmul = static_cast<float>(mul);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "multi_lora_expand_add_", [&] {
+        scalar_t* op = out.data_ptr<scalar_t>();
+        at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) {
+            const float* s = tp + (i - r0) * N;
+            scalar_t* d = op + i * ld;
+            uint32_t draws[kDrawChunk];
+            for (int64_t j0 = 0; j0 < N; j0 += kDrawChunk) {
+              const int64_t m = std::min(kDrawChunk, N - j0);
+              if (drop)
+                draws_row(draws, m, static_cast<uint32_t>(i), static_cast<uint32_t>(j0), static_cast<uint32_t>(useed),
+                          static_cast<uint32_t>(useed >> 32));
+              for (int64_t j = 0; j < m; ++j) {
+                const float add = (!drop || draws[j] >= sl.threshold) ? fmul * s[j0 + j] : 0.0f;
+                d[j0 + j] = static_cast<scalar_t>(static_cast<float>(d[j0 + j]) + add);
+              }
+            }
+          }
+        });
+      });
+    }
+  }
+}
+
+
+// Backward's two uses of the input-side mask in one pass (CPU): dA = dS^T D(X) and dx[rows] += D'(dS A), drawing
+// each Philox word once instead of twice. Returns dA_cat (total_rank x K, float32).
+at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_flat_in, const at::Tensor& x_in,
+                                           const at::Tensor& a_cat_in, const at::Tensor& seg, const at::Tensor& slot,
+                                           const at::Tensor& slot_p, const at::Tensor& slot_scale, int64_t total_rank,
+                                           int64_t seed, bool dropout) {
+  check_tables(seg, slot, slot_p, slot_scale);
+  TORCH_CHECK(dx.dim() == 2 && dx.stride(1) == 1 && x_in.dim() == 2 && dx.sizes() == x_in.sizes(),
+              "multi_lora_grad_a_expand_dx_: dx and x must be T x K (dx with unit col stride)");
+  const auto x = rowmajor(x_in);
+  const auto ds = ds_flat_in.to(at::kFloat).contiguous();
+  const auto a = a_cat_in.to(at::kFloat).contiguous();
+  const auto segs = read_segs(seg);
+  const auto slots = read_slots(slot, slot_p, slot_scale);
+  const int64_t K = x.size(1), ldx = x.stride(0), ldd = dx.stride(0);
+  auto dA = at::zeros({total_rank, K}, x.options().dtype(at::kFloat));
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  std::vector<float> mbuf, xbuf;
+  constexpr int64_t kRows = 1024;  // few, large blocks: fewer parallel regions and BLAS calls
+  for (const Seg& sg : segs) {
+    const Slot& sl = slots[sg.slot];
+    const bool drop = dropout && sl.p > 0.f;
+    auto ak = a.narrow(0, sl.w_off, sl.r);
+    auto dak = dA.narrow(0, sl.w_off, sl.r);
+    for (int64_t r0 = sg.start; r0 < sg.end; r0 += kRows) {
+      const int64_t r1 = std::min(r0 + kRows, sg.end), rows = r1 - r0;
+      auto dsb = flat_block(ds, sg, sl, r0, r1);
+      auto tmp = at::mm(dsb, ak);  // dS A, rows x K
+      const float* tp = tmp.data_ptr<float>();
+      mbuf.resize(drop ? rows * K : 0);
+      xbuf.resize(rows * K);
+      const float inv = drop ? 1.0f / (1.0f - sl.p) : 1.0f;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_grad_a_expand_dx_", [&] {
+        const scalar_t* xp = x.data_ptr<scalar_t>();
+        scalar_t* dp = dx.data_ptr<scalar_t>();
+        at::parallel_for(r0, r1, 16, [&](int64_t b, int64_t e) {
+          uint32_t draws[kDrawChunk];
+          for (int64_t i = b; i < e; ++i) {
+            const scalar_t* xr = xp + i * ldx;
+            scalar_t* dr = dp + i * ldd;
+            float* xo = xbuf.data() + (i - r0) * K;
+            const float* tr = tp + (i - r0) * K;
+            for (int64_t j0 = 0; j0 < K; j0 += kDrawChunk) {
+              const int64_t m = std::min(kDrawChunk, K - j0);
+              if (drop)
+                draws_row(draws, m, static_cast<uint32_t>(i), static_cast<uint32_t>(j0), static_cast<uint32_t>(useed),
+                          static_cast<uint32_t>(useed >> 32));
+              for (int64_t j = 0; j < m; ++j) {
+                const float keep = (!drop || draws[j] >= sl.threshold) ? inv : 0.0f;
+                xo[j0 + j] = static_cast<float>(xr[j0 + j]) * keep;
+                dr[j0 + j] = static_cast<scalar_t>(static_cast<float>(dr[j0 + j]) + tr[j0 + j] * keep);
+              }
+            }
+          }
+        });
+      });
+      auto xb = at::from_blob(xbuf.data(), {rows, K}, at::TensorOptions().dtype(at::kFloat));
+      dak.addmm_(dsb.t(), xb);
+    }
+  }
+  return dA;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lorafusion, m) {
+  m.def("multi_lora_shrink(Tensor x, Tensor w_cat, Tensor seg, Tensor slot, Tensor slot_p, Tensor slot_scale, "
+        "int numel, int seed, bool dropout, bool scaled) -> Tensor");
+  m.def("multi_lora_grad(Tensor l_flat, Tensor m, Tensor seg, Tensor slot, Tensor slot_p, Tensor slot_scale, "
+        "int total_rank, int seed, bool dropout, bool scaled) -> Tensor");
+  m.def("multi_lora_expand_add_(Tensor(a!) out, Tensor l_flat, Tensor w_cat, Tensor seg, Tensor slot, "
+        "Tensor slot_p, Tensor slot_scale, int seed, bool dropout, bool scaled) -> ()");
+  // CPU fusion of backward's dA = dS^T D(X) and dx += D'(dS A): one Philox draw per element instead of two
+  m.def("multi_lora_grad_a_expand_dx_(Tensor(a!) dx, Tensor ds_flat, Tensor x, Tensor a_cat, Tensor seg, "
+        "Tensor slot, Tensor slot_p, Tensor slot_scale, int total_rank, int seed, bool dropout) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lorafusion, CPU, m) {
+  m.impl("multi_lora_shrink", &multi_lora_shrink_cpu);
+  m.impl("multi_lora_grad", &multi_lora_grad_cpu);
+  m.impl("multi_lora_expand_add_", &multi_lora_expand_add_cpu);
+  m.impl("multi_lora_grad_a_expand_dx_", &multi_lora_grad_a_expand_dx_cpu);
+}

@@ -1,0 +1,5 @@
+import sys
+
+from lorafusion.cli import main
+
+sys.exit(main())

@@ -1,0 +1,103 @@
+"""The ``lorafusion`` command: ``train`` (LoRA fine-tuning) and ``plan`` (the multi-job planner).
+
+    lorafusion train [--config run.yaml] [--resume] [--skip-bad-lines] [--section.key value ...]
+    lorafusion plan ...            (see ``lorafusion plan --help``)
+
+Exit codes of ``train``: 0 done (or stopped cleanly by SIGINT / SIGTERM after a checkpoint), 2 a bad config, data,
+model folder or checkpoint (one line on stderr naming the problem).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+TRAIN_HELP = """\
+Fine-tune a causal LM with LoRA.
+
+Every config key can be overridden as --section.key value, e.g.
+  lorafusion train --config configs/default.yaml --lora.r 8 --train.max_steps 100 --optimizer.name galore_adamw
+Sections: model, data, lora, optimizer (optimizer.galore), batch, train. See docs/training.md.
+Without --config the built-in default runs: builtin:tiny-llama on builtin:lowercase.
+"""
+
+
+def _train(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lorafusion train", description=TRAIN_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file (defaults apply to every key it leaves out)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    parser.add_argument("--skip-bad-lines", action="store_true", help="skip (and count) malformed JSONL lines")
+    args, rest = parser.parse_known_args(argv)
+
+    from lorafusion.train.checkpoint import CheckpointError
+    from lorafusion.train.config import ConfigError, load_config, parse_overrides
+    from lorafusion.train.data import DataError
+
+    try:
+        overrides = parse_overrides(rest)
+        if args.skip_bad_lines:
+            overrides.setdefault("data", {})["skip_bad_lines"] = True
+        cfg = load_config(args.config, overrides)
+        from lorafusion.train.trainer import TrainError, run_training
+    except ConfigError as exc:
+        print(f"lorafusion train: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        run_training(cfg, resume=args.resume)
+    except ConfigError as exc:
+        print(f"lorafusion train: config error: {exc}", file=sys.stderr)
+        return 2
+    except DataError as exc:
+        print(f"lorafusion train: data error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointError as exc:
+        print(f"lorafusion train: checkpoint error: {exc}", file=sys.stderr)
+        return 2
+    except TrainError as exc:
+        print(f"lorafusion train: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _plan(argv: list[str]) -> int:
+    try:
+        from scheduling.cli import main as plan_main
+    except ImportError as exc:
+        print(f"lorafusion plan: the planner CLI (scheduling.cli) is not available: {exc}", file=sys.stderr)
+        return 2
+    rc = plan_main(argv)
+    return int(rc or 0)
+
+
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher puts ``--local_rank=N`` before the subcommand; LOCAL_RANK in the environment is used."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            i += 1
+            continue
+        if a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            i += 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+    commands = {"train": _train, "plan": _plan}
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: lorafusion {train,plan} ...\n\n"
+              "  train   fine-tune a model with LoRA (lorafusion train --help)\n"
+              "  plan    plan many fine-tuning jobs over one base model (lorafusion plan --help)")
+        return 0 if argv else 2
+    if argv[0] not in commands:
+        print(f"lorafusion: unknown command {argv[0]!r} (choose from train, plan)", file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Backends of the multi-adapter layer. Each composes the shared frozen GEMM (torch / cuBLAS / MKL, or a Triton
+GEMM with the segmented rank-r term in its epilogue) with the three segmented primitives of
+``lorafusion.multi.torch_ops`` (plain torch), ``lorafusion.multi.ops`` (C++ / CUDA) or
+``lorafusion.multi.triton_kernels`` (Triton).
+
+    forward(x2d, weight, bias, A_cat, Bt_cat, t, seed, dropout) -> (Y, S_flat)
+    backward(dy2d, x2d, weight, A_cat, Bt_cat, S_flat, t, seed, dropout, need_dx) -> (dX | None, dA_cat, dBt_cat)
+
+A_cat (sum r x in) and Bt_cat (sum r x out) hold the present adapters' A and B^T in slot order (float32); dA_cat and
+dBt_cat are float32. Names and the selection rule follow ``lorafusion.backends`` (argument or $LORAFUSION_BACKEND:
+triton / cuda / cpu / reference; auto = fastest available), logged once per choice.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lorafusion.backends import resolve_backend_name
+
+logger = logging.getLogger("lorafusion")
+_logged: set = set()
+
+
+class SegmentedBackend:
+    def __init__(self, name: str, prims, gemm=None):
+        self.name, self.prims, self.gemm = name, prims, gemm
+
+    def forward(self, x2d, weight, bias, A_cat, Bt_cat, t, seed, dropout):
+        S = self.prims.shrink(x2d, A_cat, t, seed, dropout, False)
+        if self.gemm is not None:  # Y = X W^T + b + s S B^T in one GEMM
+            return self.gemm(x2d, weight, bias, S, Bt_cat, t, seed, False, True, True), S
+        y = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
+        self.prims.expand_add_(y, S, Bt_cat, t, seed, False, True)
+        return y, S
+
+    def backward(self, dy2d, x2d, weight, A_cat, Bt_cat, S, t, seed, dropout, need_dx):
+        dS = self.prims.shrink(dy2d, Bt_cat, t, seed, False, True)
+        dBt = self.prims.grad(S, dy2d, t, seed, False, True)
+        fused = getattr(self.prims, "grad_a_expand_dx_", None)
+        if need_dx and fused is not None and self.gemm is None and x2d.device.type == "cpu":
+            dX = dy2d @ weight  # then dA and the masked rank-r term of dX share one pass over the mask
+            return dX, fused(dX, dS, x2d, A_cat, t, seed, dropout), dBt
+        dA = self.prims.grad(dS, x2d, t, seed, dropout, False)
+        dX = None
+        if need_dx:
+            if self.gemm is not None:  # dX = dY W + D'(dS A) in one GEMM
+                dX = self.gemm(dy2d, weight, None, dS, A_cat, t, seed, dropout, False, False)
+            else:
+                dX = dy2d @ weight
+                self.prims.expand_add_(dX, dS, A_cat, t, seed, dropout, False)
+        return dX, dA, dBt
+
+
+def _reference():
+    from lorafusion.multi import torch_ops
+
+    return SegmentedBackend("reference", torch_ops)
+
+
+def _cpu():
+    from lorafusion.multi import ops
+
+    reason = ops.cpp_ops_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    return SegmentedBackend("cpu", ops)
+
+
+def _cuda():
+    from lorafusion.multi import ops
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available")
+    if not ops.cuda_ops_available():
+        raise RuntimeError(ops.cpp_ops_reason() or "multi_lora ops have no CUDA kernels (built without nvcc?)")
+    return SegmentedBackend("cuda", ops)
+
+
+def _triton():
+    from lorafusion.multi import triton_kernels
+
+    reason = triton_kernels.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    return SegmentedBackend("triton", triton_kernels, triton_kernels.segmented_gemm)
+
+
+_FACTORIES = {"reference": _reference, "cpu": _cpu, "cuda": _cuda, "triton": _triton}
+_DEVICES = {"reference": ("cpu", "cuda"), "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
+_cache: dict[str, object] = {}
+
+
+def _load(name):
+    if name not in _cache:
+        try:
+            _cache[name] = _FACTORIES[name]()
+        except Exception as exc:
+            _cache[name] = exc
+    return _cache[name]
+
+
+def _log_once(key, msg, *args):
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(msg, *args)
+
+
+def get_multi_backend(device_type: str, requested: str | None = None, dtype: torch.dtype | None = None):
+    """The multi-adapter backend for ``device_type``; an explicit request that cannot run raises."""
+    name = resolve_backend_name(requested)
+    if name == "triton" and device_type == "cpu":
+        # Triton on CPU tensors only runs under the interpreter (tests): allowed when TRITON_INTERPRET=1.
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            mod = _load("triton")
+            if isinstance(mod, Exception):
+                raise RuntimeError(f"backend 'triton' was requested but is unavailable: {mod}")
+            return mod
+    if name != "auto":
+        mod = _load(name)
+        if isinstance(mod, Exception):
+            raise RuntimeError(f"multi-adapter backend {name!r} was requested but is unavailable: {mod}")
+        if device_type not in _DEVICES[name]:
+            raise RuntimeError(f"multi-adapter backend {name!r} does not run on device type {device_type!r}")
+        _log_once((device_type, name), "lorafusion.multi: %s backend on %s (requested)", name, device_type)
+        return mod
+    if dtype == torch.float64:  # the kernels accumulate in float32; float64 is the reference's job
+        order = ("reference",)
+    else:
+        order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpu", "reference")
+    skipped = []
+    for cand in order:
+        mod = _load(cand)
+        if not isinstance(mod, Exception) and device_type in _DEVICES[cand]:
+            why = "fastest available" if not skipped else "; ".join(skipped)
+            _log_once((device_type, cand, why), "lorafusion.multi: %s backend on %s (%s)", cand, device_type, why)
+            return mod
+        skipped.append(f"{cand} skipped: {mod}")
+    raise RuntimeError(f"no multi-adapter backend runs on {device_type!r}: {'; '.join(skipped)}")

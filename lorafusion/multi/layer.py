@@ -1,0 +1,122 @@
+"""``MultiLoRALinear``: many LoRA adapters over one frozen ``nn.Linear``; each row of a microbatch uses its own adapter.
+
+    layer = MultiLoRALinear(nn.Linear(1024, 1024))
+    layer.add_adapter("job_a", r=8, alpha=16, dropout=0.1)
+    layer.add_adapter("job_b", r=64, alpha=64)
+    seg = layer.make_segments(["job_a"] * 100 + ["job_b"] * 28)       # one entry per row; None = base only
+    y = layer(x, segments=seg)                                         # x: (128, 1024) or (B, L, 1024)
+
+Row i of adapter a:  y_i = x_i W^T + b + s_a * D_a(x)_i A_a^T B_a^T   (math: ``lorafusion.multi.reference``).
+Each adapter's A and B are their own ``nn.Parameter`` (``lora_A[name]``, ``lora_B[name]``), so optimizer state is
+keyed per adapter and adding / removing one never touches another's parameters or state. An adapter without rows
+in a microbatch is not part of its graph: no compute, no gradient.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+from lorafusion.layer import check_input
+from lorafusion.multi.function import multi_lora_linear
+from lorafusion.multi.segments import MAX_RANK, AdapterSegments, AdapterSpec
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"adapter name {name!r} must be a non-empty identifier-like string (letters, digits, _ or -)")
+
+
+class MultiLoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, backend: str | None = None):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"MultiLoRALinear: base must be an nn.Linear, got {type(base).__name__}")
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(False)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.adapter_specs: dict[str, AdapterSpec] = {}
+        self.backend = backend
+        self._segments: AdapterSegments | None = None  # set by MultiLoRAModel.use_segments for one forward
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    dtype: torch.dtype | None = None) -> None:
+        """Add adapter ``name`` (PEFT init: A Kaiming-uniform, B zero). Other adapters are untouched."""
+        check_adapter_name(name)
+        if name in self.adapter_specs:
+            raise ValueError(f"duplicate adapter name {name!r}: this layer already holds it")
+        if isinstance(r, bool) or not isinstance(r, int):
+            raise TypeError(f"adapter {name!r}: r must be an int, got {r!r}")
+        limit = min(self.in_features, self.out_features, MAX_RANK)
+        if not 1 <= r <= limit:
+            raise ValueError(f"adapter {name!r}: rank r={r} out of range [1, {limit}]")
+        spec = AdapterSpec(r, float(alpha), float(dropout), bool(use_rslora))
+        w = self.base.weight
+        dtype = dtype or w.dtype
+        A = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=dtype))
+        self.adapter_specs[name] = spec
+
+    def remove_adapter(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """Remove adapter ``name``; returns its (A, B) so a caller can drop them from an optimizer."""
+        if name not in self.adapter_specs:
+            raise ValueError(f"unknown adapter {name!r} (held: {list(self.adapter_specs)})")
+        del self.adapter_specs[name]
+        return self.lora_A.pop(name), self.lora_B.pop(name)
+
+    def adapter_params(self, name: str | None = None) -> dict[str, nn.Parameter]:
+        names = self.adapter_specs if name is None else [name]
+        out = {}
+        for n in names:
+            out[f"lora_A.{n}"] = self.lora_A[n]
+            out[f"lora_B.{n}"] = self.lora_B[n]
+        return out
+
+    def make_segments(self, row_adapters) -> AdapterSegments:
+        """The layout for a microbatch whose rows use ``row_adapters`` (names / indices into this layer's adapters)."""
+        return AdapterSegments(row_adapters, self.adapter_specs)
+
+    def forward(self, x: torch.Tensor, segments: AdapterSegments | None = None) -> torch.Tensor:
+        seg = segments if segments is not None else self._segments
+        if seg is None:
+            raise ValueError("MultiLoRALinear: no segment layout; pass segments= or run inside "
+                             "MultiLoRAModel.use_segments(...)")
+        if not isinstance(seg, AdapterSegments):
+            raise TypeError(f"segments must be an AdapterSegments, got {type(seg).__name__}")
+        check_input("MultiLoRALinear", x, self.base.weight)
+        rows = x.numel() // x.shape[-1]
+        if rows != seg.num_rows:
+            raise ValueError(f"MultiLoRALinear: input has {rows} rows but the segment layout has {seg.num_rows}")
+        adapters = {}
+        for name in seg.present_names:
+            spec = self.adapter_specs.get(name)
+            if spec is None:
+                raise ValueError(f"MultiLoRALinear: layout names adapter {name!r} which this layer does not hold "
+                                 f"(held: {list(self.adapter_specs)})")
+            if spec != seg.specs[seg.names.index(name)]:
+                raise ValueError(f"MultiLoRALinear: adapter {name!r} is {spec} here but "
+                                 f"{seg.specs[seg.names.index(name)]} in the layout")
+            adapters[name] = (self.lora_A[name], self.lora_B[name])
+        return multi_lora_linear(x, self.base.weight, self.base.bias, adapters, seg, training=self.training,
+                                 backend=self.backend)
+
+    def extra_repr(self) -> str:
+        specs = ", ".join(f"{n}(r={s.r}, alpha={s.alpha:g}, p={s.dropout:g})" for n, s in self.adapter_specs.items())
+        return f"in={self.in_features}, out={self.out_features}, adapters=[{specs}]"

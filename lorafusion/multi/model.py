@@ -1,0 +1,108 @@
+"""``MultiLoRAModel``: wrap every target ``nn.Linear`` of a (``transformers``) model in ``MultiLoRALinear``.
+
+    mm = MultiLoRAModel(model, target_modules=["q_proj", "v_proj"])     # or "all-linear"
+    mm.add_adapter("job_a", r=8, alpha=16, dropout=0.05)
+    mm.add_adapter("job_b", r=32, alpha=32)
+    seg = mm.make_segments(["job_a", "job_b", None, "job_a"], seq_len=L)  # per sequence of the (B x L) batch
+    out = mm(input_ids=ids, labels=labels, segments=seg)                  # or: with mm.use_segments(seg): model(...)
+
+The layout is handed to the wrapped layers for the duration of one forward (the backward needs nothing more); it
+is never stored globally. Rows are the flattened (batch, sequence) tokens, in the order the linears see them.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from lorafusion.multi.layer import MultiLoRALinear, check_adapter_name
+from lorafusion.multi.segments import AdapterSegments, AdapterSpec
+
+
+def _matches(name: str, targets) -> bool:
+    if targets == "all-linear":
+        return True
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class MultiLoRAModel(nn.Module):
+    def __init__(self, model: nn.Module, target_modules="all-linear", backend: str | None = None,
+                 exclude_modules=("lm_head",)):
+        super().__init__()
+        if isinstance(target_modules, str) and target_modules != "all-linear":
+            target_modules = [target_modules]
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.adapter_specs: dict[str, AdapterSpec] = {}
+        self.layer_names: list[str] = []
+        for name, mod in list(model.named_modules()):
+            if not isinstance(mod, nn.Linear) or isinstance(mod, MultiLoRALinear):
+                continue
+            if any(name == e or name.endswith("." + e) for e in exclude_modules):
+                continue
+            if not _matches(name, target_modules):
+                continue
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, MultiLoRALinear(mod, backend=backend))
+            self.layer_names.append(name)
+        if not self.layer_names:
+            raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of the model")
+
+    def layers(self) -> dict[str, MultiLoRALinear]:
+        return {n: self.model.get_submodule(n) for n in self.layer_names}
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    dtype: torch.dtype | None = None) -> None:
+        check_adapter_name(name)
+        if name in self.adapter_specs:
+            raise ValueError(f"duplicate adapter name {name!r}: the model already holds it")
+        for layer in self.layers().values():
+            layer.add_adapter(name, r, alpha, dropout, use_rslora, dtype)
+        self.adapter_specs[name] = AdapterSpec(r, float(alpha), float(dropout), bool(use_rslora))
+
+    def remove_adapter(self, name: str) -> list[nn.Parameter]:
+        """Remove ``name`` from every layer; returns its parameters (drop them from the optimizer if wanted)."""
+        if name not in self.adapter_specs:
+            raise ValueError(f"unknown adapter {name!r} (held: {list(self.adapter_specs)})")
+        removed = []
+        for layer in self.layers().values():
+            removed += list(layer.remove_adapter(name))
+        del self.adapter_specs[name]
+        return removed
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        if name not in self.adapter_specs:
+            raise ValueError(f"unknown adapter {name!r}")
+        return [p for layer in self.layers().values() for p in (layer.lora_A[name], layer.lora_B[name])]
+
+    def make_segments(self, row_adapters, seq_len: int | None = None) -> AdapterSegments:
+        """The layout for one microbatch. ``row_adapters``: one entry per token row, or with ``seq_len`` one entry
+        per sequence of a (batch x seq_len) input (names, indices into the adapter order, or None / -1)."""
+        if seq_len is not None:
+            if isinstance(row_adapters, torch.Tensor):
+                row_adapters = row_adapters.tolist()
+            row_adapters = [v for v in row_adapters for _ in range(int(seq_len))]
+        return AdapterSegments(row_adapters, self.adapter_specs)
+
+    @contextlib.contextmanager
+    def use_segments(self, segments: AdapterSegments):
+        """Every wrapped layer uses ``segments`` inside the block."""
+        if not isinstance(segments, AdapterSegments):
+            raise TypeError(f"segments must be an AdapterSegments, got {type(segments).__name__}")
+        if segments.names != list(self.adapter_specs) or segments.specs != list(self.adapter_specs.values()):
+            raise ValueError("segments was built for another adapter set; build it with make_segments()")
+        layers = list(self.layers().values())
+        for layer in layers:
+            layer._segments = segments
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._segments = None
+
+    def forward(self, *args, segments: AdapterSegments, **kwargs):
+        with self.use_segments(segments):
+            return self.model(*args, **kwargs)

@@ -1,0 +1,268 @@
+"""Triton kernels of the multi-adapter (segmented) LoRA linear; layout in ``lorafusion.multi.segments``.
+
+* ``_seg_shrink_kernel``  flat[seg rows] = [s] D?(X[rows]) W_k^T     one program per (segment tile, rank block)
+                          (S = D(X) A^T in forward; dS = s dY B in backward)
+* ``_seg_grad_kernel``    G_k = [s] L_k^T D?(M[rows of k])           one program per (slot, column block, rank
+                          block), looping over the slot's segments (dA = dS^T D(X); dB^T = s S^T dY)
+* ``_seg_gemm_kernel``    Out = A W' [+ b] + sum over the segments overlapping the row block of
+                          [s] D'?(L_seg Wc_k)                        the big GEMM with the rank-r term in its
+                          epilogue (Y = X W^T + b + s S B^T; dX = dY W + D'(dS A))
+
+Row blocks find their segments in ``SegmentTables.block_lookup(BM)`` and tiles in ``SegmentTables.tiles(BM)``; any
+number of adapters and ranks 1-256 (rank is looped in blocks). Only present adapters appear, so an absent adapter
+costs nothing. Dropout masks: ``philox_keep`` of ``lorafusion.backends.triton_kernels`` keyed by the global row.
+The main GEMM runs in the input's dtype on tensor cores (ieee fp32 for fp32 input); the rank-r work in fp32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    from lorafusion.backends.triton_kernels import philox_keep
+    _IMPORT_ERROR = None
+except Exception as exc:  # triton missing or the single-adapter kernels failed to import
+    _IMPORT_ERROR = exc
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason() -> str | None:
+    if _IMPORT_ERROR is not None:
+        return f"triton unavailable: {_IMPORT_ERROR}"
+    if not INTERPRET and not torch.cuda.is_available():
+        return "triton needs a CUDA device (or TRITON_INTERPRET=1)"
+    return None
+
+
+if _IMPORT_ERROR is None:
+
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+    def _seg_shrink_kernel(x_ptr, w_ptr, out_ptr, tiles_ptr, seg_ptr, slot_ptr, thr_ptr, inv_ptr, scale_ptr,
+                           K, stride_xm, stride_xk, seed_lo, seed_hi,
+                           DROPOUT: tl.constexpr, SCALED: tl.constexpr,
+                           BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
+        t = tl.program_id(0)
+        rb = tl.program_id(1) * BR
+        si = tl.load(tiles_ptr + 2 * t)
+        r0 = tl.load(tiles_ptr + 2 * t + 1).to(tl.int64)
+        start = tl.load(seg_ptr + 4 * si)
+        end = tl.load(seg_ptr + 4 * si + 1)
+        k = tl.load(seg_ptr + 4 * si + 2)
+        srow = tl.load(seg_ptr + 4 * si + 3)
+        r = tl.load(slot_ptr + 3 * k)
+        w_off = tl.load(slot_ptr + 3 * k + 1)
+        f_off = tl.load(slot_ptr + 3 * k + 2)
+        if rb < r:
+            rows = r0 + tl.arange(0, BM)
+            rmask = rows < end
+            rr = rb + tl.arange(0, BR)
+            rrmask = rr < r
+            acc = tl.zeros([BM, BR], dtype=tl.float32)
+            for k0 in range(0, K, BK):
+                ks = k0 + tl.arange(0, BK)
+                kmask = ks < K
+                x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                            mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                if DROPOUT:
+                    keep = philox_keep(rows, ks, seed_lo, seed_hi, tl.load(thr_ptr + k))
+                    x = tl.where(keep, x * tl.load(inv_ptr + k), 0.0)
+                w = tl.load(w_ptr + (w_off + rr)[None, :].to(tl.int64) * K + ks[:, None],
+                            mask=rrmask[None, :] & kmask[:, None], other=0.0)
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            if SCALED:
+                acc = acc * tl.load(scale_ptr + k)
+            optr = out_ptr + f_off + (srow + rows - start)[:, None] * r + rr[None, :]
+            tl.store(optr, acc, mask=rmask[:, None] & rrmask[None, :])
+
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+    def _seg_grad_kernel(l_ptr, m_ptr, g_ptr, seg_ptr, slot_ptr, sptr_ptr, sidx_ptr, thr_ptr, inv_ptr, scale_ptr,
+                         N, stride_mm, stride_mn, seed_lo, seed_hi,
+                         DROPOUT: tl.constexpr, SCALED: tl.constexpr,
+                         BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
+        k = tl.program_id(0)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        rb = tl.program_id(2) * BR
+        r = tl.load(slot_ptr + 3 * k)
+        w_off = tl.load(slot_ptr + 3 * k + 1)
+        f_off = tl.load(slot_ptr + 3 * k + 2)
+        if rb < r:
+            cmask = cols < N
+            rr = rb + tl.arange(0, BR)
+            rrmask = rr < r
+            acc = tl.zeros([BR, BN], dtype=tl.float32)
+            lo = tl.load(sptr_ptr + k)
+            hi = tl.load(sptr_ptr + k + 1)
+            for j in range(lo, hi):
+                si = tl.load(sidx_ptr + j)
+                start = tl.load(seg_ptr + 4 * si)
+                end = tl.load(seg_ptr + 4 * si + 1)
+                srow = tl.load(seg_ptr + 4 * si + 3)
+                for r0 in range(start, end, BM):
+                    rows = r0 + tl.arange(0, BM)
+                    rmask = rows < end
+                    m = tl.load(m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
+                                mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                    if DROPOUT:
+                        keep = philox_keep(rows, cols, seed_lo, seed_hi, tl.load(thr_ptr + k))
+                        m = tl.where(keep, m * tl.load(inv_ptr + k), 0.0)
+                    lt = tl.load(l_ptr + f_off + (srow + rows - start)[:, None] * r + rr[None, :],
+                                 mask=rmask[:, None] & rrmask[None, :], other=0.0)
+                    acc = tl.dot(tl.trans(lt), m, acc, input_precision="ieee")
+            if SCALED:
+                acc = acc * tl.load(scale_ptr + k)
+            gptr = g_ptr + (w_off + rr)[:, None].to(tl.int64) * N + cols[None, :]
+            tl.store(gptr, acc, mask=rrmask[:, None] & cmask[None, :])
+
+    @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+    def _seg_gemm_kernel(a_ptr, w_ptr, bias_ptr, l_ptr, wc_ptr, out_ptr, blo_ptr, bhi_ptr,
+                         seg_ptr, slot_ptr, thr_ptr, inv_ptr, scale_ptr,
+                         M, N, K, stride_am, stride_ak, stride_wk, stride_wn, stride_om, seed_lo, seed_hi,
+                         HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SCALED: tl.constexpr, IEEE: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rows = pid_m * BM + tl.arange(0, BM)
+        cols = pid_n * BN + tl.arange(0, BN)
+        rows64 = rows.to(tl.int64)
+        rmask = rows < M
+        cmask = cols < N
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            ks = k0 + tl.arange(0, BK)
+            kmask = ks < K
+            a = tl.load(a_ptr + rows64[:, None] * stride_am + ks[None, :] * stride_ak,
+                        mask=rmask[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptr + ks[:, None].to(tl.int64) * stride_wk + cols[None, :] * stride_wn,
+                        mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w.to(a.dtype), acc)
+        lo = tl.load(blo_ptr + pid_m)
+        hi = tl.load(bhi_ptr + pid_m)
+        for si in range(lo, hi):
+            start = tl.load(seg_ptr + 4 * si)
+            end = tl.load(seg_ptr + 4 * si + 1)
+            k = tl.load(seg_ptr + 4 * si + 2)
+            srow = tl.load(seg_ptr + 4 * si + 3)
+            r = tl.load(slot_ptr + 3 * k)
+            w_off = tl.load(slot_ptr + 3 * k + 1)
+            f_off = tl.load(slot_ptr + 3 * k + 2)
+            smask = (rows64 >= start) & (rows64 < end)
+            term = tl.zeros([BM, BN], dtype=tl.float32)
+            for rb in range(0, r, BR):
+                rr = rb + tl.arange(0, BR)
+                rrmask = rr < r
+                lt = tl.load(l_ptr + f_off + (srow + rows64 - start)[:, None] * r + rr[None, :],
+                             mask=smask[:, None] & rrmask[None, :], other=0.0)
+                wc = tl.load(wc_ptr + (w_off + rr)[:, None].to(tl.int64) * N + cols[None, :],
+                             mask=rrmask[:, None] & cmask[None, :], other=0.0)
+                term = tl.dot(lt, wc, term, input_precision="ieee")
+            if DROPOUT:
+                keep = philox_keep(rows, cols, seed_lo, seed_hi, tl.load(thr_ptr + k))
+                term = tl.where(keep, term * tl.load(inv_ptr + k), 0.0)
+            if SCALED:
+                term = term * tl.load(scale_ptr + k)
+            acc += term
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
+
+
+def _seed_words(seed: int) -> tuple[int, int]:
+    def s32(v):
+        return v - (1 << 32) if v >= (1 << 31) else v
+    seed &= (1 << 64) - 1
+    return s32(seed & 0xFFFFFFFF), s32(seed >> 32)
+
+
+def _tables_extra(t):
+    """Per-slot int32 thresholds (uint32 bit patterns) and float32 1/(1-p), cached on the tables."""
+    if not hasattr(t, "_triton_extra"):
+        from lorafusion.reference import dropout_threshold
+
+        thr = [dropout_threshold(p) for p in t._segs.slot_p]
+        thr = [v - (1 << 32) if v >= (1 << 31) else v for v in thr]
+        inv = [1.0 / (1.0 - p) for p in t._segs.slot_p]
+        t._triton_extra = (torch.tensor(thr, dtype=torch.int32, device=t.device),
+                           torch.tensor(inv, dtype=torch.float32, device=t.device))
+    return t._triton_extra
+
+
+def _small():
+    return INTERPRET
+
+
+def shrink(x, w_cat, t, seed, dropout, scaled):
+    out = torch.empty(t.s_numel, dtype=torch.float32, device=x.device)
+    if t.num_segments == 0 or t.s_numel == 0:
+        return out
+    BM, BR, BK = (16, 16, 32) if _small() else (64, 32, 64)
+    tiles = t.tiles(BM)
+    thr, inv = _tables_extra(t)
+    lo, hi = _seed_words(seed)
+    grid = (tiles.shape[0], triton.cdiv(t.max_rank, BR))
+    _seg_shrink_kernel[grid](x, w_cat, out, tiles, t.seg, t.slot, thr, inv, t.slot_scale,
+                             x.shape[1], x.stride(0), x.stride(1), lo, hi,
+                             DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
+                             BM=BM, BR=BR, BK=BK)
+    return out
+
+
+def grad(l_flat, m, t, seed, dropout, scaled):
+    N = m.shape[1]
+    G = torch.zeros(t.total_rank, N, dtype=torch.float32, device=m.device)
+    if t.num_segments == 0:
+        return G
+    BM, BR, BN = (16, 16, 32) if _small() else (64, 32, 64)
+    thr, inv = _tables_extra(t)
+    lo, hi = _seed_words(seed)
+    grid = (len(t.slot_info), triton.cdiv(N, BN), triton.cdiv(t.max_rank, BR))
+    _seg_grad_kernel[grid](l_flat, m, G, t.seg, t.slot, t.slot_seg_ptr, t.slot_seg_idx, thr, inv, t.slot_scale,
+                           N, m.stride(0), m.stride(1), lo, hi,
+                           DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
+                           BM=BM, BR=BR, BN=BN)
+    return G
+
+
+def segmented_gemm(a, weight, bias, l_flat, wc, t, seed, dropout, scaled, transpose_w):
+    """Out = a W^T (transpose_w) or a W, + bias, + the segmented rank-r term (see module docstring)."""
+    M, K = a.shape
+    N = weight.shape[0] if transpose_w else weight.shape[1]
+    out = torch.empty(M, N, dtype=a.dtype, device=a.device)
+    if M == 0:
+        return out
+    ieee = a.dtype == torch.float32
+    if _small():
+        BM, BN, BK, BR, warps, stages = 16, 32, 32, 16, 4, 1
+    elif ieee:
+        BM, BN, BK, BR, warps, stages = 64, 64, 32, 16, 4, 3
+    else:
+        BM, BN, BK, BR, warps, stages = 128, 128, 64, 32, 8, 3
+    blo, bhi = t.block_lookup(BM)
+    if transpose_w:  # element (k, n) = W[n, k]
+        swk, swn = weight.stride(1), weight.stride(0)
+    else:
+        swk, swn = weight.stride(0), weight.stride(1)
+    thr, inv = _tables_extra(t)
+    lo, hi = _seed_words(seed)
+    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+    _seg_gemm_kernel[grid](a, weight, bias if bias is not None else out, l_flat, wc, out, blo, bhi,
+                           t.seg, t.slot, thr, inv, t.slot_scale,
+                           M, N, K, a.stride(0), a.stride(1), swk, swn, out.stride(0), lo, hi,
+                           HAS_BIAS=bias is not None, DROPOUT=bool(dropout and t._segs.any_dropout),
+                           SCALED=bool(scaled), IEEE=ieee, BM=BM, BN=BN, BK=BK, BR=BR,
+                           num_warps=warps, num_stages=stages)
+    return out
+
+
+def expand_add_(out, l_flat, w_cat, t, seed, dropout, scaled):  # not used by the Triton backend (GEMM epilogue)
+    from lorafusion.multi import torch_ops
+
+    return torch_ops.expand_add_(out, l_flat, w_cat, t, seed, dropout, scaled)

@@ -1,0 +1,147 @@
+"""Atomic training checkpoints: adapter, optimizer, scheduler, data position (the step) and every rank's RNG.
+
+A checkpoint is the folder ``<output>/checkpoints/step-XXXXXXX``. It is written under a ``.tmp`` name and renamed
+when complete, and ``<output>/checkpoints/latest`` (a one-line file, itself replaced atomically) names the newest,
+so a run killed at any instant leaves either the previous checkpoint or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger("lorafusion.train")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or unreadable."""
+
+
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.random.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.random.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: torch.nn.Module) -> dict:
+    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def tmp_path(output_dir: str, step: int) -> str:
+    return os.path.join(checkpoints_dir(output_dir), f"step-{step:07d}.tmp")
+
+
+def final_path(output_dir: str, step: int) -> str:
+    return os.path.join(checkpoints_dir(output_dir), f"step-{step:07d}")
+
+
+def begin(output_dir: str, step: int) -> str:
+    """Rank 0: make an empty temp folder for the checkpoint of ``step``."""
+    tmp = tmp_path(output_dir, step)
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    return tmp
+
+
+def write_rank_files(tmp: str, rank: int) -> None:
+    torch.save(rng_state(), os.path.join(tmp, f"rng-rank{rank}.pt"))
+
+
+def write_main_files(tmp: str, model, optimizer, scheduler, state: dict, write_optimizer: bool = True) -> None:
+    save_file(trainable_state(model), os.path.join(tmp, "adapter.safetensors"))
+    if write_optimizer:
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
+        json.dump(state, fh, indent=1)
+
+
+def commit(output_dir: str, step: int, keep: int) -> str:
+    """Rank 0: rename the finished temp folder into place, point ``latest`` at it, prune old checkpoints."""
+    tmp, final = tmp_path(output_dir, step), final_path(output_dir, step)
+    with open(os.path.join(tmp, "COMPLETE"), "w") as fh:
+        fh.write("ok\n")
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _atomic_write_text(os.path.join(checkpoints_dir(output_dir), "latest"), os.path.basename(final) + "\n")
+    names = sorted(d for d in os.listdir(checkpoints_dir(output_dir))
+                   if d.startswith("step-") and not d.endswith(".tmp"))
+    for old in names[:-keep]:
+        shutil.rmtree(os.path.join(checkpoints_dir(output_dir), old), ignore_errors=True)
+    return final
+
+
+def latest(output_dir: str) -> str | None:
+    """The newest complete checkpoint folder, or None when there is none."""
+    d = checkpoints_dir(output_dir)
+    pointer = os.path.join(d, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as fh:
+        name = fh.read().strip()
+    path = os.path.join(d, name)
+    if not os.path.isfile(os.path.join(path, "COMPLETE")):
+        raise CheckpointError(f"checkpoint {path} named by {pointer} is missing or incomplete")
+    return path
+
+
+def load(path: str, model, optimizer, scheduler, rank: int, load_optimizer: bool = True) -> dict:
+    """Restore a checkpoint into ``model`` / ``optimizer`` / ``scheduler`` and this rank's RNG; returns its state."""
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as fh:
+            state = json.load(fh)
+        adapter = load_file(os.path.join(path, "adapter.safetensors"))
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in adapter]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks trainable parameters {missing[:3]} "
+                                  "(was it written by a run with another LoRA config?)")
+        with torch.no_grad():
+            for n, t in adapter.items():
+                if n not in params:
+                    raise CheckpointError(f"checkpoint {path} has parameter {n!r} that the model lacks")
+                params[n].copy_(t)
+        if load_optimizer:
+            optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+        scheduler.load_state_dict(torch.load(os.path.join(path, "scheduler.pt"), weights_only=True))
+        rng_file = os.path.join(path, f"rng-rank{rank}.pt")
+        if os.path.isfile(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            logger.warning("checkpoint %s has no RNG state for rank %d; dropout masks will differ", path, rank)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means a corrupt checkpoint
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {type(exc).__name__}: {exc}") from None
+    return state

@@ -1,0 +1,598 @@
+"""The LoRA fine-tuning loop behind ``lorafusion train``.
+
+One optimizer step consumes ``batch.global_batch_size`` samples over all processes; each process runs
+``grad_accum`` microbatches of ``micro`` samples. The loss of a step is the sum of token cross-entropies over every
+completion token of the step divided by that number of tokens (known on every rank without communication), so one
+process and N processes at the same global batch compute the same gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lorafusion.train import checkpoint as ckpt
+from lorafusion.train import distributed as dist_utils
+from lorafusion.train.config import ConfigError, RunConfig, save_config
+from lorafusion.train.data import Sample, StepBatches, collate, load_split
+
+logger = logging.getLogger("lorafusion.train")
+
+
+class TrainError(RuntimeError):
+    """A run cannot start or continue; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------- model and adapter
+def resolve_model_path(name_or_path: str, ds) -> str:
+    if name_or_path.startswith("builtin:"):
+        from lorafusion.train.presets import model_preset_path
+
+        if ds.is_main:
+            path = model_preset_path(name_or_path[len("builtin:"):])
+        dist_utils.barrier(ds)
+        if not ds.is_main:
+            path = model_preset_path(name_or_path[len("builtin:"):])
+        return path
+    if not os.path.isdir(name_or_path):
+        raise TrainError(f"model.name_or_path: model folder not found: {name_or_path} "
+                         "(a local Hugging Face folder, or builtin:tiny-llama)")
+    if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        raise TrainError(f"model.name_or_path: {name_or_path} has no config.json; is it a Hugging Face model folder?")
+    return name_or_path
+
+
+def load_base(path: str, cfg: RunConfig, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise TrainError(f"model.name_or_path: cannot load a tokenizer from {path}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                     attn_implementation=cfg.model.attn_implementation)
+    except Exception as exc:  # noqa: BLE001
+        raise TrainError(f"model.name_or_path: cannot load a causal LM from {path}: {exc}") from None
+    return tokenizer, model.to(device)
+
+
+def _target_modules(model, spec):
+    """PEFT's ``target_modules`` for ``spec``, after checking that it matches at least one Linear layer."""
+    import re
+
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if spec == "all-linear":
+        return "all-linear"
+    if isinstance(spec, list):
+        hits = [n for n in linear if n.split(".")[-1] in spec or n in spec]
+        missing = [s for s in spec if not any(n.split(".")[-1] == s or n == s for n in linear)]
+        if not hits or missing:
+            names = sorted({n.split(".")[-1] for n in linear})
+            raise ConfigError(f"lora.target_modules: {missing or spec} match no Linear layer of the model "
+                              f"(its Linear layers: {', '.join(names)})")
+        return spec
+    try:
+        rx = re.compile(spec)
+    except re.error as exc:
+        raise ConfigError(f"lora.target_modules: {spec!r} is neither all-linear nor a valid regex ({exc})") from None
+    if not any(rx.fullmatch(n) for n in linear):
+        raise ConfigError(f"lora.target_modules: regex {spec!r} matches no Linear layer of the model")
+    return spec
+
+
+def build_adapter(model, cfg: RunConfig):
+    from peft import LoraConfig, get_peft_model
+
+    l = cfg.lora
+    lcfg = LoraConfig(r=l.r, lora_alpha=l.alpha, lora_dropout=l.dropout, use_rslora=l.rslora,
+                      target_modules=_target_modules(model, l.target_modules), task_type="CAUSAL_LM")
+    model = get_peft_model(model, lcfg)
+    fused_info = {"fused": 0, "unfused": 0, "path": "peft"}
+    if l.fused:
+        try:
+            from lorafusion import patch_peft
+        except ImportError as exc:
+            logger.warning("lora.fused: lorafusion.patch_peft is unavailable (%s); running PEFT's own layers", exc)
+        else:
+            info = patch_peft(model, backend=l.backend)
+            fused_info = {"fused": len(info["fused"]), "unfused": len(info["unfused"]), "path": "lorafusion"}
+            logger.info("lora: %d LoRA Linear layers fused (%d unfused)", fused_info["fused"], fused_info["unfused"])
+    else:
+        logger.info("lora: PEFT's own LoRA layers (lora.fused=false)")
+    return model, fused_info
+
+
+# ----------------------------------------------------------------------------------------------- optimizer
+def _torch_adamw(model, cfg: RunConfig, **_):
+    o = cfg.optimizer
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr,
+                             weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps)
+
+
+def _galore(name):
+    def build(model, cfg: RunConfig, grad_accum: int = 1):
+        try:
+            import galore
+        except ImportError as exc:
+            raise TrainError(f"optimizer.name={name!r} needs the galore package: {exc}") from None
+        o, g = cfg.optimizer, cfg.optimizer.galore
+        extra = {} if name == "galore_adafactor" else {"betas": tuple(o.betas), "eps": o.eps}
+        return galore.build_optimizer(model, name, "all-linear", lr=o.lr, weight_decay=o.weight_decay,
+                                      rank=g.rank, update_proj_gap=g.update_proj_gap, scale=g.scale,
+                                      proj_type=g.proj_type, layerwise=g.layerwise, accumulation_steps=grad_accum,
+                                      max_grad_norm=(o.max_grad_norm or None) if g.layerwise else None, **extra)
+    return build
+
+
+def _adamw(model, cfg: RunConfig, grad_accum: int = 1):
+    """``adamw``: galore's plain AdamW when galore is importable (one code path for every name), else torch's."""
+    try:
+        import galore  # noqa: F401
+    except ImportError as exc:
+        if cfg.optimizer.galore.layerwise:
+            raise TrainError(f"optimizer.galore.layerwise needs the galore package: {exc}") from None
+        logger.warning("optimizer adamw: galore is not importable (%s); using torch.optim.AdamW", exc)
+        return _torch_adamw(model, cfg)
+    return _galore("adamw")(model, cfg, grad_accum)
+
+
+OPTIMIZERS = {
+    "adamw": _adamw,
+    "adamw8bit": _galore("adamw8bit"),
+    "galore_adamw": _galore("galore_adamw"),
+    "galore_adamw8bit": _galore("galore_adamw8bit"),
+    "galore_adafactor": _galore("galore_adafactor"),
+}
+
+
+def build_scheduler(optimizer, cfg: RunConfig, total_steps: int):
+    o = cfg.optimizer
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+        if o.schedule == "linear":
+            decay = 1.0 - frac
+        else:
+            decay = 0.5 * (1.0 + math.cos(math.pi * frac))
+        return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------- loss and eval
+def loss_sum(model, batch: dict, device, autocast) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the label tokens of one microbatch, and their count."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"].to(device)
+    with autocast():
+        # use_cache=False matters: transformers only derives the packed-sequence (block-diagonal) mask from
+        # position_ids when no KV cache is present (masking_utils.find_packed_sequence_indices)
+        logits = model(**inputs, use_cache=False).logits
+    tgt = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss, int((tgt != -100).sum())
+
+
+@torch.no_grad()
+def evaluate_loss(model, samples: list[Sample], micro: int, cfg: RunConfig, pad_id: int, device, autocast) -> float:
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(samples), micro):
+        batch = collate(samples[i:i + micro], pad_id, cfg.data.max_length, cfg.data.packing)
+        s, n = loss_sum(model, batch, device, autocast)
+        total += s.item()
+        count += n
+    model.train(was)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int, device, autocast,
+                batch_size: int = 64) -> float:
+    """Fraction of prompts whose greedy completion (up to EOS) equals the reference completion, both stripped."""
+    was = model.training
+    model.eval()
+    hits = 0
+    pad = tokenizer.pad_token_id
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        prompts = [tokenizer(r["prompt"])["input_ids"] for r in chunk]
+        width = max(map(len, prompts))
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, p in enumerate(prompts):  # left padding
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        with autocast():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                 eos_token_id=tokenizer.eos_token_id)
+        for j, r in enumerate(chunk):
+            gen = out[j, width:].tolist()
+            if tokenizer.eos_token_id in gen:
+                gen = gen[:gen.index(tokenizer.eos_token_id)]
+            text = tokenizer.decode(gen, skip_special_tokens=True)
+            hits += int(text.strip() == r["completion"].strip())
+    model.train(was)
+    return hits / max(len(records), 1)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+class _Stop:
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        logger.warning("%s received: finishing the current step, then checkpointing and exiting", self.signal)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _setup_logging(output_dir: str, is_main: bool) -> None:
+    root = logging.getLogger("lorafusion")
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    for h in [h for h in root.handlers if getattr(h, "_lorafusion_train", False)]:
+        root.removeHandler(h)
+        h.close()
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("[lorafusion %(levelname)s] %(message)s"))
+    h._lorafusion_train = True
+    root.addHandler(h)
+    if is_main:
+        fh = logging.FileHandler(os.path.join(output_dir, "train.log"))
+        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        fh._lorafusion_train = True
+        root.addHandler(fh)
+    root.propagate = False
+
+
+def _plot(output_dir: str, history: list[dict]) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib missing: no loss-curve PNG")
+        return None
+    tr = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="train loss", lw=1)
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / completion token)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = os.path.join(output_dir, "loss_curve.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_training(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train, checkpoint, evaluate and save the adapter; returns the summary dict (every rank)."""
+    ds = dist_utils.setup(cfg.train.distributed, cfg.train.device)
+    try:
+        return _run(cfg, resume, ds)
+    finally:
+        dist_utils.cleanup(ds)
+
+
+def _run(cfg: RunConfig, resume: bool, ds) -> dict:
+    from lorafusion.train.config import validate
+
+    t = cfg.train
+    validate(cfg, ds.world_size)  # the batch arithmetic depends on the number of processes
+    out = t.output_dir
+    if ds.is_main:
+        os.makedirs(out, exist_ok=True)
+    dist_utils.barrier(ds)
+    _setup_logging(out, ds.is_main)
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    torch.manual_seed(t.seed)
+    import random
+
+    import numpy as np
+
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+
+    latest = None
+    if resume:
+        latest = ckpt.latest(out)
+        if latest is None:
+            logger.warning("--resume: no checkpoint in %s; starting from step 0", ckpt.checkpoints_dir(out))
+    elif os.path.isdir(ckpt.checkpoints_dir(out)) and ckpt.latest(out) is not None:  # every rank: no hang
+        raise TrainError(f"train.output_dir {out} already holds checkpoints; pass --resume to continue it or "
+                         "choose another output folder")
+    if ds.is_main:
+        save_config(cfg, os.path.join(out, "config.yaml"))
+
+    model_path = resolve_model_path(cfg.model.name_or_path, ds)
+    tokenizer, base = load_base(model_path, cfg, ds.device)
+    train, evals, stats, gen_records = load_split(cfg.data, tokenizer, t.seed)
+    micro = cfg.micro_batch_samples()
+    accum = cfg.grad_accum_steps(ds.world_size)
+    G = cfg.batch.global_batch_size
+    total_steps = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * len(train) / G))
+    model, fused_info = build_adapter(base, cfg)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    logger.info("model %s: %d parameters, %d trainable (LoRA r=%d); %d train / %d eval samples; %d steps of %d "
+                "samples = %d process(es) x %d microbatches x %d samples", model_path, n_total, n_trainable,
+                cfg.lora.r, len(train), len(evals), total_steps, G, ds.world_size, accum, micro)
+
+    optimizer = OPTIMIZERS[cfg.optimizer.name](model, cfg, grad_accum=accum)
+    layerwise = cfg.optimizer.galore.layerwise  # galore steps from gradient hooks and clips itself
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    autocast = (contextlib.nullcontext if t.precision == "fp32" else
+                (lambda: torch.autocast(ds.device.type,
+                                        dtype=torch.bfloat16 if t.precision == "bf16" else torch.float16)))
+    scaler = torch.amp.GradScaler("cuda") if (t.precision == "fp16" and ds.device.type == "cuda"
+                                              and ds.kind != "deepspeed") else None
+
+    engine = None
+    peft_model = model
+    if ds.kind == "ddp":
+        model = dist_utils.wrap_ddp(model, ds)
+    elif ds.kind == "deepspeed":
+        ds_cfg = dist_utils.deepspeed_config(t.deepspeed_config, micro, accum, G, cfg.optimizer.max_grad_norm,
+                                             t.precision)
+        engine, optimizer = dist_utils.wrap_deepspeed(model, optimizer, ds_cfg)
+        model = engine
+
+    step, history, metric_before, eval_before = 0, [], None, None
+    if latest is not None:
+        state = ckpt.load(latest, peft_model, optimizer, scheduler, ds.rank, load_optimizer=engine is None)
+        if engine is not None:
+            engine.load_checkpoint(os.path.join(latest, "deepspeed"), tag="state", load_module_strict=False,
+                                   load_lr_scheduler_states=False)
+        step = state["step"]
+        metric_before, eval_before = state.get("eval_exact_match_before"), state.get("eval_loss_before")
+        logger.info("resumed from %s at step %d", latest, step)
+        if ds.is_main:
+            _truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
+            history = _read_metrics(os.path.join(out, "metrics.jsonl"))
+
+    pad_id = tokenizer.pad_token_id
+    eval_fn = (lambda: evaluate_loss(peft_model, evals, micro, cfg, pad_id, ds.device, autocast)) if evals else None
+    gen_fn = ((lambda: exact_match(peft_model, tokenizer, gen_records, t.max_new_tokens, ds.device, autocast))
+              if (gen_records and t.generate_eval) else None)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+
+    def log_metrics(rec: dict) -> None:
+        history.append(rec)
+        if ds.is_main:
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    def run_eval(at: int) -> dict:
+        rec = {"step": at}
+        if ds.is_main:
+            if eval_fn:
+                rec["eval_loss"] = eval_fn()
+            if gen_fn:
+                rec["eval_exact_match"] = gen_fn()
+        dist_utils.barrier(ds)
+        if len(rec) > 1:
+            log_metrics(rec)
+            logger.info("eval at step %d: %s", at, ", ".join(f"{k} {v:.4f}" for k, v in rec.items() if k != "step"))
+        return rec
+
+    if step == 0 and (eval_fn or gen_fn):
+        rec = run_eval(0)
+        eval_before, metric_before = rec.get("eval_loss"), rec.get("eval_exact_match")
+
+    def save_checkpoint(at: int) -> None:
+        tmp = ckpt.tmp_path(out, at)
+        if ds.is_main:
+            ckpt.begin(out, at)
+        dist_utils.barrier(ds)
+        ckpt.write_rank_files(tmp, ds.rank)
+        if engine is not None:
+            engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        if ds.is_main:
+            ckpt.write_main_files(tmp, peft_model, optimizer, scheduler,
+                                  {"step": at, "total_steps": total_steps, "world_size": ds.world_size,
+                                   "eval_exact_match_before": metric_before, "eval_loss_before": eval_before},
+                                  write_optimizer=engine is None)
+        dist_utils.barrier(ds)
+        if ds.is_main:
+            path = ckpt.commit(out, at, t.keep_checkpoints)
+            logger.info("checkpoint %s", path)
+        dist_utils.barrier(ds)
+
+    batches = StepBatches(len(train), G, micro, ds.world_size, ds.rank, t.seed)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    bar = None
+    if ds.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=os.environ.get("LORAFUSION_NO_PROGRESS") == "1")
+    debug_sleep = float(os.environ.get("LORAFUSION_DEBUG_STEP_SLEEP", "0"))  # tests: widen the window for a kill
+    tokens_done, train_time, last_loss = 0, 0.0, None
+    stopped_by = None
+    if ds.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ds.device)
+    model.train()
+    with _Stop() as stop:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            micro_idx, step_idx = batches.microbatches(step)
+            n_tokens = sum(train[i].n_loss_tokens for i in step_idx)  # label tokens of the whole step
+            # labels are shifted by one inside loss_sum; the first label of each sample is always ignored, so the
+            # count of non-ignored labels equals the count of predicted tokens
+            step_tokens = sum(len(train[i].input_ids) for i in step_idx)
+            loss_acc = 0.0
+            for k, idx in enumerate(micro_idx):
+                batch = collate([train[i] for i in idx], pad_id, cfg.data.max_length, cfg.data.packing)
+                last = k == len(micro_idx) - 1
+                sync = contextlib.nullcontext() if (ds.kind != "ddp" or (last and not layerwise)) else model.no_sync()
+                with sync:
+                    s, _ = loss_sum(model, batch, ds.device, autocast)
+                    loss = s / n_tokens * ds.world_size
+                    if engine is not None:
+                        engine.backward(loss, scale_wrt_gas=False)
+                        engine.step()
+                    elif scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                loss_acc += s.item()
+            if ds.kind != "none":
+                tot = torch.tensor([loss_acc], dtype=torch.float64)
+                torch.distributed.all_reduce(tot)
+                loss_acc = tot.item()
+            step_loss = loss_acc / n_tokens
+            grad_norm = None
+            if engine is None:
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                if cfg.optimizer.max_grad_norm > 0 and not layerwise:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optimizer.max_grad_norm))
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            lr_used = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            if debug_sleep:
+                time.sleep(debug_sleep)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            tokens_done += step_tokens
+            last_loss = step_loss
+            if step % t.log_every == 0 or step == total_steps:
+                rec = {"step": step, "loss": step_loss, "lr": lr_used,
+                       "tokens": step_tokens, "tokens_per_s": step_tokens / dt if dt else None,
+                       "epoch": batches.epoch_of(step), "time_s": dt}
+                if grad_norm is not None:
+                    rec["grad_norm"] = grad_norm
+                log_metrics(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_done / max(train_time, 1e-9):.0f}")
+            if t.eval_every and step % t.eval_every == 0 and step < total_steps:
+                run_eval(step)
+            stop_now = dist_utils.any_flag(ds, stop.signal is not None)
+            if stop_now or (t.save_every and step % t.save_every == 0) or step == total_steps:
+                save_checkpoint(step)
+            if stop_now:
+                stopped_by = stop.signal or "signal on another rank"
+                break
+    if bar is not None:
+        bar.close()
+
+    summary = {"status": "interrupted" if stopped_by else "completed", "step": step, "total_steps": total_steps,
+               "world_size": ds.world_size, "distributed": ds.kind, "device": str(ds.device),
+               "lora_path": fused_info["path"], "fused_layers": fused_info["fused"],
+               "trainable_parameters": n_trainable, "optimizer": cfg.optimizer.name, "data": stats}
+    if stopped_by:
+        summary["stopped_by"] = stopped_by
+        logger.warning("stopped by %s at step %d; continue with --resume", stopped_by, step)
+        return summary
+    final = run_eval(step) if (eval_fn or gen_fn) else {}
+    if ds.is_main:
+        adapter_dir = os.path.join(out, "adapter")
+        peft_model.save_pretrained(adapter_dir)
+        summary["adapter_dir"] = adapter_dir
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    summary.update({
+        "tokens_per_s": tokens_done * 1.0 / train_time if train_time else None,
+        "train_time_s": train_time,
+        "peak_memory_mb": peak_memory_mb(ds.device),
+        "final_train_loss": last_loss if last_loss is not None else (train_losses[-1] if train_losses else None),
+        "eval_loss_before": eval_before, "eval_loss_after": final.get("eval_loss"),
+        "eval_exact_match_before": metric_before, "eval_exact_match_after": final.get("eval_exact_match"),
+    })
+    if ds.is_main:
+        if t.plot:
+            summary["loss_curve"] = _plot(out, history)
+        with open(os.path.join(out, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=1)
+        _print_summary(summary)
+    return summary
+
+
+def _fmt(v, spec=".4f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def _print_summary(s: dict) -> None:
+    lines = [
+        "── lorafusion train: summary ──",
+        f"steps {s['step']}/{s['total_steps']} on {s['world_size']} process(es) ({s['distributed']}, {s['device']}), "
+        f"LoRA layers: {s['lora_path']} ({s['fused_layers']} fused), optimizer {s['optimizer']}",
+        f"throughput {_fmt(s['tokens_per_s'], '.0f')} tokens/s over {_fmt(s['train_time_s'], '.1f')} s; "
+        f"peak memory {_fmt(s['peak_memory_mb'], '.0f')} MiB",
+        f"final train loss {_fmt(s['final_train_loss'])}; eval loss {_fmt(s['eval_loss_before'])} -> "
+        f"{_fmt(s['eval_loss_after'])}",
+        f"eval exact match {_fmt(s['eval_exact_match_before'], '.1%')} (base) -> "
+        f"{_fmt(s['eval_exact_match_after'], '.1%')} (fine-tuned)",
+        f"adapter: {s.get('adapter_dir')}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _read_metrics(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop metric lines past the resumed step (they came from work the kill threw away)."""
+    recs = [r for r in _read_metrics(path) if r["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        for r in recs:
+            fh.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)

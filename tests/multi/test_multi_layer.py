@@ -1,0 +1,125 @@
+"""MultiLoRALinear: the layer against the reference, isolation between adapters (gradients, parameters, optimizer
+state), adding / removing adapters at run time, eval mode, reproducibility."""
+import pytest
+import torch
+from torch import nn
+
+from lorafusion.multi import MultiLoRALinear, multi_lora_reference
+
+
+def _layer(backend="reference"):
+    torch.manual_seed(0)
+    layer = MultiLoRALinear(nn.Linear(24, 20), backend=backend)
+    for name, r, p in (("a", 4, 0.1), ("b", 8, 0.0), ("c", 2, 0.3)):
+        layer.add_adapter(name, r, 2 * r, p)
+        with torch.no_grad():
+            layer.lora_B[name].normal_()
+    return layer
+
+
+def _backend():
+    from lorafusion.multi import ops
+
+    return "cpu" if ops.cpp_ops_reason() is None else "reference"
+
+
+def test_layer_matches_reference_3d_input():
+    layer = _layer(_backend())
+    seg = layer.make_segments(["a"] * 6 + [None] * 2 + ["c"] * 4 + ["a"] * 3)  # b absent
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    torch.manual_seed(11)
+    y = layer(x, segments=seg)
+    torch.manual_seed(11)  # the same seed draw
+    from lorafusion.function import draw_dropout_seed
+
+    seed = draw_dropout_seed(x.device)
+    x64 = x.detach().double()
+    ad = {n: (layer.lora_A[n].detach().double(), layer.lora_B[n].detach().double()) for n in "abc"}
+    yr = multi_lora_reference(x64, layer.base.weight.double(), layer.base.bias.double(), ad, seg, seed=seed)
+    assert y.shape == (3, 5, 20)
+    assert (y.double() - yr).norm() / yr.norm() < 1e-5
+
+
+def test_isolation_gradients_params_and_optimizer_state():
+    layer = _layer(_backend())
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(10, 24)
+    # step 1: every adapter trains once so each has optimizer state
+    layer(x, segments=layer.make_segments(["a"] * 3 + ["b"] * 4 + ["c"] * 3)).square().sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    state_before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in layer.parameters() if p in opt.state}
+    # step 2: only adapter a has rows
+    layer(x, segments=layer.make_segments(["a"] * 7 + [None] * 3)).square().sum().backward()
+    for n in ("b", "c"):
+        assert layer.lora_A[n].grad is None and layer.lora_B[n].grad is None
+    assert layer.lora_A["a"].grad.abs().sum() > 0 and layer.lora_B["a"].grad.abs().sum() > 0
+    assert layer.base.weight.grad is None
+    opt.step()  # AdamW skips params whose grad is None: their values and state stay bit-identical
+    for n in ("b", "c"):
+        for d in (layer.lora_A, layer.lora_B):
+            p = d[n]
+            assert torch.equal(p, before[f"lora_{'A' if d is layer.lora_A else 'B'}.{n}"])
+            for k, v in opt.state[p].items():
+                assert torch.equal(v, state_before[id(p)][k]), f"optimizer state {k} of {n} changed"
+    assert not torch.equal(layer.lora_A["a"], before["lora_A.a"])
+
+    # rows of b inside a batch where a has zero rows: a's gradient exactly zero / absent
+    opt.zero_grad(set_to_none=False)  # zeroed tensors, not None
+    layer(x, segments=layer.make_segments(["b"] * 10)).sum().backward()
+    assert torch.count_nonzero(layer.lora_A["a"].grad) == 0 and torch.count_nonzero(layer.lora_B["a"].grad) == 0
+    assert layer.lora_B["c"].grad is None  # never in a graph since it was cleared
+
+
+def test_add_and_remove_adapters_at_run_time():
+    layer = _layer(_backend())
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    x = torch.randn(8, 24)
+    layer(x, segments=layer.make_segments(["a", "b", "c", "a", "b", "c", "a", "b"])).sum().backward()
+    opt.step()
+    snapshot = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    mom = {n: opt.state[p]["momentum_buffer"].clone() for n, p in layer.named_parameters() if p in opt.state}
+    A_c, B_c = layer.remove_adapter("c")
+    layer.add_adapter("d", 16, 16, 0.05)
+    assert list(layer.adapter_specs) == ["a", "b", "d"]
+    for n, p in layer.named_parameters():
+        if n in snapshot:
+            assert torch.equal(p, snapshot[n])
+            if n in mom:
+                assert torch.equal(opt.state[p]["momentum_buffer"], mom[n])
+    assert "lora_A.c" not in dict(layer.named_parameters())
+    y = layer(x, segments=layer.make_segments(["d"] * 4 + ["a"] * 4))
+    y.sum().backward()
+    assert layer.lora_B["d"].grad is not None
+    # 'c' can come back under the same name
+    layer.add_adapter("c", 2, 4)
+    with pytest.raises(ValueError, match="duplicate adapter name 'c'"):
+        layer.add_adapter("c", 2, 4)
+
+
+def test_eval_disables_dropout_and_seed_reproduces():
+    layer = _layer(_backend())
+    seg = layer.make_segments(["c"] * 12)  # p = 0.3
+    x = torch.randn(12, 24)
+    torch.manual_seed(5)
+    y1 = layer(x, segments=seg)
+    torch.manual_seed(5)
+    y2 = layer(x, segments=seg)
+    y3 = layer(x, segments=seg)
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+    layer.eval()
+    e1, e2 = layer(x, segments=seg), layer(x, segments=seg)
+    assert torch.equal(e1, e2)
+    x64 = x.double()
+    ad = {"c": (layer.lora_A["c"].detach().double(), layer.lora_B["c"].detach().double())}
+    yr = multi_lora_reference(x64, layer.base.weight.double(), layer.base.bias.double(), ad, seg, training=False)
+    assert (e1.double() - yr).norm() / yr.norm() < 1e-5
+
+
+def test_rows_without_adapter_get_base_output_exactly():
+    layer = _layer("reference")
+    x = torch.randn(6, 24)
+    y = layer(x, segments=layer.make_segments([None, "a", None, "b", None, None]))
+    base = layer.base(x)
+    assert torch.equal(y[[0, 2, 4, 5]], base[[0, 2, 4, 5]])

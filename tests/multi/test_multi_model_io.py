@@ -1,0 +1,102 @@
+"""MultiLoRAModel over a small Llama-architecture transformers model, and per-adapter PEFT folders both ways."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+# peft is imported inside the tests: importing it pulls in triton, which must not happen at collection time before
+# test_multi_triton.py has set TRITON_INTERPRET=1 (on a CPU-only machine).
+
+
+def _peft():
+    return pytest.importorskip("peft")
+
+from lorafusion.multi import AdapterSegments, AdapterSpec, MultiLoRAModel, load_adapter, save_adapter  # noqa: E402
+
+
+def _base():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _randomize_B(mm, name):
+    with torch.no_grad():
+        for layer in mm.layers().values():
+            layer.lora_B[name].normal_(std=0.2)
+
+
+def test_wrap_and_per_sequence_segments():
+    base = _base()
+    mm = MultiLoRAModel(copy.deepcopy(base), target_modules="all-linear")
+    assert len(mm.layer_names) == 2 * 7 and "lm_head" not in mm.layer_names
+    mm.add_adapter("x", 4, 8, dropout=0.1)
+    mm.add_adapter("y", 8, 8)
+    _randomize_B(mm, "x")
+    ids = torch.randint(0, 64, (3, 5))
+    seg = mm.make_segments(["y", None, "x"], seq_len=5)
+    out = mm(input_ids=ids, segments=seg)
+    with torch.no_grad():
+        ref_base = base(input_ids=ids[1:2]).logits[0]
+    assert torch.allclose(out.logits[1], ref_base, atol=1e-5)  # rows without adapter: the base model
+    assert torch.allclose(out.logits[0], ref_base * 0 + base(input_ids=ids[0:1]).logits[0], atol=1e-5)  # y's B = 0
+    # the layout is not left behind on the layers
+    assert all(layer._segments is None for layer in mm.layers().values())
+    with pytest.raises(ValueError, match="another adapter set"):
+        with mm.use_segments(AdapterSegments([0] * 15, {"x": AdapterSpec(2, 8)})):
+            pass
+    out.logits.sum().backward()  # a training step reaches the present adapters only
+    lay = mm.layers()["model.layers.1.self_attn.q_proj"]
+    assert lay.lora_A["x"].grad is not None and lay.lora_B["y"].grad is not None
+
+
+def test_saved_adapter_loads_in_plain_peft(tmp_path):
+    base = _base()
+    mm = MultiLoRAModel(copy.deepcopy(base), target_modules=["q_proj", "v_proj", "down_proj"]).eval()
+    mm.add_adapter("x", 4, 8, dropout=0.05)
+    mm.add_adapter("y", 6, 3, use_rslora=True)
+    _randomize_B(mm, "x")
+    _randomize_B(mm, "y")
+    ids = torch.randint(0, 64, (2, 6))
+    with torch.no_grad():
+        ours = mm(input_ids=ids, segments=mm.make_segments(["x", "y"], seq_len=6)).logits
+    for i, name in enumerate(("x", "y")):
+        folder = str(tmp_path / name)
+        save_adapter(mm, name, folder)
+        assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+        cfg = json.load(open(os.path.join(folder, "adapter_config.json")))
+        assert cfg["r"] == mm.adapter_specs[name].r and cfg["peft_type"] == "LORA"
+        pm = _peft().PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+        with torch.no_grad():
+            theirs = pm(input_ids=ids[i:i + 1]).logits[0]
+        assert torch.allclose(ours[i], theirs, atol=1e-5), f"adapter {name}: {(ours[i] - theirs).abs().max()}"
+
+
+def test_peft_trained_adapter_loads_into_multi_model(tmp_path):
+    peft = _peft()
+    base = _base()
+    cfg = peft.LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)
+    pm.save_pretrained(str(tmp_path / "p"))
+    pm.eval()
+    mm = MultiLoRAModel(copy.deepcopy(base), target_modules="all-linear").eval()
+    mm.add_adapter("other", 8, 8)
+    load_adapter(mm, str(tmp_path / "p"), "trained")
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        ours = mm(input_ids=ids, segments=mm.make_segments(["trained", "other"], seq_len=7)).logits
+        theirs = pm(input_ids=ids[:1]).logits[0]
+    assert torch.allclose(ours[0], theirs, atol=1e-5)
+    with pytest.raises(ValueError, match="duplicate adapter name 'trained'"):
+        load_adapter(mm, str(tmp_path / "p"), "trained")
+    narrow = MultiLoRAModel(copy.deepcopy(base), target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="not wrapped"):
+        load_adapter(narrow, str(tmp_path / "p"), "trained")

@@ -1,0 +1,136 @@
+"""The plain-torch ('reference') and C++ ('cpu') multi-adapter backends against the float64 multi-adapter
+reference, which is itself checked against the single-adapter reference of lorafusion.reference."""
+import numpy as np
+import pytest
+import torch
+
+from lorafusion import reference as ref
+from lorafusion.multi import AdapterSegments, AdapterSpec, multi_lora_reference
+from lorafusion.multi.reference import philox_rows
+from multi_helpers import DISTRIBUTIONS, check_against_reference, make_specs, row_ids
+
+
+def _cpu_ops_or_skip():
+    from lorafusion.multi import ops
+
+    reason = ops.cpp_ops_reason()
+    if reason is not None:
+        pytest.skip(f"C++ multi_lora ops unavailable: {reason}")
+
+
+def test_philox_rows_matches_single_reference():
+    rows = torch.tensor([0, 5, 6, 99, 3])
+    full = ref.philox_uint32(77, 100, 13)
+    assert torch.equal(philox_rows(77, rows, 13), full[rows])
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_multi_reference_is_single_reference_per_adapter(p):
+    """Each adapter's rows of the multi reference equal the single-adapter reference over the whole batch."""
+    g = torch.Generator().manual_seed(0)
+    T, K, N = 23, 17, 11
+    sp = {"a": AdapterSpec(3, 6.0, p), "b": AdapterSpec(5, 5.0, p / 2, True)}
+    ids = [0] * 5 + [1] * 4 + [-1] * 3 + [0] * 6 + [1] * 5
+    seg = AdapterSegments(ids, sp)
+    x = torch.randn(T, K, generator=g, dtype=torch.float64)
+    W, b = torch.randn(N, K, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    ad = {n: (torch.randn(s.r, K, generator=g, dtype=torch.float64), torch.randn(N, s.r, generator=g, dtype=torch.float64))
+          for n, s in sp.items()}
+    y = multi_lora_reference(x, W, b, ad, seg, seed=9)
+    idx = torch.tensor(ids)
+    for i, (n, s) in enumerate(sp.items()):
+        single = ref.lora_linear_reference(x, W, b, *ad[n], s.scale, s.dropout, 9)
+        assert torch.allclose(y[idx == i], single[idx == i], rtol=1e-12, atol=1e-12)
+    assert torch.allclose(y[idx == -1], (x @ W.t() + b)[idx == -1])
+
+
+def _case_id(c):
+    return "-".join(str(v) for v in c)
+
+
+# heavy grid for the fast paths: every distribution x adapter count, plus token counts x dtypes
+CASES = [("cpu", torch.float32, 133, d, n) for d in DISTRIBUTIONS for n in (1, 2, 5, 16, 64)]
+CASES += [(be, dt, T, d, n) for be in ("reference", "cpu") for dt in (torch.float32, torch.float16)
+          for T in (1, 7, 133, 1000) for d, n in (("uniform", 5), ("no_adapter_rows", 16))]
+CASES += [("cpu", dt, 1000, "zipf", 64) for dt in (torch.float32, torch.float16)]
+CASES += [("reference", torch.float32, 133, d, 5) for d in DISTRIBUTIONS]
+
+
+@pytest.mark.parametrize("backend, dtype, T, dist, n", CASES, ids=[_case_id(c) for c in CASES])
+def test_backend_matches_reference(backend, dtype, T, dist, n):
+    if backend == "cpu":
+        _cpu_ops_or_skip()
+    rng = np.random.default_rng(hash((T, dist, n)) % (1 << 31))
+    K, N = 61, 45
+    specs = make_specs(n, rng, max_rank=min(K, N))
+    check_against_reference(backend, dtype, T, K, N, specs, row_ids(dist, T, n, rng), seed=int(rng.integers(1 << 40)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_ranks_1_to_256_in_one_batch(backend):
+    if backend == "cpu":
+        _cpu_ops_or_skip()
+    rng = np.random.default_rng(3)
+    specs = {f"r{r}": AdapterSpec(r, 16.0, 0.1 if r % 2 else 0.0) for r in (1, 256, 17, 64, 2)}
+    ids = row_ids("uniform", 133, len(specs), rng)
+    check_against_reference(backend, torch.float32, 133, 300, 260, specs, ids)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("variant", ["no_bias", "noncontig", "three_d", "eval"])
+def test_variants(backend, variant):
+    if backend == "cpu":
+        _cpu_ops_or_skip()
+    rng = np.random.default_rng(5)
+    specs = make_specs(4, rng, 40)
+    ids = row_ids("no_adapter_rows", 57, 4, rng)
+    check_against_reference(backend, torch.float32, 57, 50, 40, specs, ids, bias=variant != "no_bias",
+                            noncontig=variant == "noncontig", three_d=variant == "three_d",
+                            training=variant != "eval")
+
+
+def test_cpu_dropout_mask_is_reference_mask():
+    """With identity-like data the C++ shrink exposes its mask: it must be the reference's, keyed by global row."""
+    _cpu_ops_or_skip()
+    from lorafusion.multi import ops
+
+    T, K = 40, 33
+    sp = {"a": AdapterSpec(1, 1.0, 0.3), "b": AdapterSpec(1, 1.0, 0.6)}
+    ids = [1] * 7 + [0] * 20 + [-1] * 3 + [1] * 10
+    seg = AdapterSegments(ids, sp)
+    t = seg.tables("cpu")
+    x = torch.rand(T, K) + 0.5
+    seed = 0xDEADBEEF12345
+    # grad with L = 1 gives the column sums of D(X) over each adapter's rows; compare row by row via one-hot L
+    for row in (0, 8, 30, 39):
+        k, = [i for i, (r, w_off, f_off, *_rest) in enumerate(t.slot_info) if ids[row] == seg.present[i]]
+        L = torch.zeros(t.s_numel)
+        r_, w_off, f_off, scale, p, n, start, rows = t.slot_info[k]
+        L[f_off + rows.tolist().index(row)] = 1.0
+        G = ops.grad(L, x, t, seed, True, False)
+        keep = ref.dropout_keep_mask(seed, T, K, p)[row]
+        expect = torch.where(keep, x[row] / (1 - p), torch.zeros(()))
+        assert torch.allclose(G[w_off], expect, rtol=1e-6)
+
+
+def test_cpu_fake_impls_trace():
+    _cpu_ops_or_skip()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lorafusion.multi import ops
+
+    seg = AdapterSegments([0, 0, 1, -1], {"a": AdapterSpec(2, 2), "b": AdapterSpec(3, 3)})
+    t = seg.tables("cpu")
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(4, 8))
+        w = mode.from_tensor(torch.randn(5, 8))
+        tt = type("T", (), {})()
+        for name in ("seg", "slot", "slot_p", "slot_scale"):
+            setattr(tt, name, mode.from_tensor(getattr(t, name)))
+        tt.s_numel, tt.total_rank = t.s_numel, t.total_rank
+        S = ops.shrink(x, w, tt, 1, True, False)
+        assert S.shape == (t.s_numel,) and S.dtype == torch.float32
+        G = ops.grad(S, x, tt, 1, True, False)
+        assert G.shape == (5, 8)
+        dx = mode.from_tensor(torch.randn(4, 8))
+        assert ops.grad_a_expand_dx_(dx, S, x, w, tt, 1, True).shape == (5, 8)

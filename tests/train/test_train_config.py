@@ -1,0 +1,107 @@
+"""Config loading: unknown keys, wrong types and impossible values fail at once naming the key; overrides apply."""
+import pytest
+import yaml
+
+from lorafusion.train.config import ConfigError, RunConfig, load_config, parse_overrides, save_config
+
+
+def _load(tmp_path, text=None, overrides=None, world_size=1):
+    path = None
+    if text is not None:
+        path = tmp_path / "run.yaml"
+        path.write_text(text)
+    return load_config(str(path) if path else None, overrides, world_size)
+
+
+def test_defaults_are_valid(tmp_path):
+    cfg = _load(tmp_path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.model.name_or_path == "builtin:tiny-llama"
+    assert cfg.grad_accum_steps(1) * cfg.micro_batch_samples() == cfg.batch.global_batch_size
+
+
+@pytest.mark.parametrize("text,key", [
+    ("lora:\n  rank: 8\n", "lora.rank"),
+    ("optimiser:\n  lr: 0.1\n", "optimiser"),
+    ("optimizer:\n  galore:\n    rnk: 4\n", "optimizer.galore.rnk"),
+])
+def test_unknown_key_is_named(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'"):
+        _load(tmp_path, text)
+
+
+@pytest.mark.parametrize("text,key", [
+    ("lora:\n  r: eight\n", "lora.r"),
+    ("lora:\n  r: 8.5\n", "lora.r"),
+    ("optimizer:\n  lr: fast\n", "optimizer.lr"),
+    ("data:\n  packing: 3\n", "data.packing"),
+    ("train:\n  max_steps: [1]\n", "train.max_steps"),
+    ("lora: 5\n", "lora"),
+])
+def test_wrong_type_is_named(tmp_path, text, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _load(tmp_path, text)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"lora": {"r": 0}}, "lora.r"),
+    ({"optimizer": {"lr": -1e-3}}, "optimizer.lr"),
+    ({"lora": {"dropout": 1.0}}, "lora.dropout"),
+    ({"batch": {"micro_batch_size": 64, "global_batch_size": 32}}, "batch.micro_batch_size"),
+    ({"batch": {"tokens_per_microbatch": 4096, "global_batch_size": 16}, "data": {"max_length": 32}},
+     "batch.tokens_per_microbatch"),
+    ({"batch": {"micro_batch_size": 3, "global_batch_size": 32}}, "batch.global_batch_size"),
+    ({"optimizer": {"name": "sgd"}}, "optimizer.name"),
+    ({"train": {"precision": "fp8"}}, "train.precision"),
+    ({"train": {"max_steps": None, "epochs": None}}, "train.max_steps"),
+    ({"lora": {"target_modules": []}}, "lora.target_modules"),
+])
+def test_impossible_value_is_named(tmp_path, overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _load(tmp_path, overrides=overrides)
+
+
+def test_world_size_enters_the_batch_arithmetic(tmp_path):
+    ov = {"batch": {"micro_batch_size": 4, "global_batch_size": 8}}
+    assert _load(tmp_path, overrides=ov, world_size=2).grad_accum_steps(2) == 1
+    with pytest.raises(ConfigError, match="batch.global_batch_size"):
+        _load(tmp_path, overrides={"batch": {"micro_batch_size": 4, "global_batch_size": 12}}, world_size=2)
+
+
+def test_overrides_parse_yaml_scalars_and_nest():
+    ov = parse_overrides(["--lora.r", "8", "--train.max_steps=5", "--lora.target_modules", "[q_proj, v_proj]",
+                          "--data.packing", "false", "--optimizer.galore.rank", "4"])
+    assert ov == {"lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}, "train": {"max_steps": 5},
+                  "data": {"packing": False}, "optimizer": {"galore": {"rank": 4}}}
+    with pytest.raises(ConfigError, match="missing a value"):
+        parse_overrides(["--lora.r"])
+
+
+def test_file_then_overrides_and_roundtrip(tmp_path):
+    cfg = _load(tmp_path, "lora:\n  r: 4\n  alpha: 8\n", overrides={"lora": {"r": 2}})
+    assert (cfg.lora.r, cfg.lora.alpha) == (2, 8.0)
+    out = tmp_path / "resolved.yaml"
+    save_config(cfg, str(out))
+    again = load_config(str(out))
+    assert again.to_dict() == cfg.to_dict()
+    assert yaml.safe_load(out.read_text())["lora"]["r"] == 2
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_target_modules_that_match_nothing():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorafusion.train.trainer import _target_modules
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    assert _target_modules(model, ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
+    assert _target_modules(model, r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
+    with pytest.raises(ConfigError, match="lora.target_modules"):
+        _target_modules(model, ["qkv"])
+    with pytest.raises(ConfigError, match="lora.target_modules"):
+        _target_modules(model, r".*\.query")
