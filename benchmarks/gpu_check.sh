@@ -26,7 +26,7 @@ python3 -c "import lorafusion; print(lorafusion.available_backends())" | tee "$O
 
 stamp "GPU tests"
 timeout 200 python3 -m pytest -m gpu -q -x --timeout 150 -p no:cacheprovider \
-  tests/lorafusion tests/multi 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  tests/lorafusion tests/multi tests/galore 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
 
 stamp "layer benchmark (bf16)"
 timeout 150 python3 benchmarks/lora_layer.py --device cuda --out "$OUT/lora_layer.json" \

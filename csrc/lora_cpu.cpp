@@ -5,7 +5,7 @@
 // from Philox for the block, and the rank-r products. Per-thread partials of dA / dB are reduced at the end.
 // The rank-r path is accumulated in float32 (float64 for float64 input).
 //
-// Philox is vectorised by hand for AVX-512 / AVX2 (picked at load time, scalar elsewhere); element-wise products
+// Philox is vectorised by hand for AVX-512 / AVX2 (philox_simd.h, picked at load time); element-wise products
 // and dtype conversions go through ATen's own vectorised kernels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -14,114 +14,18 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
 
 #include "philox.h"
+#include "philox_simd.h"
 
 namespace lorafusion {
 namespace {
 
 using at::Tensor;
 
-// ---- Philox draws for one row segment: out[j] = draw(row, col0 + j), j < n ------------------------------------
-// x86-64 gets AVX-512 / AVX2 versions chosen at run time (the 32x32->64-bit multiply-high Philox needs is not
-// something at::vec::Vectorized offers, and GCC's auto-vectoriser turns it into 64-bit multiply emulation, 3x
-// slower); everything else falls back to the scalar definition in philox.h, which these match bit for bit.
-
-void philox_draws_scalar(uint32_t* out, int64_t n, uint32_t row, uint32_t col0, uint32_t k0, uint32_t k1) {
-  for (int64_t j = 0; j < n; ++j) out[j] = philox_first_word(col0 + static_cast<uint32_t>(j), row, k0, k1);
-}
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define LORAFUSION_X86_SIMD 1
-
-__attribute__((target("avx512f"))) inline __m512i mulhilo_avx512(__m512i a, __m512i m, __m512i* hi) {
-  const __m512i even = _mm512_mul_epu32(a, m);                         // 64-bit products of the even lanes
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // ... and of the odd lanes
-  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  return _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-}
-
-__attribute__((target("avx512f"))) void philox_draws_avx512(uint32_t* out, int64_t n, uint32_t row, uint32_t col0,
-                                                            uint32_t k0, uint32_t k1) {
-  const __m512i ma = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
-  const __m512i mb = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(col0 + static_cast<uint32_t>(j))), lane);
-    __m512i c1 = _mm512_set1_epi32(static_cast<int>(row));
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-    uint32_t key0 = k0, key1 = k1;
-#pragma GCC unroll 10
-    for (int round = 0; round < 10; ++round) {
-      __m512i hi_b, hi_a;
-      const __m512i lo_b = mulhilo_avx512(c2, mb, &hi_b);
-      const __m512i lo_a = mulhilo_avx512(c0, ma, &hi_a);
-      c0 = _mm512_ternarylogic_epi32(hi_b, c1, _mm512_set1_epi32(static_cast<int>(key0)), 0x96);  // a ^ b ^ c
-      c2 = _mm512_ternarylogic_epi32(hi_a, c3, _mm512_set1_epi32(static_cast<int>(key1)), 0x96);
-      c1 = lo_b;
-      c3 = lo_a;
-      key0 += kPhiloxKeyA;
-      key1 += kPhiloxKeyB;
-    }
-    _mm512_storeu_si512(reinterpret_cast<void*>(out + j), c0);
-  }
-  philox_draws_scalar(out + j, n - j, row, col0 + static_cast<uint32_t>(j), k0, k1);
-}
-
-__attribute__((target("avx2"))) inline __m256i mulhilo_avx2(__m256i a, __m256i m, __m256i* hi) {
-  const __m256i even = _mm256_mul_epu32(a, m);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
-  *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  return _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-}
-
-__attribute__((target("avx2"))) void philox_draws_avx2(uint32_t* out, int64_t n, uint32_t row, uint32_t col0,
-                                                       uint32_t k0, uint32_t k1) {
-  const __m256i ma = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
-  const __m256i mb = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(col0 + static_cast<uint32_t>(j))), lane);
-    __m256i c1 = _mm256_set1_epi32(static_cast<int>(row));
-    __m256i c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-    uint32_t key0 = k0, key1 = k1;
-#pragma GCC unroll 10
-    for (int round = 0; round < 10; ++round) {
-      __m256i hi_b, hi_a;
-      const __m256i lo_b = mulhilo_avx2(c2, mb, &hi_b);
-      const __m256i lo_a = mulhilo_avx2(c0, ma, &hi_a);
-      c0 = _mm256_xor_si256(_mm256_xor_si256(hi_b, c1), _mm256_set1_epi32(static_cast<int>(key0)));
-      c2 = _mm256_xor_si256(_mm256_xor_si256(hi_a, c3), _mm256_set1_epi32(static_cast<int>(key1)));
-      c1 = lo_b;
-      c3 = lo_a;
-      key0 += kPhiloxKeyA;
-      key1 += kPhiloxKeyB;
-    }
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), c0);
-  }
-  philox_draws_scalar(out + j, n - j, row, col0 + static_cast<uint32_t>(j), k0, k1);
-}
-#endif
-
-using DrawsFn = void (*)(uint32_t*, int64_t, uint32_t, uint32_t, uint32_t, uint32_t);
-
-DrawsFn pick_draws() {
-#ifdef LORAFUSION_X86_SIMD
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return &philox_draws_avx512;
-  if (__builtin_cpu_supports("avx2")) return &philox_draws_avx2;
-#endif
-  return &philox_draws_scalar;
-}
-
-const DrawsFn philox_draws = pick_draws();
-
+// Draws (philox_simd.h) are chunked at multiples of 64 columns, where the SIMD Philox writes whole blocks.
 constexpr int64_t kDrawChunk = 512;  // draws buffered on the stack, consumed while in L1
+static_assert(kDrawChunk % 64 == 0, "draw chunks must start at multiples of 64 columns");
 
 // dst[j] = keep(row, j) ? src[j] * scale : 0 for j < n. src may alias dst.
 template <typename acc_t>
@@ -175,12 +79,7 @@ void masked_product_row(acc_t* dst, const acc_t* src, const acc_t* mask, int64_t
 }
 
 void keep_row(bool* out, int64_t n, uint64_t seed, uint32_t row, uint32_t thr) {
-  uint32_t draws[kDrawChunk];
-  for (int64_t j0 = 0; j0 < n; j0 += kDrawChunk) {
-    const int64_t m = std::min(kDrawChunk, n - j0);
-    philox_draws(draws, m, row, static_cast<uint32_t>(j0), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-    for (int64_t j = 0; j < m; ++j) out[j0 + j] = draws[j] >= thr;
-  }
+  philox_keep(out, n, row, 0, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), thr);
 }
 
 struct Dropout {

@@ -19,71 +19,13 @@
 #include <vector>
 
 #include "philox.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define LORAFUSION_MULTI_X86_SIMD 1
-#endif
+#include "philox_simd.h"
 
 namespace {
 
-// ---- Philox draws of one row: out[j] = dropout_draw(seed, row, col0 + j) -------------------------------------
-// Run-time dispatch to AVX-512 / AVX2 (a 32x32->64 multiply-high per lane); the scalar philox.h definition
-// otherwise. Bit-identical to philox.h. (lora_cpu.cpp has the same routine in its anonymous namespace; a shared
-// header would let both use one copy.)
-void draws_scalar(uint32_t* out, int64_t n, uint32_t row, uint32_t col0, uint32_t k0, uint32_t k1) {
-  for (int64_t j = 0; j < n; ++j) out[j] = lorafusion::philox_first_word(col0 + static_cast<uint32_t>(j), row, k0, k1);
-}
-
-#ifdef LORAFUSION_MULTI_X86_SIMD
-__attribute__((target("avx512f"))) inline __m512i mulhilo512(__m512i a, __m512i m, __m512i* hi) {
-  const __m512i even = _mm512_mul_epu32(a, m);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-  const __m512i lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  return lo;
-}
-
-__attribute__((target("avx512f"))) void draws_avx512(uint32_t* out, int64_t n, uint32_t row, uint32_t col0,
-                                                     uint32_t k0, uint32_t k1) {
-  const __m512i ma = _mm512_set1_epi32(static_cast<int>(lorafusion::kPhiloxRoundA));
-  const __m512i mb = _mm512_set1_epi32(static_cast<int>(lorafusion::kPhiloxRoundB));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(col0 + static_cast<uint32_t>(j))), lane);
-    __m512i c1 = _mm512_set1_epi32(static_cast<int>(row));
-    __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-    uint32_t a = k0, b = k1;
-    for (int round = 0; round < 10; ++round) {
-      __m512i hi_b, hi_a;
-      const __m512i lo_b = mulhilo512(c2, mb, &hi_b);
-      const __m512i lo_a = mulhilo512(c0, ma, &hi_a);
-      c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(static_cast<int>(a)));
-      c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(static_cast<int>(b)));
-      c1 = lo_b;
-      c3 = lo_a;
-      a += lorafusion::kPhiloxKeyA;
-      b += lorafusion::kPhiloxKeyB;
-    }
-    _mm512_storeu_si512(reinterpret_cast<void*>(out + j), c0);
-  }
-  draws_scalar(out + j, n - j, row, col0 + static_cast<uint32_t>(j), k0, k1);
-}
-#endif
-
-using DrawsFn = void (*)(uint32_t*, int64_t, uint32_t, uint32_t, uint32_t, uint32_t);
-
-DrawsFn pick_draws() {
-#ifdef LORAFUSION_MULTI_X86_SIMD
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return &draws_avx512;
-#endif
-  return &draws_scalar;
-}
-
-const DrawsFn draws_row = pick_draws();
+using lorafusion::philox_draws;  // philox_simd.h: fastest with chunks starting at multiples of 64 columns
 constexpr int64_t kDrawChunk = 512;  // draws buffered on the stack, consumed while in L1
+static_assert(kDrawChunk % 64 == 0, "draw chunks must start at multiples of 64 columns");
 
 
 struct Seg {
@@ -140,7 +82,7 @@ void load_rows(float* dst, const T* src, int64_t ld, int64_t r0, int64_t r1, int
       uint32_t draws[kDrawChunk];
       for (int64_t j0 = 0; j0 < ncols; j0 += kDrawChunk) {
         const int64_t m = std::min(kDrawChunk, ncols - j0);
-        draws_row(draws, m, static_cast<uint32_t>(i), static_cast<uint32_t>(c0 + j0), static_cast<uint32_t>(seed),
+        philox_draws(draws, m, static_cast<uint32_t>(i), static_cast<uint32_t>(c0 + j0), static_cast<uint32_t>(seed),
                   static_cast<uint32_t>(seed >> 32));
         for (int64_t j = 0; j < m; ++j) {
           const float v = static_cast<float>(s[j0 + j]) * inv;  // unconditional, so the select vectorises
@@ -264,7 +206,7 @@ void multi_lora_expand_add_cpu(at::Tensor& out, const at::Tensor& l_flat_in, con
             for (int64_t j0 = 0; j0 < N; j0 += kDrawChunk) {
               const int64_t m = std::min(kDrawChunk, N - j0);
               if (drop)
-                draws_row(draws, m, static_cast<uint32_t>(i), static_cast<uint32_t>(j0), static_cast<uint32_t>(useed),
+                philox_draws(draws, m, static_cast<uint32_t>(i), static_cast<uint32_t>(j0), static_cast<uint32_t>(useed),
                           static_cast<uint32_t>(useed >> 32));
               for (int64_t j = 0; j < m; ++j) {
                 const float add = (!drop || draws[j] >= sl.threshold) ? fmul * s[j0 + j] : 0.0f;
@@ -324,7 +266,7 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
             for (int64_t j0 = 0; j0 < K; j0 += kDrawChunk) {
               const int64_t m = std::min(kDrawChunk, K - j0);
               if (drop)
-                draws_row(draws, m, static_cast<uint32_t>(i), static_cast<uint32_t>(j0), static_cast<uint32_t>(useed),
+                philox_draws(draws, m, static_cast<uint32_t>(i), static_cast<uint32_t>(j0), static_cast<uint32_t>(useed),
                           static_cast<uint32_t>(useed >> 32));
               for (int64_t j = 0; j < m; ++j) {
                 const float keep = (!drop || draws[j] >= sl.threshold) ? inv : 0.0f;

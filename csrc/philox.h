@@ -1,7 +1,9 @@
 // Philox-4x32-10 and the dropout keep-test of lorafusion/reference.py, bit for bit, on host and device.
 //
-// Element (row, col) is kept iff philox4x32_10(counter = (col, row, 0, 0), key = (seed lo, seed hi))[0] >= threshold,
-// an unsigned 32-bit comparison with threshold = min(round_half_even(p * 2^32), 2^32 - 1) (computed on the host).
+// Element (row, col) draws word w = (col >> 4) & 3 of philox4x32_10(counter = (q, row, 0, 0), key = (seed lo, seed hi))
+// with q = (col >> 6) * 16 + (col & 15), so one Philox block feeds four elements (columns 64b + 16w + l for counter
+// 16b + l), and is kept iff draw >= threshold, an unsigned 32-bit comparison with
+// threshold = min(round_half_even(p * 2^32), 2^32 - 1) (computed on the host). CPU SIMD versions: philox_simd.h.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -30,8 +32,8 @@ LORAFUSION_HD uint32_t philox_mulhilo(uint32_t a, uint32_t b, uint32_t* hi) {
 #endif
 }
 
-// First output word of Philox-4x32-10 for counter (c0, c1, 0, 0) and key (k0, k1).
-LORAFUSION_HD uint32_t philox_first_word(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1) {
+// Philox-4x32-10 of counter (c0, c1, 0, 0) under key (k0, k1): the four output words into out[0..3].
+LORAFUSION_HD void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t k0, uint32_t k1, uint32_t out[4]) {
   uint32_t c2 = 0, c3 = 0;
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -51,12 +53,25 @@ LORAFUSION_HD uint32_t philox_first_word(uint32_t c0, uint32_t c1, uint32_t k0, 
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  return c0;
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
 }
+
+// The Philox counter of column col: 16 consecutive counters serve each block of 64 columns.
+LORAFUSION_HD uint32_t dropout_counter(uint32_t col) { return ((col >> 6) << 4) | (col & 15u); }
+
+// Which of the block's four output words column col takes.
+LORAFUSION_HD uint32_t dropout_word(uint32_t col) { return (col >> 4) & 3u; }
 
 // The raw 32-bit draw for element (row, col).
 LORAFUSION_HD uint32_t dropout_draw(uint64_t seed, uint32_t row, uint32_t col) {
-  return philox_first_word(col, row, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  uint32_t w[4];
+  philox4x32_10(dropout_counter(col), row, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), w);
+  const uint32_t k = dropout_word(col);
+  // Selects rather than w[k], so the words stay in registers on the device.
+  return k == 0 ? w[0] : k == 1 ? w[1] : k == 2 ? w[2] : w[3];
 }
 
 LORAFUSION_HD bool dropout_keep(uint64_t seed, uint32_t row, uint32_t col, uint32_t threshold) {

@@ -15,10 +15,16 @@ with the counter-based generator below, so forward and backward (and every backe
 
 The dropout mask
 ----------------
-Element (row, col) of a (rows x cols) input is kept iff ``philox4x32_10(counter=(col, row, 0, 0),
-key=(seed & 0xffffffff, seed >> 32))[0] >= threshold(p)`` with ``threshold(p) = min(round(p * 2**32), 2**32 - 1)``
-as an unsigned 32-bit comparison. A kept element is scaled by ``1 / (1 - p)``. ``row`` is the flattened token index
-and ``col`` the input feature. The C++ (``csrc/philox.h``), CUDA and Triton kernels implement exactly this.
+Element (row, col) of a (rows x cols) input draws word ``w`` of one Philox-4x32-10 block:
+
+    q = (col >> 6) * 16 + (col & 15)          # 16 consecutive counters serve each block of 64 columns
+    w = (col >> 4) & 3                        # which of Philox's four output words
+    draw = philox4x32_10(counter=(q, row, 0, 0), key=(seed & 0xffffffff, seed >> 32))[w]
+
+and is kept iff ``draw >= threshold(p)`` (unsigned 32-bit), ``threshold(p) = min(round(p * 2**32), 2**32 - 1)``.
+One Philox block thus feeds four elements, and a SIMD vector of 16 counters yields 64 contiguous columns as four
+contiguous vectors. A kept element is scaled by ``1 / (1 - p)``. ``row`` is the flattened token index and ``col``
+the input feature. The C++ (``csrc/philox.h``), CUDA and Triton kernels implement exactly this.
 """
 from __future__ import annotations
 
@@ -46,12 +52,11 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi, lo
 
 
-def philox_uint32(seed: int, rows: int, cols: int, device=None) -> torch.Tensor:
-    """First Philox-4x32-10 output for counters (col, row, 0, 0) of a rows x cols grid, as int64 in [0, 2**32)."""
+def philox4x32_10(c0: torch.Tensor, c1: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    """Philox-4x32-10 of counters (c0, c1, 0, 0) (int64 tensors holding uint32) under key (seed lo, seed hi):
+    the four output words, each as int64 in [0, 2**32)."""
     seed = int(seed) & ((1 << 64) - 1)
     k0, k1 = seed & _MASK32, seed >> 32
-    c0 = torch.arange(cols, dtype=torch.int64, device=device).expand(rows, cols).clone()
-    c1 = torch.arange(rows, dtype=torch.int64, device=device)[:, None].expand(rows, cols).clone()
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     for _ in range(10):
@@ -60,7 +65,19 @@ def philox_uint32(seed: int, rows: int, cols: int, device=None) -> torch.Tensor:
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    return c0
+    return c0, c1, c2, c3
+
+
+def philox_uint32(seed: int, rows: int, cols: int, device=None, row_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The dropout draw of every element of a rows x cols grid (int64 in [0, 2**32)), per the module docstring.
+
+    ``row_ids`` (int64, length rows) names the global row index of each row when it is not ``arange(rows)``."""
+    col = torch.arange(cols, dtype=torch.int64, device=device)
+    q = ((col >> 6) * 16 + (col & 15)).expand(rows, cols)
+    row = row_ids.to(device=device, dtype=torch.int64) if row_ids is not None else torch.arange(
+        rows, dtype=torch.int64, device=device)
+    words = torch.stack(philox4x32_10(q.clone(), row[:, None].expand(rows, cols).clone(), seed))
+    return words.gather(0, ((col >> 4) & 3).expand(1, rows, cols))[0]
 
 
 def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:

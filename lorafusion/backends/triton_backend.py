@@ -303,7 +303,7 @@ def lora_expand_backward(dy2d, weight, dS, lora_A, seed: int, p: float) -> torch
 
 
 def philox_uint32(seed: int, rows: int, cols: int, device) -> torch.Tensor:
-    """The raw first Philox output per (row, col), from the Triton generator (int64; for tests)."""
+    """The raw dropout draw per (row, col), from the Triton generator (int64; for tests)."""
     out = torch.empty(rows, cols, dtype=torch.int64, device=device)
     lo, hi, _, _ = _dropout_args(seed, 0.0)
     grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 16))

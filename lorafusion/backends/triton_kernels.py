@@ -11,8 +11,8 @@ Five kernels, split at the small tensor S as in LoRAFusion:
 * ``_expand_backward_kernel`` dX = dY W + D'(dS A)           one GEMM; the masked rank-r term is the initial
                                                              accumulator, dY W is added on, dX stored once
 
-The dropout mask is ``reference.dropout_keep_mask``: Philox-4x32-10 with counter (col, row, 0, 0) and key
-(seed lo, seed hi), first output, unsigned ``>= threshold``. ``HAS_DROPOUT`` is a constexpr, so p == 0 compiles
+The dropout mask is ``reference.dropout_keep_mask``: one of the four words of Philox-4x32-10 (counter and word
+from the column, see ``reference``), key (seed lo, seed hi), unsigned ``>= threshold``. ``HAS_DROPOUT`` is a constexpr, so p == 0 compiles
 every bit of mask work out. Philox costs ~35 integer multiplies per element, about 75-100 us per pass over an
 8192 x 4096 input on an H100/H200: the GEMM epilogue does not run it on its 128 x 256 tile (register spills,
 measured +420 us) but reads the mask ``_grad_A_kernel`` just generated (32 MB write + read at 8192 x 4096; 4 MB
@@ -125,10 +125,13 @@ def _cdiv(a, b):
 
 
 @triton.jit
-def philox_first(rows, cols, seed_lo, seed_hi):
-    """First Philox-4x32-10 output (uint32) of counter (col, row, 0, 0), key (seed_lo, seed_hi), for a tile."""
+def philox_draw(rows, cols, seed_lo, seed_hi):
+    """The dropout draw (uint32) of every (row, col) of a tile, per ``lorafusion.reference``: word
+    ``(col >> 4) & 3`` of Philox-4x32-10 with counter ``((col >> 6) * 16 + (col & 15), row, 0, 0)`` and key
+    (seed_lo, seed_hi). Computed per element here (a tile's four words could serve four columns each)."""
     zero = tl.full([rows.shape[0], cols.shape[0]], 0, tl.uint32)
-    c0 = zero + cols.to(tl.uint32)[None, :]
+    ucols = cols.to(tl.uint32)
+    c0 = zero + ((ucols >> 6) * 16 + (ucols & 15))[None, :]
     c1 = zero + rows.to(tl.uint32)[:, None]
     c2 = zero
     c3 = zero
@@ -143,21 +146,22 @@ def philox_first(rows, cols, seed_lo, seed_hi):
         c3 = _c0 * _PHILOX_ROUND_A
         k0 = k0 + _PHILOX_KEY_A
         k1 = k1 + _PHILOX_KEY_B
-    return c0
+    word = ((ucols >> 4) & 3)[None, :]
+    return tl.where(word == 0, c0, tl.where(word == 1, c1, tl.where(word == 2, c2, c3)))
 
 
 @triton.jit
 def philox_keep(rows, cols, seed_lo, seed_hi, threshold):
-    """Dropout keep mask of a tile: ``philox_first >= threshold`` compared as unsigned 32-bit."""
-    return philox_first(rows, cols, seed_lo, seed_hi) >= threshold.to(tl.uint32, bitcast=True)
+    """Dropout keep mask of a tile: ``philox_draw >= threshold`` compared as unsigned 32-bit."""
+    return philox_draw(rows, cols, seed_lo, seed_hi) >= threshold.to(tl.uint32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _philox_kernel(out_ptr, rows, cols, seed_lo, seed_hi, BM: tl.constexpr, BN: tl.constexpr):
-    """Test hook: the raw first Philox output of every (row, col), as int64."""
+    """Test hook: the raw dropout draw of every (row, col), as int64."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-    bits = philox_first(offs_m, offs_n, seed_lo, seed_hi)
+    bits = philox_draw(offs_m, offs_n, seed_lo, seed_hi)
     mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
     ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * cols + offs_n[None, :]
     tl.store(ptrs, bits.to(tl.int64), mask=mask)

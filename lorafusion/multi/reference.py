@@ -17,20 +17,7 @@ from lorafusion.multi.segments import AdapterSegments
 
 def philox_rows(seed: int, rows: torch.Tensor, cols: int) -> torch.Tensor:
     """``lorafusion.reference.philox_uint32`` for an arbitrary set of global row indices (int64 in [0, 2**32))."""
-    seed = int(seed) & ((1 << 64) - 1)
-    k0, k1 = seed & ref._MASK32, seed >> 32
-    n = rows.numel()
-    c0 = torch.arange(cols, dtype=torch.int64, device=rows.device).expand(n, cols).clone()
-    c1 = rows.to(torch.int64).reshape(-1, 1).expand(n, cols).clone()
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
-    for _ in range(10):
-        hi_b, lo_b = ref._mul_hi_lo(c2, ref._PHILOX_ROUND_B)
-        hi_a, lo_a = ref._mul_hi_lo(c0, ref._PHILOX_ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + ref._PHILOX_KEY_A) & ref._MASK32
-        k1 = (k1 + ref._PHILOX_KEY_B) & ref._MASK32
-    return c0
+    return ref.philox_uint32(seed, rows.numel(), cols, rows.device, row_ids=rows.reshape(-1))
 
 
 def dropout_rows(x_rows: torch.Tensor, rows: torch.Tensor, seed: int, p: float) -> torch.Tensor:
