@@ -5,7 +5,8 @@ Variants, all with a frozen base weight and an input that needs its gradient (a 
   peft   PEFT's LoRA Linear with its defaults (nn.Dropout on the LoRA path, two nn.Linear adapters)
   eager  plain torch: F.linear(x, W, b) + s * F.linear(F.linear(dropout(x), A), B)
   fused  lorafusion.FusedLoRALinear (backend: auto, or --backend)
-Ratio = time / base time, measured in the same run. CPU: median of wall-clock repeats; GPU: triton.testing.do_bench
+Ratio = time / base time, measured in the same run. CPU: variants interleaved round by round, the median of the
+per-round ratios; GPU: triton.testing.do_bench
 (CUDA events, median). Saved memory = bytes of the tensors autograd keeps for backward, parameters excluded.
 
     python benchmarks/lora_layer.py                      # CPU shapes, fp32
@@ -99,8 +100,7 @@ def time_fn(fn, x, dy, device, reps):
         import triton.testing
 
         return triton.testing.do_bench(step, warmup=100, rep=max(reps * 20, 200), return_mode="median")
-    for _ in range(3):
-        step()
+    step()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -117,11 +117,23 @@ def run(device, dtype, shapes, ranks, p, reps, backend):
             x = torch.randn(T, fin, device=device, dtype=dtype, requires_grad=True)
             dy = torch.randn(T, fout, device=device, dtype=dtype)
             res = {}
+            if device == "cuda":
+                for name, fn in variants.items():
+                    res[name] = {"ms": time_fn(fn, x, dy, device, reps)}
+                for name in res:
+                    res[name]["ratio"] = res[name]["ms"] / res["base"]["ms"]
+            else:
+                # CPU timings drift with the machine's load: time the variants interleaved, round by round, and
+                # report the median of each round's ratio to that round's base time.
+                times = {name: [] for name in variants}
+                for _ in range(reps):
+                    for name, fn in variants.items():
+                        times[name].append(time_fn(fn, x, dy, device, 1))
+                for name in variants:
+                    ratios = [t / tb for t, tb in zip(times[name], times["base"])]
+                    res[name] = {"ms": statistics.median(times[name]), "ratio": statistics.median(ratios)}
             for name, fn in variants.items():
-                ms = time_fn(fn, x, dy, device, reps)
-                res[name] = {"ms": ms, "saved_bytes": saved_bytes(fn, x, dy, param_ptrs)}
-            for name in res:
-                res[name]["ratio"] = res[name]["ms"] / res["base"]["ms"]
+                res[name]["saved_bytes"] = saved_bytes(fn, x, dy, param_ptrs)
             rows.append({"tokens": T, "in": fin, "out": fout, "r": r, "p": p, "dtype": str(dtype).split(".")[-1],
                          "device": device, "results": res})
             line = "  ".join(f"{n} {v['ms']:8.3f} ms {v['ratio']:5.2f}x" for n, v in res.items())

@@ -65,6 +65,7 @@ def _grads(fn, x, w, b, a, bb, dy, dtype):
     (7, 33, 17, 8, 0.1, False),
     (133, 100, 300, 16, 0.1, True),
     (64, 72, 40, 16, 0.0, False),
+    (256, 72, 40, 4, 0.0, True),  # cpu backend: the merged-weight path (T >= 8 r, p == 0, fp32)
 ])
 def test_function_matches_float64(backend, dtype, T, fin, fout, r, p, bias):
     x, w, b, a, bb, dy = _make(T, fin, fout, r, dtype, bias, seed=T * 7 + r)
