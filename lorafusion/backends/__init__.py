@@ -82,7 +82,8 @@ def get_backend(device_type: str, requested: str | None = None) -> ModuleType:
 
     An explicitly requested backend that cannot run raises; 'auto' falls back loudly (one log line)."""
     name = resolve_backend_name(requested)
-    _log_once(("available",), "lorafusion: backends %s", available_backends())
+    if ("available",) not in _logged:  # once per process: which backends exist and why the others do not
+        _log_once(("available",), "lorafusion: backends %s", available_backends())
     if name != "auto":
         mod = _load(name)
         if not isinstance(mod, ModuleType):
