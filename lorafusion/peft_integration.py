@@ -61,13 +61,12 @@ class FusedPeftLoraLinear(PeftLoraLinear):
             name = self._lorafusion_name or f"LoRA Linear({self.in_features}->{self.out_features})"
             warnings.warn(f"lorafusion: layer {name} runs PEFT's unfused forward: {reason}", stacklevel=3)
 
-    def _dynamic_reason(self, x: torch.Tensor, args, kwargs) -> str | None:
+    def _dynamic_reason(self, x: torch.Tensor, args, kwargs, active: list[str]) -> str | None:
         reason = _static_reason(self)
         if reason:
             return reason
         if args or any(k != "adapter_names" for k in kwargs):
             return f"extra forward arguments {sorted(kwargs)}"
-        active = [a for a in self.active_adapters if a in self.lora_A]
         if len(active) > 1:
             return f"{len(active)} active adapters at once ({active})"
         if x.dtype != self.get_base_layer().weight.dtype:
@@ -80,7 +79,7 @@ class FusedPeftLoraLinear(PeftLoraLinear):
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active:
             return super().forward(x, *args, **kwargs)
-        reason = self._dynamic_reason(x, args, kwargs)
+        reason = self._dynamic_reason(x, args, kwargs, active)
         if reason is not None:
             self._lorafusion_warn(reason)
             return super().forward(x, *args, **kwargs)

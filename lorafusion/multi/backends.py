@@ -12,14 +12,9 @@ triton / cuda / cpu / reference; auto = fastest available), logged once per choi
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from lorafusion.backends import resolve_backend_name
-
-logger = logging.getLogger("lorafusion")
-_logged: set = set()
+from lorafusion.backends import _log_once, resolve_backend_name
 
 
 class SegmentedBackend:
@@ -100,12 +95,6 @@ def _load(name):
     return _cache[name]
 
 
-def _log_once(key, msg, *args):
-    if key not in _logged:
-        _logged.add(key)
-        logger.info(msg, *args)
-
-
 def get_multi_backend(device_type: str, requested: str | None = None, dtype: torch.dtype | None = None):
     """The multi-adapter backend for ``device_type``; an explicit request that cannot run raises."""
     name = resolve_backend_name(requested)
@@ -124,7 +113,7 @@ def get_multi_backend(device_type: str, requested: str | None = None, dtype: tor
             raise RuntimeError(f"multi-adapter backend {name!r} was requested but is unavailable: {mod}")
         if device_type not in _DEVICES[name]:
             raise RuntimeError(f"multi-adapter backend {name!r} does not run on device type {device_type!r}")
-        _log_once((device_type, name), "lorafusion.multi: %s backend on %s (requested)", name, device_type)
+        _log_once(("multi", device_type, name), "lorafusion.multi: %s backend on %s (requested)", name, device_type)
         return mod
     if dtype == torch.float64:  # the kernels accumulate in float32; float64 is the reference's job
         order = ("reference",)
@@ -135,7 +124,7 @@ def get_multi_backend(device_type: str, requested: str | None = None, dtype: tor
         mod = _load(cand)
         if not isinstance(mod, Exception) and device_type in _DEVICES[cand]:
             why = "fastest available" if not skipped else "; ".join(skipped)
-            _log_once((device_type, cand, why), "lorafusion.multi: %s backend on %s (%s)", cand, device_type, why)
+            _log_once(("multi", device_type, cand, why), "lorafusion.multi: %s backend on %s (%s)", cand, device_type, why)
             return mod
         skipped.append(f"{cand} skipped: {mod}")
     raise RuntimeError(f"no multi-adapter backend runs on {device_type!r}: {'; '.join(skipped)}")

@@ -19,9 +19,9 @@ import re
 import torch
 from torch import nn
 
-from lorafusion.layer import check_input
+from lorafusion.layer import check_input, check_lora_args
 from lorafusion.multi.function import multi_lora_linear
-from lorafusion.multi.segments import MAX_RANK, AdapterSegments, AdapterSpec
+from lorafusion.multi.segments import AdapterSegments, AdapterSpec
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -60,12 +60,8 @@ class MultiLoRALinear(nn.Module):
         check_adapter_name(name)
         if name in self.adapter_specs:
             raise ValueError(f"duplicate adapter name {name!r}: this layer already holds it")
-        if isinstance(r, bool) or not isinstance(r, int):
-            raise TypeError(f"adapter {name!r}: r must be an int, got {r!r}")
-        limit = min(self.in_features, self.out_features, MAX_RANK)
-        if not 1 <= r <= limit:
-            raise ValueError(f"adapter {name!r}: rank r={r} out of range [1, {limit}]")
-        spec = AdapterSpec(r, float(alpha), float(dropout), bool(use_rslora))
+        check_lora_args(f"MultiLoRALinear adapter {name!r}", self.in_features, self.out_features, r, alpha, dropout)
+        spec = AdapterSpec(r, float(alpha), float(dropout), bool(use_rslora))  # also bounds r by MAX_RANK
         w = self.base.weight
         dtype = dtype or w.dtype
         A = torch.empty(r, self.in_features, device=w.device, dtype=dtype)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lorafusion.reference import lora_scale
+
 MAX_RANK = 256
 
 
@@ -47,8 +49,8 @@ class AdapterSpec:
 
     @property
     def scale(self) -> float:
-        """s = alpha / r, or alpha / sqrt(r) with rsLoRA (same rule as ``lorafusion.reference.lora_scale``)."""
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        """s = alpha / r, or alpha / sqrt(r) with rsLoRA (``lorafusion.reference.lora_scale``)."""
+        return lora_scale(self.r, self.alpha, self.use_rslora)
 
 
 class SegmentTables:
