@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -39,6 +40,12 @@ def _extensions():
     cpp = _sources("cpp")
     cu = _sources("cu")
     cxx_flags = ["-O3", "-fno-trapping-math"]  # lets the masked selects vectorise (torch builds with it too)
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a header template: without -fopenmp its `omp parallel` is compiled out and every
+        # row-block loop runs on one thread. The soname resolves to the libgomp torch has already loaded.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if cu and torch.version.cuda and _nvcc_available():
         # No --use_fast_math: the rank-r path and the dropout scale must match the float64 reference closely.
@@ -46,12 +53,13 @@ def _extensions():
         print(f"lorafusion: building CUDA extension from {len(cpp)} .cpp and {len(cu)} .cu files")
         ext = CUDAExtension(
             "lorafusion._C", cpp + cu, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags,
         )
     else:
         why = "no .cu files" if not cu else ("torch is a CPU build" if not torch.version.cuda else "nvcc not found")
         print(f"lorafusion: building CPU-only extension from {len(cpp)} .cpp files ({why})")
-        ext = CppExtension("lorafusion._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("lorafusion._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
+                           extra_link_args=link_flags)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

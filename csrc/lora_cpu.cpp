@@ -5,78 +5,24 @@
 // from Philox for the block, and the rank-r products. Per-thread partials of dA / dB are reduced at the end.
 // The rank-r path is accumulated in float32 (float64 for float64 input).
 //
-// Philox is vectorised by hand for AVX-512 / AVX2 (philox_simd.h, picked at load time); element-wise products
-// and dtype conversions go through ATen's own vectorised kernels.
+// Philox is vectorised by hand for AVX-512 / AVX2 (philox_simd.h, picked at load time); the element-wise mask
+// kernels are compiled per instruction set (row_kernels.cpp); dtype conversions go through ATen's own kernels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 
 #include "philox.h"
 #include "philox_simd.h"
+#include "row_kernels.h"
 
 namespace lorafusion {
 namespace {
 
 using at::Tensor;
-
-// Draws (philox_simd.h) are chunked at multiples of 64 columns, where the SIMD Philox writes whole blocks.
-constexpr int64_t kDrawChunk = 512;  // draws buffered on the stack, consumed while in L1
-static_assert(kDrawChunk % 64 == 0, "draw chunks must start at multiples of 64 columns");
-
-// dst[j] = keep(row, j) ? src[j] * scale : 0 for j < n. src may alias dst.
-template <typename acc_t>
-void dropout_row(const acc_t* src, acc_t* dst, int64_t n, uint64_t seed, uint32_t row, uint32_t thr, acc_t scale) {
-  uint32_t draws[kDrawChunk];
-  for (int64_t j0 = 0; j0 < n; j0 += kDrawChunk) {
-    const int64_t m = std::min(kDrawChunk, n - j0);
-    philox_draws(draws, m, row, static_cast<uint32_t>(j0), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-    for (int64_t j = 0; j < m; ++j) {
-      const acc_t v = src[j0 + j] * scale;  // unconditional, so the loop vectorises
-      dst[j0 + j] = draws[j] >= thr ? v : acc_t(0);
-    }
-  }
-}
-
-// mask[j] = keep(row, j) ? scale : 0 for j < n.
-template <typename acc_t>
-void mask_row(acc_t* mask, int64_t n, uint64_t seed, uint32_t row, uint32_t thr, acc_t scale) {
-  uint32_t draws[kDrawChunk];
-  for (int64_t j0 = 0; j0 < n; j0 += kDrawChunk) {
-    const int64_t m = std::min(kDrawChunk, n - j0);
-    philox_draws(draws, m, row, static_cast<uint32_t>(j0), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-    for (int64_t j = 0; j < m; ++j) mask[j0 + j] = draws[j] >= thr ? scale : acc_t(0);
-  }
-}
-
-// dst[j] = keep ? src[j] * scale : 0 and mask[j] = keep ? scale : 0, from one set of draws. src may alias dst.
-template <typename acc_t>
-void dropout_mask_row(const acc_t* src, acc_t* dst, acc_t* mask, int64_t n, uint64_t seed, uint32_t row,
-                      uint32_t thr, acc_t scale) {
-  uint32_t draws[kDrawChunk];
-  for (int64_t j0 = 0; j0 < n; j0 += kDrawChunk) {
-    const int64_t m = std::min(kDrawChunk, n - j0);
-    philox_draws(draws, m, row, static_cast<uint32_t>(j0), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-    for (int64_t j = 0; j < m; ++j) {
-      const bool keep = draws[j] >= thr;
-      const acc_t v = src[j0 + j] * scale;
-      dst[j0 + j] = keep ? v : acc_t(0);
-      mask[j0 + j] = keep ? scale : acc_t(0);
-    }
-  }
-}
-
-// dst[j] = mask[j] != 0 ? src[j] * mask[j] : 0 (a dropped element contributes exactly nothing, even inf).
-template <typename acc_t>
-void masked_product_row(acc_t* dst, const acc_t* src, const acc_t* mask, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t v = src[j] * mask[j];
-    dst[j] = mask[j] != acc_t(0) ? v : acc_t(0);
-  }
-}
 
 void keep_row(bool* out, int64_t n, uint64_t seed, uint32_t row, uint32_t thr) {
   philox_keep(out, n, row, 0, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), thr);
@@ -96,25 +42,33 @@ Dropout make_dropout(int64_t seed, double p) {
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// A row count from the environment variable `name` (at least 16), else `fallback`; read once per name.
+int64_t rows_from_env(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  const int64_t v = env ? std::atoll(env) : 0;
+  return v > 0 ? std::max<int64_t>(v, 16) : fallback;
+}
+
+// Rows per block a worker takes: the rank-r GEMMs on a block stay efficient and every thread gets work. Tuned on a
+// 2-core Xeon (benchmarks/cpu_ops_tuning.py); override with LORAFUSION_CPU_BLOCK_ROWS.
 int64_t block_rows() {
-  // Tuned on a 2-core Xeon (benchmarks/cpu_ops_tuning.py); override with LORAFUSION_CPU_BLOCK_ROWS.
-  static const int64_t rows = [] {
-    const char* env = std::getenv("LORAFUSION_CPU_BLOCK_ROWS");
-    const int64_t v = env ? std::atoll(env) : 0;
-    return v > 0 ? std::max<int64_t>(v, 32) : int64_t(256);
-  }();
+  static const int64_t rows = rows_from_env("LORAFUSION_CPU_BLOCK_ROWS", 256);
   return rows;
 }
 
-// Rows per inner sub-block: the element-wise and rank-r work on a sub-block stays in L2 while the base GEMM runs on
-// the whole (larger) block at full speed. The standalone memory-bound ops use sub-blocks as their blocks.
-constexpr int64_t kSubRows = 64;
+// Rows per inner sub-block: the mask, the dropped rows and the rank-r products of a sub-block stay in L2. The
+// standalone memory-bound ops use sub-blocks as their blocks. Override with LORAFUSION_CPU_SUB_ROWS.
+int64_t sub_rows() {
+  static const int64_t rows = rows_from_env("LORAFUSION_CPU_SUB_ROWS", 64);
+  return rows;
+}
 
-// Runs fn(tid, row0, nrows) for every row block; tid < at::get_num_threads() indexes per-thread partials. Blocks are
-// handed out dynamically, so a thread that loses its core to another process takes fewer of them.
+// Runs fn(part, row0, nrows) for every row block. Worker `part` < at::get_num_threads() takes a fixed, contiguous run
+// of blocks in order and indexes its partials (dA, dB) with `part`, so the reductions, and every result, are the same
+// from run to run (for a given thread count) whichever OS thread runs which worker.
 template <typename F>
 void for_each_row_block(int64_t rows, const F& fn, int64_t max_block = 0) {
-  // Blocks large enough to keep the base GEMM at full speed, small enough to give every thread work.
+  // Blocks large enough to keep the GEMMs efficient, small enough to give every thread work.
   const int64_t nt = at::get_num_threads();
   const int64_t cap = max_block > 0 ? max_block : block_rows();
   const int64_t blk = std::max<int64_t>(std::min<int64_t>(cap, (rows + nt - 1) / nt), 32);
@@ -123,11 +77,15 @@ void for_each_row_block(int64_t rows, const F& fn, int64_t max_block = 0) {
     for (int64_t b = 0; b < nblk; ++b) fn(0, b * blk, std::min(blk, rows - b * blk));
     return;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(nt, nblk), 1, [&](int64_t w0, int64_t w1) {
-    const int tid = at::get_thread_num();
+  const int64_t nw = std::min(nt, nblk);
+  // Workers run ATen ops (the blocks' GEMMs): they need the caller's thread-local state, above all its dispatch
+  // key set (below autograd inside an op) and grad mode, which OpenMP threads do not inherit.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
+    const at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t w = w0; w < w1; ++w)
-      for (int64_t b = next++; b < nblk; b = next++) fn(tid, b * blk, std::min(blk, rows - b * blk));
+      for (int64_t b = w * nblk / nw; b < (w + 1) * nblk / nw; ++b)
+        fn(static_cast<int>(w), b * blk, std::min(blk, rows - b * blk));
   });
 }
 
@@ -196,6 +154,10 @@ Tensor& ensure(Tensor& buf, int64_t rows, int64_t cols, at::ScalarType dt) {
   return buf;
 }
 
+// dB (out x r) from per-thread partials of dB^T (r x out): S_blk^T dY_blk runs about twice as fast in MKL as
+// dY_blk^T S_blk (measured at 64 x 1024 x 16).
+Tensor dB_from_parts(const Tensor& dBt_parts) { return dBt_parts.sum(0).t().contiguous(); }
+
 // --------------------------------------------------------------------------------------------------------------
 // Ops
 // --------------------------------------------------------------------------------------------------------------
@@ -225,7 +187,7 @@ Tensor lora_shrink_cpu(const Tensor& x, const Tensor& A, int64_t seed, double p)
     thread_local Tensor xbuf;
     Tensor S_blk = S.narrow(0, r0, n);
     at::mm_out(S_blk, dropped_block(x, r0, n, d, ensure(xbuf, n, in, acc)), At);
-  }, kSubRows);
+  }, sub_rows());
   return S;
 }
 
@@ -242,16 +204,16 @@ std::tuple<Tensor, Tensor> lora_dy_shrink_cpu(const Tensor& dy, const Tensor& B,
   Tensor Sacc = S.to(acc);
   Tensor dS = at::empty({T, r}, dy.options().dtype(acc));
   const int nt = at::get_num_threads();
-  Tensor dB_parts = at::zeros({nt, out, r}, dy.options().dtype(acc));
-  for_each_row_block(T, [&](int tid, int64_t r0, int64_t n) {
+  Tensor dBt_parts = at::zeros({nt, r, out}, dy.options().dtype(acc));
+  for_each_row_block(T, [&](int part, int64_t r0, int64_t n) {
     thread_local Tensor ybuf;
     Tensor dy_blk = rows_in_acc(dy.narrow(0, r0, n), ensure(ybuf, n, out, acc));
     Tensor dS_blk = dS.narrow(0, r0, n);
     at::mm_out(dS_blk, dy_blk, Bacc);
     dS_blk.mul_(scale);
-    dB_parts[tid].addmm_(dy_blk.t(), Sacc.narrow(0, r0, n), 1.0, scale);
-  }, kSubRows);
-  return {dS, dB_parts.sum(0)};
+    dBt_parts[part].addmm_(Sacc.narrow(0, r0, n).t(), dy_blk, 1.0, scale);
+  }, sub_rows());
+  return {dS, dB_from_parts(dBt_parts)};
 }
 
 Tensor lora_dropout_grad_A_cpu(const Tensor& x, const Tensor& dS, int64_t seed, double p) {
@@ -264,10 +226,10 @@ Tensor lora_dropout_grad_A_cpu(const Tensor& x, const Tensor& dS, int64_t seed, 
   Tensor dSacc = dS.to(acc);
   const int nt = at::get_num_threads();
   Tensor dA_parts = at::zeros({nt, r, in}, x.options().dtype(acc));
-  for_each_row_block(T, [&](int tid, int64_t r0, int64_t n) {
+  for_each_row_block(T, [&](int part, int64_t r0, int64_t n) {
     thread_local Tensor xbuf;
-    dA_parts[tid].addmm_(dSacc.narrow(0, r0, n).t(), dropped_block(x, r0, n, d, ensure(xbuf, n, in, acc)));
-  }, kSubRows);
+    dA_parts[part].addmm_(dSacc.narrow(0, r0, n).t(), dropped_block(x, r0, n, d, ensure(xbuf, n, in, acc)));
+  }, sub_rows());
   return dA_parts.sum(0);
 }
 
@@ -297,7 +259,7 @@ void lora_dropout_expand_add_cpu(const Tensor& dx, const Tensor& dS, const Tenso
       L.mul_(M);
     }
     dx_blk.add_(L);
-  }, kSubRows);
+  }, sub_rows());
 }
 
 std::tuple<Tensor, Tensor> lora_linear_forward_cpu(const Tensor& x, const Tensor& W, const std::optional<Tensor>& b,
@@ -331,10 +293,11 @@ std::tuple<Tensor, Tensor> lora_linear_forward_cpu(const Tensor& x, const Tensor
   // One full GEMM rather than row-blocked ones: MKL packs W once (row-blocked GEMMs measured 10-25% slower).
   for_each_row_block(T, [&](int, int64_t r0, int64_t n) {
     thread_local Tensor xbuf, ybuf;
-    for (int64_t s0 = 0; s0 < n; s0 += kSubRows) {
-      const int64_t m = std::min(kSubRows, n - s0);
+    const int64_t sub = sub_rows();
+    for (int64_t s0 = 0; s0 < n; s0 += sub) {
+      const int64_t m = std::min(sub, n - s0);
       Tensor S_sub = S.narrow(0, r0 + s0, m);
-      at::mm_out(S_sub, dropped_block(x, r0 + s0, m, d, ensure(xbuf, kSubRows, in, acc)), At);
+      at::mm_out(S_sub, dropped_block(x, r0 + s0, m, d, ensure(xbuf, sub, in, acc)), At);
     }
     Tensor S_blk = S.narrow(0, r0, n);
     Tensor Y_blk = Y.narrow(0, r0, n);
@@ -372,11 +335,11 @@ std::tuple<std::optional<Tensor>, Tensor, Tensor> lora_linear_backward_cpu(
   Tensor Sacc = S.to(acc);
   const int nt = at::get_num_threads();
   Tensor dA_parts = at::zeros({nt, r, in}, x.options().dtype(acc));
-  Tensor dB_parts = at::zeros({nt, out, r}, x.options().dtype(acc));
+  Tensor dBt_parts = at::zeros({nt, r, out}, x.options().dtype(acc));
   Tensor dS = at::empty({T, r}, x.options().dtype(acc));
   Tensor dX = need_dx ? at::empty({T, in}, dy.options()) : Tensor();
   const bool dx_is_acc = dy.scalar_type() == acc;
-  for_each_row_block(T, [&](int tid, int64_t r0, int64_t n) {
+  for_each_row_block(T, [&](int part, int64_t r0, int64_t n) {
     thread_local Tensor xbuf, ybuf, mbuf, lbuf;
     // dS = s dY B and dB += s dY^T S from one read of the dY block.
     Tensor dy_raw = dy.narrow(0, r0, n);
@@ -384,42 +347,38 @@ std::tuple<std::optional<Tensor>, Tensor, Tensor> lora_linear_backward_cpu(
     Tensor dS_blk = dS.narrow(0, r0, n);
     at::mm_out(dS_blk, dy_blk, Bacc);
     dS_blk.mul_(scale);
-    dB_parts[tid].addmm_(dy_blk.t(), Sacc.narrow(0, r0, n), 1.0, scale);
+    dBt_parts[part].addmm_(Sacc.narrow(0, r0, n).t(), dy_blk, 1.0, scale);
     Tensor dX_blk = need_dx ? dX.narrow(0, r0, n) : Tensor();
     // Sub-blocks: the mask is regenerated once and serves dA and dX while the rows are in cache.
-    for (int64_t s0 = 0; s0 < n; s0 += kSubRows) {
-      const int64_t m = std::min(kSubRows, n - s0), row0 = r0 + s0;
+    const int64_t sub = sub_rows();
+    for (int64_t s0 = 0; s0 < n; s0 += sub) {
+      const int64_t m = std::min(sub, n - s0), row0 = r0 + s0;
       Tensor dS_sub = dS_blk.narrow(0, s0, m);
-      Tensor xb = ensure(xbuf, kSubRows, in, acc).narrow(0, 0, m);
+      Tensor xb = ensure(xbuf, sub, in, acc).narrow(0, 0, m);
       Tensor x_sub = rows_in_acc(x.narrow(0, row0, m), xb);
       Tensor M;
       if (d.active) {
-        M = ensure(mbuf, kSubRows, in, acc).narrow(0, 0, m);
+        M = ensure(mbuf, sub, in, acc).narrow(0, 0, m);
         AT_DISPATCH_FLOATING_TYPES(acc, "lora_linear_backward_mask", [&] {
           for (int64_t i = 0; i < m; ++i)
-            dropout_mask_row<scalar_t>(x_sub.data_ptr<scalar_t>() + i * x_sub.stride(0),
-                                       xb.data_ptr<scalar_t>() + i * in, M.data_ptr<scalar_t>() + i * in, in,
-                                       d.seed, static_cast<uint32_t>(row0 + i), d.threshold,
-                                       static_cast<scalar_t>(d.scale));
+            dropout_mask_row(x_sub.data_ptr<scalar_t>() + i * x_sub.stride(0), xb.data_ptr<scalar_t>() + i * in,
+                             M.data_ptr<scalar_t>() + i * in, in, d.seed, static_cast<uint32_t>(row0 + i),
+                             d.threshold, static_cast<scalar_t>(d.scale));
         });
         x_sub = xb;
       }
-      dA_parts[tid].addmm_(dS_sub.t(), x_sub);
+      dA_parts[part].addmm_(dS_sub.t(), x_sub);
       if (!need_dx) continue;
-      // dX_sub = D'(dS A) here; the GEMM after the loop adds dY W on top (see the forward).
+      // dX_sub = D'(dS A) here, in place when dX is in the accumulation dtype; the GEMM after the loop adds dY W on
+      // top (see the forward).
       Tensor dX_sub = dX_blk.narrow(0, s0, m);
-      if (!d.active && dx_is_acc) {
-        at::mm_out(dX_sub, dS_sub, Aacc);
-        continue;
-      }
-      Tensor L = ensure(lbuf, kSubRows, in, acc).narrow(0, 0, m);
+      Tensor L = dx_is_acc ? dX_sub : ensure(lbuf, sub, in, acc).narrow(0, 0, m);
       at::mm_out(L, dS_sub, Aacc);
       if (d.active) {
-        Tensor dst = dx_is_acc ? dX_sub : L;
         AT_DISPATCH_FLOATING_TYPES(acc, "lora_linear_backward_dx", [&] {
+          scalar_t* l = L.data_ptr<scalar_t>();
           for (int64_t i = 0; i < m; ++i)
-            masked_product_row<scalar_t>(dst.data_ptr<scalar_t>() + i * in, L.data_ptr<scalar_t>() + i * in,
-                                         M.data_ptr<scalar_t>() + i * in, in);
+            masked_product_row(l + i * L.stride(0), l + i * L.stride(0), M.data_ptr<scalar_t>() + i * in, in);
         });
       }
       if (!dx_is_acc) dX_sub.copy_(L);
@@ -430,7 +389,7 @@ std::tuple<std::optional<Tensor>, Tensor, Tensor> lora_linear_backward_cpu(
     dX.addmm_(dy, W);
     dX_opt = dX;
   }
-  return {dX_opt, dA_parts.sum(0), dB_parts.sum(0)};
+  return {dX_opt, dA_parts.sum(0), dB_from_parts(dBt_parts)};
 }
 
 }  // namespace

@@ -1,0 +1,105 @@
+// Row kernels declared in row_kernels.h. Each is a thin non-template wrapper around one inline template body, so the
+// target clones below vectorise the same code for each instruction set (GCC / Clang function multi-versioning).
+#include "row_kernels.h"
+
+#include <algorithm>
+
+#include "philox_simd.h"
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define LORAFUSION_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define LORAFUSION_CLONES
+#endif
+
+namespace lorafusion {
+namespace {
+
+// Draws are buffered per chunk on the stack and consumed while in L1; chunks start at multiples of 64 columns,
+// where philox_simd.h writes whole blocks in place.
+constexpr int64_t kDrawChunk = 512;
+static_assert(kDrawChunk % 64 == 0, "draw chunks must start at multiples of 64 columns");
+
+// Calls body(j0, m, draws) for each chunk [j0, j0 + m) of the row's n columns.
+template <typename Body>
+inline __attribute__((always_inline)) void for_each_draw_chunk(int64_t n, uint64_t seed, uint32_t row,
+                                                                const Body& body) {
+  alignas(64) uint32_t draws[kDrawChunk];
+  for (int64_t j0 = 0; j0 < n; j0 += kDrawChunk) {
+    const int64_t m = std::min(kDrawChunk, n - j0);
+    philox_draws(draws, m, row, static_cast<uint32_t>(j0), static_cast<uint32_t>(seed),
+                 static_cast<uint32_t>(seed >> 32));
+    body(j0, m, draws);
+  }
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void dropout_row_body(const T* src, T* dst, int64_t n, uint64_t seed,
+                                                            uint32_t row, uint32_t thr, T scale) {
+  for_each_draw_chunk(n, seed, row, [&](int64_t j0, int64_t m, const uint32_t* draws) {
+    const T* s = src + j0;
+    T* d = dst + j0;
+    for (int64_t j = 0; j < m; ++j) {
+      const T v = s[j] * scale;  // unconditional, so the select vectorises
+      d[j] = draws[j] >= thr ? v : T(0);
+    }
+  });
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void mask_row_body(T* mask, int64_t n, uint64_t seed, uint32_t row,
+                                                         uint32_t thr, T scale) {
+  for_each_draw_chunk(n, seed, row, [&](int64_t j0, int64_t m, const uint32_t* draws) {
+    T* d = mask + j0;
+    for (int64_t j = 0; j < m; ++j) d[j] = draws[j] >= thr ? scale : T(0);
+  });
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void dropout_mask_row_body(const T* src, T* dst, T* mask, int64_t n,
+                                                                 uint64_t seed, uint32_t row, uint32_t thr, T scale) {
+  for_each_draw_chunk(n, seed, row, [&](int64_t j0, int64_t m, const uint32_t* draws) {
+    const T* s = src + j0;
+    T* d = dst + j0;
+    T* mk = mask + j0;
+    for (int64_t j = 0; j < m; ++j) {
+      const bool keep = draws[j] >= thr;
+      const T v = s[j] * scale;
+      d[j] = keep ? v : T(0);
+      mk[j] = keep ? scale : T(0);
+    }
+  });
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void masked_product_row_body(T* dst, const T* src, const T* mask, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = src[j] * mask[j];
+    dst[j] = mask[j] != T(0) ? v : T(0);
+  }
+}
+
+}  // namespace
+
+#define LORAFUSION_ROW_KERNELS(T)                                                                                   \
+  LORAFUSION_CLONES void dropout_row(const T* src, T* dst, int64_t n, uint64_t seed, uint32_t row, uint32_t thr,    \
+                                     T scale) {                                                                     \
+    dropout_row_body(src, dst, n, seed, row, thr, scale);                                                           \
+  }                                                                                                                 \
+  LORAFUSION_CLONES void mask_row(T* mask, int64_t n, uint64_t seed, uint32_t row, uint32_t thr, T scale) {         \
+    mask_row_body(mask, n, seed, row, thr, scale);                                                                  \
+  }                                                                                                                 \
+  LORAFUSION_CLONES void dropout_mask_row(const T* src, T* dst, T* mask, int64_t n, uint64_t seed, uint32_t row,    \
+                                          uint32_t thr, T scale) {                                                  \
+    dropout_mask_row_body(src, dst, mask, n, seed, row, thr, scale);                                                \
+  }                                                                                                                 \
+  LORAFUSION_CLONES void masked_product_row(T* dst, const T* src, const T* mask, int64_t n) {                       \
+    masked_product_row_body(dst, src, mask, n);                                                                     \
+  }
+
+LORAFUSION_ROW_KERNELS(float)
+LORAFUSION_ROW_KERNELS(double)
+
+#undef LORAFUSION_ROW_KERNELS
+
+}  // namespace lorafusion

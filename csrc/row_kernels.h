@@ -1,0 +1,29 @@
+// Element-wise row kernels of the CPU ops (lora_cpu.cpp, multi_lora.cpp): the dropout mask applied to one row of
+// n columns [0, n) of global row `row`, with the Philox draws of philox_simd.h (seed = (k1 << 32) | k0,
+// keep iff draw >= thr) and scale = 1 / (1 - p). Defined in row_kernels.cpp, compiled for AVX-512, AVX2 and
+// baseline x86-64 with the best picked at load time (the extension itself is built for baseline x86-64).
+#pragma once
+#include <cstdint>
+
+namespace lorafusion {
+
+// dst[j] = keep(row, j) ? src[j] * scale : 0. src may alias dst.
+void dropout_row(const float* src, float* dst, int64_t n, uint64_t seed, uint32_t row, uint32_t thr, float scale);
+void dropout_row(const double* src, double* dst, int64_t n, uint64_t seed, uint32_t row, uint32_t thr, double scale);
+
+// mask[j] = keep(row, j) ? scale : 0.
+void mask_row(float* mask, int64_t n, uint64_t seed, uint32_t row, uint32_t thr, float scale);
+void mask_row(double* mask, int64_t n, uint64_t seed, uint32_t row, uint32_t thr, double scale);
+
+// dst[j] = keep ? src[j] * scale : 0 and mask[j] = keep ? scale : 0 from one set of draws. src may alias dst.
+void dropout_mask_row(const float* src, float* dst, float* mask, int64_t n, uint64_t seed, uint32_t row, uint32_t thr,
+                      float scale);
+void dropout_mask_row(const double* src, double* dst, double* mask, int64_t n, uint64_t seed, uint32_t row,
+                      uint32_t thr, double scale);
+
+// dst[j] = mask[j] != 0 ? src[j] * mask[j] : 0 (a dropped element contributes exactly nothing, even inf or nan).
+// src may alias dst.
+void masked_product_row(float* dst, const float* src, const float* mask, int64_t n);
+void masked_product_row(double* dst, const double* src, const double* mask, int64_t n);
+
+}  // namespace lorafusion
