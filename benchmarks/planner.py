@@ -53,7 +53,7 @@ def _row(mix: str, cap: int, seed: int, jobs, params: PlanParams, milp_time_limi
         "bubble": rc.bubble_fraction, "padding": rc.padding_fraction,
         "plan_seconds": secs, "plan_seconds_per_global_batch": secs / rounds,
         "microbatches": rc.num_microbatches, "noops": rc.num_noops,
-        "plan_meta": {k: sched.meta[k] for k in ("mode", "groups", "target_tokens", "head_ramp", "drain_fraction",
+        "plan_meta": {k: sched.meta[k] for k in ("mode", "groups", "target_tokens", "head_ramp", "drain_step",
                                                  "tail_ramp", "packing")},
         "plan": rc.to_dict(), "a": ra.to_dict(), "b": rb.to_dict(),
     }

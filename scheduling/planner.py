@@ -13,8 +13,12 @@ The algorithm (LoRAFusion's, with its free knobs searched and judged by the 1F1B
    - *stream*: every microbatch is filled to a target size ``tau <= capacity`` from the open units, oldest first,
      crossing unit boundaries (a microbatch may end one group's global batch and start another group's), so every
      microbatch but the last is full. An adapter's segment is chosen by exact subset sum to land on a padding
-     multiple (a padding token costs compute, an empty one does not). The first microbatches ramp up (``HEAD_RAMPS``)
-     and the last ones ramp down (``STREAM_TAILS``) so the pipeline fills and drains with little idle time.
+     multiple (a padding token costs compute, an empty one does not). An adapter none of whose samples fits the room
+     left is passed over for the next one (opening a ready group's unit if need be) instead of closing the
+     microbatch: under 1F1B a microbatch smaller than its neighbours saves no time (the stages wait for the larger
+     ones around it), so every token left out of the body only lengthens the run. The first microbatches ramp up
+     (``HEAD_RAMPS``) and the last ones ramp down linearly (``STREAM_TAILS``, :func:`drain_room`) so the pipeline
+     fills and drains with little idle time.
    - *units*: each unit packed on its own into ``K`` microbatches, by greedy first-fit-decreasing onto the
      least-loaded microbatch plus a move/swap local search, and by an exact MILP (HiGHS through
      ``scipy.optimize.milp``; fewest microbatches, then least ``max padded load + total padded tokens``) under a
@@ -44,11 +48,12 @@ from .simulate import CostModel, simulate
 
 log = logging.getLogger(__name__)
 
-# fill ramps (first microbatches' sizes as fractions of the target), drain fractions for the stream packer, and the
-# cuts of the last microbatch tried at the end; the simulator picks among them
+# fill ramps (first microbatches' sizes as fractions of the target) and drain ramp steps (fractions of the target a
+# microbatch shrinks by; 0: none) for the stream packer, and the cuts of the last microbatch tried at the end; the
+# simulator picks among them
 HEAD_RAMPS: tuple[tuple[float, ...], ...] = (
     (), (0.5,), (0.25, 0.5), (0.5, 0.75), (0.25, 0.5, 0.75), (0.125, 0.25, 0.5))
-STREAM_TAILS: tuple[float, ...] = (0.0, 0.35, 0.5, 0.65)
+STREAM_TAILS: tuple[float, ...] = (0.0, 0.125, 0.25, 0.35, 0.5)
 TAIL_RAMPS: tuple[tuple[float, ...], ...] = ((0.5,), (0.3,), (0.5, 0.5), (0.6, 0.5), (0.5, 0.5, 0.5))
 
 Item = tuple[str, int, int]  # (adapter, sample id, tokens)
@@ -513,11 +518,27 @@ def fill_subset(items: Sequence[tuple[int, int]], limit: int, pad: int = 1,
     return _pick(reach, items, best)
 
 
+def drain_room(left: int, target: int, step: float, pad: int) -> int:
+    """Room for the next microbatch on a linear drain ramp whose sizes fall by ``step * target`` tokens a
+    microbatch (``target - d``, ``target - 2 d``, .. down to the smallest positive one): the first size of the
+    shortest tail of the ramp that still holds the ``left`` tokens, or ``target`` while the whole ramp cannot, so
+    the ramp starts as late as possible and the last microbatches are the smallest."""
+    delta = max(pad, int(target * step))
+    held = 0
+    for size in range((target - 1) % delta + 1, target, delta):  # the ramp, smallest first
+        held += size
+        if held >= left:
+            return max(pad, size)
+    return target
+
+
 def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], target: int,
             head: Sequence[float] = (), tail: float = 0.0) -> list[Microbatch]:
     """Stream packing: fill every microbatch to ``target`` from the open (global batch, group) units, oldest first,
     opening the ready group with the most work left when they run dry; an adapter's segment is chosen by exact
-    subset sum so that it fills the room to a padding multiple. A no-op slot when nothing may run."""
+    subset sum so that it fills the room to a padding multiple, and an adapter with nothing that fits is passed
+    over for the next. ``head``: the first microbatches' sizes as fractions of ``target``; ``tail``: the drain ramp's
+    step as a fraction of ``target`` (0: none; see :func:`drain_room`). A no-op slot when nothing may run."""
     pad, S, cap = params.pad_multiple, params.stages, params.capacity
     by_id = {j.adapter: j for j in jobs}
     rounds = [max(by_id[a].num_global_batches for a in members) for members in groups]
@@ -544,22 +565,14 @@ def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], ta
         p = len(mbs)
         room = int(target * head[p]) if p < len(head) else target
         if tail:
-            # drain ramp: near the end each microbatch takes a fraction of the tokens left, so the last ones are small
-            room = min(room, max(int(sum(left) * tail), target // 8))
+            room = min(room, drain_room(sum(left), target, tail, pad))
         content: dict[str, list[tuple[int, int]]] = {}
         round_of: dict[str, int] = {}
         finished: list[list] = []
+        misfits: set[tuple[int, str]] = set()
         while True:
-            cand = None
-            for unit in active:
-                if unit in finished:
-                    continue
-                for a, its in unit[2].items():
-                    if a not in content and its:
-                        cand = (unit, a)
-                        break
-                if cand:
-                    break
+            cand = next(((unit, a) for unit in active if unit not in finished for a, its in unit[2].items()
+                         if its and a not in content and (unit[0], a) not in misfits), None)
             if cand is None:
                 opts = [k for k in range(len(groups)) if nxt[k] < rounds[k] and ready[k] <= p
                         and all(u[0] != k for u in active)]
@@ -578,7 +591,8 @@ def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], ta
             else:
                 take = fill_subset(its, limit, pad)
             if not take:
-                break
+                misfits.add((unit[0], a))  # nothing of it fits the room left: try the other adapters
+                continue
             chosen = [its[i] for i in take]
             unit[2][a] = [it for i, it in enumerate(its) if i not in set(take)]
             got = sum(t for _, t in chosen)
@@ -721,7 +735,7 @@ def plan(
     meta = {
         "planner": "grouped-staggered", "mode": mode, "seed": seed, "groups": groups, "target_tokens": tau,
         "packing": how, "unit_packers": stats, "head_ramp": list(head[0]) if mode == "stream" else [],
-        "drain_fraction": head[1] if mode == "stream" else 0.0,
+        "drain_step": head[1] if mode == "stream" else 0.0,
         "tail_ramp": list(tail),
         "cost_model": {"overhead": cost.overhead, "per_token": cost.per_token,
                        "backward_factor": cost.backward_factor, "noop": cost.noop},
