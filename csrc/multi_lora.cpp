@@ -16,10 +16,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "philox.h"
 #include "philox_simd.h"
+#include "row_kernels.h"
 
 namespace {
 
@@ -78,19 +81,46 @@ void load_rows(float* dst, const T* src, int64_t ld, int64_t r0, int64_t r1, int
     float* d = dst + (i - r0) * ncols;
     if (!drop) {
       for (int64_t j = 0; j < ncols; ++j) d[j] = static_cast<float>(s[j]);
-    } else {
-      uint32_t draws[kDrawChunk];
-      for (int64_t j0 = 0; j0 < ncols; j0 += kDrawChunk) {
-        const int64_t m = std::min(kDrawChunk, ncols - j0);
-        philox_draws(draws, m, static_cast<uint32_t>(i), static_cast<uint32_t>(c0 + j0), static_cast<uint32_t>(seed),
-                  static_cast<uint32_t>(seed >> 32));
-        for (int64_t j = 0; j < m; ++j) {
-          const float v = static_cast<float>(s[j0 + j]) * inv;  // unconditional, so the select vectorises
-          d[j0 + j] = draws[j] >= sl.threshold ? v : 0.0f;
-        }
+      continue;
+    }
+    if constexpr (std::is_same_v<T, float>) {  // the per-ISA row kernel, for rows whose columns start at 0
+      if (c0 == 0) {
+        lorafusion::dropout_row(s, d, ncols, seed, static_cast<uint32_t>(i), sl.threshold, inv);
+        continue;
+      }
+    }
+    uint32_t draws[kDrawChunk];
+    for (int64_t j0 = 0; j0 < ncols; j0 += kDrawChunk) {
+      const int64_t m = std::min(kDrawChunk, ncols - j0);
+      philox_draws(draws, m, static_cast<uint32_t>(i), static_cast<uint32_t>(c0 + j0), static_cast<uint32_t>(seed),
+                   static_cast<uint32_t>(seed >> 32));
+      for (int64_t j = 0; j < m; ++j) {
+        const float v = static_cast<float>(s[j0 + j]) * inv;  // unconditional, so the select vectorises
+        d[j0 + j] = draws[j] >= sl.threshold ? v : 0.0f;
       }
     }
   }
+}
+
+// The per-ISA row kernels (row_kernels.h) where the data is float32; false (the caller's generic loop runs) else.
+inline bool axpy_row_kernel(float* d, const float* s, int64_t n, bool drop, uint64_t seed, uint32_t row, uint32_t thr,
+                            float mul) {
+  lorafusion::masked_axpy_row(d, s, n, drop, seed, row, thr, mul);
+  return true;
+}
+template <typename T>
+inline bool axpy_row_kernel(T*, const float*, int64_t, bool, uint64_t, uint32_t, uint32_t, float) {
+  return false;
+}
+inline bool dropout_axpy_row_kernel(const float* x, float* xo, float* d, const float* t, int64_t n, bool drop,
+                                    uint64_t seed, uint32_t row, uint32_t thr, float scale, bool accumulate) {
+  lorafusion::dropout_axpy_row(x, xo, d, t, n, drop, seed, row, thr, scale, accumulate);
+  return true;
+}
+template <typename T>
+inline bool dropout_axpy_row_kernel(const T*, float*, T*, const float*, int64_t, bool, uint64_t, uint32_t, uint32_t,
+                                    float, bool) {
+  return false;
 }
 
 at::Tensor rowmajor(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -202,6 +232,7 @@ void multi_lora_expand_add_cpu(at::Tensor& out, const at::Tensor& l_flat_in, con
           for (int64_t i = b; i < e; ++i) {
             const float* s = tp + (i - r0) * N;
             scalar_t* d = op + i * ld;
+            if (axpy_row_kernel(d, s, N, drop, useed, static_cast<uint32_t>(i), sl.threshold, fmul)) continue;
             uint32_t draws[kDrawChunk];
             for (int64_t j0 = 0; j0 < N; j0 += kDrawChunk) {
               const int64_t m = std::min(kDrawChunk, N - j0);
@@ -222,11 +253,13 @@ void multi_lora_expand_add_cpu(at::Tensor& out, const at::Tensor& l_flat_in, con
 
 
 // Backward's two uses of the input-side mask in one pass (CPU): dA = dS^T D(X) and dx[rows] += D'(dS A), drawing
-// each Philox word once instead of twice. Returns dA_cat (total_rank x K, float32).
+// each Philox word once instead of twice. Returns dA_cat (total_rank x K, float32). accumulate = false stores the
+// term instead (and zeroes the rows of no adapter), so the caller's dY W GEMM can add on top of it (beta = 1)
+// instead of a separate read-modify-write pass over dX.
 at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_flat_in, const at::Tensor& x_in,
                                            const at::Tensor& a_cat_in, const at::Tensor& seg, const at::Tensor& slot,
                                            const at::Tensor& slot_p, const at::Tensor& slot_scale, int64_t total_rank,
-                                           int64_t seed, bool dropout) {
+                                           int64_t seed, bool dropout, bool accumulate) {
   check_tables(seg, slot, slot_p, slot_scale);
   TORCH_CHECK(dx.dim() == 2 && dx.stride(1) == 1 && x_in.dim() == 2 && dx.sizes() == x_in.sizes(),
               "multi_lora_grad_a_expand_dx_: dx and x must be T x K (dx with unit col stride)");
@@ -238,8 +271,19 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
   const int64_t K = x.size(1), ldx = x.stride(0), ldd = dx.stride(0);
   auto dA = at::zeros({total_rank, K}, x.options().dtype(at::kFloat));
   const uint64_t useed = static_cast<uint64_t>(seed);
-  std::vector<float> mbuf, xbuf;
+  std::vector<float> xbuf;
   constexpr int64_t kRows = 1024;  // few, large blocks: fewer parallel regions and BLAS calls
+  if (!accumulate) {  // rows outside every segment (no adapter) get no term: zero them
+    int64_t covered = 0;
+    std::vector<std::pair<int64_t, int64_t>> spans;
+    for (const Seg& sg : segs) spans.emplace_back(sg.start, sg.end);
+    std::sort(spans.begin(), spans.end());
+    for (const auto& [a, b] : spans) {
+      if (a > covered) dx.narrow(0, covered, a - covered).zero_();
+      covered = std::max(covered, b);
+    }
+    if (covered < dx.size(0)) dx.narrow(0, covered, dx.size(0) - covered).zero_();
+  }
   for (const Seg& sg : segs) {
     const Slot& sl = slots[sg.slot];
     const bool drop = dropout && sl.p > 0.f;
@@ -250,7 +294,6 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
       auto dsb = flat_block(ds, sg, sl, r0, r1);
       auto tmp = at::mm(dsb, ak);  // dS A, rows x K
       const float* tp = tmp.data_ptr<float>();
-      mbuf.resize(drop ? rows * K : 0);
       xbuf.resize(rows * K);
       const float inv = drop ? 1.0f / (1.0f - sl.p) : 1.0f;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_grad_a_expand_dx_", [&] {
@@ -263,6 +306,9 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
             scalar_t* dr = dp + i * ldd;
             float* xo = xbuf.data() + (i - r0) * K;
             const float* tr = tp + (i - r0) * K;
+            if (dropout_axpy_row_kernel(xr, xo, dr, tr, K, drop, useed, static_cast<uint32_t>(i), sl.threshold, inv,
+                                        accumulate))
+              continue;
             for (int64_t j0 = 0; j0 < K; j0 += kDrawChunk) {
               const int64_t m = std::min(kDrawChunk, K - j0);
               if (drop)
@@ -271,7 +317,8 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
               for (int64_t j = 0; j < m; ++j) {
                 const float keep = (!drop || draws[j] >= sl.threshold) ? inv : 0.0f;
                 xo[j0 + j] = static_cast<float>(xr[j0 + j]) * keep;
-                dr[j0 + j] = static_cast<scalar_t>(static_cast<float>(dr[j0 + j]) + tr[j0 + j] * keep);
+                const float prev = accumulate ? static_cast<float>(dr[j0 + j]) : 0.0f;
+                dr[j0 + j] = static_cast<scalar_t>(prev + tr[j0 + j] * keep);
               }
             }
           }
@@ -295,7 +342,8 @@ TORCH_LIBRARY_FRAGMENT(lorafusion, m) {
         "Tensor slot_p, Tensor slot_scale, int seed, bool dropout, bool scaled) -> ()");
   // CPU fusion of backward's dA = dS^T D(X) and dx += D'(dS A): one Philox draw per element instead of two
   m.def("multi_lora_grad_a_expand_dx_(Tensor(a!) dx, Tensor ds_flat, Tensor x, Tensor a_cat, Tensor seg, "
-        "Tensor slot, Tensor slot_p, Tensor slot_scale, int total_rank, int seed, bool dropout) -> Tensor");
+        "Tensor slot, Tensor slot_p, Tensor slot_scale, int total_rank, int seed, bool dropout, "
+        "bool accumulate=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lorafusion, CPU, m) {

@@ -97,6 +97,53 @@ inline __attribute__((always_inline)) void masked_product_row_body(T* dst, const
     masked_product_row_body(dst, src, mask, n);                                                                     \
   }
 
+LORAFUSION_CLONES void masked_axpy_row(float* dst, const float* src, int64_t n, bool drop, uint64_t seed,
+                                       uint32_t row, uint32_t thr, float mul) {
+  if (!drop) {
+    for (int64_t j = 0; j < n; ++j) dst[j] += mul * src[j];
+    return;
+  }
+  for_each_draw_chunk(n, seed, row, [&](int64_t j0, int64_t m, const uint32_t* draws) {
+    const float* s = src + j0;
+    float* d = dst + j0;
+    for (int64_t j = 0; j < m; ++j) {
+      const float add = mul * s[j];
+      d[j] += draws[j] >= thr ? add : 0.0f;
+    }
+  });
+}
+
+LORAFUSION_CLONES void dropout_axpy_row(const float* x, float* xo, float* d, const float* t, int64_t n, bool drop,
+                                        uint64_t seed, uint32_t row, uint32_t thr, float scale, bool accumulate) {
+  if (!drop) {
+    for (int64_t j = 0; j < n; ++j) xo[j] = x[j];
+    if (accumulate) {
+      for (int64_t j = 0; j < n; ++j) d[j] += t[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) d[j] = t[j];
+    }
+    return;
+  }
+  for_each_draw_chunk(n, seed, row, [&](int64_t j0, int64_t m, const uint32_t* draws) {
+    float* dd = d + j0;
+    for (int64_t j = 0; j < m; ++j) {
+      const float xv = x[j0 + j] * scale;
+      xo[j0 + j] = draws[j] >= thr ? xv : 0.0f;
+    }
+    if (accumulate) {
+      for (int64_t j = 0; j < m; ++j) {
+        const float tv = t[j0 + j] * scale;
+        dd[j] += draws[j] >= thr ? tv : 0.0f;
+      }
+    } else {
+      for (int64_t j = 0; j < m; ++j) {
+        const float tv = t[j0 + j] * scale;
+        dd[j] = draws[j] >= thr ? tv : 0.0f;
+      }
+    }
+  });
+}
+
 LORAFUSION_ROW_KERNELS(float)
 LORAFUSION_ROW_KERNELS(double)
 

@@ -26,4 +26,14 @@ void dropout_mask_row(const double* src, double* dst, double* mask, int64_t n, u
 void masked_product_row(float* dst, const float* src, const float* mask, int64_t n);
 void masked_product_row(double* dst, const double* src, const double* mask, int64_t n);
 
+// dst[j] += keep(row, j) ? mul * src[j] : 0 (every j kept when !drop; no draws are made then).
+void masked_axpy_row(float* dst, const float* src, int64_t n, bool drop, uint64_t seed, uint32_t row, uint32_t thr,
+                     float mul);
+
+// With k = keep(row, j) ? scale : 0 (every j kept, scale 1, when !drop): xo[j] = k != 0 ? x[j] * k : 0 and
+// d[j] (+)= k != 0 ? t[j] * k : 0 (added when accumulate, else stored), from one set of draws (backward's D(X) for
+// dA and D'(dS A) into dX).
+void dropout_axpy_row(const float* x, float* xo, float* d, const float* t, int64_t n, bool drop, uint64_t seed,
+                      uint32_t row, uint32_t thr, float scale, bool accumulate);
+
 }  // namespace lorafusion

@@ -34,8 +34,11 @@ class SegmentedBackend:
         dBt = self.prims.grad(S, dy2d, t, seed, False, True)
         fused = getattr(self.prims, "grad_a_expand_dx_", None)
         if need_dx and fused is not None and self.gemm is None and x2d.device.type == "cpu":
-            dX = dy2d @ weight  # then dA and the masked rank-r term of dX share one pass over the mask
-            return dX, fused(dX, dS, x2d, A_cat, t, seed, dropout), dBt
+            # dA and the masked rank-r term of dX share one pass over the mask; the term is stored first and the
+            # dY W GEMM adds on top of it (beta = 1), so dX is not read and written again after the GEMM.
+            dX = dy2d.new_empty((dy2d.shape[0], weight.shape[1]))
+            dA = fused(dX, dS, x2d, A_cat, t, seed, dropout, False)
+            return dX.addmm_(dy2d, weight), dA, dBt
         dA = self.prims.grad(dS, x2d, t, seed, dropout, False)
         dX = None
         if need_dx:

@@ -96,7 +96,8 @@ def _register_fakes() -> None:
     def expand_fake(out, l_flat, w_cat, seg, slot, slot_p, slot_scale, seed, dropout, scaled):
         return None
 
-    def grad_a_dx_fake(dx, ds_flat, x, a_cat, seg, slot, slot_p, slot_scale, total_rank, seed, dropout):
+    def grad_a_dx_fake(dx, ds_flat, x, a_cat, seg, slot, slot_p, slot_scale, total_rank, seed, dropout,
+                       accumulate=True):
         return x.new_empty((total_rank, x.shape[1]), dtype=torch.float32)
 
     for name, fn in (("multi_lora_shrink", shrink_fake), ("multi_lora_grad", grad_fake),
@@ -125,7 +126,8 @@ def expand_add_(out, l_flat, w_cat, t, seed, dropout, scaled):
     return out
 
 
-def grad_a_expand_dx_(dx, ds_flat, x, a_cat, t, seed, dropout):
-    """CPU: dA = dS^T D(X) and dx += D'(dS A) in one pass over the mask (returns dA_cat)."""
+def grad_a_expand_dx_(dx, ds_flat, x, a_cat, t, seed, dropout, accumulate=True):
+    """CPU: dA = dS^T D(X) and dx += D'(dS A) in one pass over the mask (returns dA_cat). ``accumulate=False``
+    stores the term instead (rows of no adapter zeroed)."""
     return torch.ops.lorafusion.multi_lora_grad_a_expand_dx_(dx, ds_flat, x, a_cat, t.seg, t.slot, t.slot_p,
-                                                             t.slot_scale, t.total_rank, seed, dropout)
+                                                             t.slot_scale, t.total_rank, seed, dropout, accumulate)

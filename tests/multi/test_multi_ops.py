@@ -134,3 +134,28 @@ def test_cpu_fake_impls_trace():
         assert G.shape == (5, 8)
         dx = mode.from_tensor(torch.randn(4, 8))
         assert ops.grad_a_expand_dx_(dx, S, x, w, tt, 1, True).shape == (5, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_grad_a_expand_dx_store_mode(dtype):
+    """accumulate=False stores D'(dS A) (the backend then adds dY W on top): rows with an adapter equal the term
+    added onto zeros, rows of no adapter are zeroed even where dx held garbage, and dA does not depend on the mode."""
+    _cpu_ops_or_skip()
+    from lorafusion.multi import ops
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    sp = {"a": AdapterSpec(3, 6.0, 0.3), "b": AdapterSpec(5, 5.0, 0.0)}
+    ids = [-1] * 3 + [0] * 40 + [-1] * 7 + [1] * 33 + [0] * 9 + [-1] * 2
+    T, K = len(ids), 70
+    t = AdapterSegments(ids, sp).tables("cpu")
+    x = torch.randn(T, K, generator=g).to(dtype)
+    A_cat = torch.randn(t.total_rank, K, generator=g)
+    dS = torch.randn(t.s_numel, generator=g)
+    added = torch.zeros(T, K, dtype=dtype)
+    dA_add = ops.grad_a_expand_dx_(added, dS, x, A_cat, t, 11, True, True)
+    stored = torch.full((T, K), float("nan"), dtype=dtype)
+    dA_store = ops.grad_a_expand_dx_(stored, dS, x, A_cat, t, 11, True, False)
+    assert torch.equal(stored, added)
+    assert torch.equal(stored[torch.tensor(ids) == -1], torch.zeros(12, K, dtype=dtype))
+    assert not torch.equal(stored[torch.tensor(ids) != -1], torch.zeros(T - 12, K, dtype=dtype))
+    assert torch.equal(dA_store, dA_add)
