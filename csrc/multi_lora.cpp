@@ -125,10 +125,25 @@ inline bool dropout_axpy_row_kernel(const T*, float*, T*, const float*, int64_t,
 
 at::Tensor rowmajor(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-// Segments are processed one after another, each with whole-segment GEMMs (torch's BLAS parallelises them); the
+// Segments are processed one after another, each with whole-chunk GEMMs (torch's BLAS parallelises them); the
 // dropout mask is applied by a parallel loop into a float32 scratch block of at most kChunk rows. Rows are capped so
-// the scratch stays small while the GEMMs stay large.
-constexpr int64_t kChunk = 1024;
+// the scratch stays in L2 while the GEMMs stay efficient.
+constexpr int64_t kChunk = 256;
+
+// Scratch kept across calls (per calling thread): a fresh multi-MB allocation is mmap'ed and page-faulted on every
+// call, which costs as much as the work on it (measured ~1 us per 4 KiB page here).
+std::vector<float>& scratch_floats(int which) {
+  thread_local std::vector<float> bufs[2];
+  return bufs[which];
+}
+
+// A (rows x cols) float32 view of a scratch tensor kept across calls, grown when too small.
+at::Tensor scratch_tensor(int which, int64_t rows, int64_t cols) {
+  thread_local at::Tensor bufs[1];
+  at::Tensor& b = bufs[which];
+  if (!b.defined() || b.numel() < rows * cols) b = at::empty({rows * cols}, at::TensorOptions().dtype(at::kFloat));
+  return b.narrow(0, 0, rows * cols).view({rows, cols});
+}
 
 // float32 (rows x ncols) block of D?(src[r0:r1, :]) (a view of src itself when no conversion or mask is needed).
 at::Tensor masked_rows(const at::Tensor& src, int64_t r0, int64_t r1, bool drop, const Slot& sl, uint64_t seed,
@@ -160,7 +175,7 @@ at::Tensor multi_lora_shrink_cpu(const at::Tensor& x_in, const at::Tensor& w_cat
   const auto segs = read_segs(seg);
   const auto slots = read_slots(slot, slot_p, slot_scale);
   auto out = at::empty({numel}, x.options().dtype(at::kFloat));
-  std::vector<float> buf;
+  std::vector<float>& buf = scratch_floats(0);
   for (const Seg& sg : segs) {
     const Slot& sl = slots[sg.slot];
     for (int64_t r0 = sg.start; r0 < sg.end; r0 += kChunk) {
@@ -186,7 +201,7 @@ at::Tensor multi_lora_grad_cpu(const at::Tensor& l_flat_in, const at::Tensor& m_
   const auto segs = read_segs(seg);
   const auto slots = read_slots(slot, slot_p, slot_scale);
   auto G = at::zeros({total_rank, m.size(1)}, m.options().dtype(at::kFloat));
-  std::vector<float> buf;
+  std::vector<float>& buf = scratch_floats(0);
   for (const Seg& sg : segs) {
     const Slot& sl = slots[sg.slot];
     auto g = G.narrow(0, sl.w_off, sl.r);
@@ -223,7 +238,8 @@ void multi_lora_expand_add_cpu(at::Tensor& out, const at::Tensor& l_flat_in, con
         out.narrow(0, r0, r1 - r0).addmm_(lb, wk, 1.0, mul);
         continue;
       }
-      auto tmp = at::mm(lb, wk);
+      at::Tensor tmp = scratch_tensor(0, r1 - r0, N);
+      at::mm_out(tmp, lb, wk);
       const float* tp = tmp.data_ptr<float>();
       const float fmul = static_cast<float>(mul);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "multi_lora_expand_add_", [&] {
@@ -271,8 +287,7 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
   const int64_t K = x.size(1), ldx = x.stride(0), ldd = dx.stride(0);
   auto dA = at::zeros({total_rank, K}, x.options().dtype(at::kFloat));
   const uint64_t useed = static_cast<uint64_t>(seed);
-  std::vector<float> xbuf;
-  constexpr int64_t kRows = 1024;  // few, large blocks: fewer parallel regions and BLAS calls
+  std::vector<float>& xbuf = scratch_floats(1);
   if (!accumulate) {  // rows outside every segment (no adapter) get no term: zero them
     int64_t covered = 0;
     std::vector<std::pair<int64_t, int64_t>> spans;
@@ -289,10 +304,11 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
     const bool drop = dropout && sl.p > 0.f;
     auto ak = a.narrow(0, sl.w_off, sl.r);
     auto dak = dA.narrow(0, sl.w_off, sl.r);
-    for (int64_t r0 = sg.start; r0 < sg.end; r0 += kRows) {
-      const int64_t r1 = std::min(r0 + kRows, sg.end), rows = r1 - r0;
+    for (int64_t r0 = sg.start; r0 < sg.end; r0 += kChunk) {
+      const int64_t r1 = std::min(r0 + kChunk, sg.end), rows = r1 - r0;
       auto dsb = flat_block(ds, sg, sl, r0, r1);
-      auto tmp = at::mm(dsb, ak);  // dS A, rows x K
+      at::Tensor tmp = scratch_tensor(0, rows, K);
+      at::mm_out(tmp, dsb, ak);  // dS A, rows x K
       const float* tp = tmp.data_ptr<float>();
       xbuf.resize(rows * K);
       const float inv = drop ? 1.0f / (1.0f - sl.p) : 1.0f;
