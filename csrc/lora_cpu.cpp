@@ -112,20 +112,7 @@ void dropout_rows(const Tensor& src, const Tensor& dst, const Dropout& d, int64_
   }
 }
 
-// mask (contiguous, n x cols) = keep ? 1 / (1 - p) : 0 for rows [row0, row0 + n).
-void mask_rows(const Tensor& mask, const Dropout& d, int64_t row0) {
-  const int64_t n = mask.size(0), cols = mask.size(1);
-  for (int64_t i = 0; i < n; ++i) {
-    if (mask.scalar_type() == at::kDouble)
-      mask_row(mask.data_ptr<double>() + i * cols, cols, d.seed, static_cast<uint32_t>(row0 + i), d.threshold,
-               d.scale);
-    else
-      mask_row(mask.data_ptr<float>() + i * cols, cols, d.seed, static_cast<uint32_t>(row0 + i), d.threshold,
-               static_cast<float>(d.scale));
-  }
-}
-
-// D(X) for the block [r0, r0 + n): xbuf / mbuf are per-thread scratch (block_rows x in, accumulation dtype).
+// D(X) for the block [r0, r0 + n): xbuf is per-thread scratch (rows x in, accumulation dtype).
 Tensor dropped_block(const Tensor& x, int64_t r0, int64_t n, const Dropout& d, const Tensor& xbuf) {
   Tensor src = rows_in_acc(x.narrow(0, r0, n), xbuf);
   if (!d.active) return src;
@@ -245,7 +232,7 @@ void lora_dropout_expand_add_cpu(const Tensor& dx, const Tensor& dS, const Tenso
   Tensor Aacc = A.to(acc).contiguous();
   Tensor dSacc = dS.to(acc);
   for_each_row_block(T, [&](int, int64_t r0, int64_t n) {
-    thread_local Tensor lbuf, mbuf;
+    thread_local Tensor lbuf;
     Tensor dx_blk = dx.narrow(0, r0, n);
     if (!d.active && dx.scalar_type() == acc) {
       dx_blk.addmm_(dSacc.narrow(0, r0, n), Aacc);
@@ -253,11 +240,7 @@ void lora_dropout_expand_add_cpu(const Tensor& dx, const Tensor& dS, const Tenso
     }
     Tensor L = ensure(lbuf, n, in, acc).narrow(0, 0, n);
     at::mm_out(L, dSacc.narrow(0, r0, n), Aacc);
-    if (d.active) {
-      Tensor M = ensure(mbuf, n, in, acc).narrow(0, 0, n);
-      mask_rows(M, d, r0);
-      L.mul_(M);
-    }
+    if (d.active) dropout_rows(L, L, d, r0);
     dx_blk.add_(L);
   }, sub_rows());
 }
@@ -340,7 +323,7 @@ std::tuple<std::optional<Tensor>, Tensor, Tensor> lora_linear_backward_cpu(
   Tensor dX = need_dx ? at::empty({T, in}, dy.options()) : Tensor();
   const bool dx_is_acc = dy.scalar_type() == acc;
   for_each_row_block(T, [&](int part, int64_t r0, int64_t n) {
-    thread_local Tensor xbuf, ybuf, mbuf, lbuf;
+    thread_local Tensor xbuf, ybuf, lbuf;
     // dS = s dY B and dB += s dY^T S from one read of the dY block.
     Tensor dy_raw = dy.narrow(0, r0, n);
     Tensor dy_blk = rows_in_acc(dy_raw, ensure(ybuf, n, out, acc));
@@ -356,32 +339,28 @@ std::tuple<std::optional<Tensor>, Tensor, Tensor> lora_linear_backward_cpu(
       Tensor dS_sub = dS_blk.narrow(0, s0, m);
       Tensor xb = ensure(xbuf, sub, in, acc).narrow(0, 0, m);
       Tensor x_sub = rows_in_acc(x.narrow(0, row0, m), xb);
-      Tensor M;
-      if (d.active) {
-        M = ensure(mbuf, sub, in, acc).narrow(0, 0, m);
+      // dX_sub = D'(dS A), in place when dX is in the accumulation dtype; the GEMM after the loop adds dY W on top
+      // (see the forward).
+      Tensor dX_sub = need_dx ? dX_blk.narrow(0, s0, m) : Tensor();
+      Tensor L = !need_dx ? Tensor() : dx_is_acc ? dX_sub : ensure(lbuf, sub, in, acc).narrow(0, 0, m);
+      if (need_dx) at::mm_out(L, dS_sub, Aacc);
+      if (d.active) {  // one set of draws masks both D(X) (into xb) and dS A (in place)
         AT_DISPATCH_FLOATING_TYPES(acc, "lora_linear_backward_mask", [&] {
-          for (int64_t i = 0; i < m; ++i)
-            dropout_mask_row(x_sub.data_ptr<scalar_t>() + i * x_sub.stride(0), xb.data_ptr<scalar_t>() + i * in,
-                             M.data_ptr<scalar_t>() + i * in, in, d.seed, static_cast<uint32_t>(row0 + i),
-                             d.threshold, static_cast<scalar_t>(d.scale));
+          const scalar_t sc = static_cast<scalar_t>(d.scale);
+          for (int64_t i = 0; i < m; ++i) {
+            const scalar_t* xs = x_sub.data_ptr<scalar_t>() + i * x_sub.stride(0);
+            scalar_t* xd = xb.data_ptr<scalar_t>() + i * in;
+            const uint32_t row = static_cast<uint32_t>(row0 + i);
+            if (need_dx)
+              dropout_pair_row(xs, xd, L.data_ptr<scalar_t>() + i * L.stride(0), in, d.seed, row, d.threshold, sc);
+            else
+              dropout_row(xs, xd, in, d.seed, row, d.threshold, sc);
+          }
         });
         x_sub = xb;
       }
       dA_parts[part].addmm_(dS_sub.t(), x_sub);
-      if (!need_dx) continue;
-      // dX_sub = D'(dS A) here, in place when dX is in the accumulation dtype; the GEMM after the loop adds dY W on
-      // top (see the forward).
-      Tensor dX_sub = dX_blk.narrow(0, s0, m);
-      Tensor L = dx_is_acc ? dX_sub : ensure(lbuf, sub, in, acc).narrow(0, 0, m);
-      at::mm_out(L, dS_sub, Aacc);
-      if (d.active) {
-        AT_DISPATCH_FLOATING_TYPES(acc, "lora_linear_backward_dx", [&] {
-          scalar_t* l = L.data_ptr<scalar_t>();
-          for (int64_t i = 0; i < m; ++i)
-            masked_product_row(l + i * L.stride(0), l + i * L.stride(0), M.data_ptr<scalar_t>() + i * in, in);
-        });
-      }
-      if (!dx_is_acc) dX_sub.copy_(L);
+      if (need_dx && !dx_is_acc) dX_sub.copy_(L);
     }
   });
   std::optional<Tensor> dX_opt;

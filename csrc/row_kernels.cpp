@@ -47,36 +47,19 @@ inline __attribute__((always_inline)) void dropout_row_body(const T* src, T* dst
 }
 
 template <typename T>
-inline __attribute__((always_inline)) void mask_row_body(T* mask, int64_t n, uint64_t seed, uint32_t row,
-                                                         uint32_t thr, T scale) {
+inline __attribute__((always_inline)) void dropout_pair_row_body(const T* x, T* xo, T* d, int64_t n, uint64_t seed,
+                                                                 uint32_t row, uint32_t thr, T scale) {
   for_each_draw_chunk(n, seed, row, [&](int64_t j0, int64_t m, const uint32_t* draws) {
-    T* d = mask + j0;
-    for (int64_t j = 0; j < m; ++j) d[j] = draws[j] >= thr ? scale : T(0);
-  });
-}
-
-template <typename T>
-inline __attribute__((always_inline)) void dropout_mask_row_body(const T* src, T* dst, T* mask, int64_t n,
-                                                                 uint64_t seed, uint32_t row, uint32_t thr, T scale) {
-  for_each_draw_chunk(n, seed, row, [&](int64_t j0, int64_t m, const uint32_t* draws) {
-    const T* s = src + j0;
-    T* d = dst + j0;
-    T* mk = mask + j0;
+    const T* xs = x + j0;
+    T* xd = xo + j0;
+    T* dd = d + j0;
     for (int64_t j = 0; j < m; ++j) {
       const bool keep = draws[j] >= thr;
-      const T v = s[j] * scale;
-      d[j] = keep ? v : T(0);
-      mk[j] = keep ? scale : T(0);
+      const T xv = xs[j] * scale, dv = dd[j] * scale;
+      xd[j] = keep ? xv : T(0);
+      dd[j] = keep ? dv : T(0);
     }
   });
-}
-
-template <typename T>
-inline __attribute__((always_inline)) void masked_product_row_body(T* dst, const T* src, const T* mask, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const T v = src[j] * mask[j];
-    dst[j] = mask[j] != T(0) ? v : T(0);
-  }
 }
 
 }  // namespace
@@ -86,15 +69,9 @@ inline __attribute__((always_inline)) void masked_product_row_body(T* dst, const
                                      T scale) {                                                                     \
     dropout_row_body(src, dst, n, seed, row, thr, scale);                                                           \
   }                                                                                                                 \
-  LORAFUSION_CLONES void mask_row(T* mask, int64_t n, uint64_t seed, uint32_t row, uint32_t thr, T scale) {         \
-    mask_row_body(mask, n, seed, row, thr, scale);                                                                  \
-  }                                                                                                                 \
-  LORAFUSION_CLONES void dropout_mask_row(const T* src, T* dst, T* mask, int64_t n, uint64_t seed, uint32_t row,    \
+  LORAFUSION_CLONES void dropout_pair_row(const T* x, T* xo, T* d, int64_t n, uint64_t seed, uint32_t row,          \
                                           uint32_t thr, T scale) {                                                  \
-    dropout_mask_row_body(src, dst, mask, n, seed, row, thr, scale);                                                \
-  }                                                                                                                 \
-  LORAFUSION_CLONES void masked_product_row(T* dst, const T* src, const T* mask, int64_t n) {                       \
-    masked_product_row_body(dst, src, mask, n);                                                                     \
+    dropout_pair_row_body(x, xo, d, n, seed, row, thr, scale);                                                      \
   }
 
 LORAFUSION_CLONES void masked_axpy_row(float* dst, const float* src, int64_t n, bool drop, uint64_t seed,

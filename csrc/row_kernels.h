@@ -11,20 +11,12 @@ namespace lorafusion {
 void dropout_row(const float* src, float* dst, int64_t n, uint64_t seed, uint32_t row, uint32_t thr, float scale);
 void dropout_row(const double* src, double* dst, int64_t n, uint64_t seed, uint32_t row, uint32_t thr, double scale);
 
-// mask[j] = keep(row, j) ? scale : 0.
-void mask_row(float* mask, int64_t n, uint64_t seed, uint32_t row, uint32_t thr, float scale);
-void mask_row(double* mask, int64_t n, uint64_t seed, uint32_t row, uint32_t thr, double scale);
-
-// dst[j] = keep ? src[j] * scale : 0 and mask[j] = keep ? scale : 0 from one set of draws. src may alias dst.
-void dropout_mask_row(const float* src, float* dst, float* mask, int64_t n, uint64_t seed, uint32_t row, uint32_t thr,
+// xo[j] = keep(row, j) ? x[j] * scale : 0 and d[j] = keep ? d[j] * scale : 0 from one set of draws (backward's D(X)
+// for dA and D'(dS A) for dX). x may alias xo.
+void dropout_pair_row(const float* x, float* xo, float* d, int64_t n, uint64_t seed, uint32_t row, uint32_t thr,
                       float scale);
-void dropout_mask_row(const double* src, double* dst, double* mask, int64_t n, uint64_t seed, uint32_t row,
-                      uint32_t thr, double scale);
-
-// dst[j] = mask[j] != 0 ? src[j] * mask[j] : 0 (a dropped element contributes exactly nothing, even inf or nan).
-// src may alias dst.
-void masked_product_row(float* dst, const float* src, const float* mask, int64_t n);
-void masked_product_row(double* dst, const double* src, const double* mask, int64_t n);
+void dropout_pair_row(const double* x, double* xo, double* d, int64_t n, uint64_t seed, uint32_t row, uint32_t thr,
+                      double scale);
 
 // dst[j] += keep(row, j) ? mul * src[j] : 0 (every j kept when !drop; no draws are made then).
 void masked_axpy_row(float* dst, const float* src, int64_t n, bool drop, uint64_t seed, uint32_t row, uint32_t thr,
