@@ -3,7 +3,11 @@
 // The math is in lorafusion/reference.py. seed is reinterpreted as uint64; S, dS, dA, dB are float32 (float64 for
 // float64 input on CPU).
 #include <Python.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <atomic>
+#include <cstdint>
 
 TORCH_LIBRARY(lorafusion, m) {
   // Boolean keep mask of D for a 2-D x (the Philox test of philox.h); for tests and debugging.
@@ -24,8 +28,22 @@ TORCH_LIBRARY(lorafusion, m) {
         " float p, bool need_dx) -> (Tensor?, Tensor, Tensor)");
 }
 
+// How many threads at::parallel_for gives the ops' row-block loops. 1 where the extension was built without OpenMP
+// (at::parallel_for is a header template: its `omp parallel` is then compiled out and every loop runs on one core);
+// the tests check it against torch.get_num_threads().
+static PyObject* parallel_threads(PyObject*, PyObject*) {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, 64, 1, [&](int64_t, int64_t) { seen |= uint64_t(1) << (at::get_thread_num() & 63); });
+  return PyLong_FromLong(__builtin_popcountll(seen.load()));
+}
+
+static PyMethodDef lorafusion_methods[] = {
+    {"parallel_threads", parallel_threads, METH_NOARGS, "threads at::parallel_for uses in the extension's loops"},
+    {nullptr, nullptr, 0, nullptr}};
+
 // A plain CPython module so `import lorafusion._C` loads the library (and runs the registrations above) without
 // compiling pybind11.
-static struct PyModuleDef lorafusion_module = {PyModuleDef_HEAD_INIT, "_C", "lorafusion custom ops", -1, nullptr};
+static struct PyModuleDef lorafusion_module = {PyModuleDef_HEAD_INIT, "_C", "lorafusion custom ops", -1,
+                                               lorafusion_methods};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&lorafusion_module); }

@@ -4,6 +4,8 @@ input, ranks 1-64, p = 0 and p > 0, bias and no bias; the dropout mask bit for b
 torch.compile."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -238,6 +240,44 @@ def test_composite_same_seed_same_result():
     y2, s2 = ops.lora_linear_forward(x, W, b, A, B, 1.0, 5, 0.2)
     y3, _ = ops.lora_linear_forward(x, W, b, A, B, 1.0, 6, 0.2)
     assert torch.equal(y1, y2) and torch.equal(s1, s2) and not torch.equal(y1, y3)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="-fopenmp is added on Linux builds only")
+def test_extension_loops_run_on_every_thread():
+    """The row-block loops get every intra-op thread: a build without -fopenmp compiles at::parallel_for's
+    `omp parallel` out and silently runs them on one core."""
+    import lorafusion._C as C
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch runs one intra-op thread here")
+    assert C.parallel_threads() == min(torch.get_num_threads(), 64)
+
+
+def test_composite_ops_threaded_with_grad_inputs_and_reproducible():
+    """Workers see the caller's thread-local state: called as autograd.Function.forward calls them (grad mode off,
+    adapters that require grad), the ops' GEMMs in OpenMP threads, where grad mode is on by default, must not reach
+    autograd. dA / dB are bit-for-bit the same from call to call (fixed block-to-partial assignment), and within
+    float32 rounding of a one-thread run."""
+    x, W, b, A, B, dy = make(1000, 96, 80, 8, torch.float32)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    seed = int(torch.randint(0, 2**62, ()))
+    with torch.no_grad():
+        Y, S = ops.lora_linear_forward(x, W, b, A, B, 2.0, seed, 0.2)
+        runs = [ops.lora_linear_backward(dy, x, W, A, B, S, 2.0, seed, 0.2, True) for _ in range(3)]
+    for dX, dA, dB in runs[1:]:
+        assert torch.equal(dX, runs[0][0]) and torch.equal(dA, runs[0][1]) and torch.equal(dB, runs[0][2])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            Y1, S1 = ops.lora_linear_forward(x, W, b, A, B, 2.0, seed, 0.2)
+            one = ops.lora_linear_backward(dy, x, W, A, B, S1, 2.0, seed, 0.2, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(Y1, Y, rtol=1e-5, atol=1e-5)
+    for got, want in zip(one, runs[0]):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_cpu_backend_matches_reference_backend():
