@@ -54,7 +54,7 @@ def backward(dy2d, x2d, weight, lora_A, lora_B, S, scale, seed, p, need_dx):
     if _use_merged(x2d, lora_A, p):
         dX = dy2d @ _merged_weight(weight, lora_A, lora_B, scale) if need_dx else None
         dS = (dy2d @ lora_B.to(dy2d.dtype)).mul_(scale)
-        dB = (dy2d.t() @ S).mul_(scale)
+        dB = (S.t() @ dy2d).mul_(scale).t()  # S^T dY runs about twice as fast in MKL as dY^T S
         dA = dS.t() @ x2d
         return dX, dA, dB
     return torch.ops.lorafusion.lora_linear_backward(dy2d, x2d, weight, lora_A, lora_B, S, float(scale),
