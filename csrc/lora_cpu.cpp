@@ -1,9 +1,10 @@
 // CPU kernels of the lorafusion ops (schemas in ops.cpp, math in lorafusion/reference.py).
 //
-// Design: at::parallel_for over blocks of rows (tokens). Each block does all of its work while its rows are in cache:
-// the base GEMM on the block (at::mm runs single-threaded inside the parallel region), the dropout mask regenerated
-// from Philox for the block, and the rank-r products. Per-thread partials of dA / dB are reduced at the end.
-// The rank-r path is accumulated in float32 (float64 for float64 input).
+// Design: at::parallel_for over blocks of rows (tokens). Each block does its rank-r work while its rows are in cache:
+// the dropout mask regenerated from Philox, the rank-r products (at::mm runs single-threaded inside the parallel
+// region), the term written into Y / dX; then one full GEMM over all rows adds X W^T / dY W on top (beta = 1).
+// Per-worker partials of dA / dB are reduced at the end. The rank-r path is accumulated in float32 (float64 for
+// float64 input). The extension must be built with -fopenmp (setup.py), or every loop here runs on one thread.
 //
 // Philox is vectorised by hand for AVX-512 / AVX2 (philox_simd.h, picked at load time); the element-wise mask
 // kernels are compiled per instruction set (row_kernels.cpp); dtype conversions go through ATen's own kernels.
