@@ -85,7 +85,8 @@ def run(seeds: list[int], capacities: list[int], milp_time_limit: float) -> list
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4],
+                    help="seeds of the synthetic mixes (none: skip them)")
     ap.add_argument("--jobs", help="also plan this jobs file (e.g. lengths from a local JSONL dataset) as an extra mix")
     ap.add_argument("--capacities", type=int, nargs="+", default=[4096, 8192])
     ap.add_argument("--milp-time-limit", type=float, default=0.3)

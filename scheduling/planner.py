@@ -18,7 +18,9 @@ The algorithm (LoRAFusion's, with its free knobs searched and judged by the 1F1B
      microbatch: under 1F1B a microbatch smaller than its neighbours saves no time (the stages wait for the larger
      ones around it), so every token left out of the body only lengthens the run. The first microbatches ramp up
      (``HEAD_RAMPS``) and the last ones ramp down linearly (``STREAM_TAILS``, :func:`drain_room`) so the pipeline
-     fills and drains with little idle time.
+     fills and drains with little idle time. A second variant fills each microbatch from all open units' adapters
+     at once (:func:`joint_fill`: exact per-adapter subset sums, then a knapsack over padding multiples, so the
+     microbatch holds the most real tokens), which leaves fewer microbatches part-empty.
    - *units*: each unit packed on its own into ``K`` microbatches, by greedy first-fit-decreasing onto the
      least-loaded microbatch plus a move/swap local search, and by an exact MILP (HiGHS through
      ``scipy.optimize.milp``; fewest microbatches, then least ``max padded load + total padded tokens``) under a
@@ -26,7 +28,8 @@ The algorithm (LoRAFusion's, with its free knobs searched and judged by the 1F1B
      and drops no-op slots wherever the dependency rule still holds.
 4. **Choose** by simulation: every (G, tau, packer) is built and simulated; the best stream layout is retried with
    the head and drain ramps; a units winner is refined (local search, MILP); the last microbatch may be cut into a
-   drain ramp (``TAIL_RAMPS``). The fastest simulated layout wins; ties go to fewer microbatches.
+   drain ramp (``TAIL_RAMPS``), or its last few microbatches re-packed into a drain ramp of the shortest samples
+   (``REPACK_TAILS``, :func:`repack_window`). The fastest simulated layout wins; ties go to fewer microbatches.
 
 Rules every output keeps (checked by :mod:`scheduling.verify`): capacity, exact padding per adapter segment, no
 microbatch holds two global batches of one adapter, and an adapter's global batch g+1 starts at least ``stages``
@@ -52,9 +55,25 @@ log = logging.getLogger(__name__)
 # microbatch shrinks by; 0: none) for the stream packer, and the cuts of the last microbatch tried at the end; the
 # simulator picks among them
 HEAD_RAMPS: tuple[tuple[float, ...], ...] = (
-    (), (0.5,), (0.25, 0.5), (0.5, 0.75), (0.25, 0.5, 0.75), (0.125, 0.25, 0.5))
-STREAM_TAILS: tuple[float, ...] = (0.0, 0.125, 0.25, 0.35, 0.5)
+    (), (0.5,), (0.25, 0.5), (0.5, 0.75), (0.25, 0.5, 0.75), (0.125, 0.25, 0.5),
+    (0.13, 0.25, 0.44, 0.76), (0.15, 0.3, 0.5, 0.8), (0.18, 0.33, 0.58, 0.9), (0.1, 0.2, 0.35, 0.6, 0.85),
+    (0.12, 0.24, 0.45, 0.7, 0.9))
+# drain ramps of the stream packer: a float is a linear step (:func:`drain_room`), a tuple the last microbatches'
+# sizes as fractions of the target, largest first (:func:`shape_room`); the longer, convex shapes follow the sizes a
+# search over the simulator's idle time favours (the drain wants the last few microbatches small, the ones before
+# them only a little below full)
+STREAM_TAILS: tuple[float | tuple[float, ...], ...] = (
+    0.0, 0.125, 0.25, 0.35, 0.5, (0.92, 0.82, 0.65, 0.48, 0.27), (0.9, 0.75, 0.55, 0.3), (0.85, 0.65, 0.45, 0.25),
+    (0.95, 0.85, 0.7, 0.55, 0.4, 0.2), (0.93, 0.8, 0.64, 0.47, 0.3, 0.15))
 TAIL_RAMPS: tuple[tuple[float, ...], ...] = ((0.5,), (0.3,), (0.5, 0.5), (0.6, 0.5), (0.5, 0.5, 0.5))
+# joint filling (:func:`joint_fill`) runs a knapsack over padding multiples: used where a microbatch holds at most
+# this many of them (capacity 8192 at padding 128), else only the sequential fill competes
+JOINT_MAX_SLOTS = 64
+# the last microbatches re-packed into a drain ramp (:func:`repack_window`): window lengths and ramp shapes
+REPACK_WINDOWS: tuple[int, ...] = tuple(range(3, 13))
+REPACK_TAILS: tuple[tuple[float, ...], ...] = (
+    (0.75, 0.5, 0.25), (0.9, 0.75, 0.55, 0.3), (0.85, 0.65, 0.45, 0.25), (0.92, 0.82, 0.65, 0.48, 0.27),
+    (0.95, 0.85, 0.7, 0.55, 0.4, 0.2), (0.93, 0.8, 0.64, 0.47, 0.3, 0.15), (0.9, 0.7, 0.5, 0.3, 0.15))
 
 Item = tuple[str, int, int]  # (adapter, sample id, tokens)
 Bin = list[Item]
@@ -518,6 +537,48 @@ def fill_subset(items: Sequence[tuple[int, int]], limit: int, pad: int = 1,
     return _pick(reach, items, best)
 
 
+def joint_fill(groups: Sequence[Sequence[tuple[int, int]]], room: int, pad: int) -> list[list[int]]:
+    """Fill ``room`` padded tokens from several adapters at once: for each list of (sample, tokens) items (one
+    adapter's), the indices of the subset to take, so that the padded segments fit ``room`` together and hold the
+    most real tokens (fewest padding plus empty tokens in the microbatch); exact (subset sums per adapter, then a
+    max-plus knapsack over padding multiples). Ties go to the smaller share for the earlier adapters (measured
+    better than the larger: the later, newer units' samples fill the microbatch and the older units' remain
+    for the gaps)."""
+    slots = room // pad
+    n = len(groups)
+    if slots <= 0 or n == 0:
+        return [[] for _ in groups]
+    limit = slots * pad
+    reaches = [_reach(its, limit) for its in groups]
+    m_idx = np.arange(slots + 1)
+    shift = m_idx[None, :] - m_idx[:, None]  # [k, m] -> m - k
+    valid = shift >= 0
+    shift = np.where(valid, shift, 0)
+    best = np.zeros(slots + 1, dtype=np.int64)  # most real tokens from adapters i.. in m slots
+    tables = []
+    for i in range(n - 1, -1, -1):
+        full = reaches[i][-1]
+        # sk[k]: the largest reachable sum whose padded size is exactly k slots (-1: none; k = 0: take nothing)
+        sk = np.full(slots + 1, -1, dtype=np.int64)
+        sk[0] = 0
+        for k in range(1, slots + 1):
+            v = _max_below(full, k * pad)
+            if v > (k - 1) * pad:
+                sk[k] = v
+        cand = np.where(valid & (sk[:, None] >= 0), sk[:, None] + best[shift], -1)
+        k_best = np.argmax(cand, axis=0)
+        best = cand[k_best, m_idx]
+        tables.append((k_best, sk))
+    tables.reverse()
+    out, m = [], slots
+    for i in range(n):
+        k_best, sk = tables[i]
+        k = int(k_best[m])
+        out.append(_pick(reaches[i], groups[i], int(sk[k])) if k else [])
+        m -= k
+    return out
+
+
 def drain_room(left: int, target: int, step: float, pad: int) -> int:
     """Room for the next microbatch on a linear drain ramp whose sizes fall by ``step * target`` tokens a
     microbatch (``target - d``, ``target - 2 d``, .. down to the smallest positive one): the first size of the
@@ -532,8 +593,22 @@ def drain_room(left: int, target: int, step: float, pad: int) -> int:
     return target
 
 
+def shape_room(left: int, target: int, shape: Sequence[float], pad: int) -> int:
+    """Room for the next microbatch on an explicit drain ramp: ``shape`` lists the last microbatches' sizes as
+    fractions of ``target``, largest first. The first size of the shortest tail of the ramp that still holds the
+    ``left`` tokens, or ``target`` while the whole ramp cannot (the ramp starts as late as possible)."""
+    held = 0
+    for frac in reversed(shape):  # the ramp, smallest first
+        size = max(pad, int(target * frac))
+        held += size
+        if held >= left:
+            return size
+    return target
+
+
 def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], target: int,
-            head: Sequence[float] = (), tail: float = 0.0) -> list[Microbatch]:
+            head: Sequence[float] = (), tail: float | Sequence[float] = 0.0,
+            joint: bool = False) -> list[Microbatch]:
     """Stream packing: fill every microbatch to ``target`` from the open (global batch, group) units, oldest first,
     opening the ready group with the most work left when they run dry; an adapter's segment is chosen by exact
     subset sum so that it fills the room to a padding multiple, and an adapter with nothing that fits is passed
@@ -564,13 +639,40 @@ def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], ta
     while active or any(nxt[k] < rounds[k] for k in range(len(groups))):
         p = len(mbs)
         room = int(target * head[p]) if p < len(head) else target
-        if tail:
-            room = min(room, drain_room(sum(left), target, tail, pad))
+        if isinstance(tail, (int, float)):
+            if tail:
+                room = min(room, drain_room(sum(left), target, tail, pad))
+        elif tail:
+            room = min(room, shape_room(sum(left), target, tail, pad))
         content: dict[str, list[tuple[int, int]]] = {}
         round_of: dict[str, int] = {}
         finished: list[list] = []
         misfits: set[tuple[int, str]] = set()
-        while True:
+        while joint:
+            cands = [(unit, a) for unit in active for a, its in unit[2].items() if its]
+            opts = [k for k in range(len(groups)) if nxt[k] < rounds[k] and ready[k] <= p
+                    and all(u[0] != k for u in active)]
+            picks = joint_fill([unit[2][a] for unit, a in cands], room, pad) if cands else []
+            used = sum(round_up(sum(unit[2][a][i][1] for i in take), pad) for (unit, a), take in zip(cands, picks))
+            if opts and (not cands or room - used >= pad):
+                open_unit(max(opts, key=lambda k: (left[k], -k)))
+                continue
+            if cands and not any(picks):  # nothing fits the room: an empty microbatch takes the smallest sample
+                unit, a = cands[0]
+                picks = [[len(unit[2][a]) - 1]] + [[] for _ in cands[1:]]
+            for (unit, a), take in zip(cands, picks):
+                if not take:
+                    continue
+                its = unit[2][a]
+                chosen = [its[i] for i in take]
+                unit[2][a] = [it for i, it in enumerate(its) if i not in set(take)]
+                content[a] = chosen
+                round_of[a] = unit[1]
+                left[unit[0]] -= sum(t for _, t in chosen)
+                if all(not v for v in unit[2].values()):
+                    finished.append(unit)
+            break
+        while not joint:
             cand = next(((unit, a) for unit in active if unit not in finished for a, its in unit[2].items()
                          if its and a not in content and (unit[0], a) not in misfits), None)
             if cand is None:
@@ -635,6 +737,54 @@ def split_tail(mbs: list[Microbatch], fractions: Sequence[float], pad: int) -> l
     return out
 
 
+def repack_window(mbs: list[Microbatch], start: int, end: int, sizes: Sequence[int], params: PlanParams,
+                  ) -> list[Microbatch] | None:
+    """Re-pack the samples of ``mbs[start:end]`` into ``len(sizes)`` microbatches of at most ``sizes[j]`` padded
+    tokens each (in position order), largest samples first into the largest microbatches (ties: the one nearest the
+    body of the schedule, i.e. away from the end the window touches), so that a window at the end becomes a drain ramp
+    and one at the start a fill ramp made of the shortest samples. ``None`` when the samples do not fit, the window
+    holds two global batches of one adapter, or the dependency rule would break."""
+    pad, cap = params.pad_multiple, params.capacity
+    window = mbs[start:end]
+    round_of: dict[str, int] = {}
+    items: list[Item] = []
+    for mb in window:
+        for seg in mb.segments:
+            if round_of.setdefault(seg.adapter, seg.global_batch) != seg.global_batch:
+                return None
+            items.extend((seg.adapter, x, t) for x, t in zip(seg.samples, seg.tokens))
+    if not items or not sizes:
+        return None
+    k = len(sizes)
+    at_end = end >= len(mbs)
+    order = sorted(range(k), key=lambda j: (-min(sizes[j], cap), j if at_end else -j))
+    bins: list[Bin] = [[] for _ in range(k)]
+    segs: list[dict[str, int]] = [{} for _ in range(k)]
+    loads = [0] * k
+    for it in _sorted_items(items):
+        a, _, t = it
+        for j in order:
+            old = segs[j].get(a, 0)
+            new_load = loads[j] - round_up(old, pad) + round_up(old + t, pad)
+            if new_load <= min(sizes[j], cap):
+                bins[j].append(it)
+                segs[j][a] = old + t
+                loads[j] = new_load
+                break
+        else:
+            return None
+    out = mbs[:start] + [_to_microbatch(b, round_of, pad) for b in bins if b] + mbs[end:]
+    return out if _dependencies_hold(out, params.stages) else None
+
+
+def _ramp_sizes(total: int, shape: Sequence[float], capacity: int, pad: int) -> list[list[int]]:
+    """Microbatch size limits for a window of ``total`` padded tokens re-packed into full microbatches followed by
+    the drain ramp ``shape`` (fractions of ``capacity``): with as few full ones as could hold it, and one more."""
+    ramp = [max(pad, int(capacity * f) // pad * pad) for f in shape]
+    full = max(0, -(-(total - sum(ramp)) // capacity))
+    return [[capacity] * n + ramp for n in (full, full + 1)]
+
+
 def _as_schedule(mbs: list[Microbatch], params: PlanParams, meta: dict) -> Schedule:
     return Schedule(mbs, optimizer_steps_for(mbs), params.capacity, params.pad_multiple, params.stages, meta)
 
@@ -682,61 +832,81 @@ def plan(
         raise ValueError(f"modes must be a non-empty subset of ('stream', 'units'), got {modes!r}")
     targets = sorted({max(params.pad_multiple, int(params.capacity * f)) for f in target_fractions}, reverse=True)
 
-    def finish(mbs: list[Microbatch]) -> tuple[float, tuple[float, ...]]:
-        """Simulated time with the best drain ramp (cutting the last microbatch) and that ramp."""
-        out = (simulate(_as_schedule(mbs, params, {}), cost).time, ())
+    def sim(mbs: list[Microbatch]) -> float:
+        return simulate(_as_schedule(mbs, params, {}), cost).time
+
+    def finish(mbs: list[Microbatch]) -> tuple[float, list[Microbatch], tuple[float, ...], list]:
+        """The best drain: the layout as is, its last microbatch cut into a ramp (``TAIL_RAMPS``), or its last
+        microbatches re-packed into a ramp shape (``REPACK_TAILS``, :func:`repack_window`); simulated time, the
+        microbatches, the cut fractions and the re-pack (window, shape) used."""
+        out = (sim(mbs), mbs, (), [])
         for fr in TAIL_RAMPS:
-            t = simulate(_as_schedule(split_tail(mbs, fr, params.pad_multiple), params, {}), cost).time
+            cut = split_tail(mbs, fr, params.pad_multiple)
+            t = sim(cut)
             if t < out[0]:
-                out = (t, fr)
+                out = (t, cut, fr, [])
+        base = out[1]
+        for w in REPACK_WINDOWS:
+            if w >= len(base):
+                break
+            total = sum(m.padded_tokens for m in base[-w:])
+            for shape in REPACK_TAILS:
+                for sizes in _ramp_sizes(total, shape, params.capacity, params.pad_multiple):
+                    cand = repack_window(base, len(base) - w, len(base), sizes, params)
+                    if cand is None:
+                        continue
+                    t = sim(cand)
+                    if t < out[0]:
+                        out = (t, cand, out[2], [w, list(shape)])
         return out
 
-    # phase 1: group count x target size, both packers; phase 2: head ramps for the best stream layout
+    # phase 1: group count x target size, every packer; phase 2: head and drain ramps for each stream packer's best
+    # layout (sequential fill, and joint fill across adapters)
+    fills = (False, True) if params.capacity // params.pad_multiple <= JOINT_MAX_SLOTS else (False,)
     best = None
-    best_stream = None
+    best_stream: dict[int, tuple] = {}
     for g in group_counts:
         groups = group_adapters(jobs, g)
         for tau in targets:
             cands = []
             if "stream" in modes:
-                cands.append(("stream", (HEAD_RAMPS[1], 0.0), _stream(jobs, params, groups, tau, HEAD_RAMPS[1])))
+                for jf in fills:
+                    cands.append(("stream", jf, (HEAD_RAMPS[1], 0.0),
+                                  _stream(jobs, params, groups, tau, HEAD_RAMPS[1], joint=jf)))
             if "units" in modes:
-                cands.append(("units", (), _build(jobs, params, groups, tau, milp_time_limit=0.0, improve=False)))
-            for mode, h, mbs in cands:
-                t = simulate(_as_schedule(mbs, params, {}), cost).time
-                key = (t, len(mbs), mode != "stream", g, -tau)
+                cands.append(("units", 0, (), _build(jobs, params, groups, tau, milp_time_limit=0.0, improve=False)))
+            for mode, jf, h, mbs in cands:
+                t = sim(mbs)
+                key = (t, len(mbs), mode != "stream", jf, g, -tau)
                 if best is None or key < best[0]:
-                    best = (key, groups, tau, mode, h, mbs)
-                if mode == "stream" and (best_stream is None or key < best_stream[0]):
-                    best_stream = (key, groups, tau, mode, h, mbs)
-    if best_stream is not None:
-        _, groups_s, tau_s, _, _, _ = best_stream
+                    best = (key, groups, tau, mode, jf, h, mbs)
+                if mode == "stream" and (jf not in best_stream or key < best_stream[jf][0]):
+                    best_stream[jf] = (key, groups, tau)
+    for jf, (_, groups_s, tau_s) in sorted(best_stream.items()):
         for h in HEAD_RAMPS:
             for tl in STREAM_TAILS:
-                mbs = _stream(jobs, params, groups_s, tau_s, h, tl)
-                t = simulate(_as_schedule(mbs, params, {}), cost).time
-                key = (t, len(mbs), False, len(groups_s), -tau_s)
+                mbs = _stream(jobs, params, groups_s, tau_s, h, tl, joint=jf)
+                key = (sim(mbs), len(mbs), False, jf, len(groups_s), -tau_s)
                 if key < best[0]:
-                    best = (key, groups_s, tau_s, "stream", (h, tl), mbs)
-    _, groups, tau, mode, head, chosen = best
-    t_best, tail = finish(chosen)
-    how = mode
+                    best = (key, groups_s, tau_s, "stream", jf, (h, tl), mbs)
+    _, groups, tau, mode, jf, head, chosen = best
+    t_best, chosen, tail, repack = finish(chosen)
+    how = mode + ("+joint-fill" if jf else "")
     stats: dict = {}
     if mode == "units":
         # refine the winner: local search, and the MILP where enabled; keep whichever simulates fastest
         for limit in ((0.0, milp_time_limit) if milp_time_limit > 0 else (0.0,)):
             st: dict = {}
             refined = _build(jobs, params, groups, tau, milp_time_limit=limit, improve=True, stats=st)
-            t_ref, tail_ref = finish(refined)
+            t_ref, refined, tail_ref, repack_ref = finish(refined)
             if t_ref <= t_best:
-                t_best, tail, chosen = t_ref, tail_ref, refined
+                t_best, tail, chosen, repack = t_ref, tail_ref, refined, repack_ref
                 how, stats = "units+local-search" + ("+milp" if limit else ""), st
-    chosen = split_tail(chosen, tail, params.pad_multiple)
     meta = {
         "planner": "grouped-staggered", "mode": mode, "seed": seed, "groups": groups, "target_tokens": tau,
         "packing": how, "unit_packers": stats, "head_ramp": list(head[0]) if mode == "stream" else [],
-        "drain_step": head[1] if mode == "stream" else 0.0,
-        "tail_ramp": list(tail),
+        "drain_step": (list(head[1]) if isinstance(head[1], tuple) else head[1]) if mode == "stream" else 0.0,
+        "tail_ramp": list(tail), "tail_repack": repack,
         "cost_model": {"overhead": cost.overhead, "per_token": cost.per_token,
                        "backward_factor": cost.backward_factor, "noop": cost.noop},
     }

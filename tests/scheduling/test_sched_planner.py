@@ -10,6 +10,8 @@ from scheduling.planner import (_stream, drain_room, fill_subset, group_adapters
                                 packing_cost, padded_load, split_tail)
 
 MIX4 = dict(medians=[300, 700, 1200, 2000], batch_sizes=[16] * 4, num_global_batches=[4, 3, 4, 3])
+EIGHT_JOBS = dict(medians=[150, 300, 500, 800, 1100, 1500, 2000, 2400], batch_sizes=[8, 16, 8, 16, 12, 8, 16, 8],
+                  num_global_batches=[3, 4, 3, 4, 3, 4, 3, 4])
 
 
 def test_plan_verifies_and_roundtrips(two_jobs, small_params):
@@ -225,14 +227,95 @@ def test_drain_ramps_never_make_the_plan_slower(monkeypatch):
     assert simulate(with_ramps).time <= simulate(without).time
 
 
-def test_eight_job_mix_beats_mlora_like_by_a_margin():
-    # the benchmark's hardest case (8 jobs, capacity 4096, seed 4) was 1.441x before misfit adapters were passed over
-    mix = dict(medians=[150, 300, 500, 800, 1100, 1500, 2000, 2400], batch_sizes=[8, 16, 8, 16, 12, 8, 16, 8],
-               num_global_batches=[3, 4, 3, 4, 3, 4, 3, 4])
+@pytest.mark.parametrize("seed", range(6))
+def test_joint_fill_is_exact(seed):
+    # against brute force over every subset of every adapter: the most real tokens whose padded segments fit
+    import itertools
+    import random
+
+    from scheduling.jobs import round_up
+    from scheduling.planner import joint_fill
+
+    rng = random.Random(seed)
+    pad = 16
+    groups = [[(i, rng.randint(5, 90)) for i in range(rng.randint(1, 4))] for _ in range(3)]
+    room = rng.randint(40, 220)
+    best = 0
+    per = [[c for r in range(len(g) + 1) for c in itertools.combinations(range(len(g)), r)] for g in groups]
+    for combo in itertools.product(*per):
+        sums = [sum(g[i][1] for i in c) for g, c in zip(groups, combo)]
+        if sum(round_up(x, pad) for x in sums) <= room:
+            best = max(best, sum(sums))
+    picks = joint_fill(groups, room, pad)
+    sums = [sum(g[i][1] for i in p) for g, p in zip(groups, picks)]
+    assert all(len(set(p)) == len(p) for p in picks)
+    assert sum(round_up(x, pad) for x in sums) <= room
+    assert sum(sums) == best
+
+
+def test_joint_fill_prefers_a_full_microbatch_over_a_greedy_first_adapter():
+    from scheduling.planner import joint_fill
+
+    # sequential filling takes A's 600 first and then nothing of B fits the 400 left; jointly, 500 + 500 fills it
+    picks = joint_fill([[(0, 600), (1, 500)], [(0, 500), (1, 450)]], 1000, 1)
+    assert picks == [[1], [0]]
+
+
+def test_shape_room_follows_the_ramp():
+    from scheduling.planner import shape_room
+
+    shape, target, pad = (0.75, 0.5, 0.25), 4000, 100
+    assert shape_room(10_000, target, shape, pad) == target  # the whole ramp (6000) cannot hold it: full size
+    left, sizes = 2 * target + 6000, []
+    while left > 0:
+        room = shape_room(left, target, shape, pad)
+        sizes.append(min(room, left))
+        left -= room
+    assert sizes == [4000, 4000, 3000, 2000, 1000]  # full until only the ramp is left, then the ramp
+    assert shape_room(2500, target, shape, pad) == 2000  # the shortest tail of the ramp that holds what is left
+
+
+def test_stream_joint_fill_verifies_and_fills_more_microbatches():
     params = PlanParams(4096, 128, 4)
-    jobs = lognormal_jobs(**mix, sigma=0.5, maximum=4096, seed=4)
+    jobs = lognormal_jobs(**EIGHT_JOBS, sigma=0.5, maximum=4096, seed=8)
+    groups = group_adapters(jobs, len(jobs))
+    full = {}
+    for joint in (False, True):
+        mbs = _stream(jobs, params, groups, 4096, (0.5,), joint=joint)
+        check(Schedule(mbs, optimizer_steps_for(mbs), 4096, 128, 4), jobs, params)
+        full[joint] = sum(m.padded_tokens == 4096 for m in mbs)
+    assert full[True] > full[False]  # 87 vs 82 full microbatches
+
+
+def test_repack_window_makes_a_drain_ramp():
+    from scheduling.planner import repack_window
+
+    params = PlanParams(4096, 128, 4)
+    jobs = lognormal_jobs(**MIX4, maximum=4096, seed=3)
+    mbs = _stream(jobs, params, group_adapters(jobs, 2), 4096, (0.5,))
+    n = len(mbs)
+    window = mbs[-6:]
+    total = sum(m.padded_tokens for m in window)
+    sizes = [4096] * (-(-total // 4096)) + [2048, 1024]
+    out = repack_window(mbs, n - 6, n, sizes, params)
+    assert out is not None and out[:n - 6] == mbs[:n - 6]
+    s = Schedule(out, optimizer_steps_for(out), 4096, 128, 4)
+    check(s, jobs, params)
+    new = out[n - 6:]
+    assert all(m.padded_tokens <= lim for m, lim in zip(new, sizes))
+    key = sorted((sg.adapter, x, t) for m in window for sg in m.segments for x, t in zip(sg.samples, sg.tokens))
+    assert sorted((sg.adapter, x, t) for m in new for sg in m.segments for x, t in zip(sg.samples, sg.tokens)) == key
+    assert repack_window(mbs, n - 6, n, [128], params) is None  # does not fit
+
+
+@pytest.mark.parametrize("seed, floor", [(4, 1.46), (8, 1.448)])
+def test_eight_job_mix_beats_mlora_like(seed, floor):
+    # the benchmark's hardest case, 8 jobs at capacity 4096, over the mLoRA-like baseline: seed 4 was 1.441x before
+    # misfit adapters were passed over, seed 8 1.437x before joint filling and the longer ramps
+    params = PlanParams(4096, 128, 4)
+    jobs = lognormal_jobs(**EIGHT_JOBS, sigma=0.5, maximum=4096, seed=seed)
     s = plan(jobs, params)
     check(s, jobs, params)
     r = simulate(s)
-    assert simulate(mlora_like(jobs, params)).time / r.time >= 1.45
+    assert simulate(mlora_like(jobs, params)).time / r.time >= floor
     assert r.padding_fraction <= 0.02
