@@ -125,6 +125,44 @@ def _cdiv(a, b):
 
 
 @triton.jit
+def _gemm_tile(acc, a_ptrs, b_ptrs, step_a, step_b, offs_k, K, BK: tl.constexpr, EVEN_K: tl.constexpr,
+               DOT_FP32: tl.constexpr):
+    """acc (BM x BN, fp32) += A B over the reduction length K: a_ptrs (BM x BK) and b_ptrs (BK x BN) point at
+    reduction index 0 and advance by step_a / step_b per unit of it; offs_k = arange(BK)."""
+    for k in range(0, _cdiv(K, BK)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k * BK, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k * BK, other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b.to(a.dtype), acc)
+        a_ptrs += BK * step_a
+        b_ptrs += BK * step_b
+    return acc
+
+
+@triton.jit
+def _rank_r_tile(acc, l_rows, w_cols, stride_wr, R, scale, out_ptr, BR: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc += (scale L) W over the rank, in chunks of BR: l_rows (BM x 1) are the rows of the fp32 rank-r factor
+    (S or dS, unit stride along r), w_cols (1 x BN) the columns of B^T or A (stride_wr along r); the product is
+    taken in fp32, or in out_ptr's dtype with fp32 accumulation."""
+    for r0 in range(0, R, BR):
+        offs_r = r0 + tl.arange(0, BR)
+        r_ok = offs_r < R
+        lt = tl.load(l_rows + offs_r[None, :], mask=r_ok[None, :], other=0.0) * scale
+        wt = tl.load(w_cols + offs_r.to(tl.int64)[:, None] * stride_wr, mask=r_ok[:, None], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(lt, wt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(lt.to(out_ptr.dtype.element_ty), wt.to(out_ptr.dtype.element_ty), acc)
+    return acc
+
+
+@triton.jit
 def philox_draw(rows, cols, seed_lo, seed_hi):
     """The dropout draw (uint32) of every (row, col) of a tile, per ``lorafusion.reference``: word
     ``(col >> 4) & 3`` of Philox-4x32-10 with counter ``((col >> 6) * 16 + (col & 15), row, 0, 0)`` and key
@@ -275,32 +313,11 @@ def _expand_forward_kernel(x_ptr, w_ptr, b_ptr, s_ptr, lb_ptr, y_ptr, M, N, K, R
     offs_k = tl.arange(0, BK).to(tl.int64)
     x_ptrs = x_ptr + rm[:, None] * stride_xm + offs_k[None, :] * stride_xk
     w_ptrs = w_ptr + rn[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    acc = tl.full([BM, BN], 0, tl.float32)
-    for k in range(0, _cdiv(K, BK)):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k * BK, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < K - k * BK, other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, w.to(x.dtype), acc)
-        x_ptrs += BK * stride_xk
-        w_ptrs += BK * stride_wk
+    acc = _gemm_tile(tl.full([BM, BN], 0, tl.float32), x_ptrs, w_ptrs, stride_xk, stride_wk, offs_k, K, BK, EVEN_K,
+                     DOT_FP32)
     # rank-r term, added in the tile before the single store: acc += (s S) B^T, r in chunks of BR
-    s_rows = s_ptr + rm[:, None] * stride_sm
-    b_cols = lb_ptr + rn[None, :] * stride_bn
-    for r0 in range(0, R, BR):
-        offs_r = r0 + tl.arange(0, BR)
-        r_ok = offs_r < R
-        s = tl.load(s_rows + offs_r[None, :], mask=r_ok[None, :], other=0.0) * scale
-        b = tl.load(b_cols + offs_r.to(tl.int64)[:, None] * stride_br, mask=r_ok[:, None], other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(s, b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(s.to(y_ptr.dtype.element_ty), b.to(y_ptr.dtype.element_ty), acc)
+    acc = _rank_r_tile(acc, s_ptr + rm[:, None] * stride_sm, lb_ptr + rn[None, :] * stride_bn, stride_br, R, scale,
+                       y_ptr, BR, DOT_FP32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
@@ -455,36 +472,14 @@ def _expand_backward_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, bits_ptr, dx_ptr, M, N
     rc = (offs_c % K).to(tl.int64)
     # the masked rank-r term first: it becomes the accumulator the main loop adds dY W into, so only one
     # BM x BN fp32 tile is ever live
-    acc = tl.full([BM, BN], 0, tl.float32)
-    ds_rows = ds_ptr + rm[:, None] * stride_dsm
-    a_cols = a_ptr + rc[None, :] * stride_ak
-    for r0 in range(0, R, BR):
-        offs_r = r0 + tl.arange(0, BR)
-        r_ok = offs_r < R
-        ds = tl.load(ds_rows + offs_r[None, :], mask=r_ok[None, :], other=0.0)
-        a = tl.load(a_cols + offs_r.to(tl.int64)[:, None] * stride_ar, mask=r_ok[:, None], other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(ds, a.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(ds.to(dx_ptr.dtype.element_ty), a.to(dx_ptr.dtype.element_ty), acc)
+    acc = _rank_r_tile(tl.full([BM, BN], 0, tl.float32), ds_ptr + rm[:, None] * stride_dsm,
+                       a_ptr + rc[None, :] * stride_ak, stride_ar, R, 1.0, dx_ptr, BR, DOT_FP32)
     if HAS_DROPOUT:
         keep = tl.load(bits_ptr + rm[:, None] * stride_bits + rc[None, :]) != 0
         acc = tl.where(keep, acc * keep_scale, 0.0)
     offs_n = tl.arange(0, BK).to(tl.int64)
     dy_ptrs = dy_ptr + rm[:, None] * stride_dym + offs_n[None, :] * stride_dyn
     w_ptrs = w_ptr + rc[None, :] * stride_wk + offs_n[:, None] * stride_wn
-    for n in range(0, _cdiv(N, BK)):
-        if EVEN_K:
-            dy = tl.load(dy_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            dy = tl.load(dy_ptrs, mask=offs_n[None, :] < N - n * BK, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_n[:, None] < N - n * BK, other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(dy.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(dy, w.to(dy.dtype), acc)
-        dy_ptrs += BK * stride_dyn
-        w_ptrs += BK * stride_wn
+    acc = _gemm_tile(acc, dy_ptrs, w_ptrs, stride_dyn, stride_wn, offs_n, N, BK, EVEN_K, DOT_FP32)
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_c[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_c < K)[None, :])
