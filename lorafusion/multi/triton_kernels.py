@@ -41,6 +41,18 @@ def unavailable_reason() -> str | None:
 
 if _IMPORT_ERROR is None:
 
+    @triton.jit
+    def _segment(seg_ptr, si):
+        """Segment si of the tables: its start row, end row, slot, and first row inside the slot's block."""
+        return (tl.load(seg_ptr + 4 * si), tl.load(seg_ptr + 4 * si + 1), tl.load(seg_ptr + 4 * si + 2),
+                tl.load(seg_ptr + 4 * si + 3))
+
+    @triton.jit
+    def _slot(slot_ptr, k):
+        """Slot k of the tables: its rank, row offset in the concatenated weights, element offset in the flat
+        buffer."""
+        return tl.load(slot_ptr + 3 * k), tl.load(slot_ptr + 3 * k + 1), tl.load(slot_ptr + 3 * k + 2)
+
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
     def _seg_shrink_kernel(x_ptr, w_ptr, out_ptr, tiles_ptr, seg_ptr, slot_ptr, thr_ptr, inv_ptr, scale_ptr,
                            K, stride_xm, stride_xk, seed_lo, seed_hi,
@@ -50,13 +62,8 @@ if _IMPORT_ERROR is None:
         rb = tl.program_id(1) * BR
         si = tl.load(tiles_ptr + 2 * t)
         r0 = tl.load(tiles_ptr + 2 * t + 1).to(tl.int64)
-        start = tl.load(seg_ptr + 4 * si)
-        end = tl.load(seg_ptr + 4 * si + 1)
-        k = tl.load(seg_ptr + 4 * si + 2)
-        srow = tl.load(seg_ptr + 4 * si + 3)
-        r = tl.load(slot_ptr + 3 * k)
-        w_off = tl.load(slot_ptr + 3 * k + 1)
-        f_off = tl.load(slot_ptr + 3 * k + 2)
+        start, end, k, srow = _segment(seg_ptr, si)
+        r, w_off, f_off = _slot(slot_ptr, k)
         if rb < r:
             rows = r0 + tl.arange(0, BM)
             rmask = rows < end
@@ -87,9 +94,7 @@ if _IMPORT_ERROR is None:
         k = tl.program_id(0)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         rb = tl.program_id(2) * BR
-        r = tl.load(slot_ptr + 3 * k)
-        w_off = tl.load(slot_ptr + 3 * k + 1)
-        f_off = tl.load(slot_ptr + 3 * k + 2)
+        r, w_off, f_off = _slot(slot_ptr, k)
         if rb < r:
             cmask = cols < N
             rr = rb + tl.arange(0, BR)
@@ -99,9 +104,7 @@ if _IMPORT_ERROR is None:
             hi = tl.load(sptr_ptr + k + 1)
             for j in range(lo, hi):
                 si = tl.load(sidx_ptr + j)
-                start = tl.load(seg_ptr + 4 * si)
-                end = tl.load(seg_ptr + 4 * si + 1)
-                srow = tl.load(seg_ptr + 4 * si + 3)
+                start, end, _, srow = _segment(seg_ptr, si)
                 for r0 in range(start, end, BM):
                     rows = r0 + tl.arange(0, BM)
                     rmask = rows < end
@@ -146,13 +149,8 @@ if _IMPORT_ERROR is None:
         lo = tl.load(blo_ptr + pid_m)
         hi = tl.load(bhi_ptr + pid_m)
         for si in range(lo, hi):
-            start = tl.load(seg_ptr + 4 * si)
-            end = tl.load(seg_ptr + 4 * si + 1)
-            k = tl.load(seg_ptr + 4 * si + 2)
-            srow = tl.load(seg_ptr + 4 * si + 3)
-            r = tl.load(slot_ptr + 3 * k)
-            w_off = tl.load(slot_ptr + 3 * k + 1)
-            f_off = tl.load(slot_ptr + 3 * k + 2)
+            start, end, k, srow = _segment(seg_ptr, si)
+            r, w_off, f_off = _slot(slot_ptr, k)
             smask = (rows64 >= start) & (rows64 < end)
             term = tl.zeros([BM, BN], dtype=tl.float32)
             for rb in range(0, r, BR):
