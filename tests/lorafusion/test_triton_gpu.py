@@ -23,73 +23,15 @@ if tb._INTERPRET or tb.unavailable_reason() is not None:
     pytest.skip(f"triton backend not compiled here: {tb.unavailable_reason() or 'interpreter mode'}",
                 allow_module_level=True)
 
+from triton_helpers import SEED, check_forward_backward, make_case, nan_filled_outputs, rel_err  # noqa: E402,F401
+
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-SEED = 0x9ABCDEF012345
 DEV = "cuda"
 
 
-def rel_err(out, want):
-    out = out.double()
-    want = want.double()
-    assert out.shape == want.shape, (out.shape, want.shape)
-    assert torch.isfinite(out).all(), "non-finite output"
-    return ((out - want).norm() / want.norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture(autouse=True)
-def nan_filled_outputs(monkeypatch):
-    real_empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(tb.torch, "empty", nan_empty)
-    yield
-
-
-def make_case(M, K, N, r, dtype, adapter_dtype, noncontig, gen):
-    def rnd(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen, device=DEV) * scale
-
-    if noncontig:
-        x = rnd(K, M).to(dtype).t()
-        dy = rnd(M, 2 * N).to(dtype)[:, ::2]
-    else:
-        x = rnd(M, K).to(dtype)
-        dy = rnd(M, N).to(dtype)
-    W = rnd(N, K, scale=K ** -0.5).to(dtype)
-    bias = rnd(N).to(dtype)
-    A = rnd(r, K, scale=K ** -0.5).to(adapter_dtype)
-    B = rnd(N, r, scale=0.5).to(adapter_dtype)
-    return x, dy, W, bias, A, B
-
-
-def check_forward_backward(M, K, N, r, dtype, p, has_bias, noncontig, fp32_adapters, seed=0):
+def check_case(M, K, N, r, dtype, p, has_bias, noncontig, fp32_adapters, seed=0):
     gen = torch.Generator(device=DEV).manual_seed(seed)
-    adapter_dtype = torch.float32 if fp32_adapters else dtype
-    x, dy, W, bias, A, B = make_case(M, K, N, r, dtype, adapter_dtype, noncontig, gen)
-    bias = bias if has_bias else None
-    scale = 2.0 / r
-
-    Y, S = tb.forward(x, W, bias, A, B, scale, SEED, p)
-    dX, dA, dB = tb.backward(dy, x, W, A, B, S, scale, SEED, p, need_dx=True)
-
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    S_ref = ref.lora_shrink(d(x), d(A), SEED, p)
-    Y_ref = ref.lora_expand_forward(d(x), d(W), d(bias), S_ref, d(B), scale)
-    dS_ref, dB_ref = ref.lora_dy_shrink(d(dy), d(B), S_ref, scale)
-    dA_ref = ref.lora_dropout_grad_A(d(x), dS_ref, SEED, p, torch.float64)
-    dX_ref = ref.lora_expand_backward(d(dy), d(W), dS_ref, d(A), SEED, p)
-
-    assert S.dtype == torch.float32 and Y.dtype == dtype and dX.dtype == dtype
-    tol = TOL[dtype]
-    for name, out, want in (("S", S, S_ref), ("Y", Y, Y_ref), ("dA", dA, dA_ref), ("dB", dB, dB_ref),
-                            ("dX", dX, dX_ref)):
-        err = rel_err(out, want)
-        assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
+    check_forward_backward(tb, M, K, N, r, dtype, p, has_bias, noncontig, fp32_adapters, gen, TOL[dtype])
 
 
 CASES = [
@@ -111,13 +53,13 @@ DTYPE_P = [(torch.bfloat16, 0.0), (torch.bfloat16, 0.1), (torch.float16, 0.1), (
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[0]}_{c[1]}to{c[2]}_r{c[3]}")
 def test_forward_backward_match_reference(case, dtype, p):
     M, K, N, r, has_bias, noncontig, fp32_adapters = case
-    check_forward_backward(M, K, N, r, dtype, p, has_bias, noncontig, fp32_adapters)
+    check_case(M, K, N, r, dtype, p, has_bias, noncontig, fp32_adapters)
 
 
 @pytest.mark.parametrize("dtype,p", [(torch.bfloat16, 0.0), (torch.bfloat16, 0.1), (torch.float16, 0.1)],
                          ids=["bf16-p0", "bf16-p0.1", "fp16-p0.1"])
 def test_large_shape(dtype, p):
-    check_forward_backward(8192, 4096, 4096, 16, dtype, p, True, False, False, seed=7)
+    check_case(8192, 4096, 4096, 16, dtype, p, True, False, False, seed=7)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
