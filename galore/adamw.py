@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import GaLoreOptimizer, _check_number, check_betas
+from .base import GaLoreOptimizer, check_adam_group
 
 
 class GaLoreAdamW(GaLoreOptimizer):
@@ -36,10 +36,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         super().__init__(params, defaults)
 
     def _validate_hyperparameters(self, group: dict) -> None:
-        _check_number("lr", group["lr"], low=0.0)
-        check_betas(group["betas"])
-        _check_number("eps", group["eps"], low=0.0)
-        _check_number("weight_decay", group["weight_decay"], low=0.0)
+        check_adam_group(group)
         if not isinstance(group["correct_bias"], bool):
             raise TypeError(f"correct_bias must be a bool, got {group['correct_bias']!r}")
 

@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from .base import GaLoreOptimizer, _check_int, _check_number, check_betas
+from .base import GaLoreOptimizer, _check_int, check_adam_group
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +44,7 @@ class GaLoreAdamW8bit(GaLoreOptimizer):
         super().__init__(params, defaults)
 
     def _validate_hyperparameters(self, group: dict) -> None:
-        _check_number("lr", group["lr"], low=0.0)
-        check_betas(group["betas"])
-        _check_number("eps", group["eps"], low=0.0)
-        _check_number("weight_decay", group["weight_decay"], low=0.0)
+        check_adam_group(group)
 
     def _qmap(self, signed: bool, device: torch.device) -> torch.Tensor:
         key = (signed, device)

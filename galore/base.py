@@ -58,6 +58,14 @@ def check_betas(betas, count: int = 2):
         _check_number(f"betas[{i}]", b, low=0.0, high=1.0)
 
 
+def check_adam_group(group: dict) -> None:
+    """lr, betas (2), eps and weight_decay of an Adam-family param group."""
+    _check_number("lr", group["lr"], low=0.0)
+    check_betas(group["betas"])
+    _check_number("eps", group["eps"], low=0.0)
+    _check_number("weight_decay", group["weight_decay"], low=0.0)
+
+
 def _side(state: dict) -> str:
     # stored as a bool: torch's load_state_dict would iterate a str value into a generator
     return "left" if state["project_left"] else "right"
