@@ -12,8 +12,7 @@ texts cut at --max-chars as a fine-tuning run cuts at its sequence length; sampl
   stdlib-code       source of the standard library's top-level functions (medium, heavy-tailed)
 
     python benchmarks/local_text_jobs.py --out-dir /tmp/lf_local   # local_texts.yaml, the datasets, the tokenizer
-    python benchmarks/planner.py --seeds --jobs /tmp/lf_local/local_texts.yaml \
-        --out benchmarks/results/planner_local.json
+    python benchmarks/planner.py --ideal --jobs /tmp/lf_local/local_texts.yaml   # with the synthetic mixes
 """
 from __future__ import annotations
 

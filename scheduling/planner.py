@@ -6,9 +6,10 @@ The algorithm (LoRAFusion's, with its free knobs searched and judged by the 1F1B
    tokens so far (longest-processing-time), so each group mixes long and short samples and the groups carry similar
    work per global batch. A (global batch, group) pair is a *unit*.
 2. **Stagger** the units by list scheduling: whenever work is needed, the *ready* group (its previous global batch
-   ended at least ``stages`` microbatches ago, so its optimizer step has run) with the most tokens left opens its next
-   unit; while one group waits for its optimizer step the others keep the pipeline full. When no group is ready, an
-   explicit no-op slot is inserted.
+   ended at least ``stages`` microbatches ago, so its optimizer step has run) with the most tokens left, or the most
+   global batches left (both orders compete: the second keeps a group of many short global batches from being left
+   to the end, where its dependency gaps idle the pipeline), opens its next unit; while one group waits for its
+   optimizer step the others keep the pipeline full. When no group is ready, an explicit no-op slot is inserted.
 3. **Pack**, two competing packers:
    - *stream*: every microbatch is filled to a target size ``tau <= capacity`` from the open units, oldest first,
      crossing unit boundaries (a microbatch may end one group's global batch and start another group's), so every
@@ -26,8 +27,9 @@ The algorithm (LoRAFusion's, with its free knobs searched and judged by the 1F1B
      ``scipy.optimize.milp``; fewest microbatches, then least ``max padded load + total padded tokens``) under a
      time limit, keeping the better; then a merge pass joins adjacent under-filled microbatches of disjoint adapters
      and drops no-op slots wherever the dependency rule still holds.
-4. **Choose** by simulation: every (G, tau, packer) is built and simulated; the best stream layout is retried with
-   the head and drain ramps; a units winner is refined (local search, MILP); the last microbatch may be cut into a
+4. **Choose** by simulation: every (G, tau, packer, order) is built and simulated; the best stream layout is
+   retried with every head and drain ramp, the next ``RAMP_CANDIDATES - 1`` with the best head and then each drain
+   (the best layout before the ramps are tuned is not always the best after); a units winner is refined (local search, MILP); the last microbatch may be cut into a
    drain ramp (``TAIL_RAMPS``), or its last few microbatches re-packed into a drain ramp of the shortest samples
    (``REPACK_TAILS``, :func:`repack_window`). The fastest simulated layout wins; ties go to fewer microbatches.
 
@@ -69,6 +71,11 @@ TAIL_RAMPS: tuple[tuple[float, ...], ...] = ((0.5,), (0.3,), (0.5, 0.5), (0.6, 0
 # joint filling (:func:`joint_fill`) runs a knapsack over padding multiples: used where a microbatch holds at most
 # this many of them (capacity 8192 at padding 128), else only the sequential fill competes
 JOINT_MAX_SLOTS = 64
+# which ready group the stream packer opens next (:func:`_stream`); both compete
+STREAM_ORDERS: tuple[str, ...] = ("tokens", "rounds")
+# how many of the best stream layouts of phase 1 (per fill variant) get the head / drain ramp search of phase 2: the
+# best layout with the phase-1 ramp is not always the best once the ramps are tuned
+RAMP_CANDIDATES = 4
 # the last microbatches re-packed into a drain ramp (:func:`repack_window`): window lengths and ramp shapes
 REPACK_WINDOWS: tuple[int, ...] = tuple(range(3, 13))
 REPACK_TAILS: tuple[tuple[float, ...], ...] = (
@@ -608,12 +615,17 @@ def shape_room(left: int, target: int, shape: Sequence[float], pad: int) -> int:
 
 def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], target: int,
             head: Sequence[float] = (), tail: float | Sequence[float] = 0.0,
-            joint: bool = False) -> list[Microbatch]:
+            joint: bool = False, order: str = "tokens") -> list[Microbatch]:
     """Stream packing: fill every microbatch to ``target`` from the open (global batch, group) units, oldest first,
-    opening the ready group with the most work left when they run dry; an adapter's segment is chosen by exact
-    subset sum so that it fills the room to a padding multiple, and an adapter with nothing that fits is passed
-    over for the next. ``head``: the first microbatches' sizes as fractions of ``target``; ``tail``: the drain ramp's
-    step as a fraction of ``target`` (0: none; see :func:`drain_room`). A no-op slot when nothing may run."""
+    opening a ready group's next unit when they run dry; an adapter's segment is chosen by exact subset sum so that
+    it fills the room to a padding multiple, and an adapter with nothing that fits is passed over for the next.
+    ``head``: the first microbatches' sizes as fractions of ``target``; ``tail``: the drain ramp's step as a fraction
+    of ``target`` (0: none; see :func:`drain_room`). ``order``: which ready group opens next, the one with the most
+    tokens left (``"tokens"``) or the most global batches left, then tokens (``"rounds"``: a group with many short
+    global batches is started early, so its dependency gaps do not pile up at the end). A no-op slot when nothing
+    may run."""
+    if order not in STREAM_ORDERS:
+        raise ValueError(f"order must be one of {STREAM_ORDERS}, got {order!r}")
     pad, S, cap = params.pad_multiple, params.stages, params.capacity
     by_id = {j.adapter: j for j in jobs}
     rounds = [max(by_id[a].num_global_batches for a in members) for members in groups]
@@ -624,6 +636,9 @@ def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], ta
     # open units: [group, round, {adapter: [(sample, tokens), ...]}] in opening order
     active: list[list] = []
     mbs: list[Microbatch] = []
+
+    def priority(k: int) -> tuple:
+        return (left[k], -k) if order == "tokens" else (rounds[k] - nxt[k], left[k], -k)
 
     def open_unit(k: int) -> None:
         r = nxt[k]
@@ -655,7 +670,7 @@ def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], ta
             picks = joint_fill([unit[2][a] for unit, a in cands], room, pad) if cands else []
             used = sum(round_up(sum(unit[2][a][i][1] for i in take), pad) for (unit, a), take in zip(cands, picks))
             if opts and (not cands or room - used >= pad):
-                open_unit(max(opts, key=lambda k: (left[k], -k)))
+                open_unit(max(opts, key=priority))
                 continue
             if cands and not any(picks):  # nothing fits the room: an empty microbatch takes the smallest sample
                 unit, a = cands[0]
@@ -680,7 +695,7 @@ def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], ta
                         and all(u[0] != k for u in active)]
                 if not opts:
                     break
-                open_unit(max(opts, key=lambda k: (left[k], -k)))
+                open_unit(max(opts, key=priority))
                 continue
             unit, a = cand
             its = unit[2][a]
@@ -860,36 +875,49 @@ def plan(
                         out = (t, cand, out[2], [w, list(shape)])
         return out
 
-    # phase 1: group count x target size, every packer; phase 2: head and drain ramps for each stream packer's best
-    # layout (sequential fill, and joint fill across adapters)
+    # phase 1: group count x target size x stream order, every packer; phase 2: head and drain ramps, searched one
+    # after the other (head first, then drain), for the best few stream layouts of each fill variant (sequential
+    # fill, and joint fill across adapters)
     fills = (False, True) if params.capacity // params.pad_multiple <= JOINT_MAX_SLOTS else (False,)
     best = None
-    best_stream: dict[int, tuple] = {}
+    layouts: dict[bool, list] = {}
+
+    def consider(key: tuple, entry: tuple) -> None:
+        nonlocal best
+        if best is None or key < best[0]:
+            best = (key,) + entry
+
     for g in group_counts:
         groups = group_adapters(jobs, g)
         for tau in targets:
-            cands = []
             if "stream" in modes:
                 for jf in fills:
-                    cands.append(("stream", jf, (HEAD_RAMPS[1], 0.0),
-                                  _stream(jobs, params, groups, tau, HEAD_RAMPS[1], joint=jf)))
+                    for order in STREAM_ORDERS:
+                        mbs = _stream(jobs, params, groups, tau, HEAD_RAMPS[1], joint=jf, order=order)
+                        key = (sim(mbs), len(mbs), False, jf, g, -tau, STREAM_ORDERS.index(order))
+                        consider(key, (groups, tau, "stream", jf, order, (HEAD_RAMPS[1], 0.0), mbs))
+                        layouts.setdefault(jf, []).append((key, groups, tau, order))
             if "units" in modes:
-                cands.append(("units", 0, (), _build(jobs, params, groups, tau, milp_time_limit=0.0, improve=False)))
-            for mode, jf, h, mbs in cands:
-                t = sim(mbs)
-                key = (t, len(mbs), mode != "stream", jf, g, -tau)
-                if best is None or key < best[0]:
-                    best = (key, groups, tau, mode, jf, h, mbs)
-                if mode == "stream" and (jf not in best_stream or key < best_stream[jf][0]):
-                    best_stream[jf] = (key, groups, tau)
-    for jf, (_, groups_s, tau_s) in sorted(best_stream.items()):
-        for h in HEAD_RAMPS:
-            for tl in STREAM_TAILS:
-                mbs = _stream(jobs, params, groups_s, tau_s, h, tl, joint=jf)
-                key = (sim(mbs), len(mbs), False, jf, len(groups_s), -tau_s)
-                if key < best[0]:
-                    best = (key, groups_s, tau_s, "stream", jf, (h, tl), mbs)
-    _, groups, tau, mode, jf, head, chosen = best
+                mbs = _build(jobs, params, groups, tau, milp_time_limit=0.0, improve=False)
+                consider((sim(mbs), len(mbs), True, False, g, -tau, 0), (groups, tau, "units", False, "", (), mbs))
+    def attempt(groups_s: list[list[str]], tau_s: int, jf: bool, order: str, h: Sequence[float],
+                tl: float | tuple[float, ...]) -> tuple:
+        mbs = _stream(jobs, params, groups_s, tau_s, h, tl, joint=jf, order=order)
+        key = (sim(mbs), len(mbs), False, jf, len(groups_s), -tau_s, STREAM_ORDERS.index(order))
+        consider(key, (groups_s, tau_s, "stream", jf, order, (h, tl), mbs))
+        return key
+
+    for jf, cands in sorted(layouts.items()):
+        for rank, (_, groups_s, tau_s, order) in enumerate(sorted(cands, key=lambda c: c[0])[:RAMP_CANDIDATES]):
+            if rank == 0:  # the phase-1 leader: every head with every drain
+                for h in HEAD_RAMPS:
+                    for tl in STREAM_TAILS:
+                        attempt(groups_s, tau_s, jf, order, h, tl)
+                continue
+            h_best = min(HEAD_RAMPS, key=lambda h: attempt(groups_s, tau_s, jf, order, h, 0.0))  # noqa: B023
+            for tl in STREAM_TAILS[1:]:
+                attempt(groups_s, tau_s, jf, order, h_best, tl)
+    _, groups, tau, mode, jf, order, head, chosen = best
     t_best, chosen, tail, repack = finish(chosen)
     how = mode + ("+joint-fill" if jf else "")
     stats: dict = {}
@@ -904,7 +932,7 @@ def plan(
                 how, stats = "units+local-search" + ("+milp" if limit else ""), st
     meta = {
         "planner": "grouped-staggered", "mode": mode, "seed": seed, "groups": groups, "target_tokens": tau,
-        "packing": how, "unit_packers": stats, "head_ramp": list(head[0]) if mode == "stream" else [],
+        "packing": how, "stream_order": order if mode == "stream" else "", "unit_packers": stats, "head_ramp": list(head[0]) if mode == "stream" else [],
         "drain_step": (list(head[1]) if isinstance(head[1], tuple) else head[1]) if mode == "stream" else 0.0,
         "tail_ramp": list(tail), "tail_repack": repack,
         "cost_model": {"overhead": cost.overhead, "per_token": cost.per_token,

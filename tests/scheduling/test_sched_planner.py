@@ -202,6 +202,36 @@ def test_stream_passes_over_an_adapter_that_does_not_fit():
     assert verify(s, jobs, params) == []
 
 
+def test_stream_order_picks_which_ready_group_opens_next():
+    # "L" holds most tokens in one global batch, "S" fewer tokens over three: "tokens" opens L first, "rounds" S
+    jobs = [Job("L", (900, 900, 900), 3), Job("S", (100, 100, 100), 1)]
+    params = PlanParams(950, 1, 2)  # a 900-token sample and a 100-token one do not share a microbatch
+    by_tokens = _stream(jobs, params, [["L"], ["S"]], 950, order="tokens")
+    by_rounds = _stream(jobs, params, [["L"], ["S"]], 950, order="rounds")
+    assert by_tokens[0].adapters == ("L",)
+    assert by_rounds[0].adapters == ("S",)
+    for mbs in (by_tokens, by_rounds):
+        assert verify(Schedule(mbs, optimizer_steps_for(mbs), 950, 1, 2), jobs, params) == []
+    with pytest.raises(ValueError, match="order must be one of"):
+        _stream(jobs, params, [["L"], ["S"]], 950, order="random")
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_rounds_order_and_wider_ramp_search_speed_up_a_mix_dominated_by_one_job(monkeypatch, seed):
+    # one long-sample job (split pieces) holds most tokens, as in the local-text mix of benchmarks/planner.py; the
+    # short jobs with more global batches must not be left to the end. Measured gain on these draws: 2-4 %.
+    mix = lognormal_jobs(medians=[4000, 110, 120, 370], batch_sizes=[16] * 4, num_global_batches=[3, 4, 3, 4],
+                         sigma=0.8, maximum=8192, seed=seed)
+    jobs = [Job(j.adapter, j.lengths, j.global_batch_size, j.num_global_batches, allow_split=True) for j in mix]
+    params = PlanParams(4096, 128, 4)
+    new = plan(jobs, params, milp_time_limit=0.0)
+    check(new, jobs, params)
+    monkeypatch.setattr(planner_module, "STREAM_ORDERS", ("tokens",))
+    monkeypatch.setattr(planner_module, "RAMP_CANDIDATES", 1)
+    old = plan(jobs, params, milp_time_limit=0.0)
+    assert simulate(old).time / simulate(new).time > 1.01
+
+
 @pytest.mark.parametrize("step", [0.125, 0.25, 0.35, 0.5])
 def test_drain_room_ramps_down_linearly(step):
     target, pad = 4096, 128
