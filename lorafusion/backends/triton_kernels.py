@@ -194,6 +194,19 @@ def philox_keep(rows, cols, seed_lo, seed_hi, threshold):
     return philox_draw(rows, cols, seed_lo, seed_hi) >= threshold.to(tl.uint32, bitcast=True)
 
 
+@triton.jit
+def zero_dropped(x, keep):
+    """``tl.where(keep, x, 0)`` (a dropped element becomes +0.0, whatever it held) through a bit mask as wide as
+    x's elements, for a tile headed into ``tl.dot``: with a select on the 1-bit ``keep``, Triton 3.9's sm_80 pipeline
+    moved the layout conversion of the dot operand onto ``keep`` and failed ("shared-memory element type bit width
+    must be a multiple of 8; got 1"; found by tests/lorafusion/triton_aot_check.py --arch 80 --full)."""
+    if x.dtype.primitive_bitwidth == 16:
+        bits = x.to(tl.int16, bitcast=True) & (-keep.to(tl.int16))
+    else:
+        bits = x.to(tl.int32, bitcast=True) & (-keep.to(tl.int32))
+    return bits.to(x.dtype, bitcast=True)
+
+
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _philox_kernel(out_ptr, rows, cols, seed_lo, seed_hi, BM: tl.constexpr, BN: tl.constexpr):
     """Test hook: the raw dropout draw of every (row, col), as int64."""
@@ -263,7 +276,7 @@ def _shrink_kernel(x_ptr, a_ptr, s_ptr, M, K, R, M_BUCKET,
         x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = philox_keep(offs_m, offs_k, seed_lo, seed_hi, threshold)
-            x = tl.where(keep, x, 0.0)
+            x = zero_dropped(x, keep)
         a = tl.load(a_cols + offs_k.to(tl.int64)[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         if DOT_FP32:
             acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
@@ -419,7 +432,7 @@ def _grad_A_kernel(x_ptr, ds_ptr, da_ptr, bits_ptr, M, K, R, M_BUCKET,
         x = tl.load(x_cols + offs_m.to(tl.int64)[:, None] * stride_xm, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
             keep = philox_keep(offs_m, offs_k, seed_lo, seed_hi, threshold)
-            x = tl.where(keep, x, 0.0)
+            x = zero_dropped(x, keep)
             if WRITE_BITS:
                 k_ptrs = bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_k[None, :]
                 tl.store(k_ptrs, keep.to(tl.int8), mask=m_ok[:, None] & (k_ok & first_r)[None, :])
