@@ -22,7 +22,10 @@ import argparse
 import json
 from concurrent.futures import ThreadPoolExecutor
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -112,8 +115,37 @@ class Recorder:
                 self.failures.append(f"{case}: {name} {consts}:\n{traceback.format_exc()}")
                 continue
             self.compiled.append({"case": case, "kernel": name, "num_warps": meta.num_warps,
-                                  "num_stages": meta.num_stages, "shared": int(meta.shared), "constexprs": consts})
+                                  "num_stages": meta.num_stages, "shared": int(meta.shared), "constexprs": consts,
+                                  "ptx": kernel.asm.get("ptx")})
         self.pending = []
+
+
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptxas_usage(entries: list[dict], arch: int, jobs: int) -> None:
+    """Registers per thread and spill bytes of each compiled kernel, from ``ptxas -v`` (the ptxas Triton uses) on its
+    PTX; added to the entries as ``registers`` / ``spill_stores`` / ``spill_loads``."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    exe, gpu = get_ptxas(arch).path, sm_arch_from_capability(arch)
+
+    def one(entry: dict) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            src = os.path.join(d, "k.ptx")
+            with open(src, "w") as f:
+                f.write(entry["ptx"])
+            # the flags Triton 3.9 passes (fp fusion on, its ptxas 13 register-allocation workaround)
+            cmd = [exe, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")]
+            log = subprocess.run(cmd,
+                                 capture_output=True, text=True, check=True).stderr
+        regs, spill = _PTXAS_REGS.search(log), _PTXAS_SPILL.search(log)
+        entry["registers"] = int(regs.group(1)) if regs else None
+        entry["spill_stores"], entry["spill_loads"] = (int(spill.group(1)), int(spill.group(2))) if spill else (0, 0)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, [e for e in entries if e.get("ptx")]))
 
 
 def _single_cases(full: bool):
@@ -210,6 +242,8 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="every case (slower), not only the CI subset")
     ap.add_argument("--only", help="only the cases whose name contains this text")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compilations at a time")
+    ap.add_argument("--ptxas-usage", action="store_true",
+                    help="also report registers and spills per kernel config (ptxas -v on each kernel's PTX)")
     ap.add_argument("--json", help="write the compiled-kernel table here")
     args = ap.parse_args(argv)
     optin, sms = DEVICE_DEFAULTS.get(args.arch, (None, None))
@@ -248,17 +282,25 @@ def main(argv=None) -> int:
                  f"device allows (constexprs {c['constexprs']}, {c['num_warps']} warps, {c['num_stages']} stages)"
                  for c in too_big]
 
+    if args.ptxas_usage:
+        ptxas_usage(rec.compiled, args.arch, args.jobs)
     by_kernel: dict[str, list[dict]] = {}
     for c in rec.compiled:
         by_kernel.setdefault(c["kernel"], []).append(c)
     print(f"sm_{args.arch}: {len(rec.compiled)} kernel compilations in {secs:.1f} s, triton {triton.__version__}")
-    print(f"{'kernel':<26} {'compiled':>8} {'max shared (B)':>15}")
+    usage = f" {'max regs':>8} {'configs spilling':>16}" if args.ptxas_usage else ""
+    print(f"{'kernel':<26} {'compiled':>8} {'max shared (B)':>15}{usage}")
     for name, cs in sorted(by_kernel.items()):
-        print(f"{name:<26} {len(cs):>8} {max(c['shared'] for c in cs):>15}")
+        if args.ptxas_usage:
+            regs = max((c.get("registers") or 0) for c in cs)
+            spilling = sum(1 for c in cs if c.get("spill_stores") or c.get("spill_loads"))
+            usage = f" {regs:>8} {spilling:>16}"
+        print(f"{name:<26} {len(cs):>8} {max(c['shared'] for c in cs):>15}{usage}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"arch": args.arch, "smem_optin": optin, "triton": triton.__version__, "seconds": secs,
-                       "compiled": rec.compiled, "failures": failures}, f, indent=1)
+                       "compiled": [{k: v for k, v in c.items() if k != "ptx"} for c in rec.compiled],
+                       "failures": failures}, f, indent=1)
     if failures:
         print(f"\n{len(failures)} FAILURE(S):", file=sys.stderr)
         for f in failures:
