@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,24 @@ def _nvcc_command(nvcc: str, src: str, obj: str, stub: str) -> list[str]:
 
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{os.path.join(ROOT, 'csrc')}", f"-I{stub}"]
     return [nvcc, "-c", src, "-o", obj, "-std=c++20", "-O0", "-gencode=arch=compute_90,code=sm_90",
-            "-Xcompiler", "-fPIC", "-DTORCH_EXTENSION_NAME=_C", *COMMON_NVCC_FLAGS, *includes]
+            "-Xptxas", "-v", "-Xcompiler", "-fPIC", "-DTORCH_EXTENSION_NAME=_C", *COMMON_NVCC_FLAGS, *includes]
+
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def spills(ptxas_log: str) -> dict[str, tuple[int, int]]:
+    """Spill stores / loads (bytes per thread) of every kernel in nvcc's ``-Xptxas -v`` output (host -O0 does not
+    touch device code, which ptxas optimises as in a release build)."""
+    out, entry = {}, None
+    for line in ptxas_log.splitlines():
+        if m := _ENTRY.search(line):
+            entry = m.group(1)
+        elif (m := _SPILL.search(line)) and entry is not None:
+            out[entry] = (int(m.group(1)), int(m.group(2)))
+            entry = None
+    return out
 
 
 def test_cuda_sources_compile_with_nvcc(tmp_path):
@@ -50,9 +68,27 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
     for i, src in enumerate(CU_FILES):  # one nvcc per file, all at once
         cmd = _nvcc_command(nvcc, src, str(tmp_path / f"{i}.o"), stub)
         procs.append((src, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
-    failures = []
+    failures, spilling, kernels = [], [], 0
     for src, proc in procs:
         out, _ = proc.communicate(timeout=540)
         if proc.returncode != 0:
             failures.append(f"{os.path.relpath(src, ROOT)} (exit {proc.returncode}):\n{out[-6000:]}")
+            continue
+        usage = spills(out)
+        kernels += len(usage)
+        spilling += [f"{os.path.relpath(src, ROOT)}: {name} spills {st} / {ld} bytes per thread"
+                     for name, (st, ld) in usage.items() if st or ld]
     assert not failures, "nvcc failed:\n" + "\n\n".join(failures)
+    assert kernels > 0, "ptxas reported no kernel (is -Xptxas -v still passed?)"
+    # sm_90 register budget: every CUDA kernel fits without spilling to local memory
+    assert not spilling, "register spills:\n" + "\n".join(spilling)
+
+
+def test_spill_parser_reads_ptxas_verbose_output():
+    log = ("ptxas info    : Compiling entry function 'k1' for 'sm_90'\n"
+           "ptxas info    : Function properties for k1\n"
+           "    8 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers\n"
+           "ptxas info    : Compiling entry function 'k2' for 'sm_90'\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+    assert spills(log) == {"k1": (8, 4), "k2": (0, 0)}
