@@ -11,7 +11,9 @@
 Row blocks find their segments in ``SegmentTables.block_lookup(BM)`` and tiles in ``SegmentTables.tiles(BM)``; any
 number of adapters and ranks 1-256 (rank is looped in blocks). Only present adapters appear, so an absent adapter
 costs nothing. Dropout masks: ``philox_keep`` of ``lorafusion.backends.triton_kernels`` keyed by the global row.
-The main GEMM runs in the input's dtype on tensor cores (ieee fp32 for fp32 input); the rank-r work in fp32.
+The main GEMM and the rank-r products run on tensor cores in the input's dtype with fp32 accumulation (ieee fp32
+throughout for fp32 input); S, dS and the adapters' gradients are kept in fp32. Dropped elements are zeroed in the
+input's dtype and 1 / (1 - p) is applied once to the fp32 accumulator.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ try:
     import triton
     import triton.language as tl
 
-    from lorafusion.backends.triton_kernels import philox_keep
+    from lorafusion.backends.triton_kernels import philox_keep, zero_dropped
     _IMPORT_ERROR = None
 except Exception as exc:  # triton missing or the single-adapter kernels failed to import
     _IMPORT_ERROR = exc
@@ -56,7 +58,7 @@ if _IMPORT_ERROR is None:
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
     def _seg_shrink_kernel(x_ptr, w_ptr, out_ptr, tiles_ptr, seg_ptr, slot_ptr, thr_ptr, inv_ptr, scale_ptr,
                            K, stride_xm, stride_xk, seed_lo, seed_hi,
-                           DROPOUT: tl.constexpr, SCALED: tl.constexpr,
+                           DROPOUT: tl.constexpr, SCALED: tl.constexpr, TC: tl.constexpr,
                            BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr):
         t = tl.program_id(0)
         rb = tl.program_id(1) * BR
@@ -74,13 +76,17 @@ if _IMPORT_ERROR is None:
                 ks = k0 + tl.arange(0, BK)
                 kmask = ks < K
                 x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                            mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+                            mask=rmask[:, None] & kmask[None, :], other=0.0)
                 if DROPOUT:
-                    keep = philox_keep(rows, ks, seed_lo, seed_hi, tl.load(thr_ptr + k))
-                    x = tl.where(keep, x * tl.load(inv_ptr + k), 0.0)
+                    x = zero_dropped(x, philox_keep(rows, ks, seed_lo, seed_hi, tl.load(thr_ptr + k)))
                 w = tl.load(w_ptr + (w_off + rr)[None, :].to(tl.int64) * K + ks[:, None],
                             mask=rrmask[None, :] & kmask[:, None], other=0.0)
-                acc = tl.dot(x, w, acc, input_precision="ieee")
+                if TC:
+                    acc = tl.dot(x, w.to(x.dtype), acc)
+                else:
+                    acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+            if DROPOUT:  # the segment's 1 / (1 - p), once on the accumulator
+                acc = acc * tl.load(inv_ptr + k)
             if SCALED:
                 acc = acc * tl.load(scale_ptr + k)
             optr = out_ptr + f_off + (srow + rows - start)[:, None] * r + rr[None, :]
@@ -89,7 +95,7 @@ if _IMPORT_ERROR is None:
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
     def _seg_grad_kernel(l_ptr, m_ptr, g_ptr, seg_ptr, slot_ptr, sptr_ptr, sidx_ptr, thr_ptr, inv_ptr, scale_ptr,
                          N, stride_mm, stride_mn, seed_lo, seed_hi,
-                         DROPOUT: tl.constexpr, SCALED: tl.constexpr,
+                         DROPOUT: tl.constexpr, SCALED: tl.constexpr, TC: tl.constexpr,
                          BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
         k = tl.program_id(0)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -109,13 +115,17 @@ if _IMPORT_ERROR is None:
                     rows = r0 + tl.arange(0, BM)
                     rmask = rows < end
                     m = tl.load(m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
-                                mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+                                mask=rmask[:, None] & cmask[None, :], other=0.0)
                     if DROPOUT:
-                        keep = philox_keep(rows, cols, seed_lo, seed_hi, tl.load(thr_ptr + k))
-                        m = tl.where(keep, m * tl.load(inv_ptr + k), 0.0)
+                        m = zero_dropped(m, philox_keep(rows, cols, seed_lo, seed_hi, tl.load(thr_ptr + k)))
                     lt = tl.load(l_ptr + f_off + (srow + rows - start)[:, None] * r + rr[None, :],
                                  mask=rmask[:, None] & rrmask[None, :], other=0.0)
-                    acc = tl.dot(tl.trans(lt), m, acc, input_precision="ieee")
+                    if TC:
+                        acc = tl.dot(tl.trans(lt.to(m.dtype)), m, acc)
+                    else:
+                        acc = tl.dot(tl.trans(lt), m.to(tl.float32), acc, input_precision="ieee")
+            if DROPOUT:  # the slot's 1 / (1 - p), once on the accumulator
+                acc = acc * tl.load(inv_ptr + k)
             if SCALED:
                 acc = acc * tl.load(scale_ptr + k)
             gptr = g_ptr + (w_off + rr)[:, None].to(tl.int64) * N + cols[None, :]
@@ -155,7 +165,10 @@ if _IMPORT_ERROR is None:
                              mask=smask[:, None] & rrmask[None, :], other=0.0)
                 wc = tl.load(wc_ptr + (w_off + rr)[:, None].to(tl.int64) * N + cols[None, :],
                              mask=rrmask[:, None] & cmask[None, :], other=0.0)
-                acc = tl.dot(lt, wc, acc, input_precision="ieee")
+                if IEEE:
+                    acc = tl.dot(lt, wc, acc, input_precision="ieee")
+                else:  # tensor cores in the input's dtype, fp32 accumulation (as the single-adapter GEMMs)
+                    acc = tl.dot(lt.to(a_ptr.dtype.element_ty), wc.to(a_ptr.dtype.element_ty), acc)
             factor = 1.0
             if DROPOUT:
                 factor = tl.load(inv_ptr + k)
@@ -220,7 +233,7 @@ def shrink(x, w_cat, t, seed, dropout, scaled):
     _seg_shrink_kernel[grid](x, w_cat, out, tiles, t.seg, t.slot, thr, inv, t.slot_scale,
                              x.shape[1], x.stride(0), x.stride(1), lo, hi,
                              DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
-                             BM=BM, BR=BR, BK=BK)
+                             TC=x.dtype != torch.float32, BM=BM, BR=BR, BK=BK)
     return out
 
 
@@ -237,7 +250,7 @@ def grad(l_flat, m, t, seed, dropout, scaled):
     _seg_grad_kernel[grid](l_flat, m, G, t.seg, t.slot, t.slot_seg_ptr, t.slot_seg_idx, thr, inv, t.slot_scale,
                            N, m.stride(0), m.stride(1), lo, hi,
                            DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
-                           BM=BM, BR=BR, BN=BN)
+                           TC=m.dtype != torch.float32, BM=BM, BR=BR, BN=BN)
     return G
 
 

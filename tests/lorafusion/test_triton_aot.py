@@ -5,6 +5,7 @@ this checks that the compiled path the GPU runs exists at all. Run in a subproce
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -24,7 +25,7 @@ def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 def test_every_triton_kernel_compiles_for_sm90_and_fits_shared_memory(tmp_path):
     out = tmp_path / "aot.json"
-    proc = _run("--arch", "90", "--json", str(out))
+    proc = _run("--arch", "90", "--ptxas-usage", "--json", str(out))
     print(proc.stdout)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-8000:]}"
     import json
@@ -42,13 +43,27 @@ def test_every_triton_kernel_compiles_for_sm90_and_fits_shared_memory(tmp_path):
     assert {c["constexprs"]["HAS_DROPOUT"] for c in report["compiled"] if c["kernel"] == "_expand_backward_kernel"} \
         == {True, False}
     assert all(c["shared"] <= report["smem_optin"] for c in report["compiled"])
+    # 16-bit products run on tensor cores: Hopper's warpgroup MMA in the GEMMs, some MMA in the rank-r kernels
+    sixteen = [c for c in report["compiled"] if "bfloat16" in c["case"] or "fp16" in c["case"] or "float16" in c["case"]]
+    for c in sixteen:
+        if c["kernel"] in ("_expand_forward_kernel", "_expand_backward_kernel", "_seg_gemm_kernel"):
+            assert c["wgmma"] > 0, c
+        if c["kernel"] in ("_seg_shrink_kernel", "_seg_grad_kernel"):
+            assert c["wgmma"] + c["mma_sync"] > 0, c
+    # no register spills in the bf16 GEMMs of the issues' benchmark shapes (the multi-adapter dX GEMM once spilled
+    # over 2 KB per thread)
+    main = [c for c in sixteen if c["kernel"] in ("_expand_forward_kernel", "_expand_backward_kernel",
+                                                  "_seg_gemm_kernel")
+            and ("8192x4096->4096 r16" in c["case"] or "multi 8192 tokens" in c["case"])]
+    assert main and all(c["spill_stores"] == 0 and c["spill_loads"] == 0 for c in main), \
+        [(c["case"], c["kernel"], c["constexprs"], c["spill_stores"]) for c in main if c["spill_stores"]]
 
 
 def test_a_kernel_over_the_shared_memory_limit_is_reported():
-    # the multi-adapter GEMM's fp16 tiles need 64 KiB; a device allowing 48 000 B must fail the check, naming it
-    proc = _run("--only", "multi 133", "--smem-optin", "48000")
+    # the multi-adapter GEMM's fp16 tiles need tens of KiB; a device allowing 8 KiB must fail the check, naming it
+    proc = _run("--only", "multi 133", "--smem-optin", "8192")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "_seg_gemm_kernel needs 65536 B of shared memory, more than the 48000 B" in proc.stderr
+    assert re.search(r"_seg_gemm_kernel needs \d+ B of shared memory, more than the 8192 B", proc.stderr), proc.stderr
 
 
 def test_grad_A_with_two_rank_blocks_compiles_for_sm80():

@@ -117,6 +117,10 @@ class Recorder:
             self.compiled.append({"case": case, "kernel": name, "num_warps": meta.num_warps,
                                   "num_stages": meta.num_stages, "shared": int(meta.shared), "constexprs": consts,
                                   "ptx": kernel.asm.get("ptx")})
+            ptx = self.compiled[-1]["ptx"] or ""
+            # which tensor-core path the matrix products took: Hopper's asynchronous warpgroup MMA, or mma.sync
+            self.compiled[-1]["wgmma"] = ptx.count("wgmma.mma_async")
+            self.compiled[-1]["mma_sync"] = ptx.count("mma.sync")
         self.pending = []
 
 
@@ -289,13 +293,15 @@ def main(argv=None) -> int:
         by_kernel.setdefault(c["kernel"], []).append(c)
     print(f"sm_{args.arch}: {len(rec.compiled)} kernel compilations in {secs:.1f} s, triton {triton.__version__}")
     usage = f" {'max regs':>8} {'configs spilling':>16}" if args.ptxas_usage else ""
-    print(f"{'kernel':<26} {'compiled':>8} {'max shared (B)':>15}{usage}")
+    print(f"{'kernel':<26} {'compiled':>8} {'max shared (B)':>15} {'wgmma':>5} {'mma.sync':>8}{usage}")
     for name, cs in sorted(by_kernel.items()):
         if args.ptxas_usage:
             regs = max((c.get("registers") or 0) for c in cs)
             spilling = sum(1 for c in cs if c.get("spill_stores") or c.get("spill_loads"))
             usage = f" {regs:>8} {spilling:>16}"
-        print(f"{name:<26} {len(cs):>8} {max(c['shared'] for c in cs):>15}{usage}")
+        wgmma = sum(1 for c in cs if c["wgmma"])  # configs whose products run on each tensor-core path
+        mma = sum(1 for c in cs if c["mma_sync"])
+        print(f"{name:<26} {len(cs):>8} {max(c['shared'] for c in cs):>15} {wgmma:>5} {mma:>8}{usage}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"arch": args.arch, "smem_optin": optin, "triton": triton.__version__, "seconds": secs,
