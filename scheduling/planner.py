@@ -29,9 +29,10 @@ The algorithm (LoRAFusion's, with its free knobs searched and judged by the 1F1B
      and drops no-op slots wherever the dependency rule still holds.
 4. **Choose** by simulation: every (G, tau, packer, order) is built and simulated; the best stream layout is
    retried with every head and drain ramp, the next ``RAMP_CANDIDATES - 1`` with the best head and then each drain
-   (the best layout before the ramps are tuned is not always the best after); a units winner is refined (local search, MILP); the last microbatch may be cut into a
-   drain ramp (``TAIL_RAMPS``), or its last few microbatches re-packed into a drain ramp of the shortest samples
-   (``REPACK_TAILS``, :func:`repack_window`). The fastest simulated layout wins; ties go to fewer microbatches.
+   (the best layout before the ramps are tuned is not always the best after); a units winner is refined (local
+   search, MILP); the last microbatch may be cut into a drain ramp (``TAIL_RAMPS``), or its last few microbatches
+   re-packed into a drain ramp of the shortest samples (``REPACK_TAILS``, :func:`repack_window`). The fastest
+   simulated layout wins; ties go to fewer microbatches.
 
 Rules every output keeps (checked by :mod:`scheduling.verify`): capacity, exact padding per adapter segment, no
 microbatch holds two global batches of one adapter, and an adapter's global batch g+1 starts at least ``stages``
@@ -875,9 +876,9 @@ def plan(
                         out = (t, cand, out[2], [w, list(shape)])
         return out
 
-    # phase 1: group count x target size x stream order, every packer; phase 2: head and drain ramps, searched one
-    # after the other (head first, then drain), for the best few stream layouts of each fill variant (sequential
-    # fill, and joint fill across adapters)
+    # phase 1: group count x target size x stream order, every packer; phase 2: head and drain ramps for the best
+    # few stream layouts of each fill variant (sequential fill, and joint fill across adapters): every pair for the
+    # leader, the best head and then each drain for the others
     fills = (False, True) if params.capacity // params.pad_multiple <= JOINT_MAX_SLOTS else (False,)
     best = None
     layouts: dict[bool, list] = {}
@@ -900,6 +901,7 @@ def plan(
             if "units" in modes:
                 mbs = _build(jobs, params, groups, tau, milp_time_limit=0.0, improve=False)
                 consider((sim(mbs), len(mbs), True, False, g, -tau, 0), (groups, tau, "units", False, "", (), mbs))
+
     def attempt(groups_s: list[list[str]], tau_s: int, jf: bool, order: str, h: Sequence[float],
                 tl: float | tuple[float, ...]) -> tuple:
         mbs = _stream(jobs, params, groups_s, tau_s, h, tl, joint=jf, order=order)
@@ -932,7 +934,8 @@ def plan(
                 how, stats = "units+local-search" + ("+milp" if limit else ""), st
     meta = {
         "planner": "grouped-staggered", "mode": mode, "seed": seed, "groups": groups, "target_tokens": tau,
-        "packing": how, "stream_order": order if mode == "stream" else "", "unit_packers": stats, "head_ramp": list(head[0]) if mode == "stream" else [],
+        "packing": how, "stream_order": order if mode == "stream" else "", "unit_packers": stats,
+        "head_ramp": list(head[0]) if mode == "stream" else [],
         "drain_step": (list(head[1]) if isinstance(head[1], tuple) else head[1]) if mode == "stream" else 0.0,
         "tail_ramp": list(tail), "tail_repack": repack,
         "cost_model": {"overhead": cost.overhead, "per_token": cost.per_token,

@@ -44,7 +44,7 @@ def test_every_triton_kernel_compiles_for_sm90_and_fits_shared_memory(tmp_path):
         == {True, False}
     assert all(c["shared"] <= report["smem_optin"] for c in report["compiled"])
     # 16-bit products run on tensor cores: Hopper's warpgroup MMA in the GEMMs, some MMA in the rank-r kernels
-    sixteen = [c for c in report["compiled"] if "bfloat16" in c["case"] or "fp16" in c["case"] or "float16" in c["case"]]
+    sixteen = [c for c in report["compiled"] if any(t in c["case"] for t in ("bfloat16", "float16", "fp16"))]
     for c in sixteen:
         if c["kernel"] in ("_expand_forward_kernel", "_expand_backward_kernel", "_seg_gemm_kernel"):
             assert c["wgmma"] > 0, c

@@ -141,7 +141,8 @@ def ptxas_usage(entries: list[dict], arch: int, jobs: int) -> None:
             with open(src, "w") as f:
                 f.write(entry["ptx"])
             # the flags Triton 3.9 passes (fp fusion on, its ptxas 13 register-allocation workaround)
-            cmd = [exe, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src, "-o", os.path.join(d, "k.cubin")]
+            cmd = [exe, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src,
+                   "-o", os.path.join(d, "k.cubin")]
             log = subprocess.run(cmd,
                                  capture_output=True, text=True, check=True).stderr
         regs, spill = _PTXAS_REGS.search(log), _PTXAS_SPILL.search(log)
