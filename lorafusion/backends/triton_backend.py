@@ -87,6 +87,28 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
+def _use_tma(*tensors: torch.Tensor) -> bool:
+    """Whether the GEMMs fetch their main-loop operands by TMA (``LORAFUSION_TRITON_TMA=1``, opt-in until measured on
+    a GPU): only for 16-bit operands (fp32 ieee products run on the FMA units, and their TMA tiles spilled registers
+    in every config, triton_aot_check.py --ptxas-usage), where every operand qualifies (unit column stride, 16-byte
+    aligned base and row stride) and the device has the unit (compute capability 9.0 or later; the interpreter
+    emulates it)."""
+    if os.environ.get("LORAFUSION_TRITON_TMA", "0") != "1":
+        return False
+    for t in tensors:
+        if t.element_size() != 2 or t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            return False
+    dev = tensors[0].device
+    return dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] >= 9
+
+
+def _descriptor(t: torch.Tensor):
+    """A host TMA descriptor of a 2-D tensor; its tile shape is set per autotune config by the kernel's pre-hook."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, [16, 16])
+
+
 def _launch_accumulating(kernel, grid, buffers, *args, **kwargs) -> None:
     """Launch a kernel that atomically accumulates into zeroed ``buffers``. A fresh autotune benchmarks the
     configs on those buffers, so zero them and run once more after one."""
@@ -169,6 +191,14 @@ def lora_expand_forward(x2d, weight, bias, S, lora_B, scale: float) -> torch.Ten
     S = S.to(torch.float32).contiguous()
     b = bias.contiguous() if bias is not None else S  # dummy pointer when HAS_BIAS is False
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    if _use_tma(x2d, weight):
+        with _on_device(x2d):
+            tk._expand_forward_tma_kernel[grid](
+                _descriptor(x2d), _descriptor(weight), b, S, lora_B, Y, M, N, K, R, _bucket(M),
+                S.stride(0), lora_B.stride(0), lora_B.stride(1), Y.stride(0), float(scale),
+                HAS_BIAS=bias is not None, DOT_FP32=x2d.dtype == torch.float32, BR=_rank_block(R, 64),
+            )
+        return Y
     with _on_device(x2d):
         tk._expand_forward_kernel[grid](
             x2d, weight, b, S, lora_B, Y, M, N, K, R, _bucket(M),
@@ -266,6 +296,13 @@ def _expand_backward(dy2d, weight, dS, lora_A, bits, p: float) -> torch.Tensor:
     keep_scale = 1.0 / (1.0 - p) if p > 0 else 1.0
     bits_arg = bits if bits is not None else dS  # dummy pointer when HAS_DROPOUT is False
     grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(K, meta["BN"]),)  # noqa: E731
+    if _use_tma(dy2d, weight):
+        tk._expand_backward_tma_kernel[grid](
+            _descriptor(dy2d), _descriptor(weight), dS, lora_A, bits_arg, dX, M, N, K, R, _bucket(M),
+            dS.stride(0), lora_A.stride(0), lora_A.stride(1), bits_arg.stride(0), dX.stride(0), keep_scale,
+            HAS_DROPOUT=p > 0, DOT_FP32=dy2d.dtype == torch.float32, BR=_rank_block(R, 64),
+        )
+        return dX
     tk._expand_backward_kernel[grid](
         dy2d, weight, dS, lora_A, bits_arg, dX, M, N, K, R, _bucket(M),
         dy2d.stride(0), dy2d.stride(1), weight.stride(0), weight.stride(1), dS.stride(0),

@@ -233,6 +233,40 @@ def _grouped_pid(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr
     return pid_m, pid_n
 
 
+@triton.jit
+def _forward_epilogue(acc, offs_m, offs_n, M, N, s_ptr, stride_sm, lb_ptr, stride_bn, stride_br, R, scale, b_ptr,
+                      y_ptr, stride_ym, HAS_BIAS: tl.constexpr, BR: tl.constexpr, DOT_FP32: tl.constexpr):
+    """Y's tile: acc (X W^T) + (s S) B^T, r in chunks of BR, + b, stored once. Rows / cols past the edge wrap to
+    valid ones for the loads (their results are never stored)."""
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    acc = _rank_r_tile(acc, s_ptr + rm[:, None] * stride_sm, lb_ptr + rn[None, :] * stride_bn, stride_br, R, scale,
+                       y_ptr, BR, DOT_FP32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _dx_tile_start(M, K, R, ds_ptr, stride_dsm, a_ptr, stride_ar, stride_ak, bits_ptr, stride_bits, keep_scale,
+                   dx_ptr, HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, BR: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """A dX tile's coordinates and its masked rank-r term D'(dS A): the accumulator the main loop adds dY W into,
+    so only one BM x BN fp32 tile is ever live. Returns (pid_m, pid_n, offs_m, offs_c, rm, rc, acc)."""
+    pid_m, pid_n = _grouped_pid(M, K, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_c = pid_n * BN + tl.arange(0, BN)
+    rm = (offs_m % M).to(tl.int64)
+    rc = (offs_c % K).to(tl.int64)
+    acc = _rank_r_tile(tl.full([BM, BN], 0, tl.float32), ds_ptr + rm[:, None] * stride_dsm,
+                       a_ptr + rc[None, :] * stride_ak, stride_ar, R, 1.0, dx_ptr, BR, DOT_FP32)
+    if HAS_DROPOUT:
+        keep = tl.load(bits_ptr + rm[:, None] * stride_bits + rc[None, :]) != 0
+        acc = tl.where(keep, acc * keep_scale, 0.0)
+    return pid_m, pid_n, offs_m, offs_c, rm, rc, acc
+
+
 def split_count(blocks: int, work_blocks: int, num_sms: int) -> int:
     """How many ways to split a reduction so a memory-bound pass has about 4 programs per SM (at least 1,
     at most one split per ``work_blocks`` block of the reduced dimension)."""
@@ -329,12 +363,79 @@ def _expand_forward_kernel(x_ptr, w_ptr, b_ptr, s_ptr, lb_ptr, y_ptr, M, N, K, R
     acc = _gemm_tile(tl.full([BM, BN], 0, tl.float32), x_ptrs, w_ptrs, stride_xk, stride_wk, offs_k, K, BK, EVEN_K,
                      DOT_FP32)
     # rank-r term, added in the tile before the single store: acc += (s S) B^T, r in chunks of BR
-    acc = _rank_r_tile(acc, s_ptr + rm[:, None] * stride_sm, lb_ptr + rn[None, :] * stride_bn, stride_br, R, scale,
-                       y_ptr, BR, DOT_FP32)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    _forward_epilogue(acc, offs_m, offs_n, M, N, s_ptr, stride_sm, lb_ptr, stride_bn, stride_br, R, scale, b_ptr,
+                      y_ptr, stride_ym, HAS_BIAS, BR, DOT_FP32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The same two GEMMs with the operand tiles of the main K loop fetched by the Tensor Memory Accelerator (TMA: host
+# tensor descriptors, hardware bounds handling, no address arithmetic in the loop), for Hopper and later. Opt-in
+# (LORAFUSION_TRITON_TMA=1, see triton_backend) until measured against the pointer kernels on a GPU; the rank-r term,
+# bias, mask and store are those of the pointer kernels.
+# --------------------------------------------------------------------------------------------------------------
+def _tma_blocks_forward(nargs):
+    """Autotune pre-hook: the descriptors' tile shapes follow the config being tried."""
+    nargs["x_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+    nargs["w_desc"].block_shape = [nargs["BN"], nargs["BK"]]
+
+
+def _tma_blocks_backward(nargs):
+    nargs["dy_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+    nargs["w_desc"].block_shape = [nargs["BK"], nargs["BN"]]
+
+
+def _tma_configs(hook):
+    return [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=hook)
+            for c in _configs(_GEMM_CONFIGS, _GEMM_INTERP)]
+
+
+def _prune_gemm_tma(configs, named_args, **kwargs):
+    named = dict(named_args)
+    named.setdefault("x_ptr", named.get("x_desc", named.get("dy_desc")).base)
+    return _prune_gemm(configs, named, **kwargs)
+
+
+@triton.autotune(configs=_tma_configs(_tma_blocks_forward), key=["M_BUCKET", "N", "K", "R"],
+                 prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_gemm_tma})
+@triton.jit
+def _expand_forward_tma_kernel(x_desc, w_desc, b_ptr, s_ptr, lb_ptr, y_ptr, M, N, K, R, M_BUCKET,
+                               stride_sm, stride_bn, stride_br, stride_ym, scale,
+                               HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BR: tl.constexpr,
+                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _grouped_pid(M, N, BM, BN, GROUP_M)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    acc = tl.full([BM, BN], 0, tl.float32)
+    for k in range(0, _cdiv(K, BK)):  # tiles past K, M or N arrive zero-filled
+        a = x_desc.load([pid_m * BM, k * BK])
+        b = w_desc.load([pid_n * BN, k * BK])
+        if DOT_FP32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b.to(a.dtype).T, acc)
+    _forward_epilogue(acc, offs_m, offs_n, M, N, s_ptr, stride_sm, lb_ptr, stride_bn, stride_br, R, scale, b_ptr,
+                      y_ptr, stride_ym, HAS_BIAS, BR, DOT_FP32)
+
+
+@triton.autotune(configs=_tma_configs(_tma_blocks_backward), key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT"],
+                 prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_gemm_tma})
+@triton.jit
+def _expand_backward_tma_kernel(dy_desc, w_desc, ds_ptr, a_ptr, bits_ptr, dx_ptr, M, N, K, R, M_BUCKET,
+                                stride_dsm, stride_ar, stride_ak, stride_bits, stride_dxm, keep_scale,
+                                HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, BR: tl.constexpr,
+                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n, offs_m, offs_c, rm, rc, acc = _dx_tile_start(
+        M, K, R, ds_ptr, stride_dsm, a_ptr, stride_ar, stride_ak, bits_ptr, stride_bits, keep_scale, dx_ptr,
+        HAS_DROPOUT, DOT_FP32, BR, BM, BN, GROUP_M)
+    for n in range(0, _cdiv(N, BK)):  # reduction over the out-features, zero-filled past N
+        a = dy_desc.load([pid_m * BM, n * BK])
+        b = w_desc.load([n * BK, pid_n * BN])
+        if DOT_FP32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b.to(a.dtype), acc)
+    dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_c[None, :]
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_c < K)[None, :])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -478,18 +579,9 @@ def _expand_backward_kernel(dy_ptr, w_ptr, ds_ptr, a_ptr, bits_ptr, dx_ptr, M, N
                             EVEN_K: tl.constexpr):
     # output tile (BM x BN) of dX (M x K); the reduction runs over the out-features N in steps of BK.
     # EVEN_K here means N % BK == 0.
-    pid_m, pid_n = _grouped_pid(M, K, BM, BN, GROUP_M)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_c = pid_n * BN + tl.arange(0, BN)
-    rm = (offs_m % M).to(tl.int64)
-    rc = (offs_c % K).to(tl.int64)
-    # the masked rank-r term first: it becomes the accumulator the main loop adds dY W into, so only one
-    # BM x BN fp32 tile is ever live
-    acc = _rank_r_tile(tl.full([BM, BN], 0, tl.float32), ds_ptr + rm[:, None] * stride_dsm,
-                       a_ptr + rc[None, :] * stride_ak, stride_ar, R, 1.0, dx_ptr, BR, DOT_FP32)
-    if HAS_DROPOUT:
-        keep = tl.load(bits_ptr + rm[:, None] * stride_bits + rc[None, :]) != 0
-        acc = tl.where(keep, acc * keep_scale, 0.0)
+    pid_m, pid_n, offs_m, offs_c, rm, rc, acc = _dx_tile_start(
+        M, K, R, ds_ptr, stride_dsm, a_ptr, stride_ar, stride_ak, bits_ptr, stride_bits, keep_scale, dx_ptr,
+        HAS_DROPOUT, DOT_FP32, BR, BM, BN, GROUP_M)
     offs_n = tl.arange(0, BK).to(tl.int64)
     dy_ptrs = dy_ptr + rm[:, None] * stride_dym + offs_n[None, :] * stride_dyn
     w_ptrs = w_ptr + rc[None, :] * stride_wk + offs_n[:, None] * stride_wn

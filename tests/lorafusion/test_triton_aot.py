@@ -32,10 +32,12 @@ def test_every_triton_kernel_compiles_for_sm90_and_fits_shared_memory(tmp_path):
 
     report = json.loads(out.read_text())
     kernels = {c["kernel"] for c in report["compiled"]}
-    # the five single-adapter kernels, the two helper kernels and the three multi-adapter kernels
+    # the five single-adapter kernels, the TMA variants of its two GEMMs, the two helper kernels and the three
+    # multi-adapter kernels
     assert kernels == {"_shrink_kernel", "_expand_forward_kernel", "_dy_shrink_kernel", "_grad_A_kernel",
-                       "_expand_backward_kernel", "_dropout_bits_kernel", "_philox_kernel",
-                       "_seg_shrink_kernel", "_seg_grad_kernel", "_seg_gemm_kernel"}
+                       "_expand_backward_kernel", "_expand_forward_tma_kernel", "_expand_backward_tma_kernel",
+                       "_dropout_bits_kernel", "_philox_kernel", "_seg_shrink_kernel", "_seg_grad_kernel",
+                       "_seg_gemm_kernel"}
     # bf16, fp16 and fp32 GEMMs were all compiled, with dropout on and off
     gemm = [c for c in report["compiled"] if c["kernel"] == "_expand_forward_kernel"]
     assert {c["case"].rsplit(" ", 1)[-1] for c in gemm if "8192x4096->4096" in c["case"]} == {
@@ -46,13 +48,15 @@ def test_every_triton_kernel_compiles_for_sm90_and_fits_shared_memory(tmp_path):
     # 16-bit products run on tensor cores: Hopper's warpgroup MMA in the GEMMs, some MMA in the rank-r kernels
     sixteen = [c for c in report["compiled"] if any(t in c["case"] for t in ("bfloat16", "float16", "fp16"))]
     for c in sixteen:
-        if c["kernel"] in ("_expand_forward_kernel", "_expand_backward_kernel", "_seg_gemm_kernel"):
+        if c["kernel"] in ("_expand_forward_kernel", "_expand_backward_kernel", "_seg_gemm_kernel",
+                           "_expand_forward_tma_kernel", "_expand_backward_tma_kernel"):
             assert c["wgmma"] > 0, c
         if c["kernel"] in ("_seg_shrink_kernel", "_seg_grad_kernel"):
             assert c["wgmma"] + c["mma_sync"] > 0, c
     # no register spills in the bf16 GEMMs of the issues' benchmark shapes (the multi-adapter dX GEMM once spilled
     # over 2 KB per thread)
     main = [c for c in sixteen if c["kernel"] in ("_expand_forward_kernel", "_expand_backward_kernel",
+                                                  "_expand_forward_tma_kernel", "_expand_backward_tma_kernel",
                                                   "_seg_gemm_kernel")
             and ("8192x4096->4096 r16" in c["case"] or "multi 8192 tokens" in c["case"])]
     assert main and all(c["spill_stores"] == 0 and c["spill_loads"] == 0 for c in main), \

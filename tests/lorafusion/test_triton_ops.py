@@ -118,3 +118,36 @@ def test_backend_attributes():
     assert tb.NAME == "triton"
     assert tb.DEVICE_TYPES == ("cuda", "cpu")
     assert tb.unavailable_reason() is None
+
+
+# The TMA variants of the two GEMMs (LORAFUSION_TRITON_TMA=1): aligned 16-bit operands take them (fp16 here, bf16 on
+# a GPU), with edge tiles in every dimension (tokens, in and out not multiples of the tiles), dropout on and off.
+TMA_CASES = [(1, 32, 48, 1), (133, 96, 40, 16), (70, 64, 200, 40)]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: f"M{c[0]}_{c[1]}to{c[2]}_r{c[3]}")
+def test_tma_gemms_match_reference(monkeypatch, case, p):
+    dtype = torch.float16
+    monkeypatch.setenv("LORAFUSION_TRITON_TMA", "1")
+    M, K, N, r = case
+    launched = []
+    for name in ("_expand_forward_tma_kernel", "_expand_backward_tma_kernel"):
+        kernel = getattr(tb.tk, name)
+        monkeypatch.setattr(kernel, "run", lambda *a, _run=kernel.run, _n=name, **k: launched.append(_n) or _run(*a, **k))
+    gen = torch.Generator().manual_seed(hash((case, str(dtype), p)) & 0xFFFF)
+    check_forward_backward(tb, M, K, N, r, dtype, p, True, False, False, gen, TOL[dtype])
+    assert "_expand_forward_tma_kernel" in launched and "_expand_backward_tma_kernel" in launched
+
+
+def test_tma_only_where_the_operands_qualify(monkeypatch):
+    h = torch.float16
+    x = torch.randn(8, 40, dtype=h)
+    assert not tb._use_tma(x)  # opt-in: off unless LORAFUSION_TRITON_TMA=1
+    monkeypatch.setenv("LORAFUSION_TRITON_TMA", "1")
+    assert tb._use_tma(x)
+    assert tb._use_tma(x[:, :37])  # a column slice: rows still 80 bytes apart, so the descriptor is valid
+    assert not tb._use_tma(torch.randn(8, 40))  # fp32: the pointer kernels
+    assert not tb._use_tma(torch.randn(8, 36, dtype=h))  # 36 * 2 bytes per row: not a multiple of 16
+    assert not tb._use_tma(torch.randn(40, 8, dtype=h).t())  # column stride 40
+    assert not tb._use_tma(torch.randn(8 * 40 + 1, dtype=h)[1:].view(8, 40))  # base 2 bytes past an aligned one

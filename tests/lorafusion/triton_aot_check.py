@@ -94,6 +94,8 @@ class Recorder:
             self.nargs = dict(zip(self.arg_names, args))
             configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
             for config in configs:
+                if config.pre_hook is not None:  # e.g. the TMA kernels set their descriptors' tile shapes
+                    config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
                 self.fn.run(*args, **kwargs, **config.all_kwargs())
             self.nargs = None
 
@@ -163,6 +165,10 @@ def _single_cases(full: bool):
         ("1x4096->4096 r256 p0.1 bf16 (one token, largest rank)", torch.bfloat16, 1, 4096, 4096, 256, 0.1, True,
          True),
     ]
+    # the TMA GEMMs (LORAFUSION_TRITON_TMA=1): the benchmark shape and an edge-tile one
+    cases += [(f"TMA 8192x4096->4096 r16 p0.1 {dt}", dt, 8192, 4096, 4096, 16, 0.1, True, True)
+              for dt in (torch.bfloat16, torch.float16)]
+    cases.append(("TMA 133x96->40 r16 p0.1 torch.float16", torch.float16, 133, 96, 40, 16, 0.1, True, True))
     if full:
         cases += [(f"{T}x{k}->{n} r{r} p{p} {dt}", dt, T, k, n, r, p, True, True)
                   for dt in dtypes for (T, k, n, r, p) in ((16384, 4096, 4096, 16, 0.1), (8192, 14336, 4096, 16, 0.1),
@@ -184,6 +190,7 @@ def run_single(cases, rec: Recorder) -> list[str]:
             failures.append(f"{rec.case}:\n{traceback.format_exc()}")
     for name, dtype, T, fin, fout, r, p, bias, need_dx in cases:
         rec.case = "single " + name
+        os.environ["LORAFUSION_TRITON_TMA"] = "1" if name.startswith("TMA ") else "0"
         x = torch.empty(T, fin, dtype=dtype)
         W = torch.empty(fout, fin, dtype=dtype)
         b = torch.empty(fout, dtype=dtype) if bias else None
@@ -197,6 +204,7 @@ def run_single(cases, rec: Recorder) -> list[str]:
                 tb.lora_expand_backward(dy, W, S, A, 1234, p)
         except Exception:  # noqa: BLE001 - every failure is reported, with its traceback
             failures.append(f"{rec.case}:\n{traceback.format_exc()}")
+    os.environ.pop("LORAFUSION_TRITON_TMA", None)
     return failures
 
 
