@@ -1,0 +1,56 @@
+"""benchmarks/gpu_check.sh only runs on a GPU machine, where every minute is scarce: check here what can be checked
+without one, so that it does not fail there for a reason a CPU could have caught."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+TEXT = open(SCRIPT).read()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found")
+def test_script_parses():
+    proc = subprocess.run(["bash", "-n", SCRIPT], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_embedded_python_compiles():
+    blocks = re.findall(r"<<'PY'[^\n]*\n(.*?)\nPY\n", TEXT, flags=re.S)
+    assert blocks, "no embedded python block found"
+    for block in blocks:
+        compile(block, "gpu_check.sh (embedded python)", "exec")
+
+
+def test_at_most_eight_files_under_out():
+    # the device tool brings back at most 8 files from $OUT; anything more is lost
+    files = set(re.findall(r"\$OUT/([A-Za-z0-9_.-]+)", TEXT))
+    assert 0 < len(files) <= 8, sorted(files)
+
+
+@pytest.mark.parametrize("script, flags", [
+    ("benchmarks/lora_layer.py", ("--device", "--ranks", "--out")),
+    ("benchmarks/multi_lora_layer.py", ("--device", "--out")),
+])
+def test_benchmark_flags_the_script_uses_exist(script, flags):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for flag in flags:
+        assert flag in proc.stdout, f"{script} has no {flag}"
+        assert re.search(rf"{re.escape(os.path.basename(script))}[^\n]*{re.escape(flag)}", TEXT), \
+            f"gpu_check.sh does not call {script} with {flag} (update this test with the script)"
+
+
+def test_pytest_markers_and_paths_exist():
+    match = re.search(r"pytest -m gpu[^\n]*\\\n\s*([^\n|]+)", TEXT)
+    assert match, "the GPU test command was not found"
+    for path in match.group(1).split():
+        if not path.startswith("-") and not path.startswith("2>"):
+            assert os.path.exists(os.path.join(ROOT, path)), path
