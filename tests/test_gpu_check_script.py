@@ -54,3 +54,16 @@ def test_pytest_markers_and_paths_exist():
     for path in match.group(1).split():
         if not path.startswith("-") and not path.startswith("2>"):
             assert os.path.exists(os.path.join(ROOT, path)), path
+
+
+def test_every_gpu_marked_test_file_is_on_the_scripts_path():
+    match = re.search(r"pytest -m gpu[^\n]*\\\n\s*([^\n|]+)", TEXT)
+    roots = [p for p in match.group(1).split() if not p.startswith(("-", "2>"))]
+    marked = []
+    for folder, _, names in os.walk(os.path.join(ROOT, "tests")):
+        for name in names:
+            if name.endswith(".py") and "mark.gpu" in open(os.path.join(folder, name)).read():
+                marked.append(os.path.relpath(os.path.join(folder, name), ROOT))
+    assert marked
+    missed = [m for m in marked if m != "tests/test_gpu_check_script.py" and not any(m.startswith(r + "/") for r in roots)]
+    assert not missed, f"gpu-marked tests gpu_check.sh does not run: {missed}"
