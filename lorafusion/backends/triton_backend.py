@@ -196,7 +196,7 @@ def lora_expand_forward(x2d, weight, bias, S, lora_B, scale: float) -> torch.Ten
             tk._expand_forward_tma_kernel[grid](
                 _descriptor(x2d), _descriptor(weight), b, S, lora_B, Y, M, N, K, R, _bucket(M),
                 S.stride(0), lora_B.stride(0), lora_B.stride(1), Y.stride(0), float(scale),
-                HAS_BIAS=bias is not None, DOT_FP32=x2d.dtype == torch.float32, BR=_rank_block(R, 64),
+                HAS_BIAS=bias is not None, BR=_rank_block(R, 64),
             )
         return Y
     with _on_device(x2d):
@@ -300,7 +300,7 @@ def _expand_backward(dy2d, weight, dS, lora_A, bits, p: float) -> torch.Tensor:
         tk._expand_backward_tma_kernel[grid](
             _descriptor(dy2d), _descriptor(weight), dS, lora_A, bits_arg, dX, M, N, K, R, _bucket(M),
             dS.stride(0), lora_A.stride(0), lora_A.stride(1), bits_arg.stride(0), dX.stride(0), keep_scale,
-            HAS_DROPOUT=p > 0, DOT_FP32=dy2d.dtype == torch.float32, BR=_rank_block(R, 64),
+            HAS_DROPOUT=p > 0, BR=_rank_block(R, 64),
         )
         return dX
     tk._expand_backward_kernel[grid](

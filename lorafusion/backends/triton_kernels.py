@@ -400,8 +400,9 @@ def _prune_gemm_tma(configs, named_args, **kwargs):
 @triton.jit
 def _expand_forward_tma_kernel(x_desc, w_desc, b_ptr, s_ptr, lb_ptr, y_ptr, M, N, K, R, M_BUCKET,
                                stride_sm, stride_bn, stride_br, stride_ym, scale,
-                               HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, BR: tl.constexpr,
+                               HAS_BIAS: tl.constexpr, BR: tl.constexpr,
                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    # 16-bit operands only (triton_backend._use_tma): products on tensor cores, never the fp32 ieee path
     pid_m, pid_n = _grouped_pid(M, N, BM, BN, GROUP_M)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -409,12 +410,9 @@ def _expand_forward_tma_kernel(x_desc, w_desc, b_ptr, s_ptr, lb_ptr, y_ptr, M, N
     for k in range(0, _cdiv(K, BK)):  # tiles past K, M or N arrive zero-filled
         a = x_desc.load([pid_m * BM, k * BK])
         b = w_desc.load([pid_n * BN, k * BK])
-        if DOT_FP32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b.to(a.dtype).T, acc)
+        acc = tl.dot(a, b.to(a.dtype).T, acc)
     _forward_epilogue(acc, offs_m, offs_n, M, N, s_ptr, stride_sm, lb_ptr, stride_bn, stride_br, R, scale, b_ptr,
-                      y_ptr, stride_ym, HAS_BIAS, BR, DOT_FP32)
+                      y_ptr, stride_ym, HAS_BIAS, BR, False)
 
 
 @triton.autotune(configs=_tma_configs(_tma_blocks_backward), key=["M_BUCKET", "N", "K", "R", "HAS_DROPOUT"],
@@ -422,18 +420,16 @@ def _expand_forward_tma_kernel(x_desc, w_desc, b_ptr, s_ptr, lb_ptr, y_ptr, M, N
 @triton.jit
 def _expand_backward_tma_kernel(dy_desc, w_desc, ds_ptr, a_ptr, bits_ptr, dx_ptr, M, N, K, R, M_BUCKET,
                                 stride_dsm, stride_ar, stride_ak, stride_bits, stride_dxm, keep_scale,
-                                HAS_DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, BR: tl.constexpr,
+                                HAS_DROPOUT: tl.constexpr, BR: tl.constexpr,
                                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    # 16-bit operands only (triton_backend._use_tma): products on tensor cores, never the fp32 ieee path
     pid_m, pid_n, offs_m, offs_c, rm, rc, acc = _dx_tile_start(
         M, K, R, ds_ptr, stride_dsm, a_ptr, stride_ar, stride_ak, bits_ptr, stride_bits, keep_scale, dx_ptr,
-        HAS_DROPOUT, DOT_FP32, BR, BM, BN, GROUP_M)
+        HAS_DROPOUT, False, BR, BM, BN, GROUP_M)
     for n in range(0, _cdiv(N, BK)):  # reduction over the out-features, zero-filled past N
         a = dy_desc.load([pid_m * BM, n * BK])
         b = w_desc.load([n * BK, pid_n * BN])
-        if DOT_FP32:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b.to(a.dtype), acc)
+        acc = tl.dot(a, b.to(a.dtype), acc)
     dx_ptrs = dx_ptr + offs_m.to(tl.int64)[:, None] * stride_dxm + offs_c[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_c < K)[None, :])
 
