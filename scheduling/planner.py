@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -587,31 +587,29 @@ def joint_fill(groups: Sequence[Sequence[tuple[int, int]]], room: int, pad: int)
     return out
 
 
-def drain_room(left: int, target: int, step: float, pad: int) -> int:
-    """Room for the next microbatch on a linear drain ramp whose sizes fall by ``step * target`` tokens a
-    microbatch (``target - d``, ``target - 2 d``, .. down to the smallest positive one): the first size of the
-    shortest tail of the ramp that still holds the ``left`` tokens, or ``target`` while the whole ramp cannot, so
-    the ramp starts as late as possible and the last microbatches are the smallest."""
-    delta = max(pad, int(target * step))
+def _ramp_room(left: int, ramp: Iterable[int], target: int) -> int:
+    """Room for the next microbatch on a drain ramp (its sizes, smallest first): the first size of the shortest tail
+    of the ramp that still holds the ``left`` tokens, or ``target`` while the whole ramp cannot, so the ramp starts
+    as late as possible and the last microbatches are the smallest."""
     held = 0
-    for size in range((target - 1) % delta + 1, target, delta):  # the ramp, smallest first
-        held += size
-        if held >= left:
-            return max(pad, size)
-    return target
-
-
-def shape_room(left: int, target: int, shape: Sequence[float], pad: int) -> int:
-    """Room for the next microbatch on an explicit drain ramp: ``shape`` lists the last microbatches' sizes as
-    fractions of ``target``, largest first. The first size of the shortest tail of the ramp that still holds the
-    ``left`` tokens, or ``target`` while the whole ramp cannot (the ramp starts as late as possible)."""
-    held = 0
-    for frac in reversed(shape):  # the ramp, smallest first
-        size = max(pad, int(target * frac))
+    for size in ramp:
         held += size
         if held >= left:
             return size
     return target
+
+
+def drain_room(left: int, target: int, step: float, pad: int) -> int:
+    """:func:`_ramp_room` on a linear drain ramp whose sizes fall by ``step * target`` tokens a microbatch
+    (``target - d``, ``target - 2 d``, .. down to the smallest positive one), at least ``pad``."""
+    delta = max(pad, int(target * step))
+    return max(pad, _ramp_room(left, range((target - 1) % delta + 1, target, delta), target))
+
+
+def shape_room(left: int, target: int, shape: Sequence[float], pad: int) -> int:
+    """:func:`_ramp_room` on an explicit drain ramp: ``shape`` lists the last microbatches' sizes as fractions of
+    ``target``, largest first (each at least ``pad``)."""
+    return _ramp_room(left, (max(pad, int(target * frac)) for frac in reversed(shape)), target)
 
 
 def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], target: int,
