@@ -138,9 +138,8 @@ std::vector<float>& scratch_floats(int which) {
 }
 
 // A (rows x cols) float32 view of a scratch tensor kept across calls, grown when too small.
-at::Tensor scratch_tensor(int which, int64_t rows, int64_t cols) {
-  thread_local at::Tensor bufs[1];
-  at::Tensor& b = bufs[which];
+at::Tensor scratch_tensor(int64_t rows, int64_t cols) {
+  thread_local at::Tensor b;
   if (!b.defined() || b.numel() < rows * cols) b = at::empty({rows * cols}, at::TensorOptions().dtype(at::kFloat));
   return b.narrow(0, 0, rows * cols).view({rows, cols});
 }
@@ -238,7 +237,7 @@ void multi_lora_expand_add_cpu(at::Tensor& out, const at::Tensor& l_flat_in, con
         out.narrow(0, r0, r1 - r0).addmm_(lb, wk, 1.0, mul);
         continue;
       }
-      at::Tensor tmp = scratch_tensor(0, r1 - r0, N);
+      at::Tensor tmp = scratch_tensor(r1 - r0, N);
       at::mm_out(tmp, lb, wk);
       const float* tp = tmp.data_ptr<float>();
       const float fmul = static_cast<float>(mul);
@@ -307,7 +306,7 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
     for (int64_t r0 = sg.start; r0 < sg.end; r0 += kChunk) {
       const int64_t r1 = std::min(r0 + kChunk, sg.end), rows = r1 - r0;
       auto dsb = flat_block(ds, sg, sl, r0, r1);
-      at::Tensor tmp = scratch_tensor(0, rows, K);
+      at::Tensor tmp = scratch_tensor(rows, K);
       at::mm_out(tmp, dsb, ak);  // dS A, rows x K
       const float* tp = tmp.data_ptr<float>();
       xbuf.resize(rows * K);
