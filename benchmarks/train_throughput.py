@@ -5,7 +5,8 @@ tokens/s is the median over steps after a warm-up, then the median over `--repea
 
     python benchmarks/train_throughput.py                       # CPU: the built-in tiny Llama
     python benchmarks/train_throughput.py --steps 40 -- --data.max_length 64 --lora.r 32
-Writes $OUT/train_throughput.json (or ./bench_out/). GPU rows when CUDA is available (device auto).
+Writes $OUT/train_throughput.json when $OUT is set, else --out (benchmarks/results/train_throughput.json, beside
+the other benchmarks' results). GPU rows when CUDA is available (device auto).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs per row (a shared CPU is noisy)")
+    ap.add_argument("--out", default="benchmarks/results/train_throughput.json", help="the JSON ($OUT wins if set)")
     ap.add_argument("extra", nargs="*", help="config overrides after --, e.g. -- --lora.r 32")
     args = ap.parse_args()
     runs: dict = {False: [], True: []}
@@ -66,9 +68,9 @@ def main() -> int:
               f"{r['final_train_loss']:>11.4f}")
     print(f"fused / peft tokens/s: {ratio:.2f}x; same final loss: "
           f"{abs(rows[0]['final_train_loss'] - rows[1]['final_train_loss']) < 1e-3}")
-    out_dir = os.environ.get("OUT") or os.path.join(os.getcwd(), "bench_out")
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "train_throughput.json"), "w") as fh:
+    out = os.path.join(os.environ["OUT"], "train_throughput.json") if os.environ.get("OUT") else args.out
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as fh:
         json.dump({"rows": rows, "ratio_fused_over_peft": ratio, "steps": args.steps, "repeats": args.repeats,
                    "extra": args.extra}, fh,
                   indent=1)
