@@ -46,6 +46,10 @@ def _worker(rank, init_file, seed, out_dir):
             _train_rank(model, opt, batches, rank, ddp, layerwise)
             torch.save({k: v.clone() for k, v in model.state_dict().items()},
                        os.path.join(out_dir, f"rank{rank}_layerwise{int(layerwise)}.pt"))
+        # both ranks done with every collective before either tears gloo down: without it, a rank that destroyed
+        # its group while the other was still finishing once aborted the other ("terminate called without an
+        # active exception", SIGABRT) in a full CI run
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
