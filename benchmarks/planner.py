@@ -120,11 +120,18 @@ def _row(mix: str, cap: int, seed: int, jobs, params: PlanParams, milp_time_limi
     return r
 
 
-def run_file(path: str, capacities: list[int], milp_time_limit: float, ideal: bool) -> list[dict]:
+def run_file(path: str, capacities: list[int] | None, milp_time_limit: float, ideal: bool) -> list[dict]:
+    """The jobs file at each of ``capacities``, or (None) at the file's own capacity; the file's padding multiple
+    and stages, else the benchmark's 128 and 4."""
     rows = []
+    _, settings = load_jobs(path)
+    if capacities is None:
+        if "capacity" not in settings:
+            raise ValueError(f"jobs file {path!r} sets no capacity: pass --capacities")
+        capacities = [settings["capacity"]]
     for cap in capacities:
         jobs, settings = load_jobs(path)
-        params = PlanParams(cap, int(settings.get("pad_multiple", 128)), int(settings.get("stages", 4)))
+        params = PlanParams(cap, settings.get("pad_multiple", 128), settings.get("stages", 4))
         rows.append(_row(Path(path).stem, cap, int(settings.get("seed", 0)), jobs, params, milp_time_limit, ideal))
     return rows
 
@@ -145,7 +152,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4],
                     help="seeds of the synthetic mixes (none: skip them)")
     ap.add_argument("--jobs", help="also plan this jobs file (e.g. lengths from a local JSONL dataset) as an extra mix")
-    ap.add_argument("--capacities", type=int, nargs="+", default=[4096, 8192])
+    ap.add_argument("--capacities", type=int, nargs="+", default=None,
+                    help="capacities to plan at (default: 4096 and 8192 for the synthetic mixes, the file's own "
+                         "capacity for --jobs)")
     ap.add_argument("--milp-time-limit", type=float, default=0.3)
     ap.add_argument("--ideal", action="store_true",
                     help="also report each baseline against an ideal schedule of the same tokens (every microbatch "
@@ -155,7 +164,7 @@ def main() -> int:
     args = ap.parse_args()
     print(f"{'mix':<7} {'cap':>5} {'seed':>4} {'vs (a)':>8} {'vs (b)':>8} {'bubble':>7} {'bub(a)':>7} {'bub(b)':>7} "
           f"{'padding':>8} {'pad(b)':>7} {'plan s/gb':>9}" + (f" {'ideal/a':>8} {'ideal/b':>8}" if args.ideal else ""))
-    rows = run(args.seeds, args.capacities, args.milp_time_limit, args.ideal)
+    rows = run(args.seeds, args.capacities or [4096, 8192], args.milp_time_limit, args.ideal)
     if args.jobs:
         rows += run_file(args.jobs, args.capacities, args.milp_time_limit, args.ideal)
     print()

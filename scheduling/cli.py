@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from .baselines import mlora_like, sequential_ffd
@@ -24,9 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=int, help="token capacity per microbatch (overrides the jobs file)")
     p.add_argument("--pad-multiple", type=int, help="padding multiple per adapter segment (128 on GPU, 1 on CPU)")
     p.add_argument("--stages", type=int, help="pipeline stages")
-    p.add_argument("--seed", type=int, help="seed for sampled lengths and tie-breaking (default: file's, else 0)")
+    p.add_argument("--seed", type=int, help="seed for lengths sampled from a distribution, recorded in the schedule "
+                   "(default: the file's, else 0); the search itself is deterministic")
     p.add_argument("--milp-time-limit", type=float, default=0.3,
-                   help="seconds per packing unit for the exact MILP packer; 0 disables it (default 0.3)")
+                   help="seconds per packing unit for the exact MILP packer, whose answer is used only when it is "
+                        "proven optimal within the limit; 0 disables it (default 0.3)")
     p.add_argument("--no-baselines", action="store_true", help="skip simulating the baselines")
     p.add_argument("--metrics-json", help="also write the metrics table as JSON here")
     return p
@@ -44,13 +47,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     try:
+        for flag, path in (("-o/--output", args.output), ("--metrics-json", args.metrics_json)):
+            if path:  # fail before planning, not after it
+                parent = Path(path).resolve().parent
+                if not parent.is_dir():
+                    raise ValueError(f"{flag} {path!r}: folder {str(parent)!r} does not exist")
+                if Path(path).is_dir():
+                    raise ValueError(f"{flag} {path!r} is a folder, not a file")
+        if args.seed is not None and args.seed < 0:
+            raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
         jobs, settings = load_jobs(args.jobs, seed=args.seed)
         capacity = args.capacity if args.capacity is not None else settings.get("capacity")
         if capacity is None:
             raise ValueError("capacity is not set: pass --capacity or put 'capacity:' in the jobs file")
         pad = args.pad_multiple if args.pad_multiple is not None else settings.get("pad_multiple", 1)
         stages = args.stages if args.stages is not None else settings.get("stages", 4)
-        seed = args.seed if args.seed is not None else int(settings.get("seed", 0))
+        seed = args.seed if args.seed is not None else settings.get("seed", 0)
         params = PlanParams(capacity, pad, stages)
         t0 = time.perf_counter()
         schedule = plan(jobs, params, seed=seed, milp_time_limit=args.milp_time_limit)
@@ -60,7 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.output:
-        schedule.save(args.output)
+        try:
+            schedule.save(args.output)
+        except OSError as e:
+            print(f"error: cannot write the schedule to {args.output!r}: {e}", file=sys.stderr)
+            return 2
     ours = simulate(schedule)
     rows = {"plan": ours}
     if not args.no_baselines:
@@ -76,8 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.output:
         print(f"schedule written to {args.output}")
     if args.metrics_json:
-        with open(args.metrics_json, "w") as f:
-            json.dump({"planning_seconds": seconds, **{k: v.to_dict() for k, v in rows.items()}}, f, indent=2)
+        try:
+            with open(args.metrics_json, "w") as f:
+                json.dump({"planning_seconds": seconds, **{k: v.to_dict() for k, v in rows.items()}}, f, indent=2)
+        except OSError as e:
+            print(f"error: cannot write the metrics to {args.metrics_json!r}: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -38,6 +38,39 @@ def _positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def _non_negative_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _real(value: Any, name: str) -> float:
+    """A finite real number (an int or a float, not a bool or a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
+
+
+def _sequence(value: Any, name: str) -> list:
+    """A YAML / JSON list (not a string or a mapping)."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list, got {value!r}")
+    return list(value)
+
+
+def _check_keys(d: dict, allowed: Iterable[str], where: str) -> None:
+    unknown = sorted(str(k) for k in d if k not in allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
 @dataclass(frozen=True)
 class PlanParams:
     """Pipeline parameters: token capacity per microbatch, padding multiple per adapter segment, pipeline stages."""
@@ -185,110 +218,184 @@ def _job_seed(seed: int, adapter: str) -> list[int]:
 
 
 def jsonl_lengths(path: str | Path, *, text_field: str = "text", length_field: str | None = None,
-                  tokenizer: str | None = None) -> list[int]:
-    """Token lengths of a JSONL dataset: a length field if named, else the text through a Hugging Face tokenizer."""
+                  tokenizer: str | None = None, job: str | None = None) -> list[int]:
+    """Token lengths of a JSONL dataset: a length field if named, else the text through a Hugging Face tokenizer.
+
+    ``job`` (optional) is named in every error, beside the file and the line."""
     path = Path(path)
+    where = (f"job {job!r} " if job else "") + f"dataset {str(path)!r}"
     if not path.is_file():
-        raise ValueError(f"dataset {str(path)!r} is not a file")
+        raise ValueError(f"{where} is not a file")
     tok = None
     if length_field is None:
         if tokenizer is None:
-            raise ValueError(f"dataset {str(path)!r}: give either length_field or tokenizer")
+            raise ValueError(f"{where}: give either length_field or tokenizer")
         from transformers import AutoTokenizer  # lazy: only JSONL-through-tokenizer needs it
 
-        tok = AutoTokenizer.from_pretrained(tokenizer)
+        try:
+            tok = AutoTokenizer.from_pretrained(tokenizer)
+        except Exception as e:  # a missing folder, no hub access, a broken tokenizer file
+            raise ValueError(f"{where}: cannot load tokenizer {tokenizer!r}: {type(e).__name__}: {e}") from e
     out = []
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where} line {lineno} is not valid JSON: {e}") from e
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where} line {lineno} must be a JSON object, got {rec!r}")
+            field = length_field if length_field is not None else text_field
+            if field not in rec:
+                raise ValueError(f"{where} line {lineno} has no field {field!r}")
+            value = rec[field]
             if length_field is not None:
-                if length_field not in rec:
-                    raise ValueError(f"dataset {str(path)!r} line {lineno} has no field {length_field!r}")
-                out.append(int(rec[length_field]))
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise ValueError(f"{where} line {lineno}: {length_field!r} must be a positive integer, "
+                                     f"got {value!r}")
+                out.append(value)
             else:
-                if text_field not in rec:
-                    raise ValueError(f"dataset {str(path)!r} line {lineno} has no field {text_field!r}")
-                out.append(len(tok(rec[text_field])["input_ids"]))
+                if not isinstance(value, str):
+                    raise ValueError(f"{where} line {lineno}: {text_field!r} must be a string, got {value!r}")
+                out.append(len(tok(value)["input_ids"]))
     if not out:
-        raise ValueError(f"dataset {str(path)!r} has no records")
+        raise ValueError(f"{where} has no records")
     return out
 
 
+_SOURCES = ("batches", "lengths", "distribution", "dataset")
+_DATASET_KEYS = ("text_field", "length_field", "tokenizer")
+JOB_KEYS = ("adapter", "global_batch_size", "num_global_batches", "epochs", "allow_split") + _SOURCES + _DATASET_KEYS
+DISTRIBUTION_KEYS = ("kind", "median", "sigma", "min", "max", "seed")
+FILE_KEYS = ("jobs", "capacity", "pad_multiple", "stages", "seed")
+
+
 def job_from_spec(spec: dict, *, seed: int = 0, base_dir: str | Path = ".") -> Job:
-    """Build a job from its YAML/dict description (see ``benchmarks/jobs_example.yaml``)."""
+    """Build a job from its YAML/dict description (see ``benchmarks/jobs_example.yaml``).
+
+    Keys: ``adapter``; exactly one length source (``batches``: lengths per global batch; ``lengths``: one flat list;
+    ``distribution``: ``{kind: lognormal, median, sigma, min, max, seed}``; ``dataset``: a JSONL file with
+    ``length_field`` or ``tokenizer`` + ``text_field``); ``global_batch_size`` (implied by ``batches``); the run
+    length as ``num_global_batches`` or ``epochs`` (default one epoch; a distribution needs
+    ``num_global_batches``); ``allow_split``. Unknown keys and wrongly typed values are errors naming the job."""
     if not isinstance(spec, dict):
         raise ValueError(f"job spec must be a mapping, got {spec!r}")
     adapter = spec.get("adapter")
     if not isinstance(adapter, str) or not adapter:
-        raise ValueError(f"job spec needs an 'adapter' id, got {adapter!r}")
-    allow_split = bool(spec.get("allow_split", False))
-    sources = [k for k in ("batches", "lengths", "distribution", "dataset") if k in spec]
+        raise ValueError(f"job spec needs an 'adapter' id (a non-empty string), got {adapter!r}")
+    job = f"job {adapter!r}"
+    _check_keys(spec, JOB_KEYS, job)
+    allow_split = _flag(spec.get("allow_split", False), f"{job} allow_split")
+    sources = [k for k in _SOURCES if k in spec]
     if len(sources) != 1:
-        raise ValueError(
-            f"job {adapter!r} needs exactly one of batches / lengths / distribution / dataset, got {sources}"
-        )
+        raise ValueError(f"{job} needs exactly one of batches / lengths / distribution / dataset, got {sources}")
     src = sources[0]
-    if src == "batches":
-        return Job.from_batches(adapter, spec["batches"], allow_split)
-    gbs = spec.get("global_batch_size")
-    if gbs is None:
-        raise ValueError(f"job {adapter!r} needs global_batch_size")
-    gbs = _positive_int(gbs, f"job {adapter!r} global_batch_size")
+    if src != "dataset":
+        stray = [k for k in _DATASET_KEYS if k in spec]
+        if stray:
+            raise ValueError(f"{job}: {stray} apply to a 'dataset' source only, and this job uses {src!r}")
     num_gb = spec.get("num_global_batches")
     epochs = spec.get("epochs")
     if num_gb is not None and epochs is not None:
-        raise ValueError(f"job {adapter!r}: give num_global_batches or epochs, not both")
-    if src == "lengths":
-        lengths = list(spec["lengths"])
-    elif src == "distribution":
-        d = spec["distribution"]
-        if not isinstance(d, dict):
-            raise ValueError(f"job {adapter!r} distribution must be a mapping, got {d!r}")
-        kind = d.get("kind", "lognormal")
-        if kind != "lognormal":
-            raise ValueError(f"job {adapter!r} distribution kind {kind!r} is not supported (only 'lognormal')")
-        if num_gb is None:
-            raise ValueError(f"job {adapter!r} with a length distribution needs num_global_batches")
-        num_gb = _positive_int(num_gb, f"job {adapter!r} num_global_batches")
-        lengths = sample_lengths(
-            gbs * num_gb, median=d.get("median", 0), sigma=d.get("sigma", 0.5), minimum=d.get("min", 1),
-            maximum=d.get("max"), seed=_job_seed(d.get("seed", seed), adapter),
-        )
-    else:
-        p = Path(spec["dataset"])
-        if not p.is_absolute():
-            p = Path(base_dir) / p
-        lengths = jsonl_lengths(p, text_field=spec.get("text_field", "text"), length_field=spec.get("length_field"),
-                                tokenizer=spec.get("tokenizer"))
+        raise ValueError(f"{job}: give num_global_batches or epochs, not both")
+    if num_gb is not None:
+        num_gb = _positive_int(num_gb, f"{job} num_global_batches")
     if epochs is not None:
-        epochs = _positive_int(epochs, f"job {adapter!r} epochs")
+        epochs = _positive_int(epochs, f"{job} epochs")
+    gbs = spec.get("global_batch_size")
+    if gbs is not None:
+        gbs = _positive_int(gbs, f"{job} global_batch_size")
+    if src == "batches":
+        batches = _sequence(spec["batches"], f"{job} batches")
+        batches = [_sequence(b, f"{job} batches[{g}]") for g, b in enumerate(batches)]
+        one_epoch = Job.from_batches(adapter, batches, allow_split)
+        if gbs is not None and gbs != one_epoch.global_batch_size:
+            raise ValueError(f"{job}: global_batch_size {gbs} differs from the {one_epoch.global_batch_size} "
+                             f"samples of its first listed batch")
+        gbs, lengths = one_epoch.global_batch_size, list(one_epoch.lengths)
+    else:
+        if gbs is None:
+            raise ValueError(f"{job} needs global_batch_size")
+        if src == "lengths":
+            lengths = _sequence(spec["lengths"], f"{job} lengths")
+        elif src == "distribution":
+            lengths = _distribution_lengths(spec["distribution"], job, adapter, gbs, num_gb, seed)
+        else:
+            dataset = spec["dataset"]
+            if not isinstance(dataset, str) or not dataset:
+                raise ValueError(f"{job} dataset must be a path, got {dataset!r}")
+            p = Path(dataset)
+            if not p.is_absolute():
+                p = Path(base_dir) / p
+            text_field, length_field, tokenizer = (spec.get(k) for k in _DATASET_KEYS)
+            for name, v in (("text_field", text_field), ("length_field", length_field), ("tokenizer", tokenizer)):
+                if v is not None and (not isinstance(v, str) or not v):
+                    raise ValueError(f"{job} {name} must be a non-empty string, got {v!r}")
+            lengths = jsonl_lengths(p, text_field=text_field or "text", length_field=length_field,
+                                    tokenizer=tokenizer, job=adapter)
+    if epochs is not None:
         num_gb = epochs * math.ceil(len(lengths) / gbs)
     return Job(adapter, tuple(lengths), gbs, num_gb, allow_split)
+
+
+def _distribution_lengths(d: Any, job: str, adapter: str, gbs: int, num_gb: int | None, seed: int) -> list[int]:
+    if not isinstance(d, dict):
+        raise ValueError(f"{job} distribution must be a mapping, got {d!r}")
+    _check_keys(d, DISTRIBUTION_KEYS, f"{job} distribution")
+    kind = d.get("kind", "lognormal")
+    if kind != "lognormal":
+        raise ValueError(f"{job} distribution kind {kind!r} is not supported (only 'lognormal')")
+    if num_gb is None:
+        raise ValueError(f"{job} with a length distribution needs num_global_batches")
+    if "median" not in d:
+        raise ValueError(f"{job} distribution needs a median (tokens)")
+    median = _real(d["median"], f"{job} distribution median")
+    sigma = _real(d.get("sigma", 0.5), f"{job} distribution sigma")
+    minimum = d.get("min", 1)
+    maximum = d.get("max")
+    _positive_int(minimum, f"{job} distribution min")
+    if maximum is not None:
+        _positive_int(maximum, f"{job} distribution max")
+    dseed = _non_negative_int(d.get("seed", seed), f"{job} distribution seed")
+    try:
+        return sample_lengths(gbs * num_gb, median=median, sigma=sigma, minimum=minimum, maximum=maximum,
+                              seed=_job_seed(dseed, adapter))
+    except ValueError as e:
+        raise ValueError(f"{job} distribution: {e}") from e
 
 
 def load_jobs(path: str | Path, *, seed: int | None = None) -> tuple[list[Job], dict]:
     """Read a jobs file (YAML or JSON): ``{jobs: [...], capacity:, pad_multiple:, stages:, seed:}``.
 
-    Returns the jobs and the file's top-level planner settings (everything but ``jobs``).
-    """
+    Returns the jobs and the file's top-level planner settings (everything but ``jobs``). A file that does not parse,
+    an unknown key or a wrongly typed value is a ``ValueError`` naming the file (and the job)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"jobs file {str(path)!r} does not exist")
-    with path.open() as f:
-        doc = yaml.safe_load(f)
+    try:
+        with path.open() as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"jobs file {str(path)!r} is not valid YAML / JSON: {e}") from e
     if isinstance(doc, list):
         doc = {"jobs": doc}
     if not isinstance(doc, dict) or "jobs" not in doc:
         raise ValueError(f"jobs file {str(path)!r} must hold a 'jobs' list")
+    _check_keys(doc, FILE_KEYS, f"jobs file {str(path)!r}")
     settings = {k: v for k, v in doc.items() if k != "jobs"}
-    use_seed = seed if seed is not None else int(settings.get("seed", 0))
+    for key in ("capacity", "pad_multiple", "stages"):
+        if key in settings:
+            _positive_int(settings[key], f"jobs file {str(path)!r} {key}")
+    if "seed" in settings:
+        _non_negative_int(settings["seed"], f"jobs file {str(path)!r} seed")
+    use_seed = seed if seed is not None else settings.get("seed", 0)
     specs = doc["jobs"]
     if not isinstance(specs, list) or not specs:
-        raise ValueError(f"jobs file {str(path)!r}: 'jobs' is empty")
+        raise ValueError(f"jobs file {str(path)!r}: 'jobs' is empty or not a list, got {specs!r}")
     jobs = [job_from_spec(s, seed=use_seed, base_dir=path.parent) for s in specs]
     return jobs, settings
 

@@ -236,7 +236,12 @@ def _local_search(bins: list[Bin], capacity: int, pad: int, max_passes: int = 4)
 def pack_milp(items: Sequence[Item], num_bins: int, capacity: int, pad: int, time_limit: float) -> list[Bin] | None:
     """Exact packing into ``num_bins`` microbatches: minimise largest padded load + total padded tokens.
 
-    Returns the best solution HiGHS found within ``time_limit`` seconds, or ``None`` if it found none.
+    Returns HiGHS's solution when it proves it optimal within ``time_limit`` seconds, else ``None`` (the caller then
+    keeps the greedy packing). An incumbent cut off by the clock is dropped on purpose: which incumbent HiGHS holds
+    when the time runs out depends on the machine's speed and load, and a plan must be the same for the same input.
+    A proven optimum is what HiGHS's deterministic search reaches whatever the clock, so the plan can then differ
+    only where one machine proves the optimum within the limit and another does not (``milp_time_limit=0`` turns
+    the MILP off and removes even that).
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import lil_matrix
@@ -296,7 +301,7 @@ def pack_milp(items: Sequence[Item], num_bins: int, capacity: int, pad: int, tim
     integrality[zi] = 0
     res = milp(c, constraints=LinearConstraint(M.tocsr(), lo, hi), integrality=integrality, bounds=Bounds(lb, ub),
                options={"time_limit": float(time_limit), "disp": False, "presolve": True})
-    if res.x is None:
+    if res.status != 0 or res.x is None:  # 0: proven optimal; 1: stopped by the time limit; 2: infeasible
         return None
     x = res.x[:nx].reshape(n, K)
     bins: list[Bin] = [[] for _ in range(K)]
@@ -819,7 +824,8 @@ def plan(
     ``seed`` is recorded in the schedule's meta: the search itself has no randomness (every tie is broken by a fixed
     key), so the same input gives the same schedule whatever the seed; sampled lengths take their seed elsewhere.
 
-    ``milp_time_limit``: seconds per packing unit for the exact packer (0 disables it). ``group_counts``: the numbers
+    ``milp_time_limit``: seconds per packing unit for the exact packer (0 disables it); only an optimum it proves
+    within the limit is used (:func:`pack_milp`). ``group_counts``: the numbers
     of adapter groups to try (default 1..4 and one group per adapter). ``target_fractions``: microbatch sizes to
     try, as fractions of the capacity. ``modes``: which packers compete ("stream": every microbatch filled across
     unit boundaries; "units": each (global batch, group) packed on its own, greedy vs MILP). ``cost``: the pipeline

@@ -110,11 +110,21 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
-        if d.get("format") != FORMAT:
-            raise ValueError(f"schedule format must be {FORMAT!r}, got {d.get('format')!r}")
-        return cls([Microbatch.from_dict(m) for m in d["microbatches"]],
-                   {str(a): [int(x) for x in v] for a, v in d["optimizer_steps"].items()},
-                   int(d["capacity"]), int(d["pad_multiple"]), int(d["stages"]), dict(d.get("meta", {})))
+        """The schedule of ``to_dict``'s form; a missing field, a wrong type or a non-positive capacity / padding
+        multiple / stage count is a ``ValueError`` (rule violations are :func:`scheduling.verify`'s job)."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            got = d.get("format") if isinstance(d, dict) else d
+            raise ValueError(f"schedule format must be {FORMAT!r}, got {got!r}")
+        try:
+            out = cls([Microbatch.from_dict(m) for m in d["microbatches"]],
+                      {str(a): [int(x) for x in v] for a, v in d["optimizer_steps"].items()},
+                      int(d["capacity"]), int(d["pad_multiple"]), int(d["stages"]), dict(d.get("meta", {})))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"schedule JSON is malformed: {type(e).__name__}: {e}") from e
+        for name in ("capacity", "pad_multiple", "stages"):
+            if getattr(out, name) < 1:
+                raise ValueError(f"schedule {name} must be a positive integer, got {getattr(out, name)}")
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))

@@ -84,6 +84,8 @@ def step_dependencies(schedule: Schedule) -> list[list[int]]:
 def simulate(schedule: Schedule, cost: CostModel = CostModel()) -> SimResult:
     """Simulate ``schedule``; raises ``ValueError`` if its dependencies deadlock the 1F1B order."""
     S = schedule.stages
+    if isinstance(S, bool) or not isinstance(S, int) or S < 1:
+        raise ValueError(f"schedule stages must be a positive integer, got {S!r}")
     mbs = schedule.microbatches
     M = len(mbs)
     if M == 0:

@@ -2,14 +2,16 @@
 
 Violation kinds:
 
-- ``params``: the schedule's capacity / padding multiple / stages differ from the ones given.
+- ``params``: the schedule's capacity / padding multiple / stages differ from the ones given, or are not positive
+  integers (nothing else is checked then).
 - ``unknown``: a segment names an adapter with no job, or a global batch index out of range.
 - ``capacity``: a microbatch's padded tokens exceed the capacity.
 - ``padding``: a segment's padded token count is not its real tokens rounded up to the padding multiple, or a
   segment is malformed (no samples, samples and tokens of different lengths, non-positive tokens).
 - ``same_adapter``: a microbatch holds two segments of one adapter (two global batches, or one split in two).
 - ``coverage``: a global batch's samples are not exactly its expected samples, each once with all its tokens (a
-  missing, extra, duplicated or foreign sample, or tokens not summing to the sample's length).
+  missing, extra, duplicated or foreign sample, or tokens not summing to the sample's length); a sample of a job
+  without ``allow_split`` must appear once, whole; a split sample's pieces must each fit a microbatch.
 - ``dependency``: an adapter's global batch g+1 starts fewer than ``stages`` microbatches after g's last one, or
   before it.
 - ``optimizer_step``: the optimizer step of (adapter, g) is missing, before g's last microbatch, or at/after g+1's
@@ -54,8 +56,16 @@ def verify(schedule: Schedule, jobs: Sequence[Job], params: PlanParams | None = 
             if getattr(schedule, name) != getattr(params, name):
                 bad("params", f"schedule {name} {getattr(schedule, name)} != expected {getattr(params, name)}")
     cap, pad, S = schedule.capacity, schedule.pad_multiple, schedule.stages
+    broken = [(name, v) for name, v in (("capacity", cap), ("pad_multiple", pad), ("stages", S))
+              if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    for name, v in broken:
+        bad("params", f"schedule {name} must be a positive integer, got {v!r}")
+    if broken:  # no rule can be checked against a capacity, padding or stage count that makes no sense
+        return out
+    max_piece = cap // pad * pad
     by_id = {j.adapter: j for j in jobs}
     got: dict[tuple[str, int], Counter] = defaultdict(Counter)
+    pieces: dict[tuple[str, int], Counter] = defaultdict(Counter)  # occurrences of each sample (whole or a piece)
     positions: dict[tuple[str, int], list[int]] = defaultdict(list)
     for i, mb in enumerate(schedule.microbatches):
         if mb.padded_tokens > cap:
@@ -85,6 +95,10 @@ def verify(schedule: Schedule, jobs: Sequence[Job], params: PlanParams | None = 
             positions[key].append(i)
             for sid, t in zip(seg.samples, seg.tokens):
                 got[key][sid] += t
+                pieces[key][sid] += 1
+                if job.allow_split and t > max_piece:
+                    bad("coverage", f"microbatch {i}: adapter {seg.adapter!r} sample {sid} piece of {t} tokens is "
+                                    f"longer than a microbatch holds ({max_piece})")
     for job in jobs:
         for g in range(job.num_global_batches):
             key = (job.adapter, g)
@@ -96,6 +110,11 @@ def verify(schedule: Schedule, jobs: Sequence[Job], params: PlanParams | None = 
             if missing or extra or wrong:
                 bad("coverage", f"adapter {job.adapter!r} global batch {g}: missing samples {missing[:8]}, "
                                 f"foreign samples {extra[:8]}, wrong token totals (sample, got, length) {wrong[:8]}")
+            if not job.allow_split:
+                cut = sorted(s for s, n in pieces.get(key, Counter()).items() if n > 1)
+                if cut:
+                    bad("coverage", f"adapter {job.adapter!r} global batch {g}: samples {cut[:8]} appear more than "
+                                    f"once (cut into pieces or repeated), but the job does not allow splitting")
     steps = schedule.optimizer_steps
     for job in jobs:
         a = job.adapter

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from scheduling import Schedule, load_jobs, verify
 from scheduling.cli import main
 
@@ -60,3 +62,33 @@ def test_python_dash_m(tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert Schedule.load(out).microbatches
+
+
+def test_unwritable_outputs_fail_before_planning(tmp_path, capsys):
+    missing = tmp_path / "no_such_dir" / "s.json"
+    assert main(["--jobs", str(EXAMPLE), "-o", str(missing), "--milp-time-limit", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"-o/--output {str(missing)!r}: folder" in err and "does not exist" in err
+    assert main(["--jobs", str(EXAMPLE), "--metrics-json", str(tmp_path), "--milp-time-limit", "0"]) == 2
+    assert "is a folder, not a file" in capsys.readouterr().err
+    assert main(["--jobs", str(EXAMPLE), "--seed", "-3"]) == 2
+    assert "--seed must be a non-negative integer, got -3" in capsys.readouterr().err
+
+
+def test_benchmark_plans_a_jobs_file_at_its_own_capacity(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("planner_bench", ROOT / "benchmarks" / "planner.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    f = tmp_path / "small.yaml"
+    f.write_text("capacity: 1024\npad_multiple: 64\nstages: 2\njobs:\n"
+                 "  - {adapter: a, lengths: [300, 500, 200, 700], global_batch_size: 2}\n"
+                 "  - {adapter: b, lengths: [100, 900, 400], global_batch_size: 3}\n")
+    rows = bench.run_file(str(f), None, 0.0, False)
+    assert [r["capacity"] for r in rows] == [1024]
+    rows = bench.run_file(str(f), [2048], 0.0, False)
+    assert [r["capacity"] for r in rows] == [2048]
+    f.write_text("jobs:\n  - {adapter: a, lengths: [300], global_batch_size: 1}\n")
+    with pytest.raises(ValueError, match="sets no capacity: pass --capacities"):
+        bench.run_file(str(f), None, 0.0, False)

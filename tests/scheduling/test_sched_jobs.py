@@ -124,3 +124,67 @@ def test_load_yaml_and_jsonl(tmp_path):
 def test_bad_spec(spec, match):
     with pytest.raises(ValueError, match=match):
         job_from_spec(spec)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"adapter": "x", "global_batch_size": 2, "lengths": 5}, "job 'x' lengths must be a list, got 5"),
+    ({"adapter": "x", "batches": [100, 200]}, r"job 'x' batches\[0\] must be a list, got 100"),
+    ({"adapter": "x", "batches": "abc"}, "job 'x' batches must be a list"),
+    ({"adapter": "x", "global_batch_size": 2, "num_global_batches": 1,
+      "distribution": {"median": 300, "sigma": "abc"}}, "job 'x' distribution sigma must be a finite number, got 'abc'"),
+    ({"adapter": "x", "global_batch_size": 2, "num_global_batches": 1, "distribution": {"median": 0}},
+     "job 'x' distribution: median must be positive, got 0"),
+    ({"adapter": "x", "global_batch_size": 2, "num_global_batches": 1, "distribution": {"sigma": 0.5}},
+     "job 'x' distribution needs a median"),
+    ({"adapter": "x", "global_batch_size": 2, "num_global_batches": 1, "distribution": {"median": 9, "mean": 3}},
+     r"job 'x' distribution: unknown key\(s\) \['mean'\]"),
+    ({"adapter": "x", "global_batch_size": 2, "lengths": [1], "num_global_batch": 9},
+     r"job 'x': unknown key\(s\) \['num_global_batch'\]"),
+    ({"adapter": "x", "global_batch_size": 2, "lengths": [1], "allow_split": "false"},
+     "job 'x' allow_split must be true or false, got 'false'"),
+    ({"adapter": "x", "global_batch_size": 2, "lengths": [1], "tokenizer": "gpt2"},
+     r"job 'x': \['tokenizer'\] apply to a 'dataset' source only"),
+    ({"adapter": "x", "batches": [[1, 2], [3]], "global_batch_size": 7},
+     "job 'x': global_batch_size 7 differs from the 2 samples of its first listed batch"),
+    ({"adapter": "x", "global_batch_size": 2, "lengths": [1], "epochs": 0}, "job 'x' epochs must be a positive"),
+])
+def test_bad_spec_types_and_keys_name_the_job(spec, match):
+    with pytest.raises(ValueError, match=match):
+        job_from_spec(spec)
+
+
+def test_batches_job_honours_epochs_and_num_global_batches():
+    job = job_from_spec({"adapter": "x", "batches": [[1, 2], [3, 4], [5]], "epochs": 2})
+    assert job.num_global_batches == 6 and job.global_batch_samples(3) == [0, 1]
+    job = job_from_spec({"adapter": "x", "batches": [[1, 2], [3, 4], [5]], "num_global_batches": 4,
+                         "global_batch_size": 2})
+    assert job.num_global_batches == 4 and job.global_batch_samples(3) == [0, 1]
+
+
+def test_bad_jobs_files_and_jsonl_name_file_line_and_job(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("jobs: [{adapter: a, lengths: [1, 2\n")
+    with pytest.raises(ValueError, match="jobs file .*bad.yaml' is not valid YAML / JSON"):
+        load_jobs(bad_yaml)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("capacity: 64\ncapacty: 9\njobs: [{adapter: a, lengths: [1], global_batch_size: 1}]\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['capacty'\]"):
+        load_jobs(unknown)
+    seed = tmp_path / "seed.yaml"
+    seed.write_text("seed: abc\njobs: [{adapter: a, lengths: [1], global_batch_size: 1}]\n")
+    with pytest.raises(ValueError, match="seed.yaml' seed must be a non-negative integer, got 'abc'"):
+        load_jobs(seed)
+    data = tmp_path / "d.jsonl"
+    for body, match in [
+        ('{"n": 5}\nnot json\n', "job 'j' dataset .*d.jsonl' line 2 is not valid JSON"),
+        ('{"n": 5}\n7\n', "line 2 must be a JSON object, got 7"),
+        ('{"n": null}\n', "line 1: 'n' must be a positive integer, got None"),
+        ('{"n": 20.9}\n', "line 1: 'n' must be a positive integer, got 20.9"),
+        ('{"n": "30"}\n', "line 1: 'n' must be a positive integer, got '30'"),
+    ]:
+        data.write_text(body)
+        with pytest.raises(ValueError, match=match):
+            jsonl_lengths(data, length_field="n", job="j")
+    data.write_text('{"text": "hello"}\n')
+    with pytest.raises(ValueError, match=r"job 'j' dataset .* cannot load tokenizer '.*no_such_tokenizer'"):
+        jsonl_lengths(data, tokenizer=str(tmp_path / "no_such_tokenizer"), job="j")

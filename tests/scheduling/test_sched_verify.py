@@ -128,3 +128,42 @@ def test_check_raises_naming_the_violation():
     mbs = [valid_mbs()[0], valid_mbs()[2], valid_mbs()[1]]
     with pytest.raises(ValueError, match="dependency"):
         check(sched(mbs), JOBS, PARAMS)
+
+
+def test_sample_of_unsplittable_job_must_appear_once_whole():
+    # token totals right, but sample 1 of 'a' cut in two (in one segment, and across microbatches)
+    cut_in_segment = [Microbatch((seg("a", 0, [0, 1, 1], [100, 150, 50]),))] + valid_mbs()[1:]
+    assert kinds(sched(cut_in_segment)) == ["coverage"]
+    cut_across = [Microbatch((seg("a", 0, [0, 1], [100, 150]),)), Microbatch((seg("a", 0, [1], [50]),))]
+    mbs = cut_across + [NOOP, valid_mbs()[1], NOOP, valid_mbs()[2]]
+    # the two pieces sit in different microbatches, so only the coverage rule can catch it
+    assert kinds(sched(mbs, steps={"a": [1, 5], "b": [3]})) == ["coverage"]
+    assert any("appear more than once" in v.message for v in verify(sched(mbs, steps={"a": [1, 5], "b": [3]}),
+                                                                     JOBS, PARAMS))
+
+
+def test_split_piece_longer_than_a_microbatch_is_caught():
+    job = Job("c", (1500,), 1, allow_split=True)
+    p = PlanParams(capacity=1024, pad_multiple=128, stages=2)
+    too_big = [Microbatch((Segment("c", 0, (0,), (1100,), 1152),)), Microbatch((Segment("c", 0, (0,), (400,), 512),))]
+    v = verify(Schedule(too_big, optimizer_steps_for(too_big), 1024, 128, 2), [job], p)
+    assert "coverage" in {x.kind for x in v} and any("longer than a microbatch holds (1024)" in x.message for x in v)
+
+
+@pytest.mark.parametrize("field, value", [("pad_multiple", 0), ("stages", 0), ("capacity", -5)])
+def test_nonsense_schedule_params_are_reported_not_crashed_on(field, value):
+    s = sched(valid_mbs(), **{field: value})
+    v = verify(s, JOBS)
+    assert [x.kind for x in v] == ["params"] and f"{field} must be a positive integer, got {value}" in v[0].message
+    d = s.to_dict()
+    with pytest.raises(ValueError, match=f"schedule {field} must be a positive integer"):
+        Schedule.from_dict(d)
+
+
+def test_malformed_schedule_json_is_a_clear_error():
+    d = sched(valid_mbs()).to_dict()
+    del d["stages"]
+    with pytest.raises(ValueError, match="schedule JSON is malformed: KeyError"):
+        Schedule.from_dict(d)
+    with pytest.raises(ValueError, match="schedule format must be"):
+        Schedule.from_dict([1, 2])
