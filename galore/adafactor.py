@@ -29,12 +29,6 @@ class GaLoreAdafactor(GaLoreOptimizer):
         relative_step: bool = True,
         warmup_init: bool = False,
     ):
-        if lr is not None and relative_step:
-            raise ValueError(f"lr={lr!r} cannot be combined with relative_step=True (pass relative_step=False)")
-        if lr is None and not relative_step:
-            raise ValueError("lr=None needs relative_step=True")
-        if warmup_init and not relative_step:
-            raise ValueError("warmup_init=True requires relative_step=True")
         defaults = {
             "lr": lr, "eps": eps, "clip_threshold": clip_threshold, "decay_rate": decay_rate, "beta1": beta1,
             "weight_decay": weight_decay, "scale_parameter": scale_parameter, "relative_step": relative_step,
@@ -43,8 +37,18 @@ class GaLoreAdafactor(GaLoreOptimizer):
         super().__init__(params, defaults)
 
     def _validate_hyperparameters(self, group: dict) -> None:
-        if group["lr"] is not None:
-            _check_number("lr", group["lr"], low=0.0)
+        # per group, so a group's own lr / relative_step / warmup_init are checked like the constructor's
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        where = f"param group {gi}: " if gi > 0 else ""
+        lr, relative = group["lr"], group["relative_step"]
+        if lr is not None and relative:
+            raise ValueError(f"{where}lr={lr!r} cannot be combined with relative_step=True (pass relative_step=False)")
+        if lr is None and not relative:
+            raise ValueError(f"{where}lr=None needs relative_step=True")
+        if group["warmup_init"] and not relative:
+            raise ValueError(f"{where}warmup_init=True requires relative_step=True")
+        if lr is not None:
+            _check_number("lr", lr, low=0.0)
         eps = group["eps"]
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise TypeError(f"eps must be a pair (eps_sq, eps_scale), got {eps!r}")

@@ -84,6 +84,20 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         self._layerwise: dict | None = None
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy / pickle keep only defaults, state and param_groups (torch.optim.Optimizer.__getstate__):
+        # rebuild the names; layer-wise hooks belong to the original's parameters and are not carried over.
+        # load_state_dict also comes through here, on a live optimizer whose hooks stay.
+        super().__setstate__(state)
+        if not hasattr(self, "_layerwise"):
+            self._layerwise = None
+        self._param_names = {}
+        for gi, group in enumerate(self.param_groups):
+            names = group.get("param_names") or [f"param_groups[{gi}]['params'][{i}]"
+                                                 for i in range(len(group["params"]))]
+            for p, name in zip(group["params"], names):
+                self._param_names[p] = name
+
     # ------------------------------------------------------------------ param groups and their validation
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
@@ -95,6 +109,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         for p, name in zip(group["params"], names):
             self._param_names[p] = name
         self._validate_hyperparameters(group)
+        if self._layerwise is not None:  # a group added in layer-wise mode steps from its hooks like the others
+            for p in group["params"]:
+                self._layerwise_hook_param(p)
         if group.get("rank") is not None:
             if not self._allows_projection:
                 raise ValueError(
@@ -246,22 +263,17 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if not isinstance(distributed, bool):
             raise TypeError(f"distributed must be a bool or None, got {distributed!r}")
         self.disable_layerwise()
-        handles = []
-        group_of = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    group_of[p] = group
-                    handles.append(p.register_post_accumulate_grad_hook(self._layerwise_hook))
         self._layerwise = {
             "accumulation_steps": accumulation_steps,
             "max_grad_norm": max_grad_norm,
             "distributed": distributed,
-            "handles": handles,
-            "group_of": group_of,
+            "handles": {},  # parameter -> its hook's handle
             "pending": {},  # parameter -> fp32 sum of projected gradients this step
             "count": {},  # parameter -> backward passes seen this step
         }
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._layerwise_hook_param(p)
         logger.info(
             "GaLore layer-wise mode: accumulation_steps=%d, max_grad_norm=%s, distributed=%s",
             accumulation_steps, max_grad_norm, distributed,
@@ -279,9 +291,29 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if self._layerwise is None:
             return
         self._layerwise_flush()
-        for handle in self._layerwise["handles"]:
+        for handle in self._layerwise["handles"].values():
             handle.remove()
         self._layerwise = None
+
+    def _layerwise_hook_param(self, p: torch.Tensor) -> None:
+        """Register the layer-wise hook on ``p`` once (a frozen parameter gets it if it is unfrozen later: the next
+        ``step()`` finds its gradient and hooks it from then on)."""
+        lw = self._layerwise
+        if p.requires_grad and p not in lw["handles"]:
+            lw["handles"][p] = p.register_post_accumulate_grad_hook(self._layerwise_hook)
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        """``p``'s param group as it is now: ``load_state_dict`` replaces the group dicts (the loaded lr, a
+        scheduler's later changes), so a group is never cached."""
+        index = self._layerwise.setdefault("group_index", {})
+        gi = index.get(p)
+        if gi is None or gi >= len(self.param_groups) or not any(q is p for q in self.param_groups[gi]["params"]):
+            index.clear()
+            for i, group in enumerate(self.param_groups):
+                for q in group["params"]:
+                    index[q] = i
+            gi = index[p]
+        return self.param_groups[gi]
 
     @property
     def layerwise(self) -> bool:
@@ -292,7 +324,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         lw = self._layerwise
         if p.grad is None:
             return
-        group = lw["group_of"][p]
+        group = self._group_of(p)
         state = self.state[p]
         if "step" not in state:
             state["step"] = 0
@@ -340,10 +372,12 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             (p, group)
             for group in self.param_groups
             for p in group["params"]
-            if p in lw["pending"] or (p.grad is not None and p in lw["group_of"])
+            if p in lw["pending"] or p.grad is not None
         ]
         if not todo:
             return
+        for p, _ in todo:  # a parameter unfrozen since enable_layerwise: updated here, and hooked from now on
+            self._layerwise_hook_param(p)
         grads = [self._layerwise_gradient(p, group) for p, group in todo]
         if lw["max_grad_norm"] is not None:
             total = torch.linalg.vector_norm(

@@ -31,7 +31,16 @@ def test_layerwise_with_accumulation_4_equals_plain_with_accumulation_4(name):
     train(model, opt, batches, accumulation=4)
     train(model_lw, opt_lw, batches, accumulation=4)
     err = max_param_rel_err(model_lw, model)
-    assert err < 1e-5, f"seed={seed} {name}: layer-wise differs by {err}"
+    if name == "galore_adamw8bit":
+        # summing projected gradients and projecting the summed gradient differ in the last bits; once in ~75 seeds
+        # that moves a state value across an 8-bit quantization boundary, and the runs then drift apart (updates by
+        # 10-17%, weights by ~2e-3 over 300 seeds; dropping one microbatch in four moves updates by ~90%). The hook
+        # path is the fp32 optimizers' too, checked to 1e-5 above; here each update must be within 30%
+        for (pname, p), q, s0 in zip(model_lw.named_parameters(), model.parameters(), start.parameters()):
+            e = rel_err((p - s0).detach(), (q - s0).detach())
+            assert e < 0.3, f"seed={seed} {name}: layer-wise update of {pname} differs by {e} (weights by {err})"
+    else:
+        assert err < 1e-5, f"seed={seed} {name}: layer-wise differs by {err}"
     assert max_param_rel_err(model, start) > 1e-3
     assert opt_lw.state[model_lw.up.weight]["step"] == 7
 
@@ -120,3 +129,84 @@ def test_build_optimizer_layerwise_name_and_scheduler():
     assert not opt.layerwise
     with pytest.raises(ValueError, match="accumulation_steps must be >= 1, got 0"):
         opt.enable_layerwise(accumulation_steps=0)
+
+
+def test_layerwise_resume_with_scheduler_equals_uninterrupted_run():
+    """load_state_dict replaces the param-group dicts: the hooks must use the loaded lr and the scheduler's later
+    changes (a warm-up from near 0 once froze a resumed layer-wise run at its first step's lr)."""
+    seed = fresh_seed()
+    batches = make_batches(seed, 6)
+
+    def build(model):
+        opt = galore.GaLoreAdamW(galore_groups(model, gap=2), lr=1e-2, weight_decay=0.01)
+        opt.enable_layerwise()
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / 6)
+
+    def run(model, opt, sched, part):
+        for x, y in part:
+            loss_fn(model, x, y).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+
+    ref = make_model(seed)
+    resumed = copy.deepcopy(ref)
+    opt, sched = build(ref)
+    run(ref, opt, sched, batches)
+    opt1, sched1 = build(resumed)
+    run(resumed, opt1, sched1, batches[:3])
+    saved = copy.deepcopy((resumed.state_dict(), opt1.state_dict(), sched1.state_dict()))
+    again = make_model(seed)
+    again.load_state_dict(saved[0])
+    opt2, sched2 = build(again)
+    opt2.load_state_dict(saved[1])
+    sched2.load_state_dict(saved[2])
+    run(again, opt2, sched2, batches[3:])
+    err = max_param_rel_err(again, ref)
+    assert err == 0.0, f"seed={seed}: resumed layer-wise run differs by {err}"
+    for group in opt2.param_groups:  # and a change made after the load takes effect in the hooks
+        group["lr"] = group["weight_decay"] = 0.0
+    before = copy.deepcopy(again)
+    loss_fn(again, *batches[0]).backward()
+    opt2.step()
+    assert max_param_rel_err(again, before) == 0.0
+
+
+def test_layerwise_updates_groups_added_and_parameters_unfrozen_later():
+    """A group added with add_param_group in layer-wise mode, and a parameter unfrozen after enable_layerwise, are
+    updated exactly as in a plain run (they were once skipped, their gradients dropped by zero_grad)."""
+    seed = fresh_seed()
+    batches = make_batches(seed, 4)
+    models = []
+    for layerwise in (False, True):
+        model = make_model(seed)
+        model.head.requires_grad_(False)
+        proj, rest = galore_groups(model, gap=2)
+        opt = galore.GaLoreAdamW([proj], lr=1e-2)
+        if layerwise:
+            opt.enable_layerwise()
+        opt.add_param_group(rest)
+        model.head.requires_grad_(True)
+        start = copy.deepcopy(model)
+        train(model, opt, batches)
+        for (name, p), q in zip(model.named_parameters(), start.parameters()):
+            assert not torch.equal(p, q), f"seed={seed} layerwise={layerwise}: {name} was never updated"
+            assert p.grad is None
+        models.append(model)
+    err = max_param_rel_err(models[1], models[0])
+    assert err < 1e-5, f"seed={seed}: layer-wise differs from plain by {err}"
+
+
+def test_deepcopy_and_pickle_give_a_working_optimizer():
+    import pickle
+
+    seed = fresh_seed()
+    model = make_model(seed)
+    opt = galore.GaLoreAdamW(galore_groups(model, gap=2), lr=1e-2)
+    opt.enable_layerwise()
+    train(model, opt, make_batches(seed, 2))
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert not clone.layerwise and len(clone.state) == len(opt.state)
+        for p in clone.param_groups[0]["params"]:
+            p.grad = torch.randn_like(p)
+        clone.step()  # used to fail: AttributeError '_layerwise'

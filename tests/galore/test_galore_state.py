@@ -124,3 +124,12 @@ def test_adafactor_lr_options_are_checked():
         galore.GaLoreAdafactor([_param(4, 4)], lr=0.1)
     with pytest.raises(ValueError, match="lr=None needs relative_step=True"):
         galore.GaLoreAdafactor([_param(4, 4)], relative_step=False)
+    # per param group too: a group's own lr under the default relative_step was once silently ignored, and a group
+    # with relative_step=False and no lr failed at the first step() with a bare TypeError
+    with pytest.raises(ValueError, match=r"param group 1: lr=0\.5 cannot be combined with relative_step=True"):
+        galore.GaLoreAdafactor([{"params": [_param(4, 4)]}, {"params": [_param(3, 3)], "lr": 0.5}])
+    with pytest.raises(ValueError, match="param group 1: lr=None needs relative_step=True"):
+        galore.GaLoreAdafactor([{"params": [_param(4, 4)]}, {"params": [_param(3, 3)], "relative_step": False}])
+    with pytest.raises(ValueError, match="param group 1: warmup_init=True requires relative_step=True"):
+        galore.GaLoreAdafactor([{"params": [_param(4, 4)], "lr": 1e-3, "relative_step": False},
+                                {"params": [_param(3, 3)], "warmup_init": True, "lr": 1e-3, "relative_step": False}])
