@@ -56,6 +56,9 @@ def _train(argv: list[str]) -> int:
     except TrainError as exc:
         print(f"lorafusion train: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # an output folder that cannot be made or written, a file named like a folder
+        print(f"lorafusion train: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -51,7 +51,9 @@ class LoraSection:
 
 @dataclass
 class GaloreSection:
-    rank: int = 128
+    # projection rank for the galore_* optimizers; it must be below lora.r, since the adapters' matrices are
+    # r x in and out x r (None: lora.r // 4, at least 1)
+    rank: Optional[int] = None
     update_proj_gap: int = 200
     scale: float = 0.25
     proj_type: str = "std"
@@ -85,8 +87,8 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"             # fp32 / bf16 / fp16 (mixed: adapters and optimizer stay fp32)
     device: str = "auto"                # auto / cpu / cuda
-    max_steps: Optional[int] = 300      # optimizer steps; None: run `epochs` epochs
-    epochs: Optional[float] = None
+    max_steps: Optional[int] = None     # optimizer steps (None: `epochs` epochs if set, else 300 steps)
+    epochs: Optional[float] = None      # set one of max_steps / epochs, not both
     eval_every: int = 100               # steps; 0: only before and after training
     save_every: int = 100               # steps between checkpoints; 0: only at the end and on a signal
     keep_checkpoints: int = 2
@@ -116,9 +118,17 @@ class RunConfig:
             return self.batch.micro_batch_size
         return max(1, self.batch.tokens_per_microbatch // self.data.max_length)
 
+    def galore_rank(self) -> int:
+        """optimizer.galore.rank, or its default: lora.r // 4, at least 1."""
+        g = self.optimizer.galore.rank
+        return g if g is not None else max(1, self.lora.r // 4)
+
     def grad_accum_steps(self, world_size: int) -> int:
         return self.batch.global_batch_size // (self.micro_batch_samples() * world_size)
 
+
+# optimizer steps when neither train.max_steps nor train.epochs is set
+DEFAULT_MAX_STEPS = 300
 
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "galore_adamw", "galore_adamw8bit", "galore_adafactor")
 
@@ -160,6 +170,11 @@ def _build(cls, data: Any, prefix: str):
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value if value is not None else {}, key)
             continue
+        if isinstance(value, str) and _accepts_float(tp):
+            # YAML 1.1 reads 3e-4 (no dot) as a string; take any string Python reads as a finite float
+            parsed = _float_or_none(value)
+            if parsed is not None:
+                value = parsed
         if not _type_ok(value, tp):
             want = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
             raise ConfigError(f"{key}: expected {want}, got {type(value).__name__} ({value!r})")
@@ -167,6 +182,20 @@ def _build(cls, data: Any, prefix: str):
             value = float(value)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def _accepts_float(tp: Any) -> bool:
+    return tp is float or (typing.get_origin(tp) is Union and float in typing.get_args(tp))
+
+
+def _float_or_none(text: str) -> Optional[float]:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return v if math.isfinite(v) else None
 
 
 def _fail(key: str, value: Any, why: str) -> None:
@@ -180,8 +209,18 @@ def validate(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         _fail("model.name_or_path", m.name_or_path, "must name a local model folder or builtin:<preset>")
     if m.attn_implementation not in ("sdpa", "eager"):
         _fail("model.attn_implementation", m.attn_implementation, "must be sdpa or eager")
+    from lorafusion.train.presets import DATA_PRESETS, MODEL_PRESETS
+
+    if m.name_or_path.startswith("builtin:") and m.name_or_path[len("builtin:"):] not in MODEL_PRESETS:
+        _fail("model.name_or_path", m.name_or_path,
+              f"unknown built-in model (known: {', '.join('builtin:' + n for n in MODEL_PRESETS)})")
     if not d.train:
         _fail("data.train", d.train, "must be a JSONL path or builtin:<task>")
+    if d.train.startswith("builtin:") and d.train[len("builtin:"):] not in DATA_PRESETS:
+        _fail("data.train", d.train, f"unknown built-in dataset (known: "
+                                     f"{', '.join('builtin:' + n for n in DATA_PRESETS)})")
+    if d.eval is not None and d.eval.startswith("builtin:"):
+        _fail("data.eval", d.eval, "must be a JSONL file (a built-in data.train brings its own eval split)")
     if not 0.0 <= d.eval_fraction < 1.0:
         _fail("data.eval_fraction", d.eval_fraction, "must be in [0, 1)")
     if d.max_length < 2:
@@ -219,8 +258,16 @@ def validate(cfg: RunConfig, world_size: int = 1) -> RunConfig:
     if o.max_grad_norm < 0:
         _fail("optimizer.max_grad_norm", o.max_grad_norm, "must be >= 0 (0 disables clipping)")
     g = o.galore
-    if g.rank < 1:
+    if g.rank is not None and g.rank < 1:
         _fail("optimizer.galore.rank", g.rank, "must be a positive integer")
+    if o.name.startswith("galore_") and g.rank is not None and g.rank >= l.r:
+        _fail("optimizer.galore.rank", g.rank,
+              f"must be below lora.r={l.r}: the adapters' matrices are r x in and out x r, so a projection of rank "
+              f">= r cuts nothing and {o.name} would run as its plain optimizer")
+    from galore.projector import PROJ_TYPES
+
+    if g.proj_type not in PROJ_TYPES:
+        _fail("optimizer.galore.proj_type", g.proj_type, f"must be one of {', '.join(PROJ_TYPES)}")
     if g.update_proj_gap < 1:
         _fail("optimizer.galore.update_proj_gap", g.update_proj_gap, "must be a positive integer")
     if g.scale <= 0:
@@ -244,8 +291,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         _fail("train.precision", t.precision, "must be fp32, bf16 or fp16")
     if t.device not in ("auto", "cpu", "cuda"):
         _fail("train.device", t.device, "must be auto, cpu or cuda")
-    if t.max_steps is None and t.epochs is None:
-        _fail("train.max_steps", None, "set train.max_steps or train.epochs")
+    if t.max_steps is not None and t.epochs is not None:
+        _fail("train.epochs", t.epochs, f"set train.max_steps ({t.max_steps}) or train.epochs, not both")
     if t.max_steps is not None and t.max_steps < 1:
         _fail("train.max_steps", t.max_steps, "must be a positive integer")
     if t.epochs is not None and t.epochs <= 0:
@@ -263,10 +310,18 @@ def validate(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         _fail("train.distributed", t.distributed, "must be auto, none, ddp or deepspeed")
     if t.deepspeed_config is not None and not os.path.isfile(t.deepspeed_config):
         _fail("train.deepspeed_config", t.deepspeed_config, "file not found")
+    if not 0 <= t.seed < 2**32:
+        _fail("train.seed", t.seed, "must be in [0, 2**32)")
+    from lorafusion.backends import BACKENDS
+
+    if l.backend is not None and l.backend not in ("auto",) + BACKENDS:
+        _fail("lora.backend", l.backend, f"must be one of auto, {', '.join(BACKENDS)} (or null: automatic)")
     if t.num_threads is not None and t.num_threads < 1:
         _fail("train.num_threads", t.num_threads, "must be at least 1")
     if not t.output_dir:
         _fail("train.output_dir", t.output_dir, "must not be empty")
+    if os.path.exists(t.output_dir) and not os.path.isdir(t.output_dir):
+        _fail("train.output_dir", t.output_dir, "is a file, not a folder")
     return cfg
 
 

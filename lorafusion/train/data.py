@@ -46,17 +46,22 @@ def read_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     records, skipped = [], 0
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as fh:  # decoded line by line, so a bad byte is one bad line, not a crash
+        for lineno, raw in enumerate(fh, 1):
             problem = None
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
-            else:
-                problem = _record_problem(rec)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line, problem = "x", f"not valid UTF-8 (byte {raw[exc.start]:#04x} at byte {exc.start + 1})"
+            if not line.strip():
+                continue
+            if problem is None:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
+                else:
+                    problem = _record_problem(rec)
             if problem is not None:
                 if skip_bad_lines:
                     skipped += 1

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lorafusion.train.config import ConfigError
+
 logger = logging.getLogger("lorafusion.train")
 
 
@@ -46,9 +48,15 @@ def setup(requested: str, device_pref: str) -> DistState:
         kind = "none"
     want_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: 'cuda' requested but no CUDA device is available")
+        raise ConfigError("train.device: 'cuda' requested but no CUDA device is available (got 'cuda')")
     if kind == "none":
         return DistState("none", device=torch.device("cuda" if want_cuda else "cpu"))
+    missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        launcher = "torchrun --nproc_per_node N -m lorafusion train ..." if kind == "ddp" else \
+            "deepspeed --num_gpus N --module lorafusion train ..."
+        raise ConfigError(f"train.distributed: {kind!r} needs the launcher's environment ({', '.join(missing)} "
+                          f"unset): start with `{launcher}`, or set train.distributed to none (got {kind!r})")
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

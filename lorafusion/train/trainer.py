@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from lorafusion.train import checkpoint as ckpt
 from lorafusion.train import distributed as dist_utils
-from lorafusion.train.config import ConfigError, RunConfig, save_config
+from lorafusion.train.config import DEFAULT_MAX_STEPS, ConfigError, RunConfig, save_config
 from lorafusion.train.data import Sample, StepBatches, collate, load_split
 
 logger = logging.getLogger("lorafusion.train")
@@ -77,8 +77,11 @@ def _target_modules(model, spec):
     if spec == "all-linear":
         return "all-linear"
     if isinstance(spec, list):
-        hits = [n for n in linear if n.split(".")[-1] in spec or n in spec]
-        missing = [s for s in spec if not any(n.split(".")[-1] == s or n == s for n in linear)]
+        def matches(name: str, key: str) -> bool:  # PEFT's rule for a list: the full path or a dotted suffix
+            return name == key or name.endswith("." + key)
+
+        hits = [n for n in linear if any(matches(n, s) for s in spec)]
+        missing = [s for s in spec if not any(matches(n, s) for n in linear)]
         if not hits or missing:
             names = sorted({n.split(".")[-1] for n in linear})
             raise ConfigError(f"lora.target_modules: {missing or spec} match no Linear layer of the model "
@@ -131,7 +134,7 @@ def _galore(name):
         o, g = cfg.optimizer, cfg.optimizer.galore
         extra = {} if name == "galore_adafactor" else {"betas": tuple(o.betas), "eps": o.eps}
         return galore.build_optimizer(model, name, "all-linear", lr=o.lr, weight_decay=o.weight_decay,
-                                      rank=g.rank, update_proj_gap=g.update_proj_gap, scale=g.scale,
+                                      rank=cfg.galore_rank(), update_proj_gap=g.update_proj_gap, scale=g.scale,
                                       proj_type=g.proj_type, layerwise=g.layerwise, accumulation_steps=grad_accum,
                                       max_grad_norm=(o.max_grad_norm or None) if g.layerwise else None, **extra)
     return build
@@ -311,6 +314,60 @@ def _plot(output_dir: str, history: list[dict]) -> str | None:
     return path
 
 
+# Keys a resumed run must share with the run it continues: they fix the model, the data order, the adapter and the
+# optimizer's state layout (``--resume`` with any of them changed would continue a different run under the same
+# name). Others (lr, schedule, steps, eval / checkpoint cadence, backend, threads) may change on resume.
+RESUME_FIXED_KEYS = (
+    "model.name_or_path", "data.train", "data.eval", "data.eval_fraction", "data.max_length", "data.packing",
+    "lora.r", "lora.alpha", "lora.dropout", "lora.rslora", "lora.target_modules", "optimizer.name",
+    "optimizer.galore.rank", "optimizer.galore.proj_type", "optimizer.galore.layerwise",
+    "batch.tokens_per_microbatch", "batch.micro_batch_size", "batch.global_batch_size", "train.seed",
+    "train.precision",
+)
+
+
+def _check_resume_config(cfg: RunConfig, saved_path: str) -> None:
+    """Refuse ``--resume`` when a key of ``RESUME_FIXED_KEYS`` differs from the run's saved ``config.yaml``."""
+    import yaml
+
+    if not os.path.isfile(saved_path):
+        return  # a checkpoint without its config (copied by hand): nothing to compare against
+    with open(saved_path) as fh:
+        saved = yaml.safe_load(fh) or {}
+    now = cfg.to_dict()
+    diffs = []
+    for key in RESUME_FIXED_KEYS:
+        a, b = saved, now
+        for part in key.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        if a != b:
+            diffs.append(f"{key}: {a!r} in the run, {b!r} now")
+    if diffs:
+        raise ConfigError(f"--resume: the config differs from the run in {saved_path} on keys a resumed run must "
+                          f"keep ({'; '.join(diffs)}); use the run's values or start a new train.output_dir")
+
+
+def _completed_summary(out: str, latest: str, total_steps: int) -> dict | None:
+    """The summary of a run that already finished its ``total_steps`` at its latest checkpoint, else None (a
+    larger ``train.max_steps`` on resume extends the run instead)."""
+    path = os.path.join(out, "summary.json")
+    try:
+        with open(path) as fh:
+            summary = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    try:
+        with open(os.path.join(latest, "trainer_state.json")) as fh:
+            step = json.load(fh)["step"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if summary.get("status") == "completed" and summary.get("step") == summary.get("total_steps") == step \
+            == total_steps:
+        return summary
+    return None
+
+
 def run_training(cfg: RunConfig, resume: bool = False) -> dict:
     """Train, checkpoint, evaluate and save the adapter; returns the summary dict (every rank)."""
     ds = dist_utils.setup(cfg.train.distributed, cfg.train.device)
@@ -348,7 +405,12 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
     elif os.path.isdir(ckpt.checkpoints_dir(out)) and ckpt.latest(out) is not None:  # every rank: no hang
         raise TrainError(f"train.output_dir {out} already holds checkpoints; pass --resume to continue it or "
                          "choose another output folder")
+    if latest is not None:
+        _check_resume_config(cfg, os.path.join(out, "config.yaml"))
     if ds.is_main:
+        if latest is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
+            # a run killed before its first checkpoint: it starts again from step 0, so its lines go
+            os.remove(os.path.join(out, "metrics.jsonl"))
         save_config(cfg, os.path.join(out, "config.yaml"))
 
     model_path = resolve_model_path(cfg.model.name_or_path, ds)
@@ -357,7 +419,12 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
     micro = cfg.micro_batch_samples()
     accum = cfg.grad_accum_steps(ds.world_size)
     G = cfg.batch.global_batch_size
-    total_steps = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * len(train) / G))
+    total_steps = (t.max_steps if t.max_steps is not None else DEFAULT_MAX_STEPS if t.epochs is None
+                   else max(1, math.ceil(t.epochs * len(train) / G)))
+    done = _completed_summary(out, latest, total_steps) if latest is not None else None
+    if done is not None:
+        logger.info("--resume: %s already completed its %d steps; nothing to do (summary.json kept)", out, total_steps)
+        return done
     model, fused_info = build_adapter(base, cfg)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())

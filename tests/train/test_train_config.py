@@ -53,7 +53,15 @@ def test_wrong_type_is_named(tmp_path, text, key):
     ({"batch": {"micro_batch_size": 3, "global_batch_size": 32}}, "batch.global_batch_size"),
     ({"optimizer": {"name": "sgd"}}, "optimizer.name"),
     ({"train": {"precision": "fp8"}}, "train.precision"),
-    ({"train": {"max_steps": None, "epochs": None}}, "train.max_steps"),
+    ({"train": {"max_steps": 10, "epochs": 1.0}}, "train.epochs"),  # both set: epochs was once silently ignored
+    ({"train": {"seed": -1}}, "train.seed"),
+    ({"train": {"seed": 2**32}}, "train.seed"),
+    ({"optimizer": {"name": "galore_adamw", "galore": {"rank": 16}}, "lora": {"r": 16}}, "optimizer.galore.rank"),
+    ({"optimizer": {"galore": {"proj_type": "foo"}}}, "optimizer.galore.proj_type"),
+    ({"model": {"name_or_path": "builtin:foo"}}, "model.name_or_path"),
+    ({"data": {"train": "builtin:foo"}}, "data.train"),
+    ({"data": {"eval": "builtin:lowercase"}}, "data.eval"),
+    ({"lora": {"backend": "gpu"}}, "lora.backend"),
     ({"lora": {"target_modules": []}}, "lora.target_modules"),
 ])
 def test_impossible_value_is_named(tmp_path, overrides, key):
@@ -101,7 +109,38 @@ def test_target_modules_that_match_nothing():
                                          num_attention_heads=2, num_key_value_heads=2))
     assert _target_modules(model, ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
     assert _target_modules(model, r".*\.(q|v)_proj") == r".*\.(q|v)_proj"
+    # PEFT's rule for a list: a module's full path or a dotted suffix of it
+    assert _target_modules(model, ["self_attn.q_proj", "model.layers.0.mlp.up_proj"]) == [
+        "self_attn.q_proj", "model.layers.0.mlp.up_proj"]
+    with pytest.raises(ConfigError, match="lora.target_modules"):
+        _target_modules(model, ["attn.q_proj"])  # not a whole dotted component: PEFT would not match it either
     with pytest.raises(ConfigError, match="lora.target_modules"):
         _target_modules(model, ["qkv"])
     with pytest.raises(ConfigError, match="lora.target_modules"):
         _target_modules(model, r".*\.query")
+
+
+def test_floats_in_scientific_notation_are_floats(tmp_path):
+    # YAML 1.1 reads 3e-4 (no dot) as a string; the config takes it as the number it is, from a file and the CLI
+    cfg = _load(tmp_path, "optimizer:\n  lr: 3e-4\n  eps: 1E-6\n")
+    assert cfg.optimizer.lr == 3e-4 and cfg.optimizer.eps == 1e-6
+    cfg = _load(tmp_path, overrides=parse_overrides(["--optimizer.lr", "1e-4", "--train.epochs", "2e0",
+                                                     "--train.max_steps", "null"]))
+    assert cfg.optimizer.lr == 1e-4 and cfg.train.epochs == 2.0
+    with pytest.raises(ConfigError, match="optimizer.lr: expected float, got str"):
+        _load(tmp_path, "optimizer:\n  lr: 1e-4x\n")
+    with pytest.raises(ConfigError, match="lora.r: expected int"):
+        _load(tmp_path, "lora:\n  r: 1e1\n")  # an int key stays an int key
+
+
+def test_galore_rank_defaults_below_the_adapter_rank(tmp_path):
+    cfg = _load(tmp_path, overrides={"optimizer": {"name": "galore_adamw"}, "lora": {"r": 16}})
+    assert cfg.optimizer.galore.rank is None and cfg.galore_rank() == 4
+    assert _load(tmp_path, overrides={"lora": {"r": 2}}).galore_rank() == 1
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="train.output_dir: is a file, not a folder"):
+        _load(tmp_path, overrides={"train": {"output_dir": str(f)}})

@@ -21,6 +21,14 @@ def test_bad_line_reported_with_its_number(tmp_path):
         read_jsonl(path)
     recs, skipped = read_jsonl(path, skip_bad_lines=True)
     assert (len(recs), skipped) == (1, 2)
+    # a byte that is not UTF-8 is one bad line too (it once crashed the whole read, even when skipping)
+    bad = tmp_path / "u.jsonl"
+    bad.write_bytes(json.dumps({"prompt": "AB=", "completion": "ab"}).encode() + b'\n{"prompt": "\xff=", '
+                    b'"completion": "x"}\n')
+    with pytest.raises(DataError, match=r"u\.jsonl:2: not valid UTF-8 \(byte 0xff at byte 13\)"):
+        read_jsonl(str(bad))
+    recs, skipped = read_jsonl(str(bad), skip_bad_lines=True)
+    assert (len(recs), skipped) == (1, 1)
 
 
 @pytest.mark.parametrize("line,msg", [

@@ -113,9 +113,30 @@ def test_corrupt_checkpoint_and_existing_output_are_clear_errors(tmp_path, capsy
     assert main(args) == 0
     assert main(args) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    # --resume on a finished run: nothing to do, and the summary (throughput included) is kept as it was
+    assert main(args + ["--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text()) == summary and summary["tokens_per_s"]
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()].count(2) == 2  # loss, eval
+    # a key that fixes the run (here the adapter rank) may not change on resume
+    assert main(args + ["--resume", "--train.max_steps", "3", "--lora.r", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: the config differs from the run" in err and "lora.r: 16 in the run, 8 now" in err
     (out / "checkpoints" / "step-0000002" / "optimizer.pt").write_bytes(b"garbage")
-    assert main(args + ["--resume"]) == 2
+    assert main(args + ["--resume", "--train.max_steps", "3"]) == 2  # extending the run loads the checkpoint
     assert "corrupt or unreadable" in capsys.readouterr().err
+
+
+def test_run_killed_before_its_first_checkpoint_starts_clean(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0, "eval_loss": 9.0}\n{"step": 1, "loss": 9.0}\n')  # the dead run's
+    args = ["train", "--train.output_dir", str(out), "--train.max_steps", "2", "--train.generate_eval", "false",
+            "--data.max_eval_samples", "8", "--batch.global_batch_size", "8", "--batch.micro_batch_size", "8",
+            "--train.num_threads", "1", "--train.plot", "false"]
+    assert main(args + ["--resume"]) == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 2], steps
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral"])
