@@ -22,6 +22,23 @@ def draw_dropout_seed(device: torch.device) -> int:
     return int(torch.randint(0, _SEED_MASK, (1,), dtype=torch.int64).item())
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs a linear layer in on ``device_type`` now, or None outside autocast."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def cast_like_autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``x``, ``weight``, ``bias`` cast as ``torch.autocast`` casts ``nn.Linear``'s inputs (float64 left alone), and
+    whether autocast is on. The fused Functions then run with autocast off, so every op inside them, and their
+    backward, sees one dtype; the adapters stay in their own (usually fp32) dtype, as the backends allow."""
+    dt = autocast_dtype(x.device.type)
+    if dt is None:
+        return x, weight, bias, False
+    def cast(t):
+        return t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+    return cast(x), cast(weight), cast(bias), True
+
+
 class FusedLoRAFunction(torch.autograd.Function):
     """Y = X W^T + b + scale * D(X) A^T B^T; saves X, S (T x r) and the seed, never D(X) or a mask."""
 
@@ -36,6 +53,11 @@ class FusedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with torch.autocast(dy.device.type, enabled=False):  # a backward run inside an autocast region
+            return FusedLoRAFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, weight, lora_A, lora_B, S = ctx.saved_tensors
         need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
         x2d = x.reshape(-1, x.shape[-1])
@@ -58,4 +80,8 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 
     mod = get_backend(x.device.type, backend)
     if p > 0.0 and seed is None:
         seed = draw_dropout_seed(x.device)
-    return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), float(p), int(seed or 0), mod)
+    x, weight, bias, autocast = cast_like_autocast(x, weight, bias)
+    if not autocast:
+        return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), float(p), int(seed or 0), mod)
+    with torch.autocast(x.device.type, enabled=False):
+        return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), float(p), int(seed or 0), mod)

@@ -37,7 +37,7 @@ def check_input(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
         raise ValueError(f"{name}: input's last dimension is {tuple(x.shape)[-1:]}, expected in_features={weight.shape[1]}")
     if x.device != weight.device:
         raise ValueError(f"{name}: input is on {x.device} but the weights are on {weight.device}")
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts both, as nn.Linear
         raise ValueError(f"{name}: input dtype {x.dtype} differs from the weight dtype {weight.dtype}")
 
 
@@ -67,8 +67,10 @@ class FusedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.base.weight
         check_input("FusedLoRALinear", x, w)
-        if self.disabled and self.merged:  # take the merged delta back out on the fly, no dropout
-            return fused_lora_linear(x, w, self.base.bias, self.lora_A, self.lora_B, -self.scale, 0.0, self.backend)
+        if self.disabled and self.merged:  # take the merged delta back out on the fly, no dropout; a disabled
+            # adapter gets no gradient (detached), as if the layer ran its base alone
+            return fused_lora_linear(x, w, self.base.bias, self.lora_A.detach(), self.lora_B.detach(), -self.scale,
+                                     0.0, self.backend)
         if self.disabled or self.merged:
             return self.base(x)
         p = self.dropout if self.training else 0.0

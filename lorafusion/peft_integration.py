@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from lorafusion.backends import resolve_backend_name
+from lorafusion.backends import BACKENDS, resolve_backend_name
 from lorafusion.function import fused_lora_linear
 
 logger = logging.getLogger("lorafusion")
@@ -54,6 +54,11 @@ class FusedPeftLoraLinear(PeftLoraLinear):
     _lorafusion_backend: str | None = None
     _lorafusion_name: str | None = None
 
+    def __init__(self, base_layer, adapter_name, *args, **kwargs):
+        super().__init__(base_layer, adapter_name, *args, **kwargs)
+        if kwargs.get("target_name"):  # built by get_peft_model (fused_lora_config): PEFT passes the module path
+            self._lorafusion_name = kwargs["target_name"]
+
     def _lorafusion_warn(self, reason: str) -> None:
         warned = self.__dict__.setdefault("_lorafusion_warned", set())
         if reason not in warned:
@@ -69,7 +74,7 @@ class FusedPeftLoraLinear(PeftLoraLinear):
             return f"extra forward arguments {sorted(kwargs)}"
         if len(active) > 1:
             return f"{len(active)} active adapters at once ({active})"
-        if x.dtype != self.get_base_layer().weight.dtype:
+        if x.dtype != self.get_base_layer().weight.dtype and not torch.is_autocast_enabled(x.device.type):
             return f"input dtype {x.dtype} differs from the base weight dtype {self.get_base_layer().weight.dtype}"
         return None
 
@@ -123,7 +128,7 @@ def unpatch_peft(model: nn.Module) -> int:
     """Restore PEFT's own forward on every fused layer; returns how many were restored."""
     n = 0
     for module in model.modules():
-        if type(module) is FusedPeftLoraLinear:
+        if isinstance(module, FusedPeftLoraLinear):  # also fused_lora_config(backend=...)'s per-backend classes
             module.__class__ = PeftLoraLinear
             n += 1
     return n
@@ -132,9 +137,19 @@ def unpatch_peft(model: nn.Module) -> int:
 def fused_lora_config(backend: str | None = None, **lora_config_kwargs) -> "LoraConfig":
     """A ``LoraConfig`` that makes ``get_peft_model`` build fused LoRA Linear layers directly."""
     cfg = LoraConfig(**lora_config_kwargs)
-    cls = FusedPeftLoraLinear
-    if backend is not None:
-        cls = type("FusedPeftLoraLinear", (FusedPeftLoraLinear,),
-                   {"_lorafusion_backend": resolve_backend_name(backend)})
+    cls = FusedPeftLoraLinear if backend is None else _BACKEND_CLASSES[resolve_backend_name(backend)]
     cfg._register_custom_module({nn.Linear: cls})
     return cfg
+
+
+def _backend_class(backend: str) -> type:
+    """``FusedPeftLoraLinear`` bound to one backend: a module-level class (``FusedPeftLoraLinear_<backend>``), so a
+    model holding it pickles and ``torch.save``s like any other."""
+    qualname = f"FusedPeftLoraLinear_{backend}"
+    cls = type(qualname, (FusedPeftLoraLinear,), {"_lorafusion_backend": backend, "__module__": __name__,
+                                                   "__qualname__": qualname})
+    globals()[qualname] = cls
+    return cls
+
+
+_BACKEND_CLASSES = {b: _backend_class(b) for b in BACKENDS + ("auto",)}

@@ -1,9 +1,11 @@
 """The multi-adapter LoRA linear as one autograd Function (math: ``lorafusion.multi.reference``)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from lorafusion.function import draw_dropout_seed
+from lorafusion.function import cast_like_autocast, draw_dropout_seed
 from lorafusion.multi.backends import get_multi_backend
 from lorafusion.multi.segments import AdapterSegments
 
@@ -30,6 +32,11 @@ class MultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with torch.autocast(dy.device.type, enabled=False):  # a backward run inside an autocast region
+            return MultiLoRAFunction._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, weight, A_cat, Bt_cat, S = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
         need_params = ctx.needs_input_grad[7:]
@@ -58,6 +65,7 @@ def multi_lora_linear(x, weight, bias, adapters: dict, segments: AdapterSegments
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     if rows != segments.num_rows:
         raise ValueError(f"input has {rows} rows but the segment layout has {segments.num_rows}")
+    x, weight, bias, autocast = cast_like_autocast(x, weight, bias)
     mod = get_multi_backend(x.device.type, backend, x.dtype)
     dropout = bool(training and segments.any_dropout)
     if dropout and seed is None:
@@ -67,5 +75,6 @@ def multi_lora_linear(x, weight, bias, adapters: dict, segments: AdapterSegments
         if name not in adapters:
             raise ValueError(f"adapter {name!r} has rows in the layout but no weights here")
         params += list(adapters[name])
-    return MultiLoRAFunction.apply(x, weight, bias, segments.tables(x.device), int(seed or 0) & ((1 << 63) - 1),
-                                   dropout, mod, *params)
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        return MultiLoRAFunction.apply(x, weight, bias, segments.tables(x.device), int(seed or 0) & ((1 << 63) - 1),
+                                       dropout, mod, *params)

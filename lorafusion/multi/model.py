@@ -59,8 +59,18 @@ class MultiLoRAModel(nn.Module):
         check_adapter_name(name)
         if name in self.adapter_specs:
             raise ValueError(f"duplicate adapter name {name!r}: the model already holds it")
-        for layer in self.layers().values():
-            layer.add_adapter(name, r, alpha, dropout, use_rslora, dtype)
+        done = []
+        try:
+            for path, layer in self.layers().items():
+                try:
+                    layer.add_adapter(name, r, alpha, dropout, use_rslora, dtype)
+                except (ValueError, TypeError) as e:
+                    raise type(e)(f"layer {path}: {e}") from e
+                done.append(layer)
+        except BaseException:
+            for layer in done:  # all or nothing: no layer keeps a half-added adapter
+                layer.remove_adapter(name)
+            raise
         self.adapter_specs[name] = AdapterSpec(r, float(alpha), float(dropout), bool(use_rslora))
 
     def remove_adapter(self, name: str) -> list[nn.Parameter]:

@@ -181,3 +181,43 @@ def test_bad_input_errors_name_the_value():
         layer(torch.randn(3, 7))
     with pytest.raises(ValueError, match="dtype"):
         layer(torch.randn(3, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("T", [4, 300])  # 300: the cpu backend's merged-weight path (p = 0, T >= 8 r) runs torch ops
+def test_autocast_runs_like_nn_linear_under_autocast(T):
+    """Under torch.autocast (CPU, bf16) the layer computes in bf16 as nn.Linear does, returns bf16, and its backward
+    works (it once returned fp32 or bf16 depending on T, and backward then failed on mixed dtypes)."""
+    torch.manual_seed(T)
+    layer = FusedLoRALinear(nn.Linear(64, 48), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(T, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y2 = layer(y.new_ones(T, 64, dtype=torch.bfloat16))  # bf16 input over fp32 weights: accepted, as nn.Linear
+    assert y.dtype == torch.bfloat16 and y2.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    # the reference: the same math in float64 on the bf16-rounded operands, adapters kept fp32 (as the kernels do)
+    xr = x.detach().bfloat16().double().requires_grad_()
+    A = layer.lora_A.detach().double().requires_grad_()
+    B = layer.lora_B.detach().double().requires_grad_()
+    W, b = layer.base.weight.detach().bfloat16().double(), layer.base.bias.detach().bfloat16().double()
+    ref = lora_linear_reference(xr, W, b, A, B, layer.scale, 0.0, 0)
+    ref.square().sum().backward()
+    rel = lambda a, e: ((a.double() - e).norm() / e.norm()).item()  # noqa: E731
+    assert rel(y.detach(), ref.detach()) < 1e-2
+    assert rel(x.grad, xr.grad) < 2e-2 and rel(layer.lora_A.grad, A.grad) < 2e-2
+    assert layer.lora_A.grad.dtype == torch.float32
+
+
+def test_disabled_adapter_on_a_merged_layer_gets_no_gradient():
+    torch.manual_seed(3)
+    layer = FusedLoRALinear(nn.Linear(16, 12), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(5, 16, requires_grad=True)
+    base_out = layer.base(x).detach()
+    layer.merge()
+    with layer.adapter_disabled():
+        y = layer(x)
+    y.sum().backward()
+    torch.testing.assert_close(y.detach(), base_out, rtol=1e-5, atol=1e-5)
+    assert layer.lora_A.grad is None and layer.lora_B.grad is None

@@ -120,3 +120,44 @@ def test_patch_peft_rejects_a_model_without_lora():
         lorafusion.patch_peft(tiny_llama())
     with pytest.raises(TypeError, match="nn.Module"):
         lorafusion.patch_peft("not a model")
+
+
+def test_patched_model_trains_under_autocast_without_falling_back():
+    model = peft_model(seed=11)
+    lorafusion.patch_peft(model, backend="cpu")
+    ids = torch.randint(0, 97, (2, 12))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    assert not [w for w in rec if "lorafusion" in str(w.message)], [str(w.message) for w in rec]
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    # the same step through PEFT's own layers under autocast: the loss agrees to bf16 precision
+    lorafusion.unpatch_peft(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(input_ids=ids, labels=ids).loss
+    assert abs(loss.item() - ref.item()) < 2e-2 * abs(ref.item())
+
+
+def test_backend_bound_config_pickles_unpatches_and_names_its_layers(tmp_path):
+    base = tiny_llama(12)
+    cfg = lorafusion.fused_lora_config(backend="cpu", r=4, lora_alpha=8, target_modules=TARGETS,
+                                       init_lora_weights=False)
+    model = get_peft_model(base, cfg)
+    layers = [m for m in model.modules() if isinstance(m, FusedPeftLoraLinear)]
+    assert len(layers) == 2 * len(TARGETS) and all(m._lorafusion_backend == "cpu" for m in layers)
+    assert layers[0]._lorafusion_name == "model.layers.0.self_attn.q_proj"
+    torch.save(model, tmp_path / "m.pt")  # the per-backend class is importable: pickling works
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    with warnings.catch_warnings(record=True) as rec:  # a fallback warning names the layer by its path
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError):  # PEFT's own forward then fails on float64 input, as nn.Linear does
+            layers[0](torch.randn(3, 48, dtype=torch.float64))
+    assert any("layer model.layers.0.self_attn.q_proj runs PEFT's unfused forward" in str(w.message) for w in rec)
+    assert lorafusion.unpatch_peft(model) == len(layers)
+    assert not any(isinstance(m, FusedPeftLoraLinear) for m in model.modules())

@@ -100,3 +100,32 @@ def test_peft_trained_adapter_loads_into_multi_model(tmp_path):
     narrow = MultiLoRAModel(copy.deepcopy(base), target_modules=["q_proj"])
     with pytest.raises(ValueError, match="not wrapped"):
         load_adapter(narrow, str(tmp_path / "p"), "trained")
+
+
+def test_add_adapter_is_all_or_nothing_and_names_the_layer():
+    mm = MultiLoRAModel(_base(), target_modules="all-linear")
+    # r = 20 fits every layer but k_proj / v_proj (out = 16 with 2 KV heads of 8): the add must leave no trace
+    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.k_proj: .*r=20"):
+        mm.add_adapter("big", r=20, alpha=8)
+    assert "big" not in mm.adapter_specs
+    assert not [n for n, _ in mm.named_parameters() if ".big" in n]
+    mm.add_adapter("big", r=8, alpha=8)  # the name is free again
+    assert "big" in mm.adapter_specs and len(mm.adapter_parameters("big")) == 2 * 14
+
+
+def test_multi_model_under_autocast():
+    mm = MultiLoRAModel(_base(), target_modules="all-linear")
+    mm.add_adapter("x", 4, 8)
+    mm.add_adapter("y", 8, 8)
+    _randomize_B(mm, "x")
+    _randomize_B(mm, "y")
+    ids = torch.randint(0, 64, (2, 6))
+    seg = mm.make_segments(["x", "y"], seq_len=6)
+    with torch.no_grad():
+        ref = mm(input_ids=ids, segments=seg).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mm(input_ids=ids, segments=seg).logits
+    out.float().sum().backward()
+    assert torch.allclose(out.float(), ref, atol=5e-2 * ref.abs().max().item())
+    for name in ("x", "y"):
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in mm.adapter_parameters(name))
