@@ -36,6 +36,23 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fsync_path(path: str) -> None:
+    """fsync a file, or a folder's entries (where the platform allows opening a folder)."""
+    if os.path.isdir(path):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:  # e.g. Windows cannot open a folder
+            return
+    else:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def rng_state() -> dict:
     state = {"torch": torch.random.get_rng_state(), "python": random.getstate(),
              "numpy": np.random.get_state()}
@@ -91,9 +108,15 @@ def commit(output_dir: str, step: int, keep: int) -> str:
     tmp, final = tmp_path(output_dir, step), final_path(output_dir, step)
     with open(os.path.join(tmp, "COMPLETE"), "w") as fh:
         fh.write("ok\n")
+    # on disk before the rename and the `latest` pointer: after a power loss `latest` must not name a checkpoint
+    # whose files never reached the disk (a SIGKILL alone loses nothing the kernel already holds)
+    for name in os.listdir(tmp):
+        _fsync_path(os.path.join(tmp, name))
+    _fsync_path(tmp)
     if os.path.isdir(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
+    _fsync_path(checkpoints_dir(output_dir))
     _atomic_write_text(os.path.join(checkpoints_dir(output_dir), "latest"), os.path.basename(final) + "\n")
     names = sorted(d for d in os.listdir(checkpoints_dir(output_dir))
                    if d.startswith("step-") and not d.endswith(".tmp"))

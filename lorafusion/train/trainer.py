@@ -649,10 +649,23 @@ def _print_summary(s: dict) -> None:
 
 
 def _read_metrics(path: str) -> list[dict]:
+    """The records of metrics.jsonl; a line cut short by a crash mid-write (the last one) is dropped with a
+    warning, since the resumed run writes that step again."""
     if not os.path.isfile(path):
         return []
+    out = []
     with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("%s:%d: dropped an unreadable metrics line (cut short by a crash?)", path, lineno)
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                out.append(rec)
+    return out
 
 
 def _truncate_metrics(path: str, step: int) -> None:

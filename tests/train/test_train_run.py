@@ -168,3 +168,13 @@ def test_local_model_folder_of_other_architectures(tmp_path, arch):
     assert summary["status"] == "completed" and summary["step"] == 3  # 12 training samples / 4 per step
     assert summary["fused_layers"] == 2
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_metrics_line_cut_short_by_a_crash_is_dropped_on_resume(tmp_path):
+    from lorafusion.train.trainer import _read_metrics, _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "eval_loss": 2.0}\n{"step": 1, "loss": 1.5}\n{"step": 2, "loss": 1.4}\n{"step": 3, "lo')
+    assert [r["step"] for r in _read_metrics(str(path))] == [0, 1, 2]
+    _truncate_metrics(str(path), 1)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [0, 1]
