@@ -20,9 +20,10 @@ class MultiLoRAFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, tables, seed: int, dropout: bool, backend, *adapter_params):
         x2d = x.reshape(-1, x.shape[-1])
         As, Bs = adapter_params[0::2], adapter_params[1::2]
-        A_cat = torch.cat([a.to(torch.float32) for a in As]) if As else x.new_zeros((0, x.shape[-1]), dtype=torch.float32)
-        Bt_cat = (torch.cat([b.t().to(torch.float32) for b in Bs]).contiguous() if Bs
-                  else x.new_zeros((0, weight.shape[0]), dtype=torch.float32))
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 input keeps float64 adapters
+        A_cat = torch.cat([a.to(acc) for a in As]) if As else x.new_zeros((0, x.shape[-1]), dtype=acc)
+        Bt_cat = (torch.cat([b.t().to(acc) for b in Bs]).contiguous() if Bs
+                  else x.new_zeros((0, weight.shape[0]), dtype=acc))
         y2d, S = backend.forward(x2d, weight, bias, A_cat, Bt_cat, tables, seed, dropout)
         ctx.save_for_backward(x, weight, A_cat, Bt_cat, S)
         ctx.tables, ctx.seed, ctx.dropout, ctx.backend = tables, seed, dropout, backend

@@ -123,3 +123,26 @@ def test_rows_without_adapter_get_base_output_exactly():
     y = layer(x, segments=layer.make_segments([None, "a", None, "b", None, None]))
     base = layer.base(x)
     assert torch.equal(y[[0, 2, 4, 5]], base[[0, 2, 4, 5]])
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_float64_layer_keeps_float64_accuracy(backend):
+    """float64 input (which auto sends to the reference backend; the C++ / Triton kernels accumulate in float32)
+    keeps float64 adapters (they were once rounded to float32: 5e-8)."""
+    from lorafusion.multi.function import multi_lora_linear
+
+    layer = MultiLoRALinear(nn.Linear(24, 20).double(), backend=backend)
+    layer.add_adapter("a", 4, 8, dropout=0.2)
+    layer.add_adapter("b", 2, 4)
+    with torch.no_grad():
+        for n in "ab":
+            layer.lora_B[n].normal_()
+    seg = layer.make_segments(["a"] * 5 + ["b"] * 3 + [None] * 2)
+    x = torch.randn(10, 24, dtype=torch.float64)
+    adapters = {n: (layer.lora_A[n], layer.lora_B[n]) for n in "ab"}
+    y = multi_lora_linear(x, layer.base.weight, layer.base.bias, adapters, seg, training=True, backend=backend,
+                          seed=123)
+    ad = {n: (a.detach(), b.detach()) for n, (a, b) in adapters.items()}
+    yr = multi_lora_reference(x, layer.base.weight, layer.base.bias, ad, seg, seed=123)
+    assert y.dtype == torch.float64
+    assert (y.detach() - yr).norm() / yr.norm() < 1e-12
