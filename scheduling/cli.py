@@ -27,9 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=int, help="pipeline stages")
     p.add_argument("--seed", type=int, help="seed for lengths sampled from a distribution, recorded in the schedule "
                    "(default: the file's, else 0); the search itself is deterministic")
-    p.add_argument("--milp-time-limit", type=float, default=0.3,
-                   help="seconds per packing unit for the exact MILP packer, whose answer is used only when it is "
-                        "proven optimal within the limit; 0 disables it (default 0.3)")
+    p.add_argument("--milp-time-limit", type=float, default=0.0,
+                   help="seconds per packing unit for the exact MILP packer (HiGHS), whose answer is used only when "
+                        "it is proven optimal within the limit (default 0: off, and the plan is reproducible; a "
+                        "wall-clock limit can make a plan depend on the machine's load)")
     p.add_argument("--no-baselines", action="store_true", help="skip simulating the baselines")
     p.add_argument("--metrics-json", help="also write the metrics table as JSON here")
     return p

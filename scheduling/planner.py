@@ -813,19 +813,22 @@ def plan(
     params: PlanParams,
     *,
     seed: int = 0,
-    milp_time_limit: float = 0.3,
+    milp_time_limit: float = 0.0,
     cost: CostModel = CostModel(),
     group_counts: Sequence[int] | None = None,
     target_fractions: Sequence[float] = (1.0, 0.9, 0.8, 0.65, 0.5),
     modes: Sequence[str] = ("stream", "units"),
 ) -> Schedule:
-    """Plan ``jobs`` on the pipeline described by ``params``; deterministic for a given input.
+    """Plan ``jobs`` on the pipeline described by ``params``; deterministic for a given input (with the MILP off,
+    the default; see ``milp_time_limit``).
 
     ``seed`` is recorded in the schedule's meta: the search itself has no randomness (every tie is broken by a fixed
     key), so the same input gives the same schedule whatever the seed; sampled lengths take their seed elsewhere.
 
-    ``milp_time_limit``: seconds per packing unit for the exact packer (0 disables it); only an optimum it proves
-    within the limit is used (:func:`pack_milp`). ``group_counts``: the numbers
+    ``milp_time_limit``: seconds per packing unit for the exact packer (default 0: off); only an optimum it proves
+    within the limit is used (:func:`pack_milp`). Off, the plan is a pure function of the input. On, a unit whose
+    optimum HiGHS proves just within the limit on one run and just outside it on another (a loaded machine) can
+    change the plan: a wall-clock limit cannot be reproducible, which is why it is opt-in. ``group_counts``: the numbers
     of adapter groups to try (default 1..4 and one group per adapter). ``target_fractions``: microbatch sizes to
     try, as fractions of the capacity. ``modes``: which packers compete ("stream": every microbatch filled across
     unit boundaries; "units": each (global batch, group) packed on its own, greedy vs MILP). ``cost``: the pipeline

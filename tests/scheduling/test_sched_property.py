@@ -29,10 +29,11 @@ def job_mixes(draw):
 @given(job_mixes(), st.integers(min_value=0, max_value=3))
 def test_random_mixes_plan_verifies(mix, seed):
     jobs, params = mix
-    s = plan(jobs, params, seed=seed, milp_time_limit=0.02, target_fractions=(1.0, 0.6))
+    s = plan(jobs, params, seed=seed, target_fractions=(1.0, 0.6))  # the default: MILP off, a pure function
     assert verify(s, jobs, params) == []
     assert Schedule.from_json(s.to_json()) == s
-    assert s.to_json() == plan(jobs, params, seed=seed, milp_time_limit=0.02, target_fractions=(1.0, 0.6)).to_json()
+    assert s.to_json() == plan(jobs, params, seed=seed, target_fractions=(1.0, 0.6)).to_json()
+    # the MILP on (its wall-clock limit can change which optimum it proves in time, so only validity is asserted)
     units = plan(jobs, params, seed=seed, milp_time_limit=0.02, target_fractions=(1.0,), modes=("units",))
     assert verify(units, jobs, params) == []
     simulate(units)
