@@ -137,9 +137,24 @@ def unpatch_peft(model: nn.Module) -> int:
 def fused_lora_config(backend: str | None = None, **lora_config_kwargs) -> "LoraConfig":
     """A ``LoraConfig`` that makes ``get_peft_model`` build fused LoRA Linear layers directly."""
     cfg = LoraConfig(**lora_config_kwargs)
-    cls = FusedPeftLoraLinear if backend is None else _BACKEND_CLASSES[resolve_backend_name(backend)]
-    cfg._register_custom_module({nn.Linear: cls})
+    cfg._register_custom_module({nn.Linear: _FusedDispatch(None if backend is None else resolve_backend_name(backend))})
     return cfg
+
+
+class _FusedDispatch:
+    """PEFT's custom-module hook for ``nn.Linear``: a fused layer for a plain ``nn.Linear`` base, and None for a
+    subclass (bitsandbytes' 8-bit / 4-bit layers, torchao, ...), so PEFT's own dispatch gives those their own LoRA
+    layer instead of a fused one that would fall back. A module-level class, so a config holding it pickles."""
+
+    def __init__(self, backend: str | None):
+        self.backend = backend
+
+    def __call__(self, target, adapter_name, **kwargs):
+        base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+        if type(base) is not nn.Linear:
+            return None
+        cls = FusedPeftLoraLinear if self.backend is None else _BACKEND_CLASSES[self.backend]
+        return cls(target, adapter_name, **kwargs)
 
 
 def _backend_class(backend: str) -> type:

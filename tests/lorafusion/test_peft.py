@@ -161,3 +161,30 @@ def test_backend_bound_config_pickles_unpatches_and_names_its_layers(tmp_path):
     assert any("layer model.layers.0.self_attn.q_proj runs PEFT's unfused forward" in str(w.message) for w in rec)
     assert lorafusion.unpatch_peft(model) == len(layers)
     assert not any(isinstance(m, FusedPeftLoraLinear) for m in model.modules())
+
+
+def test_config_leaves_a_subclassed_or_quantized_base_to_peft():
+    """An nn.Linear subclass as base (bitsandbytes' 8-bit / 4-bit layers, torchao, ...) gets the LoRA layer PEFT itself
+    would pick, not a fused one that could only fall back."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain = torch.nn.Linear(32, 32)
+            self.q8 = bnb.nn.Linear8bitLt(32, 32, has_fp16_weights=False)
+
+        def forward(self, x):
+            return self.q8(self.plain(x))
+
+    kinds = {}
+    for cfg in (LoraConfig(r=4, lora_alpha=8, target_modules=["plain", "q8"]),
+                lorafusion.fused_lora_config(r=4, lora_alpha=8, target_modules=["plain", "q8"])):
+        model = get_peft_model(Net(), cfg)
+        kinds[type(cfg._custom_modules).__name__] = {n.rsplit(".", 1)[-1]: type(m) for n, m in model.named_modules()
+                                                     if n.endswith((".plain", ".q8"))}
+    peft_kinds, fused_kinds = kinds["NoneType"], kinds["dict"]
+    assert fused_kinds["plain"] is FusedPeftLoraLinear
+    assert fused_kinds["q8"] is peft_kinds["q8"] and not issubclass(fused_kinds["q8"], FusedPeftLoraLinear)
+    assert issubclass(peft_kinds["q8"], PeftLinear) or peft_kinds["q8"].__module__.startswith("peft.")
