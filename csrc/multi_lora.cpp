@@ -36,7 +36,8 @@ struct Seg {
 };
 struct Slot {
   int64_t r, w_off, f_off;
-  float p, scale;
+  double p;  // float64: 1 / (1 - p) from a float32 p is off by 1.3e-5 relative at p = 0.999
+  float scale;
   uint32_t threshold;
 };
 
@@ -65,17 +66,43 @@ std::vector<Slot> read_slots(const at::Tensor& slot, const at::Tensor& slot_p, c
   std::vector<Slot> out(s.size(0));
   for (int64_t k = 0; k < s.size(0); ++k) {
     const double pk = p.data_ptr<double>()[k];
-    out[k] = {d[3 * k], d[3 * k + 1], d[3 * k + 2], static_cast<float>(pk), sc.data_ptr<float>()[k],
-              lorafusion::dropout_threshold(pk)};
+    TORCH_CHECK(pk >= 0.0 && pk < 1.0, "lorafusion multi: slot ", k, " dropout p must be in [0, 1), got ", pk);
+    out[k] = {d[3 * k], d[3 * k + 1], d[3 * k + 2], pk, sc.data_ptr<float>()[k], lorafusion::dropout_threshold(pk)};
   }
   return out;
+}
+
+// Every segment's rows lie in [0, rows), its slot exists, and every slot's rank-r block lies inside w_rows rows of the
+// stacked weights and its rows of the flat buffer inside flat_numel elements (w_rows / flat_numel < 0: not checked).
+// The kernels index raw pointers with these numbers: a layout that does not fit the tensors is an error, not a
+// read or write past their ends.
+void check_layout(const std::vector<Seg>& segs, const std::vector<Slot>& slots, int64_t rows, int64_t w_rows,
+                  int64_t flat_numel, const char* op) {
+  const int64_t n_slot = static_cast<int64_t>(slots.size());
+  for (int64_t k = 0; k < n_slot; ++k) {
+    const Slot& sl = slots[k];
+    TORCH_CHECK(sl.r >= 1 && sl.w_off >= 0 && sl.f_off >= 0, op, ": slot ", k, " has r ", sl.r, ", w_off ", sl.w_off,
+                ", f_off ", sl.f_off);
+    TORCH_CHECK(w_rows < 0 || sl.w_off + sl.r <= w_rows, op, ": slot ", k, " needs rows [", sl.w_off, ", ",
+                sl.w_off + sl.r, ") of the stacked adapter weights, which have ", w_rows);
+  }
+  for (size_t i = 0; i < segs.size(); ++i) {
+    const Seg& sg = segs[i];
+    TORCH_CHECK(0 <= sg.start && sg.start <= sg.end && sg.end <= rows, op, ": segment ", i, " covers rows [", sg.start,
+                ", ", sg.end, ") of a tensor with ", rows, " rows");
+    TORCH_CHECK(0 <= sg.slot && sg.slot < n_slot, op, ": segment ", i, " names slot ", sg.slot, " of ", n_slot);
+    const Slot& sl = slots[sg.slot];
+    TORCH_CHECK(sg.srow >= 0 && (flat_numel < 0 || sl.f_off + (sg.srow + sg.end - sg.start) * sl.r <= flat_numel), op,
+                ": segment ", i, " needs elements up to ", sl.f_off + (sg.srow + sg.end - sg.start) * sl.r,
+                " of a flat buffer of ", flat_numel);
+  }
 }
 
 // dst (rows x ncols, float32, row-major) = D?(src[r0:r1, c0:c0+ncols]) with the mask of (seed, global row, col).
 template <typename T>
 void load_rows(float* dst, const T* src, int64_t ld, int64_t r0, int64_t r1, int64_t c0, int64_t ncols, bool drop,
                const Slot& sl, uint64_t seed) {
-  const float inv = drop ? 1.0f / (1.0f - sl.p) : 1.0f;
+  const float inv = drop ? static_cast<float>(1.0 / (1.0 - sl.p)) : 1.0f;
   for (int64_t i = r0; i < r1; ++i) {
     const T* s = src + i * ld + c0;
     float* d = dst + (i - r0) * ncols;
@@ -173,13 +200,14 @@ at::Tensor multi_lora_shrink_cpu(const at::Tensor& x_in, const at::Tensor& w_cat
   const auto w = w_cat_in.to(at::kFloat).contiguous();
   const auto segs = read_segs(seg);
   const auto slots = read_slots(slot, slot_p, slot_scale);
+  check_layout(segs, slots, x.size(0), w.size(0), numel, "multi_lora_shrink");
   auto out = at::empty({numel}, x.options().dtype(at::kFloat));
   std::vector<float>& buf = scratch_floats(0);
   for (const Seg& sg : segs) {
     const Slot& sl = slots[sg.slot];
     for (int64_t r0 = sg.start; r0 < sg.end; r0 += kChunk) {
       const int64_t r1 = std::min(r0 + kChunk, sg.end);
-      auto xb = masked_rows(x, r0, r1, dropout && sl.p > 0.f, sl, static_cast<uint64_t>(seed), buf);
+      auto xb = masked_rows(x, r0, r1, dropout && sl.p > 0.0, sl, static_cast<uint64_t>(seed), buf);
       auto ob = flat_block(out, sg, sl, r0, r1);
       if (scaled)  // beta = 0: ob is uninitialised and never read
         at::addmm_out(ob, ob, xb, w.narrow(0, sl.w_off, sl.r).t(), 0.0, sl.scale);
@@ -199,6 +227,7 @@ at::Tensor multi_lora_grad_cpu(const at::Tensor& l_flat_in, const at::Tensor& m_
   const auto l_flat = l_flat_in.to(at::kFloat).contiguous();
   const auto segs = read_segs(seg);
   const auto slots = read_slots(slot, slot_p, slot_scale);
+  check_layout(segs, slots, m.size(0), total_rank, l_flat.numel(), "multi_lora_grad");
   auto G = at::zeros({total_rank, m.size(1)}, m.options().dtype(at::kFloat));
   std::vector<float>& buf = scratch_floats(0);
   for (const Seg& sg : segs) {
@@ -206,7 +235,7 @@ at::Tensor multi_lora_grad_cpu(const at::Tensor& l_flat_in, const at::Tensor& m_
     auto g = G.narrow(0, sl.w_off, sl.r);
     for (int64_t r0 = sg.start; r0 < sg.end; r0 += kChunk) {
       const int64_t r1 = std::min(r0 + kChunk, sg.end);
-      auto mb = masked_rows(m, r0, r1, dropout && sl.p > 0.f, sl, static_cast<uint64_t>(seed), buf);
+      auto mb = masked_rows(m, r0, r1, dropout && sl.p > 0.0, sl, static_cast<uint64_t>(seed), buf);
       g.addmm_(flat_block(l_flat, sg, sl, r0, r1).t(), mb, 1.0, scaled ? sl.scale : 1.0);
     }
   }
@@ -223,11 +252,12 @@ void multi_lora_expand_add_cpu(at::Tensor& out, const at::Tensor& l_flat_in, con
   const auto w = w_cat_in.to(at::kFloat).contiguous();
   const auto segs = read_segs(seg);
   const auto slots = read_slots(slot, slot_p, slot_scale);
+  check_layout(segs, slots, out.size(0), w.size(0), l_flat.numel(), "multi_lora_expand_add_");
   const int64_t N = out.size(1), ld = out.stride(0);
   const uint64_t useed = static_cast<uint64_t>(seed);
   for (const Seg& sg : segs) {
     const Slot& sl = slots[sg.slot];
-    const bool drop = dropout && sl.p > 0.f;
+    const bool drop = dropout && sl.p > 0.0;
     const double mul = (scaled ? sl.scale : 1.0) * (drop ? 1.0 / (1.0 - sl.p) : 1.0);
     for (int64_t r0 = sg.start; r0 < sg.end; r0 += kChunk) {
       const int64_t r1 = std::min(r0 + kChunk, sg.end);
@@ -283,6 +313,9 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
   const auto a = a_cat_in.to(at::kFloat).contiguous();
   const auto segs = read_segs(seg);
   const auto slots = read_slots(slot, slot_p, slot_scale);
+  TORCH_CHECK(total_rank == a.size(0), "multi_lora_grad_a_expand_dx_: total_rank ", total_rank, " != rows of A_cat ",
+              a.size(0));
+  check_layout(segs, slots, x.size(0), a.size(0), ds.numel(), "multi_lora_grad_a_expand_dx_");
   const int64_t K = x.size(1), ldx = x.stride(0), ldd = dx.stride(0);
   auto dA = at::zeros({total_rank, K}, x.options().dtype(at::kFloat));
   const uint64_t useed = static_cast<uint64_t>(seed);
@@ -300,7 +333,7 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
   }
   for (const Seg& sg : segs) {
     const Slot& sl = slots[sg.slot];
-    const bool drop = dropout && sl.p > 0.f;
+    const bool drop = dropout && sl.p > 0.0;
     auto ak = a.narrow(0, sl.w_off, sl.r);
     auto dak = dA.narrow(0, sl.w_off, sl.r);
     for (int64_t r0 = sg.start; r0 < sg.end; r0 += kChunk) {
@@ -310,7 +343,7 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
       at::mm_out(tmp, dsb, ak);  // dS A, rows x K
       const float* tp = tmp.data_ptr<float>();
       xbuf.resize(rows * K);
-      const float inv = drop ? 1.0f / (1.0f - sl.p) : 1.0f;
+      const float inv = drop ? static_cast<float>(1.0 / (1.0 - sl.p)) : 1.0f;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_grad_a_expand_dx_", [&] {
         const scalar_t* xp = x.data_ptr<scalar_t>();
         scalar_t* dp = dx.data_ptr<scalar_t>();

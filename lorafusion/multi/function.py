@@ -77,5 +77,5 @@ def multi_lora_linear(x, weight, bias, adapters: dict, segments: AdapterSegments
             raise ValueError(f"adapter {name!r} has rows in the layout but no weights here")
         params += list(adapters[name])
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        return MultiLoRAFunction.apply(x, weight, bias, segments.tables(x.device), int(seed or 0) & ((1 << 63) - 1),
+        return MultiLoRAFunction.apply(x, weight, bias, segments.tables(x.device), int(seed or 0) & ((1 << 64) - 1),
                                        dropout, mod, *params)

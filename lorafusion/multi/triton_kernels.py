@@ -221,6 +221,7 @@ def _small():
 
 
 def shrink(x, w_cat, t, seed, dropout, scaled):
+    w_cat = w_cat.contiguous()  # the kernels index the stacked adapters as dense rows
     out = torch.empty(t.s_numel, dtype=torch.float32, device=x.device)
     if t.num_segments == 0 or t.s_numel == 0:
         return out
@@ -238,6 +239,7 @@ def shrink(x, w_cat, t, seed, dropout, scaled):
 
 
 def grad(l_flat, m, t, seed, dropout, scaled):
+    l_flat = l_flat.contiguous()
     N = m.shape[1]
     G = torch.zeros(t.total_rank, N, dtype=torch.float32, device=m.device)
     if t.num_segments == 0:
@@ -256,6 +258,8 @@ def grad(l_flat, m, t, seed, dropout, scaled):
 
 def segmented_gemm(a, weight, bias, l_flat, wc, t, seed, dropout, scaled, transpose_w):
     """Out = a W^T (transpose_w) or a W, + bias, + the segmented rank-r term (see module docstring)."""
+    l_flat, wc = l_flat.contiguous(), wc.contiguous()  # dense rows, as the kernel indexes them
+    bias = bias.contiguous() if bias is not None else None  # loaded at bias_ptr + col
     M, K = a.shape
     N = weight.shape[0] if transpose_w else weight.shape[1]
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)

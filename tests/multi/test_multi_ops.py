@@ -159,3 +159,60 @@ def test_cpu_grad_a_expand_dx_store_mode(dtype):
     assert torch.equal(stored[torch.tensor(ids) == -1], torch.zeros(12, K, dtype=dtype))
     assert not torch.equal(stored[torch.tensor(ids) != -1], torch.zeros(T - 12, K, dtype=dtype))
     assert torch.equal(dA_store, dA_add)
+
+
+def test_cpu_ops_reject_a_layout_that_does_not_fit_the_tensors():
+    """The C++ ops index raw pointers with the layout's numbers: a segment past the tensor's rows, a slot past the
+    stacked weights or the flat buffer is a clear error (it once wrote past the end: a segfault)."""
+    _cpu_ops_or_skip()
+    from lorafusion.multi import ops
+
+    t = AdapterSegments([0] * 64, {"a": AdapterSpec(4, 8.0, 0.1)}).tables("cpu")  # a 64-row layout
+    x8 = torch.randn(8, 16)
+    w = torch.randn(4, 16)
+    with pytest.raises(RuntimeError, match=r"segment 0 covers rows \[0, 64\) of a tensor with 8 rows"):
+        ops.shrink(x8, w, t, 1, True, False)
+    with pytest.raises(RuntimeError, match="covers rows"):
+        ops.expand_add_(torch.zeros(8, 16, dtype=torch.float16), torch.randn(t.s_numel), w, t, 1, True, True)
+    with pytest.raises(RuntimeError, match="covers rows"):
+        ops.grad(torch.randn(t.s_numel), x8, t, 1, True, False)
+    with pytest.raises(RuntimeError, match="covers rows"):
+        ops.grad_a_expand_dx_(torch.zeros(8, 16), torch.randn(t.s_numel), x8, w, t, 1, True)
+    x64 = torch.randn(64, 16)
+    with pytest.raises(RuntimeError, match=r"slot 0 needs rows \[0, 4\) of the stacked adapter weights, which have 2"):
+        ops.shrink(x64, w[:2], t, 1, True, False)
+    with pytest.raises(RuntimeError, match="of a flat buffer of 10"):
+        ops.grad(torch.randn(10), x64, t, 1, True, False)
+
+
+def test_cpu_dropout_scale_is_exact_at_p_near_one():
+    """1 / (1 - p) from p in float64 (a float32 p put the scale 1.3e-5 off at p = 0.999)."""
+    _cpu_ops_or_skip()
+    from lorafusion.multi import ops, torch_ops
+
+    seg = AdapterSegments([0] * 300, {"a": AdapterSpec(2, 2.0, 0.999)})
+    t = seg.tables("cpu")
+    x = torch.randn(300, 64, dtype=torch.float64)
+    w = torch.randn(2, 64, dtype=torch.float64)
+    got = ops.shrink(x.float(), w.float(), t, 77, True, False).double()
+    want = torch_ops.shrink(x, w, t, 77, True, False)
+    assert want.abs().max() > 0 and ((got - want).norm() / want.norm()).item() < 2e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_seed_above_2_63_is_the_reference_seed(backend):
+    """A uint64 seed with the high bit set masks as the reference does (it was once cut to 63 bits)."""
+    if backend == "cpu":
+        _cpu_ops_or_skip()
+    from lorafusion.multi.function import multi_lora_linear
+
+    torch.manual_seed(4)
+    spec = {"a": AdapterSpec(4, 8.0, 0.5)}
+    seg = AdapterSegments([0] * 12, spec)
+    x = torch.randn(12, 24)
+    W, b = torch.randn(20, 24) / 5, torch.randn(20)
+    A, B = torch.randn(4, 24) / 5, torch.randn(20, 4)
+    for seed in (2**63 + 5, 2**64 - 1):
+        y = multi_lora_linear(x, W, b, {"a": (A, B)}, seg, training=True, backend=backend, seed=seed)
+        yr = multi_lora_reference(x.double(), W.double(), b.double(), {"a": (A.double(), B.double())}, seg, seed=seed)
+        assert ((y.double() - yr).norm() / yr.norm()).item() < 1e-5, seed

@@ -57,3 +57,27 @@ def test_triton_rank_blocks_and_noncontig():
 def test_triton_all_rows_without_adapter():
     specs = {"a": AdapterSpec(4, 4.0, 0.1)}
     check_against_reference("triton", torch.float32, 9, 20, 18, specs, [-1] * 9)
+
+
+def test_strided_bias_and_transposed_adapter_views():
+    """The kernels index bias, A_cat, Bt_cat and the flat S as dense: a strided bias (a public-API input) or a
+    transposed view must be made dense first (they were once read with the wrong strides: errors of 0.1 to 1.8)."""
+    from lorafusion.multi import AdapterSegments, multi_lora_reference
+    from lorafusion.multi.backends import get_multi_backend
+
+    torch.manual_seed(8)
+    spec = {"a": AdapterSpec(4, 8.0, 0.0), "b": AdapterSpec(2, 2.0, 0.0)}
+    seg = AdapterSegments([0] * 5 + [1] * 4 + [-1] * 3, spec)
+    t = seg.tables("cpu")
+    x = torch.randn(12, 24)
+    W = torch.randn(20, 24) / 5
+    b = torch.randn(40)[::2]  # strided
+    A = {n: torch.randn(s.r, 24) / 5 for n, s in spec.items()}
+    B = {n: torch.randn(20, s.r) for n, s in spec.items()}
+    A_cat = torch.cat([A["a"], A["b"]]).t().contiguous().t()  # same values, transposed storage
+    Bt_cat = torch.cat([B["a"].t(), B["b"].t()]).t().contiguous().t()
+    backend = get_multi_backend("cpu", "triton")
+    y, _ = backend.forward(x, W, b, A_cat, Bt_cat, t, 1, False)
+    yr = multi_lora_reference(x.double(), W.double(), b.double(), {n: (A[n].double(), B[n].double()) for n in spec},
+                              seg, training=False)
+    assert ((y.double() - yr).norm() / yr.norm()).item() < 1e-5
