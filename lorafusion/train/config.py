@@ -289,6 +289,9 @@ def validate(cfg: RunConfig, world_size: int = 1) -> RunConfig:
               f"must be a multiple of microbatch ({micro} samples) x processes ({world_size})")
     if t.precision not in ("fp32", "bf16", "fp16"):
         _fail("train.precision", t.precision, "must be fp32, bf16 or fp16")
+    if g.layerwise and t.precision == "fp16":
+        _fail("optimizer.galore.layerwise", g.layerwise, "cannot run with train.precision=fp16: its gradient hooks "
+              "would step on loss-scaled gradients before the scaler unscales them; use bf16 or fp32")
     if t.device not in ("auto", "cpu", "cuda"):
         _fail("train.device", t.device, "must be auto, cpu or cuda")
     if t.max_steps is not None and t.epochs is not None:

@@ -62,6 +62,7 @@ def test_wrong_type_is_named(tmp_path, text, key):
     ({"data": {"train": "builtin:foo"}}, "data.train"),
     ({"data": {"eval": "builtin:lowercase"}}, "data.eval"),
     ({"lora": {"backend": "gpu"}}, "lora.backend"),
+    ({"optimizer": {"galore": {"layerwise": True}}, "train": {"precision": "fp16"}}, "optimizer.galore.layerwise"),
     ({"lora": {"target_modules": []}}, "lora.target_modules"),
 ])
 def test_impossible_value_is_named(tmp_path, overrides, key):
