@@ -93,10 +93,13 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             self._layerwise = None
         self._param_names = {}
         for gi, group in enumerate(self.param_groups):
-            names = group.get("param_names") or [f"param_groups[{gi}]['params'][{i}]"
-                                                 for i in range(len(group["params"]))]
-            for p, name in zip(group["params"], names):
-                self._param_names[p] = name
+            self._name_params(group, gi)
+
+    def _name_params(self, group: dict, gi: int) -> None:
+        """Record each parameter's name (the group's ``param_names``, else its position) for messages."""
+        names = group.get("param_names") or [f"param_groups[{gi}]['params'][{i}]" for i in range(len(group["params"]))]
+        for p, name in zip(group["params"], names):
+            self._param_names[p] = name
 
     # ------------------------------------------------------------------ param groups and their validation
     def add_param_group(self, param_group: dict) -> None:
@@ -105,9 +108,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         gi = len(self.param_groups) - 1
-        names = group.get("param_names") or [f"param_groups[{gi}]['params'][{i}]" for i in range(len(group["params"]))]
-        for p, name in zip(group["params"], names):
-            self._param_names[p] = name
+        self._name_params(group, gi)
         self._validate_hyperparameters(group)
         if self._layerwise is not None:  # a group added in layer-wise mode steps from its hooks like the others
             for p in group["params"]:

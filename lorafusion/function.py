@@ -1,6 +1,8 @@
 """The fused LoRA linear as one autograd Function over a chosen backend (math: ``lorafusion.reference``)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from lorafusion.backends import get_backend
@@ -81,7 +83,5 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 
     if p > 0.0 and seed is None:
         seed = draw_dropout_seed(x.device)
     x, weight, bias, autocast = cast_like_autocast(x, weight, bias)
-    if not autocast:
-        return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), float(p), int(seed or 0), mod)
-    with torch.autocast(x.device.type, enabled=False):
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), float(p), int(seed or 0), mod)

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from lorafusion.backends.cpu_backend import op_seed
+
 logger = logging.getLogger("lorafusion")
 _OP_NAMES = ("multi_lora_shrink", "multi_lora_grad", "multi_lora_expand_add_", "multi_lora_grad_a_expand_dx_")
 _state: dict[str, object] = {}
@@ -111,25 +113,20 @@ def _register_fakes() -> None:
 # The primitives over a layout's device tables (same signatures as lorafusion.multi.torch_ops). The ops take the
 # seed as int64: a uint64 seed above 2**63 - 1 goes in as its two's complement (the kernels read it back as uint64).
 
-def _op_seed(seed: int) -> int:
-    from lorafusion.backends.cpu_backend import op_seed
-
-    return op_seed(seed)
-
 
 def shrink(x, w_cat, t, seed, dropout, scaled):
     return torch.ops.lorafusion.multi_lora_shrink(x, w_cat, t.seg, t.slot, t.slot_p, t.slot_scale, t.s_numel,
-                                                  _op_seed(seed), dropout, scaled)
+                                                  op_seed(seed), dropout, scaled)
 
 
 def grad(l_flat, m, t, seed, dropout, scaled):
     return torch.ops.lorafusion.multi_lora_grad(l_flat, m, t.seg, t.slot, t.slot_p, t.slot_scale, t.total_rank,
-                                                _op_seed(seed), dropout, scaled)
+                                                op_seed(seed), dropout, scaled)
 
 
 def expand_add_(out, l_flat, w_cat, t, seed, dropout, scaled):
     torch.ops.lorafusion.multi_lora_expand_add_(out, l_flat, w_cat, t.seg, t.slot, t.slot_p, t.slot_scale,
-                                                _op_seed(seed), dropout, scaled)
+                                                op_seed(seed), dropout, scaled)
     return out
 
 
@@ -137,5 +134,5 @@ def grad_a_expand_dx_(dx, ds_flat, x, a_cat, t, seed, dropout, accumulate=True):
     """CPU: dA = dS^T D(X) and dx += D'(dS A) in one pass over the mask (returns dA_cat). ``accumulate=False``
     stores the term instead (rows of no adapter zeroed)."""
     return torch.ops.lorafusion.multi_lora_grad_a_expand_dx_(dx, ds_flat, x, a_cat, t.seg, t.slot, t.slot_p,
-                                                             t.slot_scale, t.total_rank, _op_seed(seed), dropout,
+                                                             t.slot_scale, t.total_rank, op_seed(seed), dropout,
                                                              accumulate)

@@ -48,14 +48,13 @@ def read_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int
     records, skipped = [], 0
     with open(path, "rb") as fh:  # decoded line by line, so a bad byte is one bad line, not a crash
         for lineno, raw in enumerate(fh, 1):
-            problem = None
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                line, problem = "x", f"not valid UTF-8 (byte {raw[exc.start]:#04x} at byte {exc.start + 1})"
-            if not line.strip():
-                continue
-            if problem is None:
+                problem = f"not valid UTF-8 (byte {raw[exc.start]:#04x} at byte {exc.start + 1})"
+            else:
+                if not line.strip():
+                    continue
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as exc:
