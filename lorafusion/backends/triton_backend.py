@@ -2,7 +2,9 @@
 
 On CUDA tensors the kernels run compiled (autotuned over a short config list). With ``TRITON_INTERPRET=1`` they
 run in Triton's interpreter on CPU tensors (slow; for tests). Supported dtypes: float32, float16, bfloat16 with
-float32 accumulation; the adapters may be wider than x (fp32 adapters over a bf16 base).
+float32 accumulation; the adapters may be wider than x (fp32 adapters over a bf16 base). In fp16, B (for dS) and
+dS (for dA) are scaled by an exact power of two before the kernels round them to fp16 (:func:`fp16_pow2`): early in
+training, without loss scaling, they sit in or under fp16's subnormal range.
 """
 from __future__ import annotations
 
@@ -100,6 +102,19 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
             return False
     dev = tensors[0].device
     return dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] >= 9
+
+
+def fp16_pow2(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f, 1 / f): powers of two, as 0-d float32 tensors computed on t's device (no host sync), that bring max |t|
+    into [2**13, 2**14). An fp32 rank-r factor (dS, or B early in training) is rounded to fp16 for the tensor
+    cores; scaled by f first it keeps fp16's 11 significant bits however small its values are (unscaled, values
+    under 6.1e-5 are fp16 subnormals and lose bits, under 6e-8 they vanish). f and 1 / f are exact, so multiplying
+    the fp32 product by 1 / f afterwards loses nothing. The exponent is clamped to [-100, 100]; an all-zero t gets
+    2**100 (it stays zero)."""
+    amax = t.detach().abs().amax().to(torch.float32)
+    e = torch.nan_to_num(torch.clamp(13.0 - torch.floor(torch.log2(amax)), -100.0, 100.0), nan=0.0)
+    e = e.to(torch.int32)
+    return ((e + 127) << 23).view(torch.float32), ((127 - e) << 23).view(torch.float32)
 
 
 def _descriptor(t: torch.Tensor):
@@ -217,6 +232,10 @@ def _dy_shrink(dy2d, lora_B, S, scale: float) -> tuple[torch.Tensor, torch.Tenso
     if M == 0 or N == 0:
         return dS, dB
     S = S.to(torch.float32).contiguous()
+    inv = None
+    if dy2d.dtype == torch.float16:  # B is rounded to fp16 in the kernel: keep its bits (see fp16_pow2)
+        f, inv = fp16_pow2(lora_B)
+        lora_B = lora_B.to(torch.float32) * f
     BR = _rank_block(R, 64)
     r_blocks = triton.cdiv(R, BR)
     sms = _num_sms(dy2d.device)
@@ -233,6 +252,8 @@ def _dy_shrink(dy2d, lora_B, S, scale: float) -> tuple[torch.Tensor, torch.Tenso
             dB.stride(0), float(scale),
             DOT_FP32=dy2d.dtype == torch.float32, BR=BR,
         )
+    if inv is not None:
+        dS.mul_(inv)
     return dS, dB
 
 
@@ -256,6 +277,10 @@ def _grad_A(x2d, dS, seed: int, p: float, want_bits: bool = False):
     if M == 0 or K == 0:
         return dA, (bits if write_bits else None)
     dS = dS.to(torch.float32).contiguous()
+    inv = None
+    if x2d.dtype == torch.float16:  # dS is rounded to fp16 in the kernel: keep its bits (see fp16_pow2)
+        f, inv = fp16_pow2(dS)
+        dS = dS * f
     lo, hi, thr, keep_scale = _dropout_args(seed, p)
     BR = _rank_block(R, 64)
     r_blocks = triton.cdiv(R, BR)
@@ -273,6 +298,8 @@ def _grad_A(x2d, dS, seed: int, p: float, want_bits: bool = False):
             lo, hi, thr, keep_scale,
             HAS_DROPOUT=p > 0, WRITE_BITS=write_bits, DOT_FP32=x2d.dtype == torch.float32, BR=BR,
         )
+    if inv is not None:
+        dA.mul_(inv)
     return dA, (bits if write_bits else None)
 
 

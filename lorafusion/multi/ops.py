@@ -115,16 +115,20 @@ def _register_fakes() -> None:
 
 
 def shrink(x, w_cat, t, seed, dropout, scaled):
+    t.check_operands("multi_lora_shrink", x.device, rows=x.shape[0], w_rows=w_cat.shape[0])
     return torch.ops.lorafusion.multi_lora_shrink(x, w_cat, t.seg, t.slot, t.slot_p, t.slot_scale, t.s_numel,
                                                   op_seed(seed), dropout, scaled)
 
 
 def grad(l_flat, m, t, seed, dropout, scaled):
+    t.check_operands("multi_lora_grad", m.device, rows=m.shape[0], flat=l_flat.numel())
     return torch.ops.lorafusion.multi_lora_grad(l_flat, m, t.seg, t.slot, t.slot_p, t.slot_scale, t.total_rank,
                                                 op_seed(seed), dropout, scaled)
 
 
 def expand_add_(out, l_flat, w_cat, t, seed, dropout, scaled):
+    t.check_operands("multi_lora_expand_add_", out.device, rows=out.shape[0], w_rows=w_cat.shape[0],
+                     flat=l_flat.numel())
     torch.ops.lorafusion.multi_lora_expand_add_(out, l_flat, w_cat, t.seg, t.slot, t.slot_p, t.slot_scale,
                                                 op_seed(seed), dropout, scaled)
     return out
@@ -133,6 +137,10 @@ def expand_add_(out, l_flat, w_cat, t, seed, dropout, scaled):
 def grad_a_expand_dx_(dx, ds_flat, x, a_cat, t, seed, dropout, accumulate=True):
     """CPU: dA = dS^T D(X) and dx += D'(dS A) in one pass over the mask (returns dA_cat). ``accumulate=False``
     stores the term instead (rows of no adapter zeroed)."""
+    t.check_operands("multi_lora_grad_a_expand_dx_", x.device, rows=x.shape[0], w_rows=a_cat.shape[0],
+                     flat=ds_flat.numel())
+    if dx.shape[0] != x.shape[0]:
+        raise ValueError(f"multi_lora_grad_a_expand_dx_: dx has {dx.shape[0]} rows, x has {x.shape[0]}")
     return torch.ops.lorafusion.multi_lora_grad_a_expand_dx_(dx, ds_flat, x, a_cat, t.seg, t.slot, t.slot_p,
                                                              t.slot_scale, t.total_rank, op_seed(seed), dropout,
                                                              accumulate)

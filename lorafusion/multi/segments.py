@@ -89,6 +89,26 @@ class SegmentTables:
         self._tile_cache: dict[int, torch.Tensor] = {}
         self._segs = segs
 
+    def check_operands(self, op: str, device: torch.device, *, rows: int | None = None, w_rows: int | None = None,
+                       flat: int | None = None) -> None:
+        """The tensors an op is handed against this layout, from host numbers only (no device sync): the same
+        device, ``rows`` rows of input / output, at least ``total_rank`` rows of stacked adapter weights
+        (``w_rows``) and ``s_numel`` elements of flat rank-r buffer (``flat``). The GPU kernels index raw pointers
+        with the layout's numbers, so a layout of another microbatch would read or write past a tensor's end;
+        here it is a ``ValueError`` naming the op and both sizes."""
+        device = torch.device(device)
+        if device.type != self.device.type or (device.index is not None and self.device.index is not None
+                                               and device.index != self.device.index):
+            raise ValueError(f"{op}: the layout's tables are on {self.device}, the tensors on {device} "
+                             f"(build them with AdapterSegments.tables({str(device)!r}))")
+        if rows is not None and rows != self.num_rows:
+            raise ValueError(f"{op}: the layout covers {self.num_rows} rows, the tensor has {rows}")
+        if w_rows is not None and w_rows < self.total_rank:
+            raise ValueError(f"{op}: the layout's adapters stack {self.total_rank} rank rows, the stacked weights "
+                             f"have {w_rows}")
+        if flat is not None and flat < self.s_numel:
+            raise ValueError(f"{op}: the layout needs a flat rank-r buffer of {self.s_numel} elements, got {flat}")
+
     def block_lookup(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For row blocks of ``block_m`` rows: (lo, hi) int32 tensors; the segments overlapping block m are lo..hi-1."""
         if block_m not in self._block_cache:

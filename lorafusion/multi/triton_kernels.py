@@ -12,7 +12,9 @@ Row blocks find their segments in ``SegmentTables.block_lookup(BM)`` and tiles i
 number of adapters and ranks 1-256 (rank is looped in blocks). Only present adapters appear, so an absent adapter
 costs nothing. Dropout masks: ``philox_keep`` of ``lorafusion.backends.triton_kernels`` keyed by the global row.
 The main GEMM and the rank-r products run on tensor cores in the input's dtype with fp32 accumulation (ieee fp32
-throughout for fp32 input); S, dS and the adapters' gradients are kept in fp32. Dropped elements are zeroed in the
+throughout for fp32 input); S, dS and the adapters' gradients are kept in fp32. In fp16 the fp32 factor a
+gradient kernel rounds (dS, and the stacked B in dS = s dY B) is first scaled by an exact power of two
+(``triton_backend.fp16_pow2``) so tiny values keep their bits. Dropped elements are zeroed in the
 input's dtype and 1 / (1 - p) is applied once to the fp32 accumulator.
 """
 from __future__ import annotations
@@ -220,11 +222,25 @@ def _small():
     return INTERPRET
 
 
+def _fp16_pow2(t):
+    from lorafusion.backends.triton_backend import fp16_pow2
+
+    return fp16_pow2(t)
+
+
 def shrink(x, w_cat, t, seed, dropout, scaled):
+    t.check_operands("multi-adapter shrink", x.device, rows=x.shape[0], w_rows=w_cat.shape[0])
+    if w_cat.shape[1] != x.shape[1]:
+        raise ValueError(f"multi-adapter shrink: stacked weights {tuple(w_cat.shape)} do not match input "
+                         f"{tuple(x.shape)}")
     w_cat = w_cat.contiguous()  # the kernels index the stacked adapters as dense rows
     out = torch.empty(t.s_numel, dtype=torch.float32, device=x.device)
     if t.num_segments == 0 or t.s_numel == 0:
         return out
+    unscale = None
+    if x.dtype == torch.float16:  # the adapters are rounded to fp16 in the kernel: keep a tiny B's bits
+        f, unscale = _fp16_pow2(w_cat)
+        w_cat = w_cat.to(torch.float32) * f
     # 32-row tiles: no register spills on sm_90 (64-row tiles spilled 12 bytes per thread with dropout)
     BM, BR, BK = (16, 16, 32) if _small() else (32, 32, 64)
     tiles = t.tiles(BM)
@@ -235,15 +251,22 @@ def shrink(x, w_cat, t, seed, dropout, scaled):
                              x.shape[1], x.stride(0), x.stride(1), lo, hi,
                              DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
                              TC=x.dtype != torch.float32, BM=BM, BR=BR, BK=BK)
+    if unscale is not None:
+        out.mul_(unscale)
     return out
 
 
 def grad(l_flat, m, t, seed, dropout, scaled):
+    t.check_operands("multi-adapter grad", m.device, rows=m.shape[0], flat=l_flat.numel())
     l_flat = l_flat.contiguous()
     N = m.shape[1]
     G = torch.zeros(t.total_rank, N, dtype=torch.float32, device=m.device)
     if t.num_segments == 0:
         return G
+    unscale = None
+    if m.dtype == torch.float16:  # L (dS, or S) is rounded to fp16 in the kernel: keep a tiny dS's bits
+        f, unscale = _fp16_pow2(l_flat)
+        l_flat = l_flat.to(torch.float32) * f
     # 32 rows per step: no register spills on sm_90 (64 rows spilled 432-612 bytes per thread in bf16)
     BM, BR, BN = (16, 16, 32) if _small() else (32, 32, 64)
     thr, inv = _tables_extra(t)
@@ -253,15 +276,23 @@ def grad(l_flat, m, t, seed, dropout, scaled):
                            N, m.stride(0), m.stride(1), lo, hi,
                            DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
                            TC=m.dtype != torch.float32, BM=BM, BR=BR, BN=BN)
+    if unscale is not None:
+        G.mul_(unscale)
     return G
 
 
 def segmented_gemm(a, weight, bias, l_flat, wc, t, seed, dropout, scaled, transpose_w):
     """Out = a W^T (transpose_w) or a W, + bias, + the segmented rank-r term (see module docstring)."""
+    t.check_operands("multi-adapter GEMM", a.device, rows=a.shape[0], w_rows=wc.shape[0], flat=l_flat.numel())
     l_flat, wc = l_flat.contiguous(), wc.contiguous()  # dense rows, as the kernel indexes them
     bias = bias.contiguous() if bias is not None else None  # loaded at bias_ptr + col
     M, K = a.shape
     N = weight.shape[0] if transpose_w else weight.shape[1]
+    if (weight.shape[1] if transpose_w else weight.shape[0]) != K or wc.shape[1] != N or (
+            bias is not None and bias.numel() != N):
+        raise ValueError(f"multi-adapter GEMM: input {tuple(a.shape)}, weight {tuple(weight.shape)}"
+                         f"{'^T' if transpose_w else ''}, adapter factor {tuple(wc.shape)} and bias "
+                         f"{None if bias is None else tuple(bias.shape)} do not chain")
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)
     if M == 0:
         return out

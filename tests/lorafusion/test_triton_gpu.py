@@ -23,7 +23,8 @@ if tb._INTERPRET or tb.unavailable_reason() is not None:
     pytest.skip(f"triton backend not compiled here: {tb.unavailable_reason() or 'interpreter mode'}",
                 allow_module_level=True)
 
-from triton_helpers import SEED, check_forward_backward, make_case, nan_filled_outputs, rel_err  # noqa: E402,F401
+from triton_helpers import (SEED, check_forward_backward, check_tiny_rank_factors, make_case,  # noqa: E402,F401
+                            nan_filled_outputs, rel_err)
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DEV = "cuda"
@@ -83,6 +84,11 @@ def test_each_op_matches_reference(dtype):
     assert rel_err(dA, ref.lora_dropout_grad_A(d(x), dS_ref, SEED, p, torch.float64)) < tol
     dX = tb.lora_expand_backward(dy, W, dS_ref.float(), A, SEED, p)
     assert rel_err(dX, ref.lora_expand_backward(d(dy), d(W), dS_ref, d(A), SEED, p)) < tol
+
+
+@pytest.mark.parametrize("b_scale", [1e-6, 1e-3])
+def test_fp16_keeps_the_bits_of_tiny_rank_factors(b_scale):
+    check_tiny_rank_factors(tb, b_scale, 0.1, torch.Generator(device=DEV).manual_seed(5), TOL[torch.float16])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 0xFFFFFFFF, 0xFEDC_BA98_7654_3210])

@@ -31,7 +31,8 @@ if not tb._INTERPRET or tb.unavailable_reason() is not None:
     pytest.skip("interpreter tests: need TRITON_INTERPRET=1 before triton is imported and no CUDA device "
                 f"(interpret={tb._INTERPRET}, reason={tb.unavailable_reason()})", allow_module_level=True)
 
-from triton_helpers import SEED, check_forward_backward, make_case, nan_filled_outputs, rel_err  # noqa: E402,F401
+from triton_helpers import (SEED, check_forward_backward, check_tiny_rank_factors, make_case,  # noqa: E402,F401
+                            nan_filled_outputs, rel_err)
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
@@ -83,6 +84,13 @@ def test_each_op_matches_reference(dtype):
     dX = tb.lora_expand_backward(dy, W, dS_ref.float(), A, SEED, p)
     assert dX.dtype == dtype
     assert rel_err(dX, ref.lora_expand_backward(d(dy), d(W), dS_ref, d(A), SEED, p)) < tol
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("b_scale", [1e-6, 1e-3])
+def test_fp16_keeps_the_bits_of_tiny_rank_factors(b_scale, p):
+    gen = torch.Generator().manual_seed(int(b_scale * 1e6) + int(p * 10))
+    check_tiny_rank_factors(tb, b_scale, p, gen, TOL[torch.float16])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 0xFFFFFFFF, 0x1_0000_0001, 0xFEDC_BA98_7654_3210])

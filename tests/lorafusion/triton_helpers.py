@@ -74,3 +74,25 @@ def check_forward_backward(tb, M, K, N, r, dtype, p, has_bias, noncontig, fp32_a
         err = rel_err(out, want)
         assert err < tol, f"{name}: relative error {err:.3g} >= {tol}"
     return (x, dy, W, A, B), S, scale, dA_ref, dB_ref
+
+
+def check_tiny_rank_factors(tb, b_scale, p, gen, tol):
+    """fp16 input, fp32 adapters with B at ``b_scale`` (1e-6: just after the first steps) and dY at 1e-3 (no loss
+    scaling): dS falls to ~1e-8, under fp16's smallest normal (6.1e-5) and near its smallest subnormal, and B itself
+    is subnormal in fp16. dS, dB, dA and dX must still match the float64 reference within ``tol``."""
+    M, K, N, r = 133, 100, 300, 16
+    x, dy, W, bias, A, B = make_case(M, K, N, r, torch.float16, torch.float32, False, gen)
+    B = B * b_scale
+    dy = (dy.float() * 1e-3).half()
+    scale = 2.0 / r
+    d = lambda t: t.double()  # noqa: E731
+    S_ref = ref.lora_shrink(d(x), d(A), SEED, p)
+    dS_ref, dB_ref = ref.lora_dy_shrink(d(dy), d(B), S_ref, scale)
+    dA_ref = ref.lora_dropout_grad_A(d(x), dS_ref, SEED, p, torch.float64)
+    dS, dB = tb.lora_dy_shrink(dy, B, S_ref.float(), scale)
+    assert rel_err(dS, dS_ref) < tol and rel_err(dB, dB_ref) < tol
+    assert rel_err(tb.lora_dropout_grad_A(x, dS_ref.float(), SEED, p, torch.float32), dA_ref) < tol
+    S = tb.lora_shrink(x, A, SEED, p)
+    dX, dA, dB2 = tb.backward(dy, x, W, A, B, S, scale, SEED, p, need_dx=True)
+    assert rel_err(dA, dA_ref) < tol and rel_err(dB2, dB_ref) < tol
+    assert rel_err(dX, ref.lora_expand_backward(d(dy), d(W), dS_ref, d(A), SEED, p)) < tol

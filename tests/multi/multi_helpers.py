@@ -53,16 +53,17 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_against_reference(backend: str, dtype, T: int, K: int, N: int, specs, ids, seed=1234, bias=True,
-                            training=True, noncontig=False, three_d=False):
-    """Run ``backend`` and the float64 reference on the same random data; assert forward and grads agree."""
+                            training=True, noncontig=False, three_d=False, b_scale=1.0, dy_scale=1.0):
+    """Run ``backend`` and the float64 reference on the same random data; assert forward and grads agree.
+    ``b_scale`` / ``dy_scale`` shrink every B and dY (tiny rank-r factors, as early in training)."""
     seg = AdapterSegments(ids, specs)
     g = torch.Generator().manual_seed(hash((T, K, N, len(specs))) % (1 << 31))
     x64 = torch.randn(T, K, generator=g, dtype=torch.float64).to(dtype).double()
     W = (torch.randn(N, K, generator=g, dtype=torch.float64) / K ** 0.5).to(dtype).double()
     b = torch.randn(N, generator=g, dtype=torch.float64).to(dtype).double() if bias else None
     ad64 = {n: ((torch.randn(s.r, K, generator=g, dtype=torch.float64) / K ** 0.5),
-                torch.randn(N, s.r, generator=g, dtype=torch.float64)) for n, s in specs.items()}
-    dy = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype).double()
+                torch.randn(N, s.r, generator=g, dtype=torch.float64) * b_scale) for n, s in specs.items()}
+    dy = (torch.randn(T, N, generator=g, dtype=torch.float64) * dy_scale).to(dtype).double()
 
     xr = x64.clone().requires_grad_()
     adr = {n: (A.clone().requires_grad_(), B.clone().requires_grad_()) for n, (A, B) in ad64.items()}

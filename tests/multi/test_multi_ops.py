@@ -1,5 +1,7 @@
 """The plain-torch ('reference') and C++ ('cpu') multi-adapter backends against the float64 multi-adapter
 reference, which is itself checked against the single-adapter reference of lorafusion.reference."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -124,10 +126,9 @@ def test_cpu_fake_impls_trace():
     with FakeTensorMode() as mode:
         x = mode.from_tensor(torch.randn(4, 8))
         w = mode.from_tensor(torch.randn(5, 8))
-        tt = type("T", (), {})()
+        tt = copy.copy(t)  # the layout with fake tables
         for name in ("seg", "slot", "slot_p", "slot_scale"):
             setattr(tt, name, mode.from_tensor(getattr(t, name)))
-        tt.s_numel, tt.total_rank = t.s_numel, t.total_rank
         S = ops.shrink(x, w, tt, 1, True, False)
         assert S.shape == (t.s_numel,) and S.dtype == torch.float32
         G = ops.grad(S, x, tt, 1, True, False)
@@ -170,19 +171,49 @@ def test_cpu_ops_reject_a_layout_that_does_not_fit_the_tensors():
     t = AdapterSegments([0] * 64, {"a": AdapterSpec(4, 8.0, 0.1)}).tables("cpu")  # a 64-row layout
     x8 = torch.randn(8, 16)
     w = torch.randn(4, 16)
+    tabs = (t.seg, t.slot, t.slot_p, t.slot_scale)
+    lf = torch.ops.lorafusion
+    # the C++ ops themselves, called directly (the Python primitives check first, see the next test)
     with pytest.raises(RuntimeError, match=r"segment 0 covers rows \[0, 64\) of a tensor with 8 rows"):
-        ops.shrink(x8, w, t, 1, True, False)
+        lf.multi_lora_shrink(x8, w, *tabs, t.s_numel, 1, True, False)
     with pytest.raises(RuntimeError, match="covers rows"):
-        ops.expand_add_(torch.zeros(8, 16, dtype=torch.float16), torch.randn(t.s_numel), w, t, 1, True, True)
+        lf.multi_lora_expand_add_(torch.zeros(8, 16, dtype=torch.float16), torch.randn(t.s_numel), w, *tabs, 1,
+                                  True, True)
     with pytest.raises(RuntimeError, match="covers rows"):
-        ops.grad(torch.randn(t.s_numel), x8, t, 1, True, False)
+        lf.multi_lora_grad(torch.randn(t.s_numel), x8, *tabs, t.total_rank, 1, True, False)
     with pytest.raises(RuntimeError, match="covers rows"):
-        ops.grad_a_expand_dx_(torch.zeros(8, 16), torch.randn(t.s_numel), x8, w, t, 1, True)
+        lf.multi_lora_grad_a_expand_dx_(torch.zeros(8, 16), torch.randn(t.s_numel), x8, w, *tabs, t.total_rank, 1,
+                                        True, True)
     x64 = torch.randn(64, 16)
     with pytest.raises(RuntimeError, match=r"slot 0 needs rows \[0, 4\) of the stacked adapter weights, which have 2"):
-        ops.shrink(x64, w[:2], t, 1, True, False)
+        lf.multi_lora_shrink(x64, w[:2], *tabs, t.s_numel, 1, True, False)
     with pytest.raises(RuntimeError, match="of a flat buffer of 10"):
+        lf.multi_lora_grad(torch.randn(10), x64, *tabs, t.total_rank, 1, True, False)
+
+
+def test_primitives_reject_a_layout_of_another_microbatch():
+    """The primitives every device shares (C++ / CUDA ops and Triton kernels) check the tensors against the
+    layout's host numbers before launching: the CUDA and Triton kernels have no bounds checks of their own."""
+    _cpu_ops_or_skip()
+    from lorafusion.multi import ops
+
+    t = AdapterSegments([0] * 64, {"a": AdapterSpec(4, 8.0, 0.1)}).tables("cpu")
+    x8, x64, w = torch.randn(8, 16), torch.randn(64, 16), torch.randn(4, 16)
+    with pytest.raises(ValueError, match="multi_lora_shrink: the layout covers 64 rows, the tensor has 8"):
+        ops.shrink(x8, w, t, 1, True, False)
+    with pytest.raises(ValueError, match="multi_lora_expand_add_: the layout covers 64 rows"):
+        ops.expand_add_(torch.zeros(8, 16), torch.randn(t.s_numel), w, t, 1, True, True)
+    with pytest.raises(ValueError, match="multi_lora_grad: the layout covers 64 rows"):
+        ops.grad(torch.randn(t.s_numel), x8, t, 1, True, False)
+    with pytest.raises(ValueError, match="multi_lora_grad_a_expand_dx_: the layout covers 64 rows"):
+        ops.grad_a_expand_dx_(torch.zeros(8, 16), torch.randn(t.s_numel), x8, w, t, 1, True)
+    with pytest.raises(ValueError, match="stack 4 rank rows, the stacked weights have 2"):
+        ops.shrink(x64, w[:2], t, 1, True, False)
+    with pytest.raises(ValueError, match="flat rank-r buffer of 256 elements, got 10"):
         ops.grad(torch.randn(10), x64, t, 1, True, False)
+    with pytest.raises(ValueError, match="the layout's tables are on cpu, the tensors on meta"):
+        t.check_operands("op", torch.device("meta"), rows=64)
+    t.check_operands("op", torch.device("cpu"), rows=64, w_rows=4, flat=256)  # a fitting call passes
 
 
 def test_cpu_dropout_scale_is_exact_at_p_near_one():

@@ -47,6 +47,44 @@ def test_triton_matches_reference(dtype, T, dist, n):
     check_against_reference("triton", dtype, T, K, N, specs, row_ids(dist, T, n, rng), seed=int(rng.integers(1 << 40)))
 
 
+@pytest.mark.parametrize("b_scale", [1e-6, 1e-3])
+def test_triton_fp16_keeps_the_bits_of_tiny_rank_factors(b_scale):
+    """fp16 with every B at ``b_scale`` and dY at 1e-3 (early training, no loss scaling): dS falls to ~1e-8, under
+    fp16's smallest normal, and B is subnormal in fp16; the kernels must still match the float64 reference."""
+    rng = np.random.default_rng(int(b_scale * 1e6))
+    specs = make_specs(3, rng, max_rank=36)
+    check_against_reference("triton", torch.float16, 40, 40, 36, specs, row_ids("uniform", 40, 3, rng),
+                            seed=77, b_scale=b_scale, dy_scale=1e-3)
+
+
+def test_triton_primitives_reject_tensors_that_do_not_fit_the_layout():
+    """The Triton kernels index raw pointers with the layout's numbers and have no bounds checks: a layout of
+    another microbatch, short stacked weights or flat buffer, or a weight that does not chain is a ValueError."""
+    from lorafusion.multi import AdapterSegments, triton_kernels as tk
+
+    t = AdapterSegments([0] * 20 + [1] * 12, {"a": AdapterSpec(4, 8.0, 0.1), "b": AdapterSpec(2, 2.0, 0.0)}
+                        ).tables("cpu")
+    x, w_cat, W = torch.randn(32, 16), torch.randn(6, 16), torch.randn(24, 16)
+    with pytest.raises(ValueError, match="multi-adapter shrink: the layout covers 32 rows, the tensor has 31"):
+        tk.shrink(x[:31], w_cat, t, 1, True, False)
+    with pytest.raises(ValueError, match="stack 6 rank rows, the stacked weights have 4"):
+        tk.shrink(x, w_cat[:4], t, 1, True, False)
+    with pytest.raises(ValueError, match="stacked weights \\(6, 15\\) do not match input"):
+        tk.shrink(x, w_cat[:, :15], t, 1, True, False)
+    with pytest.raises(ValueError, match="flat rank-r buffer of 104 elements, got 100"):
+        tk.grad(torch.randn(100), x, t, 1, True, False)
+    S = tk.shrink(x, w_cat, t, 1, True, False)
+    Bt = torch.randn(6, 24)
+    with pytest.raises(ValueError, match="multi-adapter GEMM: the layout covers 32 rows, the tensor has 30"):
+        tk.segmented_gemm(x[:30], W, None, S, Bt, t, 1, False, True, True)
+    with pytest.raises(ValueError, match="do not chain"):
+        tk.segmented_gemm(x, W[:, :15], None, S, Bt, t, 1, False, True, True)
+    with pytest.raises(ValueError, match="do not chain"):
+        tk.segmented_gemm(x, W, torch.randn(23), S, Bt, t, 1, False, True, True)
+    y = tk.segmented_gemm(x, W, None, S, Bt, t, 1, False, True, True)  # the fitting call runs
+    assert y.shape == (32, 24) and torch.isfinite(y).all()
+
+
 def test_triton_rank_blocks_and_noncontig():
     """Ranks above the kernels' rank block (looped), rank 1, a non-contiguous input, no bias."""
     specs = {"big": AdapterSpec(40, 8.0, 0.2), "one": AdapterSpec(1, 2.0, 0.0), "mid": AdapterSpec(17, 17.0, 0.5)}
