@@ -100,6 +100,10 @@ class FusedPeftLoraLinear(PeftLoraLinear):
 def patch_peft(model: nn.Module, backend: str | None = None) -> dict:
     """Convert every LoRA ``Linear`` of a PEFT model to the fused implementation, in place.
 
+    It converts the layers there are now: a later ``add_adapter`` that puts LoRA on modules that had none (PEFT
+    builds them as plain ``lora.Linear``) needs another ``patch_peft`` call (already fused layers are kept), or
+    build the model with :func:`fused_lora_config` so PEFT builds fused layers itself.
+
     Returns ``{"fused": [layer names], "unfused": {layer name: reason}}``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_peft: model must be an nn.Module, got {type(model).__name__}")

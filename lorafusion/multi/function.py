@@ -33,6 +33,11 @@ class MultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True: its result would be differentiated again
+            raise RuntimeError(
+                "the multi-adapter LoRA layer's backward is a fused kernel and not itself differentiable, so gradients of its gradients "
+                "(create_graph=True: gradient penalties, MAML, Hessian-vector products) are not supported; use "
+                "plain PEFT LoRA layers for those (lorafusion.unpatch_peft)")
         with torch.autocast(dy.device.type, enabled=False):  # a backward run inside an autocast region
             return MultiLoRAFunction._backward(ctx, dy)
 

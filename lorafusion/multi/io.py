@@ -16,6 +16,17 @@ from lorafusion.multi.model import MultiLoRAModel
 _PREFIX = "base_model.model."
 
 
+def _target_modules(model: MultiLoRAModel) -> list[str]:
+    """PEFT's ``target_modules`` that select exactly the wrapped linears: their last names (``q_proj``, ..) when
+    PEFT, which matches a module whose path is a target or ends with ``.target``, would find no other module by
+    them; else the full module paths (a subset such as one layer's ``q_proj`` must not grow to every ``q_proj``)."""
+    wrapped = set(model.layer_names)
+    short = sorted({p.rsplit(".", 1)[-1] for p in wrapped})
+    found = {n for n, _ in model.model.named_modules()
+             if n and any(n == t or n.endswith("." + t) for t in short)}
+    return short if found == wrapped else sorted(wrapped)
+
+
 def save_adapter(model: MultiLoRAModel, name: str, folder: str, base_model_name_or_path: str | None = None) -> None:
     """Write adapter ``name`` of ``model`` to ``folder`` as a PEFT LoRA adapter."""
     from peft import LoraConfig
@@ -31,7 +42,7 @@ def save_adapter(model: MultiLoRAModel, name: str, folder: str, base_model_name_
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_rslora=spec.use_rslora,
-                        target_modules=sorted({p.rsplit(".", 1)[-1] for p in model.layer_names}), bias="none",
+                        target_modules=_target_modules(model), bias="none",
                         base_model_name_or_path=base_model_name_or_path)
     os.makedirs(folder, exist_ok=True)
     config.save_pretrained(folder)

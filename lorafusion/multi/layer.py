@@ -26,9 +26,17 @@ from lorafusion.multi.segments import AdapterSegments, AdapterSpec
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
+# Adapter names become keys of nn.ParameterDict, which stores each entry as an attribute: a name that is already
+# one of its attributes (half, train, cuda, state_dict, ...) cannot be stored.
+_RESERVED = frozenset(dir(nn.ParameterDict()))
+
+
 def check_adapter_name(name) -> None:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"adapter name {name!r} must be a non-empty identifier-like string (letters, digits, _ or -)")
+    if name in _RESERVED:
+        raise ValueError(f"adapter name {name!r} is taken by an attribute of torch's nn.ParameterDict (which holds "
+                         "the adapters); pick another name")
 
 
 class MultiLoRALinear(nn.Module):
@@ -66,8 +74,9 @@ class MultiLoRALinear(nn.Module):
         dtype = dtype or w.dtype
         A = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        B = torch.zeros(self.out_features, r, device=w.device, dtype=dtype)  # both allocated before either is added
         self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=w.device, dtype=dtype))
+        self.lora_B[name] = nn.Parameter(B)
         self.adapter_specs[name] = spec
 
     def remove_adapter(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:

@@ -8,6 +8,9 @@
 
 The layout is handed to the wrapped layers for the duration of one forward (the backward needs nothing more); it
 is never stored globally. Rows are the flattened (batch, sequence) tokens, in the order the linears see them.
+With ``transformers`` gradient checkpointing on, each checkpointed block is handed the layout of the forward that
+checkpointed it, so its recomputation in backward sees that layout too (several microbatches may run forward before
+one backward). Other recomputation schemes must run the backward inside ``use_segments`` of the same layout.
 """
 from __future__ import annotations
 
@@ -18,6 +21,24 @@ from torch import nn
 
 from lorafusion.multi.layer import MultiLoRALinear, check_adapter_name
 from lorafusion.multi.segments import AdapterSegments, AdapterSpec
+
+
+def _checkpoint_with_layout(func, layers, segments):
+    """``func`` (a ``transformers`` block's checkpoint function) with the function it checkpoints run under
+    ``segments``: the recomputation in backward, after the forward's ``use_segments`` has exited, sees the layout of
+    the forward that checkpointed it."""
+    def checkpoint(fn, *args, **kwargs):
+        def run(*a, **k):
+            prev = [layer._segments for layer in layers]
+            for layer in layers:
+                layer._segments = segments
+            try:
+                return fn(*a, **k)
+            finally:
+                for layer, seg in zip(layers, prev):
+                    layer._segments = seg
+        return func(run, *args, **kwargs)
+    return checkpoint
 
 
 def _matches(name: str, targets) -> bool:
@@ -105,13 +126,22 @@ class MultiLoRAModel(nn.Module):
         if segments.names != list(self.adapter_specs) or segments.specs != list(self.adapter_specs.values()):
             raise ValueError("segments was built for another adapter set; build it with make_segments()")
         layers = list(self.layers().values())
+        # transformers blocks with gradient checkpointing on: bind this layout to their checkpoint function
+        blocks = [m for m in self.model.modules()
+                  if getattr(m, "gradient_checkpointing", False) is True
+                  and callable(m.__dict__.get("_gradient_checkpointing_func"))]
+        funcs = [m.__dict__["_gradient_checkpointing_func"] for m in blocks]
         for layer in layers:
             layer._segments = segments
+        for m, f in zip(blocks, funcs):
+            m._gradient_checkpointing_func = _checkpoint_with_layout(f, layers, segments)
         try:
             yield
         finally:
             for layer in layers:
                 layer._segments = None
+            for m, f in zip(blocks, funcs):
+                m._gradient_checkpointing_func = f
 
     def forward(self, *args, segments: AdapterSegments, **kwargs):
         with self.use_segments(segments):

@@ -221,3 +221,38 @@ def test_disabled_adapter_on_a_merged_layer_gets_no_gradient():
     y.sum().backward()
     torch.testing.assert_close(y.detach(), base_out, rtol=1e-5, atol=1e-5)
     assert layer.lora_A.grad is None and layer.lora_B.grad is None
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in BACKENDS])
+@pytest.mark.parametrize("T", [5, 64])  # the C++ ops, and (cpu, p = 0, >= 8 r tokens) the merged-weight path
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_float64_gradients_are_float64_exact(backend, T, p):
+    """In float64 every gradient agrees with plain float64 autograd to ~1e-15 (the reference backend once rounded B
+    to float32 in backward: errors of 1e-8)."""
+    from lorafusion.reference import apply_dropout
+
+    torch.manual_seed(T)
+    W, b = torch.randn(24, 32, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
+    A = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(24, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(T, 32, dtype=torch.float64, requires_grad=True)
+    seed = 1234
+    fused_lora_linear(x, W, b, A, B, 2.0, p=p, backend=backend, seed=seed).pow(2).sum().backward()
+    x2, A2, B2 = (t.detach().clone().requires_grad_() for t in (x, A, B))
+    y = nn.functional.linear(x2, W, b) + 2.0 * (apply_dropout(x2, seed, p) @ A2.t() @ B2.t())
+    y.pow(2).sum().backward()
+    for name, got, want in (("dx", x.grad, x2.grad), ("dA", A.grad, A2.grad), ("dB", B.grad, B2.grad)):
+        assert got.dtype == torch.float64
+        assert rel_err(got, want) < 1e-12, (name, rel_err(got, want))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_a_clear_error(backend):
+    """The fused backward is not differentiable: create_graph=True (gradient penalties, MAML) raises, naming the
+    layer, instead of returning second-order gradients that were 20-50% off."""
+    layer = FusedLoRALinear(nn.Linear(8, 6), r=2, alpha=2, backend=backend)
+    x = torch.randn(64, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not itself differentiable.*create_graph=True"):
+        torch.autograd.grad(layer(x).pow(2).sum(), [x, layer.lora_B], create_graph=True)
+    gx, = torch.autograd.grad(layer(x).pow(2).sum(), [x])  # first order stays fine
+    assert torch.isfinite(gx).all()

@@ -146,3 +146,16 @@ def test_float64_layer_keeps_float64_accuracy(backend):
     yr = multi_lora_reference(x, layer.base.weight, layer.base.bias, ad, seg, seed=123)
     assert y.dtype == torch.float64
     assert (y.detach() - yr).norm() / yr.norm() < 1e-12
+
+
+def test_double_backward_is_a_clear_error():
+    """create_graph=True through the multi-adapter layer raises instead of giving wrong second-order gradients."""
+    layer = MultiLoRALinear(torch.nn.Linear(8, 6))
+    layer.add_adapter("a", 2, 4.0)
+    layer.add_adapter("b", 3, 3.0)
+    with torch.no_grad():
+        layer.lora_B["a"].normal_()
+    x = torch.randn(10, 8, requires_grad=True)
+    seg = layer.make_segments(["a"] * 6 + ["b"] * 4)
+    with pytest.raises(RuntimeError, match="multi-adapter LoRA layer's backward .* not itself differentiable"):
+        torch.autograd.grad(layer(x, seg).pow(2).sum(), [x, layer.lora_A["a"]], create_graph=True)

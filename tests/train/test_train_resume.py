@@ -119,3 +119,32 @@ def test_resume_from_a_checkpoint_equals_running_through(tmp_path, opt):
     a, b = _adapter(full), _adapter(part)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_killed_during_the_final_eval_resumes_to_the_same_adapter(tmp_path):
+    """A run killed after its last checkpoint (step == max_steps) but before the final eval wrote the adapter and
+    summary: --resume runs no step, does the final eval and writes the adapter of the uninterrupted run."""
+    import shutil
+
+    from lorafusion.cli import main
+
+    os.environ.setdefault("LORAFUSION_NO_PROGRESS", "1")
+    full = tmp_path / "full"
+    assert main(["train", *ARGS, "--train.output_dir", str(full)]) == 0
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "adapter")
+    (cut / "summary.json").unlink()
+    assert (cut / "checkpoints" / "latest").read_text().strip() == "step-0000008"
+    assert main(["train", *ARGS, "--train.output_dir", str(cut), "--resume"]) == 0
+    a, b = _adapter(full), _adapter(cut)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    s_full = json.loads((full / "summary.json").read_text())
+    s_cut = json.loads((cut / "summary.json").read_text())
+    assert s_cut["status"] == "completed" and s_cut["step"] == 8
+    assert s_cut["eval_loss_after"] == pytest.approx(s_full["eval_loss_after"], rel=1e-6)
+    steps = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 9))  # no step was run again
