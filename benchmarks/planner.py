@@ -225,7 +225,12 @@ def main() -> int:
                 "speedup_vs_a": r["speedup_vs_a"], "speedup_vs_b": r["speedup_vs_b"], "padding": r["padding"],
                 "plan_seconds_per_global_batch": r["plan_seconds_per_global_batch"],
                 "ideal_vs_a": r["ideal"]["vs_a"] if "ideal" in r else None,
-                "ideal_vs_b": r["ideal"]["vs_b"] if "ideal" in r else None}
+                "ideal_vs_b": r["ideal"]["vs_b"] if "ideal" in r else None,
+                "lorafusion_scheme": r.get("lorafusion_scheme", {}).get("vs_a")}
+            if "lorafusion_scheme" in r:
+                lf = r["lorafusion_scheme"]
+                print(f"  {mix} at {r['capacity']}: LoRAFusion's scheme vs (a) {lf['vs_a']:.3f}, vs (b) "
+                      f"{lf['vs_b']:.3f}; the plan is {lf['plan_speedup_over_it']:.3f}x faster")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {"python": platform.python_version(), "cpus": os.cpu_count()},

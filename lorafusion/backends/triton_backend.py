@@ -104,17 +104,26 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
     return dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] >= 9
 
 
-def fp16_pow2(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(f, 1 / f): powers of two, as 0-d float32 tensors computed on t's device (no host sync), that bring max |t|
-    into [2**13, 2**14). An fp32 rank-r factor (dS, or B early in training) is rounded to fp16 for the tensor
-    cores; scaled by f first it keeps fp16's 11 significant bits however small its values are (unscaled, values
-    under 6.1e-5 are fp16 subnormals and lose bits, under 6e-8 they vanish). f and 1 / f are exact, so multiplying
-    the fp32 product by 1 / f afterwards loses nothing. The exponent is clamped to [-100, 100]; an all-zero t gets
-    2**100 (it stays zero)."""
-    amax = t.detach().abs().amax().to(torch.float32)
-    e = torch.nan_to_num(torch.clamp(13.0 - torch.floor(torch.log2(amax)), -100.0, 100.0), nan=0.0)
-    e = e.to(torch.int32)
+def pow2_from_amax(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f, 1 / f) for each max |value| in ``amax`` (float32 tensors, elementwise): exact powers of two that bring a
+    finite, non-zero amax into [2**13, 2**14). The exponent is clamped to [-100, 100] (an all-zero group gets
+    2**100 and stays zero); a non-finite amax (inf, NaN) gets 1, so an overflow is passed on as it was."""
+    amax = amax.to(torch.float32)
+    e = torch.clamp(13.0 - torch.floor(torch.log2(amax)), -100.0, 100.0)
+    e = torch.where(torch.isfinite(amax), e, torch.zeros_like(e)).to(torch.int32)
     return ((e + 127) << 23).view(torch.float32), ((127 - e) << 23).view(torch.float32)
+
+
+def fp16_pow2(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f, 1 / f) for the whole of ``t``, as 0-d float32 tensors computed on t's device (no host sync). An fp32
+    rank-r factor (dS, or B early in training) is rounded to fp16 for the tensor cores; scaled by f first it keeps
+    fp16's 11 significant bits however small its values are (unscaled, values under 6.1e-5 are fp16 subnormals and
+    lose bits, under 6e-8 they vanish). f and 1 / f are exact, so multiplying the fp32 product by 1 / f afterwards
+    loses nothing. See :func:`pow2_from_amax`; an empty t gets 1."""
+    if t.numel() == 0:
+        one = torch.ones((), dtype=torch.float32, device=t.device)
+        return one, one
+    return pow2_from_amax(t.detach().abs().amax())
 
 
 def _descriptor(t: torch.Tensor):

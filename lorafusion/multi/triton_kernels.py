@@ -13,8 +13,8 @@ number of adapters and ranks 1-256 (rank is looped in blocks). Only present adap
 costs nothing. Dropout masks: ``philox_keep`` of ``lorafusion.backends.triton_kernels`` keyed by the global row.
 The main GEMM and the rank-r products run on tensor cores in the input's dtype with fp32 accumulation (ieee fp32
 throughout for fp32 input); S, dS and the adapters' gradients are kept in fp32. In fp16 the fp32 factor a
-gradient kernel rounds (dS, and the stacked B in dS = s dY B) is first scaled by an exact power of two
-(``triton_backend.fp16_pow2``) so tiny values keep their bits. Dropped elements are zeroed in the
+gradient kernel rounds (dS, and the stacked B in dS = s dY B) is first scaled by an exact power of two per adapter
+(``triton_backend.pow2_from_amax``) so tiny values keep their bits. Dropped elements are zeroed in the
 input's dtype and 1 / (1 - p) is applied once to the fp32 accumulator.
 """
 from __future__ import annotations
@@ -222,10 +222,25 @@ def _small():
     return INTERPRET
 
 
-def _fp16_pow2(t):
-    from lorafusion.backends.triton_backend import fp16_pow2
+def _slot_ids(t):
+    """(slot of each stacked-weight row, slot of each flat-buffer element) as device tensors, cached on the tables."""
+    if not hasattr(t, "_slot_ids"):
+        ranks = [info[0] for info in t.slot_info]
+        sizes = [info[0] * info[5] for info in t.slot_info]  # r x rows of the slot
+        k = torch.arange(len(ranks))
+        t._slot_ids = (torch.repeat_interleave(k, torch.tensor(ranks, dtype=torch.int64)).to(t.device),
+                       torch.repeat_interleave(k, torch.tensor(sizes, dtype=torch.int64)).to(t.device))
+    return t._slot_ids
 
-    return fp16_pow2(t)
+
+def _pow2_per_slot(values, ids, num_slots):
+    """(f, 1 / f) per slot (see ``triton_backend.pow2_from_amax``): one adapter's magnitudes, or its overflow, do
+    not change another's scaling."""
+    from lorafusion.backends.triton_backend import pow2_from_amax
+
+    amax = torch.zeros(num_slots, dtype=torch.float32, device=values.device)
+    amax = amax.scatter_reduce(0, ids, values.detach().abs().to(torch.float32), "amax", include_self=True)
+    return pow2_from_amax(amax)
 
 
 def shrink(x, w_cat, t, seed, dropout, scaled):
@@ -239,8 +254,11 @@ def shrink(x, w_cat, t, seed, dropout, scaled):
         return out
     unscale = None
     if x.dtype == torch.float16:  # the adapters are rounded to fp16 in the kernel: keep a tiny B's bits
-        f, unscale = _fp16_pow2(w_cat)
-        w_cat = w_cat.to(torch.float32) * f
+        row_ids, flat_ids = _slot_ids(t)
+        w_cat = w_cat[:t.total_rank].to(torch.float32)  # the rows the kernel reads
+        f, unscale = _pow2_per_slot(w_cat.abs().amax(dim=1), row_ids, len(t.slot_info))
+        w_cat = w_cat * f[row_ids][:, None]
+        unscale = unscale[flat_ids]
     # 32-row tiles: no register spills on sm_90 (64-row tiles spilled 12 bytes per thread with dropout)
     BM, BR, BK = (16, 16, 32) if _small() else (32, 32, 64)
     tiles = t.tiles(BM)
@@ -252,7 +270,7 @@ def shrink(x, w_cat, t, seed, dropout, scaled):
                              DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
                              TC=x.dtype != torch.float32, BM=BM, BR=BR, BK=BK)
     if unscale is not None:
-        out.mul_(unscale)
+        out[:t.s_numel].mul_(unscale)
     return out
 
 
@@ -265,8 +283,11 @@ def grad(l_flat, m, t, seed, dropout, scaled):
         return G
     unscale = None
     if m.dtype == torch.float16:  # L (dS, or S) is rounded to fp16 in the kernel: keep a tiny dS's bits
-        f, unscale = _fp16_pow2(l_flat)
-        l_flat = l_flat.to(torch.float32) * f
+        row_ids, flat_ids = _slot_ids(t)
+        l_flat = l_flat[:t.s_numel].to(torch.float32)  # the elements the kernel reads
+        f, unscale = _pow2_per_slot(l_flat, flat_ids, len(t.slot_info))
+        l_flat = l_flat * f[flat_ids]
+        unscale = unscale[row_ids][:, None]
     # 32 rows per step: no register spills on sm_90 (64 rows spilled 432-612 bytes per thread in bf16)
     BM, BR, BN = (16, 16, 32) if _small() else (32, 32, 64)
     thr, inv = _tables_extra(t)

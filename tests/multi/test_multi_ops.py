@@ -1,6 +1,7 @@
 """The plain-torch ('reference') and C++ ('cpu') multi-adapter backends against the float64 multi-adapter
 reference, which is itself checked against the single-adapter reference of lorafusion.reference."""
 import copy
+import zlib
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ CASES += [("reference", torch.float32, 133, d, 5) for d in DISTRIBUTIONS]
 def test_backend_matches_reference(backend, dtype, T, dist, n):
     if backend == "cpu":
         _cpu_ops_or_skip()
-    rng = np.random.default_rng(hash((T, dist, n)) % (1 << 31))
+    rng = np.random.default_rng(zlib.crc32(repr((T, dist, n)).encode()))
     K, N = 61, 45
     specs = make_specs(n, rng, max_rank=min(K, N))
     check_against_reference(backend, dtype, T, K, N, specs, row_ids(dist, T, n, rng), seed=int(rng.integers(1 << 40)))
