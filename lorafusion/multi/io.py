@@ -16,11 +16,12 @@ from lorafusion.multi.model import MultiLoRAModel
 _PREFIX = "base_model.model."
 
 
-def _target_modules(model: MultiLoRAModel) -> list[str]:
-    """PEFT's ``target_modules`` that select exactly the wrapped linears: their last names (``q_proj``, ..) when
-    PEFT, which matches a module whose path is a target or ends with ``.target``, would find no other module by
-    them; else the full module paths (a subset such as one layer's ``q_proj`` must not grow to every ``q_proj``)."""
-    wrapped = set(model.layer_names)
+def _target_modules(model: MultiLoRAModel, name: str) -> list[str]:
+    """PEFT's ``target_modules`` that select exactly the linears adapter ``name`` targets: their last names
+    (``q_proj``, ..) when PEFT, which matches a module whose path is a target or ends with ``.target``, would find
+    no other module by them; else the full module paths (a subset such as one layer's ``q_proj`` must not grow to
+    every ``q_proj``)."""
+    wrapped = set(model.adapter_layers[name])
     short = sorted({p.rsplit(".", 1)[-1] for p in wrapped})
     found = {n for n, _ in model.model.named_modules()
              if n and any(n == t or n.endswith("." + t) for t in short)}
@@ -36,13 +37,15 @@ def save_adapter(model: MultiLoRAModel, name: str, folder: str, base_model_name_
         raise ValueError(f"unknown adapter {name!r} (held: {list(model.adapter_specs)})")
     spec = model.adapter_specs[name]
     tensors = {}
-    for path, layer in model.layers().items():
+    layers = model.layers()
+    for path in model.adapter_layers[name]:
+        layer = layers[path]
         tensors[f"{_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].detach().contiguous().cpu()
         tensors[f"{_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].detach().contiguous().cpu()
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_rslora=spec.use_rslora,
-                        target_modules=_target_modules(model), bias="none",
+                        target_modules=_target_modules(model, name), bias="none",
                         base_model_name_or_path=base_model_name_or_path)
     os.makedirs(folder, exist_ok=True)
     config.save_pretrained(folder)
@@ -52,8 +55,8 @@ def save_adapter(model: MultiLoRAModel, name: str, folder: str, base_model_name_
 def load_adapter(model: MultiLoRAModel, folder: str, name: str, dtype: torch.dtype | None = None) -> None:
     """Add the PEFT LoRA adapter stored in ``folder`` to ``model`` as adapter ``name``.
 
-    The adapter must be plain LoRA (no DoRA, no per-module rank / alpha patterns) over exactly the model's wrapped
-    linears."""
+    The adapter must be plain LoRA (no DoRA, no per-module rank / alpha patterns) over wrapped linears of the
+    model: all of them or a subset (its own target modules or layers; the others give its rows the base output)."""
     from safetensors.torch import load_file
 
     with open(os.path.join(folder, "adapter_config.json")) as f:
@@ -70,18 +73,27 @@ def load_adapter(model: MultiLoRAModel, folder: str, name: str, dtype: torch.dty
             raise ValueError(f"{folder}: unexpected key {key!r} in adapter_model.safetensors")
         path = key[len(_PREFIX):].rsplit(".lora_", 1)[0]
         paths.setdefault(path, {})[key.rsplit(".", 2)[-2]] = state[key]
-    missing = sorted(set(model.layer_names) - set(paths))
     extra = sorted(set(paths) - set(model.layer_names))
-    if missing or extra:
-        raise ValueError(f"{folder}: adapter modules differ from the wrapped linears: missing {missing[:5]}, "
-                         f"not wrapped {extra[:5]}")
-    model.add_adapter(name, int(cfg["r"]), float(cfg["lora_alpha"]), float(cfg.get("lora_dropout", 0.0)),
-                      bool(cfg.get("use_rslora", False)), dtype)
+    if extra:
+        raise ValueError(f"{folder}: the adapter has modules the model has not wrapped: {extra[:5]}"
+                         + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+                         + " (wrap them with MultiLoRAModel(target_modules=...))")
+    half = sorted(p for p, ws in paths.items() if set(ws) != {"lora_A", "lora_B"})
+    if half:
+        raise ValueError(f"{folder}: modules with only one of lora_A / lora_B: {half[:5]}")
+    targets = [p for p in model.layer_names if p in paths]  # the model's order
+    r = int(cfg["r"])
+    layers = model.layers()
+    for path in targets:  # checked before anything is added
+        layer = layers[path]
+        for which, want in (("lora_A", (r, layer.in_features)), ("lora_B", (layer.out_features, r))):
+            if tuple(paths[path][which].shape) != want:
+                raise ValueError(f"{folder}: {path}.{which} has shape {tuple(paths[path][which].shape)}, expected "
+                                 f"{want} (r={r})")
+    model.add_adapter(name, r, float(cfg["lora_alpha"]), float(cfg.get("lora_dropout", 0.0)),
+                      bool(cfg.get("use_rslora", False)), dtype, target_modules=targets)
     with torch.no_grad():
-        for path, layer in model.layers().items():
+        for path in targets:
             for which, tensor in paths[path].items():
-                param = getattr(layer, which)[name]
-                if tuple(param.shape) != tuple(tensor.shape):
-                    raise ValueError(f"{folder}: {path}.{which} has shape {tuple(tensor.shape)}, expected "
-                                     f"{tuple(param.shape)}")
+                param = getattr(layers[path], which)[name]
                 param.copy_(tensor.to(param.device, param.dtype))

@@ -2,7 +2,7 @@
 
     mm = MultiLoRAModel(model, target_modules=["q_proj", "v_proj"])     # or "all-linear"
     mm.add_adapter("job_a", r=8, alpha=16, dropout=0.05)
-    mm.add_adapter("job_b", r=32, alpha=32)
+    mm.add_adapter("job_b", r=32, alpha=32, target_modules=["q_proj", "v_proj"])   # a subset of the wrapped ones
     seg = mm.make_segments(["job_a", "job_b", None, "job_a"], seq_len=L)  # per sequence of the (B x L) batch
     out = mm(input_ids=ids, labels=labels, segments=seg)                  # or: with mm.use_segments(seg): model(...)
 
@@ -23,19 +23,19 @@ from lorafusion.multi.layer import MultiLoRALinear, check_adapter_name
 from lorafusion.multi.segments import AdapterSegments, AdapterSpec
 
 
-def _checkpoint_with_layout(func, layers, segments):
-    """``func`` (a ``transformers`` block's checkpoint function) with the function it checkpoints run under
-    ``segments``: the recomputation in backward, after the forward's ``use_segments`` has exited, sees the layout of
-    the forward that checkpointed it."""
+def _checkpoint_with_layout(func, assignment):
+    """``func`` (a ``transformers`` block's checkpoint function) with the function it checkpoints run under the
+    per-layer layouts of ``assignment`` ((layer, layout) pairs): the recomputation in backward, after the forward's
+    ``use_segments`` has exited, sees the layouts of the forward that checkpointed it."""
     def checkpoint(fn, *args, **kwargs):
         def run(*a, **k):
-            prev = [layer._segments for layer in layers]
-            for layer in layers:
-                layer._segments = segments
+            prev = [layer._segments for layer, _ in assignment]
+            for layer, seg in assignment:
+                layer._segments = seg
             try:
                 return fn(*a, **k)
             finally:
-                for layer, seg in zip(layers, prev):
+                for (layer, _), seg in zip(assignment, prev):
                     layer._segments = seg
         return func(run, *args, **kwargs)
     return checkpoint
@@ -57,6 +57,7 @@ class MultiLoRAModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.adapter_specs: dict[str, AdapterSpec] = {}
+        self.adapter_layers: dict[str, list[str]] = {}  # adapter -> the wrapped layers it targets
         self.layer_names: list[str] = []
         for name, mod in list(model.named_modules()):
             if not isinstance(mod, nn.Linear) or isinstance(mod, MultiLoRALinear):
@@ -76,13 +77,28 @@ class MultiLoRAModel(nn.Module):
         return {n: self.model.get_submodule(n) for n in self.layer_names}
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    dtype: torch.dtype | None = None) -> None:
+                    dtype: torch.dtype | None = None, target_modules=None) -> None:
+        """Add adapter ``name`` to every wrapped linear, or with ``target_modules`` (names or dotted path suffixes,
+        as for the model) to those of them it matches: each job keeps its own LoRA targets; in the layers an adapter
+        does not target, its rows get the base output alone."""
         check_adapter_name(name)
         if name in self.adapter_specs:
             raise ValueError(f"duplicate adapter name {name!r}: the model already holds it")
+        if target_modules is None or target_modules == "all-linear":
+            paths = list(self.layer_names)
+        else:
+            targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ValueError(f"adapter {name!r}: target_modules must be module names, got {target_modules!r}")
+            paths = [p for p in self.layer_names if _matches(p, targets)]
+            if not paths:
+                raise ValueError(f"adapter {name!r}: target_modules={target_modules!r} match none of the wrapped "
+                                 f"linears (e.g. {self.layer_names[:3]})")
+        layers = self.layers()
         done = []
         try:
-            for path, layer in self.layers().items():
+            for path in paths:
+                layer = layers[path]
                 try:
                     layer.add_adapter(name, r, alpha, dropout, use_rslora, dtype)
                 except (ValueError, TypeError) as e:
@@ -93,21 +109,25 @@ class MultiLoRAModel(nn.Module):
                 layer.remove_adapter(name)
             raise
         self.adapter_specs[name] = AdapterSpec(r, float(alpha), float(dropout), bool(use_rslora))
+        self.adapter_layers[name] = paths
 
     def remove_adapter(self, name: str) -> list[nn.Parameter]:
         """Remove ``name`` from every layer; returns its parameters (drop them from the optimizer if wanted)."""
         if name not in self.adapter_specs:
             raise ValueError(f"unknown adapter {name!r} (held: {list(self.adapter_specs)})")
         removed = []
-        for layer in self.layers().values():
-            removed += list(layer.remove_adapter(name))
+        layers = self.layers()
+        for path in self.adapter_layers[name]:
+            removed += list(layers[path].remove_adapter(name))
         del self.adapter_specs[name]
+        del self.adapter_layers[name]
         return removed
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         if name not in self.adapter_specs:
             raise ValueError(f"unknown adapter {name!r}")
-        return [p for layer in self.layers().values() for p in (layer.lora_A[name], layer.lora_B[name])]
+        layers = self.layers()
+        return [p for path in self.adapter_layers[name] for p in (layers[path].lora_A[name], layers[path].lora_B[name])]
 
     def make_segments(self, row_adapters, seq_len: int | None = None) -> AdapterSegments:
         """The layout for one microbatch. ``row_adapters``: one entry per token row, or with ``seq_len`` one entry
@@ -125,20 +145,21 @@ class MultiLoRAModel(nn.Module):
             raise TypeError(f"segments must be an AdapterSegments, got {type(segments).__name__}")
         if segments.names != list(self.adapter_specs) or segments.specs != list(self.adapter_specs.values()):
             raise ValueError("segments was built for another adapter set; build it with make_segments()")
-        layers = list(self.layers().values())
-        # transformers blocks with gradient checkpointing on: bind this layout to their checkpoint function
+        # each layer gets the layout narrowed to the adapters it holds (shared between layers holding the same set)
+        assignment = [(layer, segments.restricted(layer.adapter_specs)) for layer in self.layers().values()]
+        # transformers blocks with gradient checkpointing on: bind these layouts to their checkpoint function
         blocks = [m for m in self.model.modules()
                   if getattr(m, "gradient_checkpointing", False) is True
                   and callable(m.__dict__.get("_gradient_checkpointing_func"))]
         funcs = [m.__dict__["_gradient_checkpointing_func"] for m in blocks]
-        for layer in layers:
-            layer._segments = segments
+        for layer, seg in assignment:
+            layer._segments = seg
         for m, f in zip(blocks, funcs):
-            m._gradient_checkpointing_func = _checkpoint_with_layout(f, layers, segments)
+            m._gradient_checkpointing_func = _checkpoint_with_layout(f, assignment)
         try:
             yield
         finally:
-            for layer in layers:
+            for layer, _ in assignment:
                 layer._segments = None
             for m, f in zip(blocks, funcs):
                 m._gradient_checkpointing_func = f

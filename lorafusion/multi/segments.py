@@ -199,6 +199,23 @@ class AdapterSegments:
         self.max_rank = max((h[0] for h in slot_host), default=0)
         self.any_dropout = any(p > 0 for p in self.slot_p)
         self._tables: dict[torch.device, SegmentTables] = {}
+        self._restricted: dict[frozenset, AdapterSegments] = {}
+
+    def restricted(self, held) -> AdapterSegments:
+        """This layout for a layer that holds only the adapters named in ``held``: the registry narrowed to them
+        (order kept) and the rows of every other adapter using no adapter there (the base output alone). ``self``
+        when every present adapter is held; built once per set and cached, so the layers that hold the same
+        adapters share one layout and its device tables."""
+        held = frozenset(held)
+        if all(n in held for n in self.present_names):
+            return self
+        if held not in self._restricted:
+            keep = [i for i, n in enumerate(self.names) if n in held]
+            remap = np.full(len(self.names) + 1, -1, dtype=np.int64)  # index -1 (no adapter) stays -1
+            remap[keep] = np.arange(len(keep))
+            self._restricted[held] = AdapterSegments(remap[self.row_ids],
+                                                     [(self.names[i], self.specs[i]) for i in keep])
+        return self._restricted[held]
 
     @staticmethod
     def _row_ids(row_adapters, names: list[str]) -> np.ndarray:

@@ -27,7 +27,8 @@ def _base():
 def _randomize_B(mm, name):
     with torch.no_grad():
         for layer in mm.layers().values():
-            layer.lora_B[name].normal_(std=0.2)
+            if name in layer.adapter_specs:
+                layer.lora_B[name].normal_(std=0.2)
 
 
 def test_wrap_and_per_sequence_segments():
@@ -181,7 +182,7 @@ def test_gradient_checkpointing_recomputes_each_block_under_its_own_layout(reent
     def grads(checkpointing):
         mm = MultiLoRAModel(_base(), target_modules="all-linear")
         mm.add_adapter("x", 4, 8, dropout=0.1)
-        mm.add_adapter("y", 8, 16)
+        mm.add_adapter("y", 8, 16, target_modules=["q_proj", "v_proj"])  # layers holding different adapter sets
         _randomize_B(mm, "x")
         _randomize_B(mm, "y")
         if checkpointing:
@@ -197,6 +198,79 @@ def test_gradient_checkpointing_recomputes_each_block_under_its_own_layout(reent
         return {n: p.grad.clone() for n, p in mm.named_parameters() if p.grad is not None}
 
     plain, ckpt = grads(False), grads(True)
-    assert plain.keys() == ckpt.keys() and len(plain) == 4 * 14
+    assert plain.keys() == ckpt.keys() and len(plain) == 2 * 14 + 2 * 4
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_adapters_with_their_own_target_modules(tmp_path):
+    """Jobs keep their own LoRA targets in one model: x on every linear, y on q_proj / v_proj only, z on one layer's
+    down_proj. Each adapter's rows equal plain PEFT with that adapter alone (in the layers an adapter does not
+    target its rows get the base output), its folder loads in PEFT with the same modules, and a training step
+    reaches exactly its own parameters."""
+    peft = _peft()
+    base = _base()
+    mm = MultiLoRAModel(copy.deepcopy(base), target_modules="all-linear")
+    mm.add_adapter("x", 4, 8)
+    mm.add_adapter("y", 8, 16, target_modules=["q_proj", "v_proj"])
+    mm.add_adapter("z", 2, 4, target_modules="model.layers.1.mlp.down_proj")
+    assert len(mm.adapter_layers["y"]) == 4 and mm.adapter_layers["z"] == ["model.layers.1.mlp.down_proj"]
+    assert len(mm.adapter_parameters("y")) == 8
+    with torch.no_grad():
+        for name in ("x", "y", "z"):
+            for p in mm.adapter_parameters(name):
+                if p.shape[1] == mm.adapter_specs[name].r:  # B
+                    p.normal_(std=0.2)
+    ids = torch.randint(0, 64, (4, 6))
+    seg = mm.make_segments(["x", "y", "z", None], seq_len=6)
+    mm.eval()
+    with torch.no_grad():
+        ours = mm(input_ids=ids, segments=seg).logits
+    for i, name in enumerate(("x", "y", "z")):
+        folder = str(tmp_path / name)
+        save_adapter(mm, name, folder)
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+        wrapped = sorted(n[len("base_model.model."):] for n, m in pm.named_modules()
+                         if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict))
+        assert wrapped == sorted(mm.adapter_layers[name])
+        with torch.no_grad():
+            theirs = pm(input_ids=ids[i:i + 1]).logits[0]
+        assert torch.allclose(ours[i], theirs, atol=1e-5), (name, (ours[i] - theirs).abs().max())
+    with torch.no_grad():
+        assert torch.allclose(ours[3], base(input_ids=ids[3:4]).logits[0], atol=1e-5)
+    mm.train()
+    mm(input_ids=ids[1:2], labels=ids[1:2], segments=mm.make_segments(["y"], seq_len=6)).loss.backward()
+    with_grad = {n for n, p in mm.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in mm.named_parameters() if p.requires_grad and n.endswith(".y")}
+    assert len(with_grad) == 8
+    removed = mm.remove_adapter("y")
+    assert len(removed) == 8 and "y" not in mm.adapter_layers
+    with pytest.raises(ValueError, match="match none of the wrapped linears"):
+        mm.add_adapter("w", 2, 2, target_modules=["no_such_proj"])
+
+
+@pytest.mark.parametrize("cfg", [dict(target_modules=["q_proj", "v_proj"]),
+                                 dict(target_modules=["q_proj", "k_proj", "o_proj", "up_proj"], layers_to_transform=[0])],
+                         ids=["q_v", "layer0"])
+def test_peft_adapter_on_a_subset_loads_into_an_all_linear_model(tmp_path, cfg):
+    """A PEFT adapter trained on some of the linears (its own target modules, or layers_to_transform) loads into a
+    model wrapping all of them and gives PEFT's outputs for its rows."""
+    peft = _peft()
+    base = _base()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, **cfg))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)
+    pm.save_pretrained(str(tmp_path / "p"))
+    pm.eval()
+    mm = MultiLoRAModel(copy.deepcopy(base), target_modules="all-linear").eval()
+    mm.add_adapter("other", 8, 8)
+    load_adapter(mm, str(tmp_path / "p"), "trained")
+    n_modules = sum(1 for n, m in pm.named_modules() if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict))
+    assert len(mm.adapter_layers["trained"]) == n_modules < len(mm.layer_names)
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        ours = mm(input_ids=ids, segments=mm.make_segments(["trained", "other"], seq_len=7)).logits
+        theirs = pm(input_ids=ids[:1]).logits[0]
+    assert torch.allclose(ours[0], theirs, atol=1e-5)
