@@ -23,9 +23,10 @@ The algorithm (LoRAFusion's, with its free knobs searched and judged by the 1F1B
      at once (:func:`joint_fill`: exact per-adapter subset sums, then a knapsack over padding multiples, so the
      microbatch holds the most real tokens), which leaves fewer microbatches part-empty.
    - *units*: each unit packed on its own into ``K`` microbatches, by greedy first-fit-decreasing onto the
-     least-loaded microbatch plus a move/swap local search, and by an exact MILP (HiGHS through
-     ``scipy.optimize.milp``; fewest microbatches, then least ``max padded load + total padded tokens``) under a
-     time limit, keeping the better; then a merge pass joins adjacent under-filled microbatches of disjoint adapters
+     least-loaded microbatch plus a move/swap local search, and, when ``milp_time_limit > 0`` (opt-in; the
+     default and the CLI's default are 0), by an exact MILP (HiGHS through ``scipy.optimize.milp``; fewest
+     microbatches, then least ``max padded load + total padded tokens``) under that time limit, keeping the better
+     of the two only where HiGHS proves its answer optimal; then a merge pass joins adjacent under-filled microbatches of disjoint adapters
      and drops no-op slots wherever the dependency rule still holds.
 4. **Choose** by simulation: every (G, tau, packer, order) is built and simulated; the best stream layout is
    retried with every head and drain ramp, the next ``RAMP_CANDIDATES - 1`` with the best head and then each drain
@@ -36,7 +37,8 @@ The algorithm (LoRAFusion's, with its free knobs searched and judged by the 1F1B
 
 Rules every output keeps (checked by :mod:`scheduling.verify`): capacity, exact padding per adapter segment, no
 microbatch holds two global batches of one adapter, and an adapter's global batch g+1 starts at least ``stages``
-microbatches after g's last one. The output is deterministic for a given input and seed.
+microbatches after g's last one. With the MILP off (the default) the output is a pure function of the input (the
+seed is only recorded); with it on, see :func:`plan` on wall-clock limits.
 """
 
 from __future__ import annotations

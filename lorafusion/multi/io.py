@@ -73,6 +73,8 @@ def load_adapter(model: MultiLoRAModel, folder: str, name: str, dtype: torch.dty
             raise ValueError(f"{folder}: unexpected key {key!r} in adapter_model.safetensors")
         path = key[len(_PREFIX):].rsplit(".lora_", 1)[0]
         paths.setdefault(path, {})[key.rsplit(".", 2)[-2]] = state[key]
+    if not paths:
+        raise ValueError(f"{folder}: adapter_model.safetensors holds no LoRA weights")
     extra = sorted(set(paths) - set(model.layer_names))
     if extra:
         raise ValueError(f"{folder}: the adapter has modules the model has not wrapped: {extra[:5]}"

@@ -152,6 +152,7 @@ class MultiLoRAModel(nn.Module):
                   if getattr(m, "gradient_checkpointing", False) is True
                   and callable(m.__dict__.get("_gradient_checkpointing_func"))]
         funcs = [m.__dict__["_gradient_checkpointing_func"] for m in blocks]
+        prev = [layer._segments for layer, _ in assignment]  # an enclosing block's layouts come back on exit
         for layer, seg in assignment:
             layer._segments = seg
         for m, f in zip(blocks, funcs):
@@ -159,8 +160,8 @@ class MultiLoRAModel(nn.Module):
         try:
             yield
         finally:
-            for layer, _ in assignment:
-                layer._segments = None
+            for (layer, _), seg in zip(assignment, prev):
+                layer._segments = seg
             for m, f in zip(blocks, funcs):
                 m._gradient_checkpointing_func = f
 

@@ -213,7 +213,7 @@ class AdapterSegments:
             keep = [i for i, n in enumerate(self.names) if n in held]
             remap = np.full(len(self.names) + 1, -1, dtype=np.int64)  # index -1 (no adapter) stays -1
             remap[keep] = np.arange(len(keep))
-            self._restricted[held] = AdapterSegments(remap[self.row_ids],
+            self._restricted[held] = AdapterSegments(torch.from_numpy(remap[self.row_ids]),  # the vectorised path
                                                      [(self.names[i], self.specs[i]) for i in keep])
         return self._restricted[held]
 

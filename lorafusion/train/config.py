@@ -78,6 +78,7 @@ class OptimizerConfig:
 class BatchConfig:
     tokens_per_microbatch: int = 1024   # per process; samples per microbatch = tokens_per_microbatch // max_length
     micro_batch_size: Optional[int] = None  # samples per microbatch per process; None: derived from the tokens
+    #   (the most samples within tokens_per_microbatch that divide each process's share of global_batch_size)
     global_batch_size: int = 32         # samples per optimizer step over all processes
 
 
@@ -113,10 +114,18 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def micro_batch_samples(self) -> int:
+    def micro_batch_samples(self, world_size: int = 1) -> int:
+        """Samples per microbatch per process: ``batch.micro_batch_size`` as given, or else the most samples that
+        fit ``batch.tokens_per_microbatch`` (tokens // max_length) and divide each process's share of the global
+        batch, so the default config runs on 1, 2, 4, .. processes unchanged."""
         if self.batch.micro_batch_size is not None:
             return self.batch.micro_batch_size
-        return max(1, self.batch.tokens_per_microbatch // self.data.max_length)
+        cap = max(1, self.batch.tokens_per_microbatch // self.data.max_length)
+        g = self.batch.global_batch_size
+        if world_size < 1 or g < world_size or g % world_size:
+            return cap  # validate() names the impossible global batch
+        share = g // world_size
+        return max(d for d in range(1, min(cap, share) + 1) if share % d == 0)
 
     def galore_rank(self) -> int:
         """optimizer.galore.rank, or its default: lora.r // 4, at least 1."""
@@ -124,7 +133,7 @@ class RunConfig:
         return g if g is not None else max(1, self.lora.r // 4)
 
     def grad_accum_steps(self, world_size: int) -> int:
-        return self.batch.global_batch_size // (self.micro_batch_samples() * world_size)
+        return self.batch.global_batch_size // (self.micro_batch_samples(world_size) * world_size)
 
 
 # optimizer steps when neither train.max_steps nor train.epochs is set
@@ -279,7 +288,9 @@ def validate(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         _fail("batch.micro_batch_size", b.micro_batch_size, "must be a positive integer")
     if b.global_batch_size < 1:
         _fail("batch.global_batch_size", b.global_batch_size, "must be a positive integer")
-    micro = cfg.micro_batch_samples()
+    if b.micro_batch_size is None and b.global_batch_size % world_size:
+        _fail("batch.global_batch_size", b.global_batch_size, f"must divide evenly over {world_size} processes")
+    micro = cfg.micro_batch_samples(world_size)
     if micro * world_size > b.global_batch_size:
         key = "batch.micro_batch_size" if b.micro_batch_size is not None else "batch.tokens_per_microbatch"
         _fail(key, micro, f"the microbatch ({micro} samples x {world_size} processes) is larger than "

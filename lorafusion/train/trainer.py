@@ -416,7 +416,7 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
     model_path = resolve_model_path(cfg.model.name_or_path, ds)
     tokenizer, base = load_base(model_path, cfg, ds.device)
     train, evals, stats, gen_records = load_split(cfg.data, tokenizer, t.seed)
-    micro = cfg.micro_batch_samples()
+    micro = cfg.micro_batch_samples(ds.world_size)
     accum = cfg.grad_accum_steps(ds.world_size)
     G = cfg.batch.global_batch_size
     total_steps = (t.max_steps if t.max_steps is not None else DEFAULT_MAX_STEPS if t.epochs is None

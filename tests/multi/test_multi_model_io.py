@@ -250,6 +250,13 @@ def test_adapters_with_their_own_target_modules(tmp_path):
     with_grad = {n for n, p in mm.named_parameters() if p.grad is not None}
     assert with_grad == {n for n, p in mm.named_parameters() if p.requires_grad and n.endswith(".y")}
     assert len(with_grad) == 8
+    # nested blocks (a model call inside use_segments opens its own): the outer layouts come back on exit
+    outer = mm.make_segments(["x", "y", "z", None], seq_len=6)
+    with torch.no_grad(), mm.use_segments(outer):
+        first = mm.model(input_ids=ids).logits
+        mm(input_ids=ids[:1], segments=mm.make_segments(["y"], seq_len=6))
+        assert torch.equal(mm.model(input_ids=ids).logits, first)
+    assert all(layer._segments is None for layer in mm.layers().values())
     removed = mm.remove_adapter("y")
     assert len(removed) == 8 and "y" not in mm.adapter_layers
     with pytest.raises(ValueError, match="match none of the wrapped linears"):

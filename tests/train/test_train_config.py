@@ -48,7 +48,7 @@ def test_wrong_type_is_named(tmp_path, text, key):
     ({"optimizer": {"lr": -1e-3}}, "optimizer.lr"),
     ({"lora": {"dropout": 1.0}}, "lora.dropout"),
     ({"batch": {"micro_batch_size": 64, "global_batch_size": 32}}, "batch.micro_batch_size"),
-    ({"batch": {"tokens_per_microbatch": 4096, "global_batch_size": 16}, "data": {"max_length": 32}},
+    ({"batch": {"tokens_per_microbatch": 16, "global_batch_size": 16}, "data": {"max_length": 32}},
      "batch.tokens_per_microbatch"),
     ({"batch": {"micro_batch_size": 3, "global_batch_size": 32}}, "batch.global_batch_size"),
     ({"optimizer": {"name": "sgd"}}, "optimizer.name"),
@@ -70,11 +70,24 @@ def test_impossible_value_is_named(tmp_path, overrides, key):
         _load(tmp_path, overrides=overrides)
 
 
+@pytest.mark.parametrize("world,global_batch,micro", [(1, 32, 32), (2, 32, 16), (4, 32, 8), (1, 48, 24),
+                                                      (2, 48, 24), (3, 48, 16), (1, 8, 8)])
+def test_derived_microbatch_divides_each_process_share(tmp_path, world, global_batch, micro):
+    """Without micro_batch_size, the microbatch is the most samples within tokens_per_microbatch (1024 // 32 = 32
+    here) that divide each process's share of the global batch: the default config runs under torchrun on two
+    processes (it once failed: 32 samples x 2 processes > 32)."""
+    cfg = _load(tmp_path, overrides={"batch": {"global_batch_size": global_batch}}, world_size=world)
+    assert cfg.micro_batch_samples(world) == micro
+    assert cfg.grad_accum_steps(world) * micro * world == global_batch
+
+
 def test_world_size_enters_the_batch_arithmetic(tmp_path):
     ov = {"batch": {"micro_batch_size": 4, "global_batch_size": 8}}
     assert _load(tmp_path, overrides=ov, world_size=2).grad_accum_steps(2) == 1
     with pytest.raises(ConfigError, match="batch.global_batch_size"):
         _load(tmp_path, overrides={"batch": {"micro_batch_size": 4, "global_batch_size": 12}}, world_size=2)
+    with pytest.raises(ConfigError, match="batch.global_batch_size"):  # 32 samples cannot split over 3 processes
+        _load(tmp_path, world_size=3)
 
 
 def test_overrides_parse_yaml_scalars_and_nest():
