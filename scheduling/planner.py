@@ -31,9 +31,10 @@ The algorithm (LoRAFusion's, with its free knobs searched and judged by the 1F1B
 4. **Choose** by simulation: every (G, tau, packer, order) is built and simulated; the best stream layout is
    retried with every head and drain ramp, the next ``RAMP_CANDIDATES - 1`` with the best head and then each drain
    (the best layout before the ramps are tuned is not always the best after); a units winner is refined (local
-   search, MILP); the last microbatch may be cut into a drain ramp (``TAIL_RAMPS``), or its last few microbatches
-   re-packed into a drain ramp of the shortest samples (``REPACK_TAILS``, :func:`repack_window`). The fastest
-   simulated layout wins; ties go to fewer microbatches.
+   search, MILP); on the best ``FINISH_CANDIDATES`` layouts the last microbatch may be cut into a drain ramp
+   (``TAIL_RAMPS``), or the last few microbatches re-packed into a drain ramp of the shortest samples
+   (``REPACK_TAILS``, :func:`repack_window`). The fastest simulated layout after that wins; ties go to the one that
+   was better before it.
 
 Rules every output keeps (checked by :mod:`scheduling.verify`): capacity, exact padding per adapter segment, no
 microbatch holds two global batches of one adapter, and an adapter's global batch g+1 starts at least ``stages``
@@ -78,7 +79,11 @@ JOINT_MAX_SLOTS = 64
 STREAM_ORDERS: tuple[str, ...] = ("tokens", "rounds")
 # how many of the best stream layouts of phase 1 (per fill variant) get the head / drain ramp search of phase 2: the
 # best layout with the phase-1 ramp is not always the best once the ramps are tuned
-RAMP_CANDIDATES = 4
+RAMP_CANDIDATES = 8
+# how many of them (best first) try every head with every drain; the others take the best head, then each drain
+FULL_RAMP_GRID = 1
+# how many of the best layouts get the final drain tuning (:func:`repack_window`, cut tails); the fastest after it wins
+FINISH_CANDIDATES = 3
 # the last microbatches re-packed into a drain ramp (:func:`repack_window`): window lengths and ramp shapes
 REPACK_WINDOWS: tuple[int, ...] = tuple(range(3, 13))
 REPACK_TAILS: tuple[tuple[float, ...], ...] = (
@@ -892,8 +897,11 @@ def plan(
     best = None
     layouts: dict[bool, list] = {}
 
+    pool: list[tuple] = []  # every candidate layout: (key, entry)
+
     def consider(key: tuple, entry: tuple) -> None:
         nonlocal best
+        pool.append((key, entry))
         if best is None or key < best[0]:
             best = (key,) + entry
 
@@ -920,7 +928,7 @@ def plan(
 
     for jf, cands in sorted(layouts.items()):
         for rank, (_, groups_s, tau_s, order) in enumerate(sorted(cands, key=lambda c: c[0])[:RAMP_CANDIDATES]):
-            if rank == 0:  # the phase-1 leader: every head with every drain
+            if rank < FULL_RAMP_GRID:  # the phase-1 leaders: every head with every drain
                 for h in HEAD_RAMPS:
                     for tl in STREAM_TAILS:
                         attempt(groups_s, tau_s, jf, order, h, tl)
@@ -928,8 +936,12 @@ def plan(
             h_best = min(HEAD_RAMPS, key=lambda h: attempt(groups_s, tau_s, jf, order, h, 0.0))  # noqa: B023
             for tl in STREAM_TAILS[1:]:
                 attempt(groups_s, tau_s, jf, order, h_best, tl)
-    _, groups, tau, mode, jf, order, head, chosen = best
-    t_best, chosen, tail, repack = finish(chosen)
+    # the drain is tuned on the best few layouts, not just the best: the best before it is not always the best after
+    finished = []
+    for rank, (key, entry) in enumerate(sorted(pool, key=lambda c: c[0])[:FINISH_CANDIDATES]):
+        t_fin, mbs_fin, tail_fin, repack_fin = finish(entry[-1])
+        finished.append(((t_fin, rank), entry, mbs_fin, tail_fin, repack_fin))
+    (t_best, _), (groups, tau, mode, jf, order, head, _), chosen, tail, repack = min(finished, key=lambda f: f[0])
     how = mode + ("+joint-fill" if jf else "")
     stats: dict = {}
     if mode == "units":
