@@ -894,16 +894,13 @@ def plan(
     # few stream layouts of each fill variant (sequential fill, and joint fill across adapters): every pair for the
     # leader, the best head and then each drain for the others
     fills = (False, True) if params.capacity // params.pad_multiple <= JOINT_MAX_SLOTS else (False,)
-    best = None
     layouts: dict[bool, list] = {}
-
-    pool: list[tuple] = []  # every candidate layout: (key, entry)
+    pool: dict[tuple, tuple] = {}  # each distinct layout (its microbatches): its best (key, entry)
 
     def consider(key: tuple, entry: tuple) -> None:
-        nonlocal best
-        pool.append((key, entry))
-        if best is None or key < best[0]:
-            best = (key,) + entry
+        mbs_key = tuple(entry[-1])
+        if mbs_key not in pool or key < pool[mbs_key][0]:
+            pool[mbs_key] = (key, entry)
 
     for g in group_counts:
         groups = group_adapters(jobs, g)
@@ -936,9 +933,10 @@ def plan(
             h_best = min(HEAD_RAMPS, key=lambda h: attempt(groups_s, tau_s, jf, order, h, 0.0))  # noqa: B023
             for tl in STREAM_TAILS[1:]:
                 attempt(groups_s, tau_s, jf, order, h_best, tl)
-    # the drain is tuned on the best few layouts, not just the best: the best before it is not always the best after
+    # the drain is tuned on the best few distinct layouts, not just the best: the best before it is not always the
+    # best after
     finished = []
-    for rank, (key, entry) in enumerate(sorted(pool, key=lambda c: c[0])[:FINISH_CANDIDATES]):
+    for rank, (key, entry) in enumerate(sorted(pool.values(), key=lambda c: c[0])[:FINISH_CANDIDATES]):
         t_fin, mbs_fin, tail_fin, repack_fin = finish(entry[-1])
         finished.append(((t_fin, rank), entry, mbs_fin, tail_fin, repack_fin))
     (t_best, _), (groups, tau, mode, jf, order, head, _), chosen, tail, repack = min(finished, key=lambda f: f[0])

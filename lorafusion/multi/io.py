@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 
@@ -16,16 +17,18 @@ from lorafusion.multi.model import MultiLoRAModel
 _PREFIX = "base_model.model."
 
 
-def _target_modules(model: MultiLoRAModel, name: str) -> list[str]:
+def _target_modules(model: MultiLoRAModel, name: str) -> list[str] | str:
     """PEFT's ``target_modules`` that select exactly the linears adapter ``name`` targets: their last names
     (``q_proj``, ..) when PEFT, which matches a module whose path is a target or ends with ``.target``, would find
-    no other module by them; else the full module paths (a subset such as one layer's ``q_proj`` must not grow to
-    every ``q_proj``)."""
+    no other module by them; else a regular expression of their full paths, which PEFT matches whole (a list of
+    paths would still match as suffixes: ``fc`` would take ``sub.fc`` too)."""
     wrapped = set(model.adapter_layers[name])
     short = sorted({p.rsplit(".", 1)[-1] for p in wrapped})
     found = {n for n, _ in model.model.named_modules()
              if n and any(n == t or n.endswith("." + t) for t in short)}
-    return short if found == wrapped else sorted(wrapped)
+    if found == wrapped:
+        return short
+    return "^(" + "|".join(re.escape(p) for p in sorted(wrapped)) + ")$"
 
 
 def save_adapter(model: MultiLoRAModel, name: str, folder: str, base_model_name_or_path: str | None = None) -> None:
@@ -93,7 +96,7 @@ def load_adapter(model: MultiLoRAModel, folder: str, name: str, dtype: torch.dty
                 raise ValueError(f"{folder}: {path}.{which} has shape {tuple(paths[path][which].shape)}, expected "
                                  f"{want} (r={r})")
     model.add_adapter(name, r, float(cfg["lora_alpha"]), float(cfg.get("lora_dropout", 0.0)),
-                      bool(cfg.get("use_rslora", False)), dtype, target_modules=targets)
+                      bool(cfg.get("use_rslora", False)), dtype, layers=targets)
     with torch.no_grad():
         for path in targets:
             for which, tensor in paths[path].items():

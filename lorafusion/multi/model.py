@@ -77,14 +77,24 @@ class MultiLoRAModel(nn.Module):
         return {n: self.model.get_submodule(n) for n in self.layer_names}
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    dtype: torch.dtype | None = None, target_modules=None) -> None:
+                    dtype: torch.dtype | None = None, target_modules=None, layers=None) -> None:
         """Add adapter ``name`` to every wrapped linear, or with ``target_modules`` (names or dotted path suffixes,
-        as for the model) to those of them it matches: each job keeps its own LoRA targets; in the layers an adapter
-        does not target, its rows get the base output alone."""
+        as for the model and PEFT) to those of them it matches, or with ``layers`` to exactly the wrapped linears
+        at those module paths: each job keeps its own LoRA targets; in the layers an adapter does not target, its
+        rows get the base output alone."""
         check_adapter_name(name)
         if name in self.adapter_specs:
             raise ValueError(f"duplicate adapter name {name!r}: the model already holds it")
-        if target_modules is None or target_modules == "all-linear":
+        if layers is not None:
+            if target_modules is not None:
+                raise ValueError(f"adapter {name!r}: pass target_modules or layers, not both")
+            unknown = [p for p in layers if p not in self.layer_names]
+            if not layers or unknown:
+                raise ValueError(f"adapter {name!r}: layers must be paths of wrapped linears, got "
+                                 f"{unknown[:5] or list(layers)!r}")
+            wanted = set(layers)
+            paths = [p for p in self.layer_names if p in wanted]
+        elif target_modules is None or target_modules == "all-linear":
             paths = list(self.layer_names)
         else:
             targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
