@@ -41,6 +41,16 @@ def cast_like_autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return cast(x), cast(weight), cast(bias), True
 
 
+def refuse_double_backward(layer: str) -> None:
+    """Raise if a backward runs with grad mode on (``create_graph=True``): its result would be differentiated
+    again, and the fused backward is not itself differentiable."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{layer}'s backward is a fused kernel and not itself differentiable, so gradients of its gradients "
+            "(create_graph=True: gradient penalties, MAML, Hessian-vector products) are not supported; use plain "
+            "PEFT LoRA layers for those (lorafusion.unpatch_peft)")
+
+
 class FusedLoRAFunction(torch.autograd.Function):
     """Y = X W^T + b + scale * D(X) A^T B^T; saves X, S (T x r) and the seed, never D(X) or a mask."""
 
@@ -55,11 +65,7 @@ class FusedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if torch.is_grad_enabled():  # create_graph=True: its result would be differentiated again
-            raise RuntimeError(
-                "the fused LoRA layer's backward is a fused kernel and not itself differentiable, so gradients of its gradients "
-                "(create_graph=True: gradient penalties, MAML, Hessian-vector products) are not supported; use "
-                "plain PEFT LoRA layers for those (lorafusion.unpatch_peft)")
+        refuse_double_backward("the fused LoRA layer")
         with torch.autocast(dy.device.type, enabled=False):  # a backward run inside an autocast region
             return FusedLoRAFunction._backward(ctx, dy)
 

@@ -26,8 +26,8 @@ The algorithm (LoRAFusion's, with its free knobs searched and judged by the 1F1B
      least-loaded microbatch plus a move/swap local search, and, when ``milp_time_limit > 0`` (opt-in; the
      default and the CLI's default are 0), by an exact MILP (HiGHS through ``scipy.optimize.milp``; fewest
      microbatches, then least ``max padded load + total padded tokens``) under that time limit, keeping the better
-     of the two only where HiGHS proves its answer optimal; then a merge pass joins adjacent under-filled microbatches of disjoint adapters
-     and drops no-op slots wherever the dependency rule still holds.
+     of the two only where HiGHS proves its answer optimal; then a merge pass joins adjacent under-filled
+     microbatches of disjoint adapters and drops no-op slots wherever the dependency rule still holds.
 4. **Choose** by simulation: every (G, tau, packer, order) is built and simulated; the best stream layout is
    retried with every head and drain ramp, the next ``RAMP_CANDIDATES - 1`` with the best head and then each drain
    (the best layout before the ramps are tuned is not always the best after); a units winner is refined (local
@@ -80,8 +80,6 @@ STREAM_ORDERS: tuple[str, ...] = ("tokens", "rounds")
 # how many of the best stream layouts of phase 1 (per fill variant) get the head / drain ramp search of phase 2: the
 # best layout with the phase-1 ramp is not always the best once the ramps are tuned
 RAMP_CANDIDATES = 8
-# how many of them (best first) try every head with every drain; the others take the best head, then each drain
-FULL_RAMP_GRID = 1
 # how many of the best layouts get the final drain tuning (:func:`repack_window`, cut tails); the fastest after it wins
 FINISH_CANDIDATES = 3
 # the last microbatches re-packed into a drain ramp (:func:`repack_window`): window lengths and ramp shapes
@@ -925,7 +923,7 @@ def plan(
 
     for jf, cands in sorted(layouts.items()):
         for rank, (_, groups_s, tau_s, order) in enumerate(sorted(cands, key=lambda c: c[0])[:RAMP_CANDIDATES]):
-            if rank < FULL_RAMP_GRID:  # the phase-1 leaders: every head with every drain
+            if rank == 0:  # the phase-1 leader: every head with every drain
                 for h in HEAD_RAMPS:
                     for tl in STREAM_TAILS:
                         attempt(groups_s, tau_s, jf, order, h, tl)

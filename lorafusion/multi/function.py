@@ -5,7 +5,7 @@ import contextlib
 
 import torch
 
-from lorafusion.function import cast_like_autocast, draw_dropout_seed
+from lorafusion.function import cast_like_autocast, draw_dropout_seed, refuse_double_backward
 from lorafusion.multi.backends import get_multi_backend
 from lorafusion.multi.segments import AdapterSegments
 
@@ -33,11 +33,7 @@ class MultiLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if torch.is_grad_enabled():  # create_graph=True: its result would be differentiated again
-            raise RuntimeError(
-                "the multi-adapter LoRA layer's backward is a fused kernel and not itself differentiable, so gradients of its gradients "
-                "(create_graph=True: gradient penalties, MAML, Hessian-vector products) are not supported; use "
-                "plain PEFT LoRA layers for those (lorafusion.unpatch_peft)")
+        refuse_double_backward("the multi-adapter LoRA layer")
         with torch.autocast(dy.device.type, enabled=False):  # a backward run inside an autocast region
             return MultiLoRAFunction._backward(ctx, dy)
 

@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from lorafusion.multi.model import MultiLoRAModel
+from lorafusion.multi.model import MultiLoRAModel, _matches
 
 _PREFIX = "base_model.model."
 
@@ -24,8 +24,7 @@ def _target_modules(model: MultiLoRAModel, name: str) -> list[str] | str:
     paths would still match as suffixes: ``fc`` would take ``sub.fc`` too)."""
     wrapped = set(model.adapter_layers[name])
     short = sorted({p.rsplit(".", 1)[-1] for p in wrapped})
-    found = {n for n, _ in model.model.named_modules()
-             if n and any(n == t or n.endswith("." + t) for t in short)}
+    found = {n for n, _ in model.model.named_modules() if n and _matches(n, short)}
     if found == wrapped:
         return short
     return "^(" + "|".join(re.escape(p) for p in sorted(wrapped)) + ")$"

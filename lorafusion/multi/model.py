@@ -23,20 +23,28 @@ from lorafusion.multi.layer import MultiLoRALinear, check_adapter_name
 from lorafusion.multi.segments import AdapterSegments, AdapterSpec
 
 
+@contextlib.contextmanager
+def _layouts(assignment):
+    """Each layer of ``assignment`` ((layer, layout) pairs) uses its layout inside the block; the layouts they had
+    before (an enclosing block's, or none) come back on exit."""
+    prev = [layer._segments for layer, _ in assignment]
+    for layer, seg in assignment:
+        layer._segments = seg
+    try:
+        yield
+    finally:
+        for (layer, _), seg in zip(assignment, prev):
+            layer._segments = seg
+
+
 def _checkpoint_with_layout(func, assignment):
     """``func`` (a ``transformers`` block's checkpoint function) with the function it checkpoints run under the
-    per-layer layouts of ``assignment`` ((layer, layout) pairs): the recomputation in backward, after the forward's
-    ``use_segments`` has exited, sees the layouts of the forward that checkpointed it."""
+    per-layer layouts of ``assignment``: the recomputation in backward, after the forward's ``use_segments`` has
+    exited, sees the layouts of the forward that checkpointed it."""
     def checkpoint(fn, *args, **kwargs):
         def run(*a, **k):
-            prev = [layer._segments for layer, _ in assignment]
-            for layer, seg in assignment:
-                layer._segments = seg
-            try:
+            with _layouts(assignment):
                 return fn(*a, **k)
-            finally:
-                for (layer, _), seg in zip(assignment, prev):
-                    layer._segments = seg
         return func(run, *args, **kwargs)
     return checkpoint
 
@@ -162,16 +170,12 @@ class MultiLoRAModel(nn.Module):
                   if getattr(m, "gradient_checkpointing", False) is True
                   and callable(m.__dict__.get("_gradient_checkpointing_func"))]
         funcs = [m.__dict__["_gradient_checkpointing_func"] for m in blocks]
-        prev = [layer._segments for layer, _ in assignment]  # an enclosing block's layouts come back on exit
-        for layer, seg in assignment:
-            layer._segments = seg
         for m, f in zip(blocks, funcs):
             m._gradient_checkpointing_func = _checkpoint_with_layout(f, assignment)
         try:
-            yield
+            with _layouts(assignment):
+                yield
         finally:
-            for (layer, _), seg in zip(assignment, prev):
-                layer._segments = seg
             for m, f in zip(blocks, funcs):
                 m._gradient_checkpointing_func = f
 

@@ -270,7 +270,7 @@ def shrink(x, w_cat, t, seed, dropout, scaled):
                              DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
                              TC=x.dtype != torch.float32, BM=BM, BR=BR, BK=BK)
     if unscale is not None:
-        out[:t.s_numel].mul_(unscale)
+        out.mul_(unscale)
     return out
 
 
