@@ -62,6 +62,21 @@ def train(model, optimizer, batches, accumulation=1, before_step=None):
         optimizer.zero_grad()
 
 
+def train_on_shared_gradients(model, ref_model, optimizer, ref_optimizer, batches, loss=loss_fn):
+    """Steps two optimizers on the same gradient tensors (computed on ``model``, cloned into ``ref_model``), so a
+    comparison of their trajectories measures the optimizer step alone. Two backward passes on two copies may
+    differ in the last bit (a BLAS path can depend on buffer alignment), and for an 8-bit optimizer one such bit can
+    move a state value across a quantisation boundary (seen once in CI: 6.5e-5 between identical updates)."""
+    for x, y in batches:
+        loss(model, x, y).backward()
+        for p, q in zip(model.parameters(), ref_model.parameters()):
+            q.grad = p.grad.clone()
+        optimizer.step()
+        ref_optimizer.step()
+        optimizer.zero_grad()
+        ref_optimizer.zero_grad()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import galore
-from galore_test_helpers import fresh_seed, loss_fn, max_param_rel_err, rel_err, train
+from galore_test_helpers import fresh_seed, loss_fn, max_param_rel_err, rel_err, train, train_on_shared_gradients
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -50,8 +50,7 @@ def test_plain_adamw8bit_equals_bitsandbytes_adamw8bit():
     batches = _batches(seed, 10)
     ours = galore.AdamW8bit(model.parameters(), lr=3e-3, weight_decay=0.02)
     ref = bnb.optim.AdamW8bit(ref_model.parameters(), lr=3e-3, weight_decay=0.02)
-    train(model, ours, batches)
-    train(ref_model, ref, batches)
+    train_on_shared_gradients(model, ref_model, ours, ref, batches)
     assert ours.state[model.up.weight]["state1"].dtype == torch.uint8  # 8-bit path really taken
     assert ours.state[model.up.bias]["state1"].dtype == torch.float32  # small tensor: 32-bit, as bitsandbytes
     assert max_param_rel_err(model, ref_model) < 1e-6, f"seed={seed}"

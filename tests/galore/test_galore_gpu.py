@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import galore
-from galore_test_helpers import fresh_seed, galore_groups, make_batches, make_model, max_param_rel_err, train
+from galore_test_helpers import (
+    fresh_seed, galore_groups, make_batches, make_model, max_param_rel_err, train, train_on_shared_gradients,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -51,11 +53,7 @@ def test_cuda_8bit_matches_bitsandbytes_and_projected_params_move():
     g = torch.Generator().manual_seed(seed)
     data = [(torch.randn(128, 96, generator=g).cuda(), torch.randn(128, 24, generator=g).cuda()) for _ in range(6)]
     ours, theirs = galore.AdamW8bit(net.parameters(), lr=1e-3), bnb.optim.AdamW8bit(ref.parameters(), lr=1e-3)
-    for m, opt in ((net, ours), (ref, theirs)):
-        for x, y in data:
-            ((m(x) - y) ** 2).mean().backward()
-            opt.step()
-            opt.zero_grad()
+    train_on_shared_gradients(net, ref, ours, theirs, data, loss=lambda m, x, y: ((m(x) - y) ** 2).mean())
     assert max_param_rel_err(net, ref) < 1e-5, f"seed={seed}"
     proj = galore.GaLoreAdamW8bit([{"params": [net[0].weight], "rank": 64, "scale": 1.0}], lr=1e-3)
     for x, y in data:
