@@ -21,7 +21,7 @@ from torch import nn
 
 from lorafusion.layer import check_input, check_lora_args
 from lorafusion.multi.function import multi_lora_linear
-from lorafusion.multi.segments import AdapterSegments, AdapterSpec
+from lorafusion.multi.segments import AdapterSegments, AdapterSpec, SequenceLayouts
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -52,7 +52,8 @@ class MultiLoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.adapter_specs: dict[str, AdapterSpec] = {}
         self.backend = backend
-        self._segments: AdapterSegments | None = None  # set by MultiLoRAModel.use_segments for one forward
+        # set by MultiLoRAModel.use_segments / use_sequence_adapters for one forward
+        self._segments: AdapterSegments | SequenceLayouts | None = None
 
     @property
     def in_features(self) -> int:
@@ -98,13 +99,15 @@ class MultiLoRALinear(nn.Module):
         """The layout for a microbatch whose rows use ``row_adapters`` (names / indices into this layer's adapters)."""
         return AdapterSegments(row_adapters, self.adapter_specs)
 
-    def forward(self, x: torch.Tensor, segments: AdapterSegments | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: AdapterSegments | SequenceLayouts | None = None) -> torch.Tensor:
         seg = segments if segments is not None else self._segments
         if seg is None:
             raise ValueError("MultiLoRALinear: no segment layout; pass segments= or run inside "
-                             "MultiLoRAModel.use_segments(...)")
+                             "MultiLoRAModel.use_segments(...) / use_sequence_adapters(...)")
+        if isinstance(seg, SequenceLayouts):  # one adapter per sequence: the layout of this input's shape
+            seg = seg.layout(x.shape).restricted(self.adapter_specs)
         if not isinstance(seg, AdapterSegments):
-            raise TypeError(f"segments must be an AdapterSegments, got {type(seg).__name__}")
+            raise TypeError(f"segments must be an AdapterSegments or SequenceLayouts, got {type(seg).__name__}")
         check_input("MultiLoRALinear", x, self.base.weight)
         rows = x.numel() // x.shape[-1]
         if rows != seg.num_rows:

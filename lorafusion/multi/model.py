@@ -5,6 +5,8 @@
     mm.add_adapter("job_b", r=32, alpha=32, target_modules=["q_proj", "v_proj"])   # a subset of the wrapped ones
     seg = mm.make_segments(["job_a", "job_b", None, "job_a"], seq_len=L)  # per sequence of the (B x L) batch
     out = mm(input_ids=ids, labels=labels, segments=seg)                  # or: with mm.use_segments(seg): model(...)
+    out = mm(input_ids=ids, adapter_names=["job_a", "job_b", None, "job_a"])  # the same, one adapter per sequence
+    mm.eval().generate(prompt_ids, adapter_names=["job_b", "job_a"], max_new_tokens=20)  # each its own adapter
 
 The layout is handed to the wrapped layers for the duration of one forward (the backward needs nothing more); it
 is never stored globally. Rows are the flattened (batch, sequence) tokens, in the order the linears see them.
@@ -20,7 +22,7 @@ import torch
 from torch import nn
 
 from lorafusion.multi.layer import MultiLoRALinear, check_adapter_name
-from lorafusion.multi.segments import AdapterSegments, AdapterSpec
+from lorafusion.multi.segments import AdapterSegments, AdapterSpec, SequenceLayouts
 
 
 @contextlib.contextmanager
@@ -161,11 +163,29 @@ class MultiLoRAModel(nn.Module):
         """Every wrapped layer uses ``segments`` inside the block."""
         if not isinstance(segments, AdapterSegments):
             raise TypeError(f"segments must be an AdapterSegments, got {type(segments).__name__}")
-        if segments.names != list(self.adapter_specs) or segments.specs != list(self.adapter_specs.values()):
-            raise ValueError("segments was built for another adapter set; build it with make_segments()")
+        self._check_registry(segments, "segments", "make_segments()")
         # each layer gets the layout narrowed to the adapters it holds (shared between layers holding the same set)
-        assignment = [(layer, segments.restricted(layer.adapter_specs)) for layer in self.layers().values()]
-        # transformers blocks with gradient checkpointing on: bind these layouts to their checkpoint function
+        with self._bound([(layer, segments.restricted(layer.adapter_specs)) for layer in self.layers().values()]):
+            yield
+
+    @contextlib.contextmanager
+    def use_sequence_adapters(self, adapter_names):
+        """Inside the block, sequence i of every forward uses adapter ``adapter_names[i]`` (a name, an index, or
+        None for the base model alone), whatever the forward's length: each layer builds the layout of its input's
+        shape (``SequenceLayouts``). For ``generate`` and other loops whose forwards change length."""
+        layouts = SequenceLayouts(adapter_names, self.adapter_specs)
+        with self._bound([(layer, layouts) for layer in self.layers().values()]):
+            yield
+
+    def _check_registry(self, layouts, what: str, builder: str) -> None:
+        if layouts.names != list(self.adapter_specs) or layouts.specs != list(self.adapter_specs.values()):
+            raise ValueError(f"{what} was built for another adapter set; build it with {builder}")
+
+    @contextlib.contextmanager
+    def _bound(self, assignment):
+        """The layers use their layouts of ``assignment`` inside the block; ``transformers`` blocks with gradient
+        checkpointing on get a checkpoint function bound to them, so their recomputation in backward, after the
+        block has exited, uses them too."""
         blocks = [m for m in self.model.modules()
                   if getattr(m, "gradient_checkpointing", False) is True
                   and callable(m.__dict__.get("_gradient_checkpointing_func"))]
@@ -179,6 +199,22 @@ class MultiLoRAModel(nn.Module):
             for m, f in zip(blocks, funcs):
                 m._gradient_checkpointing_func = f
 
-    def forward(self, *args, segments: AdapterSegments, **kwargs):
-        with self.use_segments(segments):
-            return self.model(*args, **kwargs)
+    def forward(self, *args, segments: AdapterSegments | None = None, adapter_names=None, **kwargs):
+        """The wrapped model's forward with a row layout (``segments``) or one adapter per sequence
+        (``adapter_names``): exactly one of the two."""
+        return self._run(self.model, args, kwargs, segments, adapter_names)
+
+    def generate(self, *args, adapter_names, **kwargs):
+        """``transformers`` ``generate`` with sequence i continued by adapter ``adapter_names[i]`` (None: the base
+        model), all in one batch. Beam search and several returned sequences work: ``generate`` repeats each
+        sequence in place, and each copy keeps its adapter. Call ``eval()`` first, as for any generation: in
+        training mode the adapters' dropout is on."""
+        return self._run(self.model.generate, args, kwargs, None, adapter_names)
+
+    def _run(self, fn, args, kwargs, segments, adapter_names):
+        if (segments is None) == (adapter_names is None):
+            raise ValueError("pass exactly one of segments= (a row layout from make_segments) and adapter_names= "
+                             f"(one adapter per sequence); got segments={segments!r}, adapter_names={adapter_names!r}")
+        ctx = self.use_segments(segments) if segments is not None else self.use_sequence_adapters(adapter_names)
+        with ctx:
+            return fn(*args, **kwargs)

@@ -286,3 +286,50 @@ class AdapterSegments:
         counts = {self.names[a]: c for a, c in zip(self.present, self.slot_counts)}
         return (f"AdapterSegments(rows={self.num_rows}, segments={len(self.seg_host)}, rows per adapter={counts}, "
                 f"no-adapter rows={int((self.row_ids < 0).sum())})")
+
+
+class SequenceLayouts:
+    """Layouts derived from each forward's input shape, for inputs of one adapter (or none) per *sequence*: what a
+    forward of changing length needs (``generate``: the prompt, then one token per step).
+
+    Args:
+        seq_adapters: one entry per sequence of the batch (names, indices into ``adapters``, or None / -1).
+        adapters: the adapter registry, as for ``AdapterSegments``.
+
+    A layer input of shape (n, t, ..., features) holds n sequences of t·... rows each. n must be a multiple m of
+    the k sequences given: each sequence then stands m times in a row, as ``transformers`` expands a batch for beam
+    search or several returned sequences. Layouts are built once per (n, rows per sequence) and cached."""
+
+    def __init__(self, seq_adapters, adapters: Mapping[str, AdapterSpec] | Sequence[tuple[str, AdapterSpec]]):
+        self._seqs = AdapterSegments(seq_adapters, adapters)  # one row per sequence: validates every entry
+        if self._seqs.num_rows == 0:
+            raise ValueError("seq_adapters is empty: give one adapter (or None) per sequence of the batch")
+        self._by_shape: dict[tuple[int, int], AdapterSegments] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return self._seqs.names
+
+    @property
+    def specs(self) -> list[AdapterSpec]:
+        return self._seqs.specs
+
+    def layout(self, shape) -> AdapterSegments:
+        """The layout of a layer input of ``shape`` (sequences first, features last)."""
+        shape = tuple(shape)
+        k = self._seqs.num_rows
+        if len(shape) < 3:
+            raise ValueError(f"per-sequence adapters need a (sequences, tokens, ..., features) input, got shape "
+                             f"{shape}")
+        n, per = shape[0], math.prod(shape[1:-1])
+        if n % k:
+            raise ValueError(f"an input of {n} sequences does not match the {k} per-sequence adapters given "
+                             f"(it must hold each of them the same number of times, one after another)")
+        key = (n, per)
+        if key not in self._by_shape:
+            ids = np.repeat(self._seqs.row_ids, (n // k) * per)
+            self._by_shape[key] = AdapterSegments(torch.from_numpy(ids), list(zip(self.names, self.specs)))
+        return self._by_shape[key]
+
+    def __repr__(self):
+        return f"SequenceLayouts(sequences={self._seqs.num_rows}, adapters={self.names})"
