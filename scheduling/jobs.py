@@ -80,9 +80,8 @@ class PlanParams:
     stages: int = 4
 
     def __post_init__(self) -> None:
-        _positive_int(self.capacity, "capacity")
-        _positive_int(self.pad_multiple, "pad_multiple")
-        _positive_int(self.stages, "stages")
+        for name in ("capacity", "pad_multiple", "stages"):  # stored as plain ints (numpy ints do not serialise)
+            object.__setattr__(self, name, _positive_int(getattr(self, name), name))
         if self.capacity < self.pad_multiple:
             raise ValueError(
                 f"capacity ({self.capacity}) must be at least the padding multiple ({self.pad_multiple})"
@@ -120,10 +119,13 @@ class Job:
             if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
                 raise ValueError(f"job {self.adapter!r} sample {i} has length {n!r}; lengths must be positive integers")
         object.__setattr__(self, "lengths", tuple(int(n) for n in self.lengths))
-        _positive_int(self.global_batch_size, f"job {self.adapter!r} global_batch_size")
+        object.__setattr__(self, "global_batch_size",
+                           _positive_int(self.global_batch_size, f"job {self.adapter!r} global_batch_size"))
         if self.num_global_batches is None:
             object.__setattr__(self, "num_global_batches", math.ceil(len(self.lengths) / self.global_batch_size))
-        _positive_int(self.num_global_batches, f"job {self.adapter!r} num_global_batches")
+        object.__setattr__(self, "num_global_batches",
+                           _positive_int(self.num_global_batches, f"job {self.adapter!r} num_global_batches"))
+        object.__setattr__(self, "allow_split", _flag(self.allow_split, f"job {self.adapter!r} allow_split"))
 
     @classmethod
     def from_batches(cls, adapter: str, batches: Sequence[Sequence[int]], allow_split: bool = False) -> "Job":
@@ -207,10 +209,9 @@ def sample_lengths(
         raise ValueError(f"maximum ({maximum}) is below minimum ({minimum})")
     rng = np.random.default_rng(seed)
     raw = rng.lognormal(mean=math.log(median), sigma=sigma, size=count)
-    out = np.maximum(np.rint(raw).astype(np.int64), minimum)
-    if maximum is not None:
-        out = np.minimum(out, maximum)
-    return [int(x) for x in out]
+    # clipped as floats, before the cast: a draw beyond int64 (a huge median) must clip to maximum, not wrap
+    raw = np.clip(np.rint(raw), minimum, maximum if maximum is not None else 2.0 ** 62)
+    return [int(x) for x in raw]
 
 
 def _job_seed(seed: int, adapter: str) -> list[int]:
@@ -219,9 +220,11 @@ def _job_seed(seed: int, adapter: str) -> list[int]:
 
 def jsonl_lengths(path: str | Path, *, text_field: str = "text", length_field: str | None = None,
                   tokenizer: str | None = None, job: str | None = None) -> list[int]:
-    """Token lengths of a JSONL dataset: a length field if named, else the text through a Hugging Face tokenizer.
+    """Token lengths of a JSONL dataset: a length field if named, else each record through a Hugging Face tokenizer,
+    counted as training feeds it (``lorafusion.train.data.record_tokens``: a ``{"prompt", "completion"}`` record, or
+    the text of ``text_field``, with the tokenizer's special tokens and the EOS token training appends).
 
-    ``job`` (optional) is named in every error, beside the file and the line."""
+    ``job`` (optional) is named in every error, beside the file and the line. A UTF-8 byte-order mark is skipped."""
     path = Path(path)
     where = (f"job {job!r} " if job else "") + f"dataset {str(path)!r}"
     if not path.is_file():
@@ -232,13 +235,21 @@ def jsonl_lengths(path: str | Path, *, text_field: str = "text", length_field: s
             raise ValueError(f"{where}: give either length_field or tokenizer")
         from transformers import AutoTokenizer  # lazy: only JSONL-through-tokenizer needs it
 
+        from lorafusion.train.data import check_eos, record_problem, record_tokens
+
         try:
             tok = AutoTokenizer.from_pretrained(tokenizer)
-        except Exception as e:  # a missing folder, no hub access, a broken tokenizer file
+            check_eos(tok)
+        except Exception as e:  # a missing folder, no hub access, a broken tokenizer file, no EOS token
             raise ValueError(f"{where}: cannot load tokenizer {tokenizer!r}: {type(e).__name__}: {e}") from e
     out = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where} line {lineno} is not valid UTF-8 (byte {raw[e.start]:#04x} at byte "
+                                 f"{e.start + 1})") from e
             if not line.strip():
                 continue
             try:
@@ -247,19 +258,24 @@ def jsonl_lengths(path: str | Path, *, text_field: str = "text", length_field: s
                 raise ValueError(f"{where} line {lineno} is not valid JSON: {e}") from e
             if not isinstance(rec, dict):
                 raise ValueError(f"{where} line {lineno} must be a JSON object, got {rec!r}")
-            field = length_field if length_field is not None else text_field
-            if field not in rec:
-                raise ValueError(f"{where} line {lineno} has no field {field!r}")
-            value = rec[field]
             if length_field is not None:
+                if length_field not in rec:
+                    raise ValueError(f"{where} line {lineno} has no field {length_field!r}")
+                value = rec[length_field]
                 if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                     raise ValueError(f"{where} line {lineno}: {length_field!r} must be a positive integer, "
                                      f"got {value!r}")
                 out.append(value)
-            else:
-                if not isinstance(value, str):
-                    raise ValueError(f"{where} line {lineno}: {text_field!r} must be a string, got {value!r}")
-                out.append(len(tok(value)["input_ids"]))
+                continue
+            if not ("prompt" in rec or "completion" in rec):  # a text record, its text under text_field
+                if text_field not in rec:
+                    raise ValueError(f"{where} line {lineno} has no field {text_field!r} (nor 'prompt' and "
+                                     f"'completion')")
+                rec = {"text": rec[text_field]}
+            problem = record_problem(rec)
+            if problem is not None:
+                raise ValueError(f"{where} line {lineno}: {problem}")
+            out.append(len(record_tokens(rec, tok)[0]))
     if not out:
         raise ValueError(f"{where} has no records")
     return out
@@ -377,10 +393,16 @@ def load_jobs(path: str | Path, *, seed: int | None = None) -> tuple[list[Job], 
     if not path.is_file():
         raise ValueError(f"jobs file {str(path)!r} does not exist")
     try:
-        with path.open() as f:
-            doc = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ValueError(f"jobs file {str(path)!r} is not valid YAML / JSON: {e}") from e
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"jobs file {str(path)!r} is not valid UTF-8: {e}") from e
+    try:  # JSON first: YAML reads some valid JSON differently (1e3 as a string) or not at all (tab indents)
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"jobs file {str(path)!r} is not valid YAML / JSON: {e}") from e
     if isinstance(doc, list):
         doc = {"jobs": doc}
     if not isinstance(doc, dict) or "jobs" not in doc:

@@ -47,8 +47,23 @@ class Segment:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Segment":
-        return cls(str(d["adapter"]), int(d["global_batch"]), tuple(int(x) for x in d["samples"]),
-                   tuple(int(x) for x in d["tokens"]), int(d["padded_tokens"]))
+        if not isinstance(d.get("adapter"), str):
+            raise TypeError(f"segment adapter must be a string, got {d.get('adapter')!r}")
+        return cls(d["adapter"], _json_int(d["global_batch"], "global_batch"), _json_ints(d["samples"], "samples"),
+                   _json_ints(d["tokens"], "tokens"), _json_int(d["padded_tokens"], "padded_tokens"))
+
+
+def _json_int(value: Any, name: str) -> int:
+    """An integer read back from JSON as it was written: not a float, a bool or a string (no silent rounding)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    return value
+
+
+def _json_ints(values: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(values, list):
+        raise TypeError(f"{name} must be a list of integers, got {values!r}")
+    return tuple(_json_int(v, name) for v in values)
 
 
 @dataclass(frozen=True)
@@ -76,7 +91,10 @@ class Microbatch:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Microbatch":
-        return cls(tuple(Segment.from_dict(s) for s in d.get("segments", [])))
+        segments = d.get("segments", [])
+        if not isinstance(segments, list):
+            raise TypeError(f"microbatch segments must be a list, got {segments!r}")
+        return cls(tuple(Segment.from_dict(s) for s in segments))
 
 
 NOOP = Microbatch(())
@@ -116,9 +134,13 @@ class Schedule:
             got = d.get("format") if isinstance(d, dict) else d
             raise ValueError(f"schedule format must be {FORMAT!r}, got {got!r}")
         try:
+            if not isinstance(d["microbatches"], list):
+                raise TypeError(f"microbatches must be a list, got {d['microbatches']!r}")
             out = cls([Microbatch.from_dict(m) for m in d["microbatches"]],
-                      {str(a): [int(x) for x in v] for a, v in d["optimizer_steps"].items()},
-                      int(d["capacity"]), int(d["pad_multiple"]), int(d["stages"]), dict(d.get("meta", {})))
+                      {str(a): list(_json_ints(v, f"optimizer_steps[{a!r}]"))
+                       for a, v in d["optimizer_steps"].items()},
+                      _json_int(d["capacity"], "capacity"), _json_int(d["pad_multiple"], "pad_multiple"),
+                      _json_int(d["stages"], "stages"), dict(d.get("meta", {})))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"schedule JSON is malformed: {type(e).__name__}: {e}") from e
         for name in ("capacity", "pad_multiple", "stages"):

@@ -10,12 +10,14 @@ Violation kinds:
   segment is malformed (no samples, samples and tokens of different lengths, non-positive tokens).
 - ``same_adapter``: a microbatch holds two segments of one adapter (two global batches, or one split in two).
 - ``coverage``: a global batch's samples are not exactly its expected samples, each once with all its tokens (a
-  missing, extra, duplicated or foreign sample, or tokens not summing to the sample's length); a sample of a job
-  without ``allow_split`` must appear once, whole; a split sample's pieces must each fit a microbatch.
+  missing, extra, duplicated or foreign sample, or tokens not summing to the sample's length); a sample must appear
+  once, whole, unless it is longer than a microbatch holds and its job has ``allow_split``; a split sample's pieces
+  must each fit a microbatch, and a segment lists each sample at most once.
 - ``dependency``: an adapter's global batch g+1 starts fewer than ``stages`` microbatches after g's last one, or
   before it.
-- ``optimizer_step``: the optimizer step of (adapter, g) is missing, before g's last microbatch, or at/after g+1's
-  first one.
+- ``optimizer_step``: the optimizer step of (adapter, g) is missing, before g's last microbatch, or too late for
+  g+1: under 1F1B, stage 0 runs the backward of microbatch i before the forward of microbatch j only when
+  j >= i + stages, so a step after microbatch i must have i <= (g+1's first microbatch) - stages.
 """
 
 from __future__ import annotations
@@ -93,6 +95,10 @@ def verify(schedule: Schedule, jobs: Sequence[Job], params: PlanParams | None = 
                                f"to {seg.padded_tokens}, expected {want} (multiple {pad})")
             key = (seg.adapter, seg.global_batch)
             positions[key].append(i)
+            repeated = sorted(sid for sid, n in Counter(seg.samples).items() if n > 1)
+            if repeated:
+                bad("coverage", f"microbatch {i}: adapter {seg.adapter!r} segment lists samples {repeated[:8]} more "
+                                f"than once")
             for sid, t in zip(seg.samples, seg.tokens):
                 got[key][sid] += t
                 pieces[key][sid] += 1
@@ -110,11 +116,14 @@ def verify(schedule: Schedule, jobs: Sequence[Job], params: PlanParams | None = 
             if missing or extra or wrong:
                 bad("coverage", f"adapter {job.adapter!r} global batch {g}: missing samples {missing[:8]}, "
                                 f"foreign samples {extra[:8]}, wrong token totals (sample, got, length) {wrong[:8]}")
-            if not job.allow_split:
-                cut = sorted(s for s, n in pieces.get(key, Counter()).items() if n > 1)
-                if cut:
-                    bad("coverage", f"adapter {job.adapter!r} global batch {g}: samples {cut[:8]} appear more than "
-                                    f"once (cut into pieces or repeated), but the job does not allow splitting")
+            # only a sample longer than a microbatch holds may be cut, and only in a job that allows it
+            cut = sorted(s for s, n in pieces.get(key, Counter()).items()
+                         if n > 1 and (not job.allow_split or (s < len(job.lengths) and job.lengths[s] <= max_piece)))
+            if cut:
+                why = ("the job does not allow splitting" if not job.allow_split
+                       else f"they fit a microbatch ({max_piece} tokens), so they must not be cut")
+                bad("coverage", f"adapter {job.adapter!r} global batch {g}: samples {cut[:8]} appear more than "
+                                f"once (cut into pieces or repeated), but {why}")
     steps = schedule.optimizer_steps
     for job in jobs:
         a = job.adapter
@@ -133,10 +142,13 @@ def verify(schedule: Schedule, jobs: Sequence[Job], params: PlanParams | None = 
             if not p:
                 continue
             nxt = positions.get((a, g + 1))
-            if step < max(p) or (nxt and step >= min(nxt)) or step >= len(schedule.microbatches):
+            # too late for g+1 (when the gap itself is too small, that is the dependency violation above)
+            late = bool(nxt) and step > min(nxt) - S and min(nxt) - max(p) >= S
+            if step < max(p) or late or step >= len(schedule.microbatches):
                 bad("optimizer_step", f"adapter {a!r} global batch {g}: optimizer step after microbatch {step}, "
-                                      f"but the batch ends at {max(p)}" + (f" and the next starts at {min(nxt)}"
-                                                                             if nxt else ""))
+                                      f"but the batch ends at {max(p)}"
+                                      + (f" and the next starts at {min(nxt)} (the step must come after a "
+                                         f"microbatch <= {min(nxt) - S}: {S} stages)" if nxt else ""))
     for a in steps:
         if a not in by_id:
             bad("unknown", f"optimizer steps given for adapter {a!r}, which has no job")

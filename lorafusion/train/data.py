@@ -60,7 +60,7 @@ def read_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int
                 except json.JSONDecodeError as exc:
                     problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
                 else:
-                    problem = _record_problem(rec)
+                    problem = record_problem(rec)
             if problem is not None:
                 if skip_bad_lines:
                     skipped += 1
@@ -76,7 +76,7 @@ def read_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int
     return records, skipped
 
 
-def _record_problem(rec) -> str | None:
+def record_problem(rec) -> str | None:
     if not isinstance(rec, dict):
         return f"expected a JSON object, got {type(rec).__name__}"
     if "prompt" in rec or "completion" in rec:
@@ -97,21 +97,30 @@ def _record_problem(rec) -> str | None:
     return f"missing fields: need 'prompt' and 'completion', or 'text' (got keys {sorted(rec)})"
 
 
-def tokenize_records(records: list[dict], tokenizer, max_length: int) -> tuple[list[Sample], dict]:
-    """Samples with prompt tokens masked out of the labels, and counts: truncated, dropped (no loss token left)."""
+def check_eos(tokenizer) -> None:
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token; set one in the model folder's tokenizer config")
+
+
+def record_tokens(rec: dict, tokenizer) -> tuple[list, list]:
+    """Token ids and labels of one valid record (``record_problem`` is None), before any cut to a maximum length:
+    the sample as training feeds it (the planner counts its tokens with this too)."""
+    if "text" in rec and "prompt" not in rec:
+        ids = tokenizer(rec["text"])["input_ids"] + [tokenizer.eos_token_id]
+        return ids, [IGNORE_INDEX] + ids[1:]
+    p = tokenizer(rec["prompt"])["input_ids"]
+    c = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    labels = [IGNORE_INDEX] * len(p) + c
+    labels[0] = IGNORE_INDEX
+    return p + c, labels
+
+
+def tokenize_records(records: list[dict], tokenizer, max_length: int) -> tuple[list[Sample], dict]:
+    """Samples with prompt tokens masked out of the labels, and counts: truncated, dropped (no loss token left)."""
+    check_eos(tokenizer)
     samples, truncated, dropped = [], 0, 0
     for rec in records:
-        if "text" in rec and "prompt" not in rec:
-            ids = tokenizer(rec["text"])["input_ids"] + [tokenizer.eos_token_id]
-            labels = [IGNORE_INDEX] + ids[1:]
-        else:
-            p = tokenizer(rec["prompt"])["input_ids"]
-            c = tokenizer(rec["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            ids = p + c
-            labels = [IGNORE_INDEX] * len(p) + c
-            labels[0] = IGNORE_INDEX
+        ids, labels = record_tokens(rec, tokenizer)
         if len(ids) > max_length:
             truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]

@@ -188,3 +188,69 @@ def test_bad_jobs_files_and_jsonl_name_file_line_and_job(tmp_path):
     data.write_text('{"text": "hello"}\n')
     with pytest.raises(ValueError, match=r"job 'j' dataset .* cannot load tokenizer '.*no_such_tokenizer'"):
         jsonl_lengths(data, tokenizer=str(tmp_path / "no_such_tokenizer"), job="j")
+
+
+def test_jsonl_through_a_tokenizer_counts_tokens_as_training_feeds_them(tmp_path):
+    """Text and prompt/completion records count the tokens the trainer's tokenization gives (special tokens and
+    the EOS it appends included); a byte-order mark is skipped; a bad byte names the file and line."""
+    pytest.importorskip("transformers")
+    import random
+
+    from lorafusion.train.data import tokenize_records
+    from lorafusion.train.presets import build_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    tok = build_tokenizer()
+    tok.save_pretrained(tok_dir)
+    rng = random.Random()
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    recs = []
+    for _ in range(12):
+        word = "".join(rng.choice(letters) for _ in range(rng.randint(1, 40)))
+        recs.append({"text": word} if rng.random() < 0.5 else {"prompt": word.upper() + "=", "completion": word})
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in recs).encode() + b"\n")
+    samples, _ = tokenize_records(recs, tok, 10**6)
+    assert jsonl_lengths(data, tokenizer=str(tok_dir)) == [len(s.input_ids) for s in samples]
+    other = tmp_path / "o.jsonl"  # text under another field
+    other.write_text("\n".join(json.dumps({"body": r.get("text", "x")}) for r in recs) + "\n")
+    want = [len(s.input_ids) for s in tokenize_records([{"text": r.get("text", "x")} for r in recs], tok, 10**6)[0]]
+    assert jsonl_lengths(other, tokenizer=str(tok_dir), text_field="body") == want
+    data.write_bytes(b'{"text": "ab"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"job 'j' dataset .*d.jsonl' line 2 is not valid UTF-8 \(byte 0xe9"):
+        jsonl_lengths(data, tokenizer=str(tok_dir), job="j")
+    data.write_text('{"prompt": "AB="}\n')
+    with pytest.raises(ValueError, match=r"line 1: missing field 'completion'"):
+        jsonl_lengths(data, tokenizer=str(tok_dir))
+
+
+def test_numpy_integers_are_stored_as_ints_and_the_plan_serialises():
+    import numpy as np
+
+    params = PlanParams(np.int64(300), np.int32(1), np.int64(2))
+    job = Job("a", tuple(np.arange(10, 60, 10)), np.int64(2), num_global_batches=np.int16(3), allow_split=np.bool_(0))
+    assert all(type(v) is int for v in (params.capacity, params.pad_multiple, params.stages, job.global_batch_size,
+                                        job.num_global_batches))
+    assert type(job.allow_split) is bool
+    s = plan([job], params)
+    from scheduling import Schedule, verify
+
+    assert verify(s, [job], params) == [] and Schedule.from_json(s.to_json()).to_json() == s.to_json()
+
+
+def test_huge_median_clips_to_the_maximum():
+    assert sample_lengths(4, median=1e30, maximum=4096) == [4096] * 4
+    assert min(sample_lengths(4, median=1e30)) > 2**40  # no wrap-around to tiny lengths
+
+
+def test_jobs_file_is_read_as_json_when_it_is_json(tmp_path):
+    doc = {"capacity": 2048, "jobs": [{"adapter": "a", "global_batch_size": 4, "num_global_batches": 2,
+                                       "distribution": {"median": 1e3, "sigma": 1e-05, "max": 2048}}]}
+    f = tmp_path / "jobs.json"
+    f.write_text(json.dumps(doc, indent="\t"))  # tabs: not YAML; 1e-05: a string to YAML 1.1
+    jobs, settings = load_jobs(f)
+    assert settings == {"capacity": 2048} and len(jobs[0].lengths) == 8
+    assert all(990 <= n <= 1010 for n in jobs[0].lengths)
+    f.write_bytes(b"jobs:\n  - adapter: caf\xe9\n")
+    with pytest.raises(ValueError, match=r"jobs file .*jobs.json' is not valid UTF-8"):
+        load_jobs(f)

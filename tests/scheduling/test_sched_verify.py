@@ -116,8 +116,13 @@ def test_dependency_gap_too_small():
 
 
 def test_optimizer_steps():
-    assert kinds(sched(valid_mbs(), steps={"a": [1, 2], "b": [1]})) == []  # after b's microbatch: still legal
+    # a/g1 starts at microbatch 2 with 2 stages: stage 0 runs F0 F1 B0 F2 B1, so a's step may follow microbatch 0
+    # only; after microbatch 1 it would land after F2, which ran on the stale weights
+    assert kinds(sched(valid_mbs(), steps={"a": [1, 2], "b": [1]})) == ["optimizer_step"]
     assert kinds(sched(valid_mbs(), steps={"a": [2, 2], "b": [1]})) == ["optimizer_step"]  # at g1's first
+    three = [valid_mbs()[0], valid_mbs()[1], NOOP, valid_mbs()[2]]  # a/g1 now starts at 3: after 1 is legal
+    assert kinds(sched(three, steps={"a": [1, 3], "b": [1]})) == []
+    assert kinds(sched(three, steps={"a": [2, 3], "b": [1]})) == ["optimizer_step"]
     assert kinds(sched(valid_mbs(), steps={"a": [0], "b": [1]})) == ["optimizer_step"]  # missing one
     assert kinds(sched(valid_mbs(), steps={"b": [1]})) == ["optimizer_step"]
     assert kinds(sched(valid_mbs(), steps={"a": [0, 2], "b": [0]})) == ["optimizer_step"]  # before b's end
@@ -140,6 +145,21 @@ def test_sample_of_unsplittable_job_must_appear_once_whole():
     assert kinds(sched(mbs, steps={"a": [1, 5], "b": [3]})) == ["coverage"]
     assert any("appear more than once" in v.message for v in verify(sched(mbs, steps={"a": [1, 5], "b": [3]}),
                                                                      JOBS, PARAMS))
+
+
+def test_split_job_may_cut_only_samples_longer_than_a_microbatch():
+    job = Job("c", (1500, 500), 2, allow_split=True)
+    p = PlanParams(capacity=1024, pad_multiple=128, stages=2)
+    fits_cut = [Microbatch((Segment("c", 0, (0, 1), (1000, 24), 1024),)),  # sample 1 (500 tokens) fits: not cut
+                Microbatch((Segment("c", 0, (0, 1), (500, 476), 1024),))]
+    v = verify(Schedule(fits_cut, optimizer_steps_for(fits_cut), 1024, 128, 2), [job], p)
+    assert [x.kind for x in v] == ["coverage"] and "samples [1]" in v[0].message and "must not be cut" in v[0].message
+    whole = [Microbatch((Segment("c", 0, (0,), (1024,), 1024),)), Microbatch((Segment("c", 0, (0, 1), (476, 500),
+                                                                                       1024),))]
+    assert verify(Schedule(whole, optimizer_steps_for(whole), 1024, 128, 2), [job], p) == []
+    repeated = [whole[0], Microbatch((Segment("c", 0, (0, 0, 1), (200, 276, 500), 1024),))]
+    v = verify(Schedule(repeated, optimizer_steps_for(repeated), 1024, 128, 2), [job], p)
+    assert [x.kind for x in v] == ["coverage"] and "lists samples [0] more than once" in v[0].message
 
 
 def test_split_piece_longer_than_a_microbatch_is_caught():
@@ -167,3 +187,25 @@ def test_malformed_schedule_json_is_a_clear_error():
         Schedule.from_dict(d)
     with pytest.raises(ValueError, match="schedule format must be"):
         Schedule.from_dict([1, 2])
+
+
+@pytest.mark.parametrize("path, value", [
+    (("microbatches", 0, "segments", 0, "samples"), [0.9, 1.9]),
+    (("microbatches", 0, "segments", 0, "padded_tokens"), float("inf")),
+    (("microbatches", 0, "segments", 0, "global_batch"), True),
+    (("microbatches", 0, "segments", 0, "adapter"), 5),
+    (("capacity",), 1024.5),
+    (("optimizer_steps", "b"), "1"),
+    (("microbatches",), {"0": {}}),
+])
+def test_schedule_json_with_wrong_types_is_refused_not_rounded(path, value):
+    import json
+
+    d = json.loads(sched(valid_mbs()).to_json())
+    target = d
+    for k in path[:-1]:
+        target = target[k]
+    target[path[-1]] = value
+    with pytest.raises(ValueError, match="schedule JSON is malformed"):
+        Schedule.from_json(json.dumps(d))
+    assert Schedule.from_json(sched(valid_mbs()).to_json()).to_json() == sched(valid_mbs()).to_json()
