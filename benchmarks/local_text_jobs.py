@@ -104,7 +104,7 @@ def main() -> int:
                 f.write(json.dumps({"text": t}) + "\n")
         jobs.append({"adapter": name, "dataset": path.name, "tokenizer": str(tok_dir), "text_field": "text",
                      "global_batch_size": BATCH, "epochs": 1, "allow_split": True})
-        lengths = sorted(len(t) + 1 for t in picked)  # + the BOS token
+        lengths = sorted(len(t) + 2 for t in picked)  # + the BOS token and the EOS training appends
         print(f"{name:<16} {len(texts):>6} texts, {need} drawn; tokens median {lengths[len(lengths) // 2]}, "
               f"max {lengths[-1]}")
     doc = {"capacity": args.capacity, "pad_multiple": 128, "stages": 4, "seed": args.seed, "jobs": jobs}

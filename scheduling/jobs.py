@@ -240,6 +240,7 @@ def jsonl_lengths(path: str | Path, *, text_field: str = "text", length_field: s
         try:
             tok = AutoTokenizer.from_pretrained(tokenizer)
             check_eos(tok)
+            tok.model_max_length = 2**62  # whole samples are counted (the trainer cuts them itself): no warning
         except Exception as e:  # a missing folder, no hub access, a broken tokenizer file, no EOS token
             raise ValueError(f"{where}: cannot load tokenizer {tokenizer!r}: {type(e).__name__}: {e}") from e
     out = []
