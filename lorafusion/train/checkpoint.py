@@ -120,22 +120,46 @@ def commit(output_dir: str, step: int, keep: int) -> str:
     _atomic_write_text(os.path.join(checkpoints_dir(output_dir), "latest"), os.path.basename(final) + "\n")
     names = sorted(d for d in os.listdir(checkpoints_dir(output_dir))
                    if d.startswith("step-") and not d.endswith(".tmp"))
-    for old in names[:-keep]:
+    older = [n for n in names if n != os.path.basename(final)]  # the checkpoint just written is always kept
+    for old in older[:max(0, len(names) - keep)]:
         shutil.rmtree(os.path.join(checkpoints_dir(output_dir), old), ignore_errors=True)
     return final
 
 
+def complete_checkpoints(output_dir: str) -> list[str]:
+    """Names of the complete checkpoint folders (``COMPLETE`` written), oldest first."""
+    d = checkpoints_dir(output_dir)
+    if not os.path.isdir(d):
+        return []
+    return sorted(n for n in os.listdir(d) if n.startswith("step-") and not n.endswith(".tmp")
+                  and os.path.isfile(os.path.join(d, n, "COMPLETE")))
+
+
+def _recovery_hint(output_dir: str, bad: str) -> str:
+    others = [n for n in complete_checkpoints(output_dir) if n != os.path.basename(bad)]
+    if not others:
+        return "no other complete checkpoint is left"
+    return (f"complete earlier checkpoints: {', '.join(others)}; to resume from one, write its name into "
+            f"{os.path.join(checkpoints_dir(output_dir), 'latest')}")
+
+
 def latest(output_dir: str) -> str | None:
-    """The newest complete checkpoint folder, or None when there is none."""
+    """The checkpoint folder ``latest`` names, or None when there is none. Without the pointer (deleted or lost),
+    the newest complete checkpoint folder, with a warning: finished checkpoints are never ignored."""
     d = checkpoints_dir(output_dir)
     pointer = os.path.join(d, "latest")
     if not os.path.isfile(pointer):
-        return None
+        found = complete_checkpoints(output_dir)
+        if not found:
+            return None
+        logger.warning("%s is missing; using the newest complete checkpoint, %s", pointer, found[-1])
+        return os.path.join(d, found[-1])
     with open(pointer) as fh:
         name = fh.read().strip()
     path = os.path.join(d, name)
-    if not os.path.isfile(os.path.join(path, "COMPLETE")):
-        raise CheckpointError(f"checkpoint {path} named by {pointer} is missing or incomplete")
+    if not name or not os.path.isfile(os.path.join(path, "COMPLETE")):
+        raise CheckpointError(f"checkpoint {path} named by {pointer} is missing or incomplete; "
+                              f"{_recovery_hint(output_dir, path)}")
     return path
 
 
@@ -166,5 +190,6 @@ def load(path: str, model, optimizer, scheduler, rank: int, load_optimizer: bool
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file means a corrupt checkpoint
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {type(exc).__name__}: {exc}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {type(exc).__name__}: {exc}; "
+                              f"{_recovery_hint(os.path.dirname(os.path.dirname(path)), path)}") from None
     return state

@@ -6,6 +6,8 @@ key (``lora.r``, ``batch.global_batch_size``). ``--section.key value`` overrides
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -163,6 +165,34 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+class CliValue:
+    """A ``--section.key value`` override: the YAML scalar it parses to, and its text, which a key of type str takes
+    as typed (``--train.output_dir 2024`` is the folder "2024", not the integer)."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.value = yaml.safe_load(text) if text != "" else ""
+
+    def __repr__(self):
+        return repr(self.value)
+
+    def __eq__(self, other):  # compares as the scalar it parses to
+        return self.value == (other.value if isinstance(other, CliValue) else other)
+
+    __hash__ = None
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + (" or null" if type(None) in typing.get_args(tp) else "")
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _accepts(tp: Any, kind: type) -> bool:
+    return tp is kind or (typing.get_origin(tp) is Union and kind in typing.get_args(tp))
+
+
 def _build(cls, data: Any, prefix: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} ({data!r})")
@@ -176,30 +206,31 @@ def _build(cls, data: Any, prefix: str):
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
+        if isinstance(value, CliValue):
+            value = value.text if _accepts(tp, str) and not isinstance(value.value, (dict, list)) \
+                and value.value is not None else value.value
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value if value is not None else {}, key)
             continue
-        if isinstance(value, str) and _accepts_float(tp):
-            # YAML 1.1 reads 3e-4 (no dot) as a string; take any string Python reads as a finite float
+        if isinstance(value, str) and _accepts(tp, float):
+            # YAML 1.1 reads 3e-4 (no dot) as a string; take any string Python reads as a finite float (an integer
+            # key stays an integer key)
             parsed = _float_or_none(value)
-            if parsed is not None:
+            if parsed is not None and _accepts(tp, float):
                 value = parsed
         if not _type_ok(value, tp):
-            want = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-            raise ConfigError(f"{key}: expected {want}, got {type(value).__name__} ({value!r})")
-        if tp is float and isinstance(value, int):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} ({value!r})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        if isinstance(value, list) and any(isinstance(x, float) and not math.isfinite(x) for x in value):
+            raise ConfigError(f"{key}: must hold finite numbers, got {value!r}")
+        if _accepts(tp, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         kwargs[name] = value
     return cls(**kwargs)
 
 
-def _accepts_float(tp: Any) -> bool:
-    return tp is float or (typing.get_origin(tp) is Union and float in typing.get_args(tp))
-
-
 def _float_or_none(text: str) -> Optional[float]:
-    import math
-
     try:
         v = float(text)
     except ValueError:
@@ -322,8 +353,16 @@ def validate(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         _fail("train.max_new_tokens", t.max_new_tokens, "must be at least 1")
     if t.distributed not in ("auto", "none", "ddp", "deepspeed"):
         _fail("train.distributed", t.distributed, "must be auto, none, ddp or deepspeed")
-    if t.deepspeed_config is not None and not os.path.isfile(t.deepspeed_config):
-        _fail("train.deepspeed_config", t.deepspeed_config, "file not found")
+    if t.deepspeed_config is not None:
+        if not os.path.isfile(t.deepspeed_config):
+            _fail("train.deepspeed_config", t.deepspeed_config, "file not found")
+        try:
+            with open(t.deepspeed_config, encoding="utf-8-sig") as fh:
+                ds_doc = json.load(fh)
+        except (ValueError, OSError) as exc:
+            _fail("train.deepspeed_config", t.deepspeed_config, f"is not a readable JSON file ({exc})")
+        if not isinstance(ds_doc, dict):
+            _fail("train.deepspeed_config", t.deepspeed_config, "must hold a JSON object")
     if not 0 <= t.seed < 2**32:
         _fail("train.seed", t.seed, "must be in [0, 2**32)")
     from lorafusion.backends import BACKENDS
@@ -357,7 +396,10 @@ def parse_overrides(pairs: list[str]) -> dict:
             raw = pairs[i + 1]
             i += 2
         key = key.replace("-", "_")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = CliValue(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override --{key}: value {raw!r} is not a YAML scalar ({exc})") from None
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -378,17 +420,34 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found the key {key!r} twice (first {seen[key]})",
+                    key_node.start_mark)
+            seen[key] = str(key_node.start_mark).strip()
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, world_size: int = 1) -> RunConfig:
     """Defaults <- YAML file <- overrides, then type and value checks."""
     data: dict = {}
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
-        with open(path) as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             try:
-                loaded = yaml.safe_load(fh)
+                loaded = yaml.load(fh, Loader=_UniqueKeyLoader)
             except yaml.YAMLError as exc:
                 raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"config file {path} is not valid UTF-8: {exc}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

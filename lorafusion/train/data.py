@@ -49,7 +49,7 @@ def read_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int
     with open(path, "rb") as fh:  # decoded line by line, so a bad byte is one bad line, not a crash
         for lineno, raw in enumerate(fh, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is skipped
             except UnicodeDecodeError as exc:
                 problem = f"not valid UTF-8 (byte {raw[exc.start]:#04x} at byte {exc.start + 1})"
             else:

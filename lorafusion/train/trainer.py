@@ -86,6 +86,11 @@ def _target_modules(model, spec):
             names = sorted({n.split(".")[-1] for n in linear})
             raise ConfigError(f"lora.target_modules: {missing or spec} match no Linear layer of the model "
                               f"(its Linear layers: {', '.join(names)})")
+        other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+                 if n and not isinstance(m, torch.nn.Linear) and any(matches(n, s) for s in spec)]
+        if other:
+            raise ConfigError(f"lora.target_modules: {spec} also name modules that are not Linear layers "
+                              f"({', '.join(other[:4])}{', ...' if len(other) > 4 else ''})")
         return spec
     try:
         rx = re.compile(spec)
@@ -93,6 +98,11 @@ def _target_modules(model, spec):
         raise ConfigError(f"lora.target_modules: {spec!r} is neither all-linear nor a valid regex ({exc})") from None
     if not any(rx.fullmatch(n) for n in linear):
         raise ConfigError(f"lora.target_modules: regex {spec!r} matches no Linear layer of the model")
+    other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+             if n and rx.fullmatch(n) and not isinstance(m, torch.nn.Linear)]
+    if other:
+        raise ConfigError(f"lora.target_modules: regex {spec!r} also matches modules that are not Linear layers "
+                          f"({', '.join(other[:4])}{', ...' if len(other) > 4 else ''}); narrow it to Linear layers")
     return spec
 
 
@@ -368,6 +378,58 @@ def _completed_summary(out: str, latest: str, total_steps: int) -> dict | None:
     return None
 
 
+def _hyperparameters(optimizer, scheduler) -> tuple[list[dict], list[float]]:
+    """The optimizer's per-group settings (all but the parameters and the scheduled lr) and the scheduler's base
+    learning rates, as this run's config built them."""
+    groups = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+              for g in optimizer.param_groups]
+    return groups, list(scheduler.base_lrs)
+
+
+def _apply_hyperparameters(optimizer, scheduler, fresh) -> None:
+    """After a resume: the checkpoint brought the optimizer's moments and the scheduler's step, and with them its
+    run's settings (lr, weight decay, betas, eps, GaLore scale / update gap); this config's settings replace them,
+    and the lr is recomputed for the restored step under this config's schedule."""
+    groups, base_lrs = fresh
+    for g, settings in zip(optimizer.param_groups, groups):
+        g.update(settings)
+    scheduler.base_lrs = list(base_lrs)
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(base_lrs, scheduler.lr_lambdas)]
+    for g, base, lr in zip(optimizer.param_groups, base_lrs, lrs):
+        g["initial_lr"], g["lr"] = base, lr
+    scheduler._last_lr = lrs
+
+
+def _data_fingerprint(train, evals) -> str:
+    """A digest of the tokenized train and eval samples in order: what a resumed run must train and evaluate on."""
+    import hashlib
+    from array import array
+
+    h = hashlib.sha256()
+    for part in (train, evals):
+        for smp in part:
+            h.update(array("q", smp.input_ids).tobytes())
+            h.update(array("q", smp.labels).tobytes())
+            h.update(b";")
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def _check_resume_data(latest: str, fingerprint: str, stats: dict) -> None:
+    """Refuse ``--resume`` when the data differs from the run's: the data order and the eval split would change,
+    and records already trained on could land in the eval set."""
+    try:
+        with open(os.path.join(latest, "trainer_state.json")) as fh:
+            saved = json.load(fh).get("data_fingerprint")
+    except (OSError, ValueError):
+        return  # unreadable state: ckpt.load reports it
+    if saved is not None and saved != fingerprint:
+        raise ConfigError(f"--resume: the training data ({stats['train_path']}: {stats['train_samples']} train / "
+                          f"{stats['eval_samples']} eval samples now) differs from the data the run in {latest} "
+                          "trained on; resume with the run's data (and data settings), or start a new "
+                          "train.output_dir")
+
+
 def run_training(cfg: RunConfig, resume: bool = False) -> dict:
     """Train, checkpoint, evaluate and save the adapter; returns the summary dict (every rank)."""
     ds = dist_utils.setup(cfg.train.distributed, cfg.train.device)
@@ -407,11 +469,9 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
                          "choose another output folder")
     if latest is not None:
         _check_resume_config(cfg, os.path.join(out, "config.yaml"))
-    if ds.is_main:
-        if latest is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
-            # a run killed before its first checkpoint: it starts again from step 0, so its lines go
-            os.remove(os.path.join(out, "metrics.jsonl"))
-        save_config(cfg, os.path.join(out, "config.yaml"))
+    if t.deepspeed_config is not None and ds.kind != "deepspeed":
+        logger.warning("train.deepspeed_config %s is not used: this run is not under the deepspeed launcher "
+                       "(train.distributed=%s)", t.deepspeed_config, ds.kind)
 
     model_path = resolve_model_path(cfg.model.name_or_path, ds)
     tokenizer, base = load_base(model_path, cfg, ds.device)
@@ -425,6 +485,14 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
     if done is not None:
         logger.info("--resume: %s already completed its %d steps; nothing to do (summary.json kept)", out, total_steps)
         return done
+    fingerprint = _data_fingerprint(train, evals)
+    if latest is not None:
+        _check_resume_data(latest, fingerprint, stats)
+    if ds.is_main:  # written once the run will train: a refused or finished --resume leaves the run's own config
+        if latest is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
+            # a run killed before its first checkpoint: it starts again from step 0, so its lines go
+            os.remove(os.path.join(out, "metrics.jsonl"))
+        save_config(cfg, os.path.join(out, "config.yaml"))
     model, fused_info = build_adapter(base, cfg)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
@@ -453,10 +521,12 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
 
     step, history, metric_before, eval_before = 0, [], None, None
     if latest is not None:
+        fresh = _hyperparameters(optimizer, scheduler)  # this config's: the checkpoint's must not override them
         state = ckpt.load(latest, peft_model, optimizer, scheduler, ds.rank, load_optimizer=engine is None)
         if engine is not None:
             engine.load_checkpoint(os.path.join(latest, "deepspeed"), tag="state", load_module_strict=False,
                                    load_lr_scheduler_states=False)
+        _apply_hyperparameters(optimizer, scheduler, fresh)
         step = state["step"]
         metric_before, eval_before = state.get("eval_exact_match_before"), state.get("eval_loss_before")
         logger.info("resumed from %s at step %d", latest, step)
@@ -504,7 +574,8 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
         if ds.is_main:
             ckpt.write_main_files(tmp, peft_model, optimizer, scheduler,
                                   {"step": at, "total_steps": total_steps, "world_size": ds.world_size,
-                                   "eval_exact_match_before": metric_before, "eval_loss_before": eval_before},
+                                   "eval_exact_match_before": metric_before, "eval_loss_before": eval_before,
+                                   "data_fingerprint": fingerprint},
                                   write_optimizer=engine is None)
         dist_utils.barrier(ds)
         if ds.is_main:

@@ -158,3 +158,42 @@ def test_output_dir_that_is_a_file(tmp_path):
     f.write_text("x")
     with pytest.raises(ConfigError, match="train.output_dir: is a file, not a folder"):
         _load(tmp_path, overrides={"train": {"output_dir": str(f)}})
+
+
+@pytest.mark.parametrize("override, key", [
+    (["--lora.alpha", ".nan"], "lora.alpha"), (["--lora.alpha", ".inf"], "lora.alpha"),
+    (["--optimizer.max_grad_norm", ".nan"], "optimizer.max_grad_norm"),
+    (["--train.max_steps", "null", "--train.epochs", ".nan"], "train.epochs"),
+    (["--optimizer.betas", "[0.9, .nan]"], "optimizer.betas"),
+])
+def test_non_finite_numbers_are_refused(tmp_path, override, key):
+    with pytest.raises(ConfigError, match=rf"{key}: must (be a finite number|hold finite numbers)"):
+        _load(tmp_path, overrides=parse_overrides(override))
+
+
+def test_a_key_given_twice_in_the_file_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="found the key 'lora' twice"):
+        _load(tmp_path, "lora:\n  r: 4\n  alpha: 8\ntrain:\n  max_steps: 3\nlora:\n  dropout: 0.1\n")
+    with pytest.raises(ConfigError, match="found the key 'max_steps' twice"):
+        _load(tmp_path, "train:\n  max_steps: 3\n  max_steps: 5\n")
+
+
+def test_cli_text_for_a_string_key_is_taken_as_typed(tmp_path, monkeypatch):
+    cfg = _load(tmp_path, overrides=parse_overrides(["--train.output_dir", str(tmp_path / "2024"),
+                                                     "--model.name_or_path", "builtin:tiny-llama"]))
+    assert cfg.train.output_dir == str(tmp_path / "2024")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, parse_overrides(["--train.output_dir", "2024", "--lora.backend", "null"]))
+    assert cfg.train.output_dir == "2024" and cfg.lora.backend is None
+    with pytest.raises(ConfigError, match=r"train.max_steps: expected int or null, got float \(1.5\)"):
+        load_config(None, parse_overrides(["--train.max_steps", "1.5"]))
+
+
+def test_deepspeed_config_must_be_json(tmp_path):
+    bad = tmp_path / "ds.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="train.deepspeed_config: is not a readable JSON file"):
+        _load(tmp_path, overrides={"train": {"deepspeed_config": str(bad)}})
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="train.deepspeed_config: must hold a JSON object"):
+        _load(tmp_path, overrides={"train": {"deepspeed_config": str(bad)}})

@@ -135,3 +135,10 @@ def test_step_batches_split_a_step_between_ranks():
         assert sum(mb1, []) == sum(mb2[0], []) + sum(mb2[1], []) == idx
         assert all(len(m) == 2 for m in mb1)
     assert len(set(one.global_indices(0) + one.global_indices(1))) == 16
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "AB=", "completion": "ab"}\n{"text": "cd"}\n')
+    recs, skipped = read_jsonl(str(path))
+    assert recs == [{"prompt": "AB=", "completion": "ab"}, {"text": "cd"}] and skipped == 0

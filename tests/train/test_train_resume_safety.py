@@ -1,0 +1,121 @@
+"""What a resumed run takes from its checkpoint and what from the new config; checkpoints found without the
+``latest`` pointer; data that changed under a run; the recovery hint for a corrupt checkpoint."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from lorafusion.cli import main
+
+os.environ.setdefault("LORAFUSION_NO_PROGRESS", "1")
+
+BASE = ["train", "--train.eval_every", "0", "--train.generate_eval", "false", "--data.max_eval_samples", "8",
+        "--batch.global_batch_size", "8", "--batch.micro_batch_size", "8", "--train.num_threads", "1",
+        "--lora.r", "4", "--train.plot", "false"]
+
+
+def _args(out, *extra):
+    return BASE + ["--train.output_dir", str(out), *extra]
+
+
+def _lrs(out):
+    return {json.loads(x)["step"]: json.loads(x)["lr"] for x in (out / "metrics.jsonl").read_text().splitlines()
+            if "lr" in json.loads(x)}
+
+
+def test_resume_trains_with_the_new_configs_lr_and_weight_decay(tmp_path):
+    """lr, schedule and weight decay may change on resume: the steps after it use the new values (the checkpoint's
+    optimizer state brought its run's settings with it, which used to win silently)."""
+    out = tmp_path / "run"
+    sched = ["--optimizer.schedule", "constant", "--optimizer.warmup_steps", "0", "--train.save_every", "2"]
+    assert main(_args(out, *sched, "--train.max_steps", "2", "--optimizer.lr", "0.003")) == 0
+    assert main(_args(out, *sched, "--train.max_steps", "4", "--optimizer.lr", "0.0001", "--optimizer.weight_decay",
+                      "0.5", "--resume")) == 0
+    lrs = _lrs(out)
+    assert lrs[1] == lrs[2] == pytest.approx(0.003) and lrs[3] == lrs[4] == pytest.approx(0.0001)
+    saved = torch.load(out / "checkpoints" / "step-0000004" / "optimizer.pt", weights_only=True)
+    assert all(g["weight_decay"] == 0.5 and g["lr"] == pytest.approx(0.0001) for g in saved["param_groups"])
+    # a cosine schedule over a longer run: the steps after the resume get the lr of a run that used the new
+    # config throughout
+    common = ["--optimizer.schedule", "cosine", "--optimizer.warmup_steps", "1", "--train.save_every", "2"]
+    cos, through = tmp_path / "cos", tmp_path / "through"
+    assert main(_args(cos, *common, "--train.max_steps", "2", "--optimizer.lr", "0.002")) == 0
+    assert main(_args(cos, *common, "--train.max_steps", "6", "--optimizer.lr", "0.004", "--resume")) == 0
+    assert main(_args(through, *common, "--train.max_steps", "6", "--optimizer.lr", "0.004")) == 0
+    got, want = _lrs(cos), _lrs(through)
+    assert [got[s] for s in (3, 4, 5, 6)] == pytest.approx([want[s] for s in (3, 4, 5, 6)])
+    assert got[2] != pytest.approx(want[2])  # the steps before the resume ran under the old lr
+
+
+def test_resume_on_a_finished_run_keeps_its_config(tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(out, "--train.max_steps", "2", "--train.save_every", "2")) == 0
+    before = (out / "config.yaml").read_text()
+    assert main(_args(out, "--train.max_steps", "2", "--train.save_every", "2", "--optimizer.lr", "0.1",
+                      "--resume")) == 0
+    assert (out / "config.yaml").read_text() == before
+
+
+def test_checkpoints_without_the_latest_pointer_are_found_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(out, "--train.max_steps", "4", "--train.save_every", "2", "--train.keep_checkpoints",
+                      "5")) == 0
+    (out / "checkpoints" / "latest").unlink()
+    # a fresh start in the folder is refused: it holds finished checkpoints
+    assert main(_args(out, "--train.max_steps", "2")) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-0000002", "step-0000004"]
+    # --resume continues from the newest complete one
+    assert main(_args(out, "--train.max_steps", "6", "--train.save_every", "2", "--train.keep_checkpoints", "5",
+                      "--resume")) == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-0000006"
+
+
+def test_corrupt_latest_checkpoint_names_the_intact_earlier_ones(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(out, "--train.max_steps", "4", "--train.save_every", "2", "--train.keep_checkpoints",
+                      "2")) == 0
+    (out / "checkpoints" / "step-0000004" / "adapter.safetensors").write_bytes(b"x" * 100)
+    assert main(_args(out, "--train.max_steps", "6", "--train.save_every", "2", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "corrupt or unreadable" in err and "complete earlier checkpoints: step-0000002" in err
+    (out / "checkpoints" / "latest").write_text("step-0000002\n")  # what the hint says to do
+    assert main(_args(out, "--train.max_steps", "6", "--train.save_every", "2", "--resume")) == 0
+
+
+def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
+    from lorafusion.train import checkpoint as ckpt
+
+    d = tmp_path / "checkpoints"
+    for step in (8, 9):  # a higher-numbered leftover
+        (d / f"step-{step:07d}").mkdir(parents=True)
+        (d / f"step-{step:07d}" / "COMPLETE").write_text("ok\n")
+    ckpt.begin(str(tmp_path), 3)
+    ckpt.commit(str(tmp_path), 3, keep=2)
+    assert sorted(os.listdir(d)) == ["latest", "step-0000003", "step-0000009"]
+
+
+def test_resume_with_changed_data_is_refused(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    recs = [{"prompt": w.upper() + "=", "completion": w} for w in ("abc", "defg", "hi", "jkl", "mnop", "qr") * 4]
+    data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    out = tmp_path / "run"
+    extra = ["--data.train", str(data), "--data.eval_fraction", "0.25", "--train.save_every", "1"]
+    assert main(_args(out, *extra, "--train.max_steps", "1")) == 0
+    with data.open("a") as fh:
+        fh.write(json.dumps({"prompt": "XYZ=", "completion": "xyz"}) + "\n")
+    assert main(_args(out, *extra, "--train.max_steps", "2", "--resume")) == 2
+    assert "differs from the data the run" in capsys.readouterr().err
+    data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")  # the run's data again: resumes
+    assert main(_args(out, *extra, "--train.max_steps", "2", "--resume")) == 0
+
+
+def test_regex_target_that_also_matches_other_modules_is_a_config_error(tmp_path, capsys):
+    assert main(_args(tmp_path / "r", "--train.max_steps", "1", "--lora.target_modules", r".*layers\.1\..*")) == 2
+    err = capsys.readouterr().err
+    assert "config error" in err and "not Linear layers" in err and "LlamaAttention" in err
