@@ -47,6 +47,9 @@ class GaLoreAdafactor(GaLoreOptimizer):
             raise ValueError(f"{where}lr=None needs relative_step=True")
         if group["warmup_init"] and not relative:
             raise ValueError(f"{where}warmup_init=True requires relative_step=True")
+        for flag in ("scale_parameter", "relative_step", "warmup_init"):
+            if not isinstance(group[flag], bool):
+                raise TypeError(f"{where}{flag} must be True or False, got {group[flag]!r}")
         if lr is not None:
             _check_number("lr", lr, low=0.0)
         eps = group["eps"]
@@ -55,7 +58,8 @@ class GaLoreAdafactor(GaLoreOptimizer):
         _check_number("eps[0]", eps[0], low=0.0)
         _check_number("eps[1]", eps[1], low=0.0)
         _check_number("clip_threshold", group["clip_threshold"], low=0.0, low_inclusive=False)
-        _check_number("decay_rate", group["decay_rate"])
+        # the second-moment decay 1 - t^decay_rate must not fall below 0 as t grows: decay_rate <= 0 (default -0.8)
+        _check_number("decay_rate", group["decay_rate"], high=0.0, high_inclusive=True)
         if group["beta1"] is not None:
             _check_number("beta1", group["beta1"], low=0.0, high=1.0)
         _check_number("weight_decay", group["weight_decay"], low=0.0)

@@ -43,6 +43,18 @@ class GaLoreAdamW8bit(GaLoreOptimizer):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_min_8bit_size"] = self._min_8bit_size  # torch keeps only defaults, state and param_groups
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if "_min_8bit_size" in state:  # copy.deepcopy / pickle (load_state_dict passes no such key)
+            self._min_8bit_size = state.pop("_min_8bit_size")
+        if not hasattr(self, "_qmaps"):
+            self._qmaps = {}
+        super().__setstate__(state)
+
     def _validate_hyperparameters(self, group: dict) -> None:
         check_adam_group(group)
 

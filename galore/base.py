@@ -10,9 +10,11 @@ projected parameters, plus the subclass' moments.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import numbers
+import weakref
 from typing import Callable
 
 import torch
@@ -31,6 +33,27 @@ from .projector import (
 logger = logging.getLogger(__name__)
 
 GALORE_GROUP_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+
+# id(parameter) -> (weak ref to it, weak ref to the layer-wise optimizer stepping it from its gradient hook): two live
+# ones would both step it. Kept beside the parameter, not on it, so models still pickle.
+_LAYERWISE_OWNERS: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _layerwise_owner(p: torch.Tensor):
+    entry = _LAYERWISE_OWNERS.get(id(p))
+    if entry is None or entry[0]() is not p:
+        return None
+    return entry[1]()
+
+
+def _layerwise_hook_of(ref: weakref.ref):
+    """The hook a layer-wise optimizer registers: it holds the optimizer weakly, so an optimizer that is dropped
+    (replaced, rebuilt to load a checkpoint) stops stepping the parameters; its hooks become no-ops."""
+    def hook(p: torch.Tensor) -> None:
+        opt = ref()
+        if opt is not None and opt._layerwise is not None:
+            opt._layerwise_hook(p)
+    return hook
 
 
 def _check_number(name: str, value, *, low=None, low_inclusive=True, high=None, high_inclusive=False):
@@ -108,18 +131,29 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         gi = len(self.param_groups) - 1
-        self._name_params(group, gi)
-        self._validate_hyperparameters(group)
+        try:
+            self._name_params(group, gi)
+            try:
+                self._validate_hyperparameters(group)
+            except (TypeError, ValueError) as err:
+                if str(err).startswith("param group"):
+                    raise
+                raise type(err)(f"param group {gi}: {err}") from None
+            if group.get("rank") is not None:
+                if not self._allows_projection:
+                    raise ValueError(
+                        f"{type(self).__name__} does not project; param group {gi} has rank={group['rank']!r} "
+                        "(use the GaLore variant)"
+                    )
+                self._validate_projected_group(group, gi)
+        except BaseException:  # a refused group is not kept: a later step() must not train with it
+            self.param_groups.pop()
+            for q in group["params"]:
+                self._param_names.pop(q, None)
+            raise
         if self._layerwise is not None:  # a group added in layer-wise mode steps from its hooks like the others
             for p in group["params"]:
                 self._layerwise_hook_param(p)
-        if group.get("rank") is not None:
-            if not self._allows_projection:
-                raise ValueError(
-                    f"{type(self).__name__} does not project; param group {gi} has rank={group['rank']!r} "
-                    "(use the GaLore variant)"
-                )
-            self._validate_projected_group(group, gi)
 
     def _validate_hyperparameters(self, group: dict) -> None:
         """Subclasses check their own hyperparameters (lr, betas, ...) here."""
@@ -219,6 +253,13 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from state_dict())")
         saved_state = state_dict["state"]
         saved_groups = state_dict["param_groups"]
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            names, here = saved.get("param_names"), group.get("param_names")
+            if names is not None and here is not None and list(names) != list(here):
+                bad = next((a, b) for a, b in itertools.zip_longest(names, here) if a != b)
+                raise ValueError(f"state_dict param group {gi} lists parameters {list(names)[:4]}... in another "
+                                 f"order or set than this optimizer ({here[:4]}...): its state for {bad[0]!r} would "
+                                 f"land on {bad[1]!r}; build the optimizer with the same named parameters")
         super().load_state_dict(state_dict)
         index_to_param = {}
         for saved, group in zip(saved_groups, self.param_groups):
@@ -263,6 +304,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if not isinstance(distributed, bool):
             raise TypeError(f"distributed must be a bool or None, got {distributed!r}")
+        if distributed and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed=True needs an initialised torch.distributed process group "
+                             "(init_process_group first), or pass distributed=False")
         self.disable_layerwise()
         self._layerwise = {
             "accumulation_steps": accumulation_steps,
@@ -292,8 +336,10 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if self._layerwise is None:
             return
         self._layerwise_flush()
-        for handle in self._layerwise["handles"].values():
+        for p, handle in self._layerwise["handles"].items():
             handle.remove()
+            if _layerwise_owner(p) is self:
+                del _LAYERWISE_OWNERS[id(p)]
         self._layerwise = None
 
     def _layerwise_hook_param(self, p: torch.Tensor) -> None:
@@ -301,7 +347,14 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         ``step()`` finds its gradient and hooks it from then on)."""
         lw = self._layerwise
         if p.requires_grad and p not in lw["handles"]:
-            lw["handles"][p] = p.register_post_accumulate_grad_hook(self._layerwise_hook)
+            other = _layerwise_owner(p)
+            if other is not None and other is not self and other._layerwise is not None \
+                    and p in other._layerwise["handles"]:
+                raise ValueError(f"parameter {self._param_names.get(p, tuple(p.shape))} is already stepped by another "
+                                 f"live layer-wise optimizer ({type(other).__name__}); call its disable_layerwise() "
+                                 "or drop it first")
+            lw["handles"][p] = p.register_post_accumulate_grad_hook(_layerwise_hook_of(weakref.ref(self)))
+            _LAYERWISE_OWNERS[id(p)] = (weakref.ref(p), weakref.ref(self))
 
     def _group_of(self, p: torch.Tensor) -> dict:
         """``p``'s param group as it is now: ``load_state_dict`` replaces the group dicts (the loaded lr, a
@@ -325,6 +378,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         lw = self._layerwise
         if p.grad is None:
             return
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({self._param_names[p]})")
         group = self._group_of(p)
         state = self.state[p]
         if "step" not in state:
@@ -369,12 +424,15 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def _layerwise_flush(self) -> None:
         lw = self._layerwise
-        todo = [
-            (p, group)
-            for group in self.param_groups
-            for p in group["params"]
-            if p in lw["pending"] or p.grad is not None
-        ]
+        if lw["distributed"] and dist.get_world_size() > 1:
+            todo = self._layerwise_todo_everywhere()
+        else:
+            todo = [
+                (p, group)
+                for group in self.param_groups
+                for p in group["params"]
+                if p in lw["pending"] or p.grad is not None
+            ]
         if not todo:
             return
         for p, _ in todo:  # a parameter unfrozen since enable_layerwise: updated here, and hooked from now on
@@ -388,3 +446,29 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             grads = [g * coef.to(g.dtype) for g in grads]
         for (p, group), g in zip(todo, grads):
             self._layerwise_apply(p, group, g)
+
+    def _layerwise_todo_everywhere(self) -> list:
+        """Under ``distributed``: the parameters any rank has a gradient for, in one order on every rank, each with a
+        zero gradient where this rank has none (a parameter unused here: routing, conditional compute), so the
+        per-parameter all-reduces pair up the same tensors on every rank, as DDP's find_unused_parameters does."""
+        lw = self._layerwise
+        params = [(p, group) for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if not params:
+            return []
+        has = torch.tensor([1.0 if (p in lw["pending"] or p.grad is not None) else 0.0 for p, _ in params],
+                           device=params[0][0].device)
+        dist.all_reduce(has)
+        todo = []
+        for (p, group), n in zip(params, has.tolist()):
+            if n == 0:
+                continue
+            if p not in lw["pending"] and p.grad is None:
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                if self._is_projected(group) and not self._needs_refresh(group, state):
+                    lw["pending"][p] = project(torch.zeros_like(p, dtype=torch.float32), state["basis"], _side(state))
+                else:
+                    p.grad = torch.zeros_like(p)
+            todo.append((p, group))
+        return todo

@@ -41,7 +41,8 @@ def select_projected(model: nn.Module, target_modules, rank: int) -> tuple[list,
     (full match on the module name), or ``None`` (nothing projected). Only a module's ``weight`` with 2+ dims is
     projected; biases, norms and everything else get the plain update.
     """
-    if target_modules is not None and not isinstance(target_modules, (str, list, tuple, set)):
+    if target_modules is not None and (not isinstance(target_modules, (str, list, tuple, set)) or (
+            not isinstance(target_modules, str) and not all(isinstance(t, str) and t for t in target_modules))):
         raise TypeError(f"target_modules must be 'all-linear', a regex, a list of names or None, got {target_modules!r}")
     if isinstance(target_modules, str) and target_modules != "all-linear":
         try:
@@ -113,6 +114,7 @@ def build_optimizer(
     if not isinstance(layerwise, bool):
         raise TypeError(f"layerwise must be a bool, got {layerwise!r}")
     cls, galore = OPTIMIZERS[name]
+    _check_int("accumulation_steps", accumulation_steps, low=1)
     if galore:
         _check_int("rank", rank, low=1)
         projected, plain = select_projected(model, target_modules, rank)
