@@ -65,10 +65,16 @@ def load_adapter(model: MultiLoRAModel, folder: str, name: str, dtype: torch.dty
         cfg = json.load(f)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{folder}: peft_type={cfg.get('peft_type')!r} is not LORA")
-    for key in ("use_dora", "rank_pattern", "alpha_pattern"):
+    for key in ("use_dora", "rank_pattern", "alpha_pattern", "alora_invocation_tokens"):
         if cfg.get(key):
             raise ValueError(f"{folder}: {key}={cfg[key]!r} is not supported by MultiLoRAModel")
-    state = load_file(os.path.join(folder, "adapter_model.safetensors"))
+    weights = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        found = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, f))]
+        raise ValueError(f"{folder}: no adapter_model.safetensors"
+                         + (f" (found {found[0]}: only safetensors is read; re-save it with PEFT's "
+                            "save_pretrained(..., safe_serialization=True))" if found else ""))
+    state = load_file(weights)
     paths = {}
     for key in state:
         if not key.startswith(_PREFIX) or not (key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")):

@@ -65,14 +65,16 @@ class MultiLoRALinear(nn.Module):
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                     dtype: torch.dtype | None = None) -> None:
-        """Add adapter ``name`` (PEFT init: A Kaiming-uniform, B zero). Other adapters are untouched."""
+        """Add adapter ``name`` (PEFT init: A Kaiming-uniform, B zero). Other adapters are untouched. ``dtype``:
+        the base weight's, or float32 over a float16 / bfloat16 base."""
         check_adapter_name(name)
         if name in self.adapter_specs:
             raise ValueError(f"duplicate adapter name {name!r}: this layer already holds it")
         check_lora_args(f"MultiLoRALinear adapter {name!r}", self.in_features, self.out_features, r, alpha, dropout)
         spec = AdapterSpec(r, float(alpha), float(dropout), bool(use_rslora))  # also bounds r by MAX_RANK
         w = self.base.weight
-        dtype = dtype or w.dtype
+        # fp32 adapters over a half-precision base, as PEFT keeps them: bf16 / fp16 adapters lose small updates
+        dtype = dtype or (torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype)
         A = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         B = torch.zeros(self.out_features, r, device=w.device, dtype=dtype)  # both allocated before either is added
@@ -105,7 +107,10 @@ class MultiLoRALinear(nn.Module):
             raise ValueError("MultiLoRALinear: no segment layout; pass segments= or run inside "
                              "MultiLoRAModel.use_segments(...) / use_sequence_adapters(...)")
         if isinstance(seg, SequenceLayouts):  # one adapter per sequence: the layout of this input's shape
-            seg = seg.layout(x.shape).restricted(self.adapter_specs)
+            try:
+                seg = seg.layout(x.shape).restricted(self.adapter_specs)
+            except ValueError as err:
+                raise ValueError(f"MultiLoRALinear(in={self.in_features}, out={self.out_features}): {err}") from None
         if not isinstance(seg, AdapterSegments):
             raise TypeError(f"segments must be an AdapterSegments or SequenceLayouts, got {type(seg).__name__}")
         check_input("MultiLoRALinear", x, self.base.weight)

@@ -72,16 +72,23 @@ class MultiLoRAModel(nn.Module):
         for name, mod in list(model.named_modules()):
             if not isinstance(mod, nn.Linear) or isinstance(mod, MultiLoRALinear):
                 continue
-            if any(name == e or name.endswith("." + e) for e in exclude_modules):
-                continue
             if not _matches(name, target_modules):
+                continue
+            # an excluded module (the output head) is wrapped only when a target names it outright
+            if any(name == e or name.endswith("." + e) for e in exclude_modules) and not (
+                    target_modules != "all-linear" and any(t in exclude_modules for t in target_modules)):
                 continue
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, MultiLoRALinear(mod, backend=backend))
             self.layer_names.append(name)
         if not self.layer_names:
-            raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of the model")
+            other = sorted({type(m).__name__ for n, m in model.named_modules()
+                            if n and not isinstance(m, nn.Linear) and type(m).__name__ in ("Conv1D", "Conv1d", "Embedding")
+                            and _matches(n, target_modules)})
+            raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of the model"
+                             + (f" (it matches {', '.join(other)} modules: only nn.Linear is supported, e.g. GPT-2's "
+                                "transformers Conv1D is not)" if other else ""))
 
     def layers(self) -> dict[str, MultiLoRALinear]:
         return {n: self.model.get_submodule(n) for n in self.layer_names}
@@ -174,8 +181,20 @@ class MultiLoRAModel(nn.Module):
         None for the base model alone), whatever the forward's length: each layer builds the layout of its input's
         shape (``SequenceLayouts``). For ``generate`` and other loops whose forwards change length."""
         layouts = SequenceLayouts(adapter_names, self.adapter_specs)
-        with self._bound([(layer, layouts) for layer in self.layers().values()]):
-            yield
+        get_emb = getattr(self.model, "get_input_embeddings", None)
+        emb = get_emb() if callable(get_emb) else None
+        handle = None
+        if isinstance(emb, nn.Module):  # each forward's batch size, for inputs that are not sequence-first
+            def capture(_module, args, kwargs):
+                ids = args[0] if args else kwargs.get("input")
+                layouts.batch = int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else None
+            handle = emb.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with self._bound([(layer, layouts) for layer in self.layers().values()]):
+                yield
+        finally:
+            if handle is not None:
+                handle.remove()
 
     def _check_registry(self, layouts, what: str, builder: str) -> None:
         if layouts.names != list(self.adapter_specs) or layouts.specs != list(self.adapter_specs.values()):
@@ -215,6 +234,12 @@ class MultiLoRAModel(nn.Module):
         if (segments is None) == (adapter_names is None):
             raise ValueError("pass exactly one of segments= (a row layout from make_segments) and adapter_names= "
                              f"(one adapter per sequence); got segments={segments!r}, adapter_names={adapter_names!r}")
+        if adapter_names is not None:
+            inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+            n = len(adapter_names) if hasattr(adapter_names, "__len__") else None
+            if isinstance(inputs, torch.Tensor) and inputs.dim() >= 2 and n is not None and inputs.shape[0] != n:
+                raise ValueError(f"adapter_names has {n} entries but the input holds {inputs.shape[0]} sequences: "
+                                 "give one adapter (or None) per sequence")
         ctx = self.use_segments(segments) if segments is not None else self.use_sequence_adapters(adapter_names)
         with ctx:
             return fn(*args, **kwargs)

@@ -298,13 +298,18 @@ class SequenceLayouts:
 
     A layer input of shape (n, t, ..., features) holds n sequences of t·... rows each. n must be a multiple m of
     the k sequences given: each sequence then stands m times in a row, as ``transformers`` expands a batch for beam
-    search or several returned sequences. Layouts are built once per (n, rows per sequence) and cached."""
+    search or several returned sequences. When the forward's batch size n is known (``batch``, which
+    ``MultiLoRAModel`` reads off the input embedding), two more input forms are recognised: (t, n, features)
+    (time first, as FSMT's layers see it) and (n·t, features) (flattened rows, sequence by sequence, as OPT's MLP
+    sees it). Not handled: a time-first input whose token count equals the batch size looks sequence-first and is
+    read so (FSMT with as many tokens as sequences). Layouts are built once per form and cached."""
 
     def __init__(self, seq_adapters, adapters: Mapping[str, AdapterSpec] | Sequence[tuple[str, AdapterSpec]]):
         self._seqs = AdapterSegments(seq_adapters, adapters)  # one row per sequence: validates every entry
         if self._seqs.num_rows == 0:
             raise ValueError("seq_adapters is empty: give one adapter (or None) per sequence of the batch")
-        self._by_shape: dict[tuple[int, int], AdapterSegments] = {}
+        self._by_shape: dict[tuple, AdapterSegments] = {}
+        self.batch: int | None = None  # sequences in the current forward, when known
 
     @property
     def names(self) -> list[str]:
@@ -317,17 +322,30 @@ class SequenceLayouts:
     def layout(self, shape) -> AdapterSegments:
         """The layout of a layer input of ``shape`` (sequences first, features last)."""
         shape = tuple(shape)
-        k = self._seqs.num_rows
-        if len(shape) < 3:
-            raise ValueError(f"per-sequence adapters need a (sequences, tokens, ..., features) input, got shape "
-                             f"{shape}")
-        n, per = shape[0], math.prod(shape[1:-1])
+        k, b = self._seqs.num_rows, self.batch
+        time_first = False
+        if len(shape) >= 3 and b is not None and shape[0] != b and shape[1] == b:
+            time_first, n, per = True, b, shape[0]  # (t, n, features): row = time * n + sequence
+            if len(shape) > 3:
+                raise ValueError(f"per-sequence adapters: a time-first input must be (tokens, sequences, features), "
+                                 f"got shape {shape}")
+        elif len(shape) >= 3:
+            n, per = shape[0], math.prod(shape[1:-1])
+        elif len(shape) == 2 and b is not None and shape[0] % b == 0:
+            n, per = b, shape[0] // b  # flattened rows, sequence by sequence
+        else:
+            raise ValueError(f"per-sequence adapters need a (sequences, tokens, ..., features) input, or rows "
+                             f"flattened sequence by sequence from a forward of known batch size, got shape "
+                             f"{shape} (batch {b})")
         if n % k:
             raise ValueError(f"an input of {n} sequences does not match the {k} per-sequence adapters given "
                              f"(it must hold each of them the same number of times, one after another)")
-        key = (n, per)
+        key = (n, per, time_first)
         if key not in self._by_shape:
-            ids = np.repeat(self._seqs.row_ids, (n // k) * per)
+            if time_first:
+                ids = np.tile(np.repeat(self._seqs.row_ids, n // k), per)
+            else:
+                ids = np.repeat(self._seqs.row_ids, (n // k) * per)
             self._by_shape[key] = AdapterSegments(torch.from_numpy(ids), list(zip(self.names, self.specs)))
         return self._by_shape[key]
 

@@ -14,7 +14,9 @@ transformers = pytest.importorskip("transformers")
 def _peft():
     return pytest.importorskip("peft")
 
-from lorafusion.multi import AdapterSegments, AdapterSpec, MultiLoRAModel, load_adapter, save_adapter  # noqa: E402
+from lorafusion.multi import (  # noqa: E402
+    AdapterSegments, AdapterSpec, MultiLoRAModel, SequenceLayouts, load_adapter, save_adapter,
+)
 
 
 def _base():
@@ -342,10 +344,14 @@ def test_adapter_names_bad_input_is_a_clear_error():
         mm(input_ids=ids, adapter_names=["x"] * 3, segments=mm.make_segments(["x"] * 3, seq_len=5))
     with pytest.raises(ValueError, match="'z' is not a known adapter"):
         mm(input_ids=ids, adapter_names=["x", "z", None])
-    with pytest.raises(ValueError, match="input of 3 sequences does not match the 2 per-sequence adapters"):
+    with pytest.raises(ValueError, match="adapter_names has 2 entries but the input holds 3 sequences"):
         mm(input_ids=ids, adapter_names=["x", "y"])
+    with pytest.raises(ValueError, match="adapter_names has 6 entries but the input holds 3 sequences"):
+        mm(input_ids=ids, adapter_names=["x", "y", None] * 2)
     with pytest.raises(ValueError, match="seq_adapters is empty"):
-        mm(input_ids=ids, adapter_names=[])
+        SequenceLayouts([], mm.adapter_specs)
+    with pytest.raises(ValueError, match="input of 3 sequences does not match the 2 per-sequence adapters"):
+        SequenceLayouts(["x", "y"], mm.adapter_specs).layout((3, 5, 32))
     assert all(layer._segments is None for layer in mm.layers().values())
 
 
@@ -382,3 +388,70 @@ def test_generate_continues_each_sequence_with_its_own_adapter_as_plain_peft_doe
         if beams == 1:
             for s_ours, s_theirs in zip(ours.scores, theirs.scores):
                 assert torch.allclose(s_ours[i], s_theirs[0], atol=1e-4)
+
+
+def _opt():
+    torch.manual_seed(0)
+    return transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+        max_position_embeddings=64)).eval()
+
+
+def _fsmt():
+    torch.manual_seed(0)
+    return transformers.FSMTForConditionalGeneration(transformers.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=64, tgt_vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+        max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)).eval()
+
+
+@pytest.mark.parametrize("arch", ["opt", "fsmt"])
+def test_adapter_names_on_models_whose_linears_see_flattened_or_time_first_rows(tmp_path, arch):
+    """OPT's MLP sees (batch * tokens, features), FSMT's layers (tokens, batch, features): each sequence still gets
+    its own adapter, as plain PEFT gives it (and the base model for None). (A time-first input whose token count
+    equals the batch size cannot be told from a sequence-first one; SequenceLayouts documents that.)"""
+    peft = _peft()
+    make = _opt if arch == "opt" else _fsmt
+    mm = MultiLoRAModel(make())
+    mm.add_adapter("a", r=4, alpha=8)
+    with torch.no_grad():
+        for layer in mm.layers().values():
+            layer.lora_B["a"].normal_(std=0.3)
+    mm.eval()
+    save_adapter(mm, "a", str(tmp_path / "a"))
+    pm = peft.PeftModel.from_pretrained(make(), str(tmp_path / "a")).eval()
+    base = make()
+    for B, T in ((2, 4), (4, 6), (4, 2)):  # token counts that are multiples of the batch, and the other way round
+        names = ["a", None] * (B // 2)
+        ids = torch.randint(3, 64, (B, T))
+        extra = {"decoder_input_ids": torch.randint(3, 64, (B, T))} if arch == "fsmt" else {}
+        with torch.no_grad():
+            ours = mm(input_ids=ids, adapter_names=names, **extra).logits
+            for i, name in enumerate(names):
+                one = {k: v[i:i + 1] for k, v in extra.items()}
+                ref = (pm if name else base)(input_ids=ids[i:i + 1], **one).logits[0]
+                assert torch.allclose(ours[i], ref, atol=1e-5), f"{arch} B={B} row {i}: {(ours[i] - ref).abs().max()}"
+
+
+def test_model_wrapping_and_loading_edge_cases(tmp_path):
+    peft = _peft()
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match="matches Conv1D modules: only nn.Linear is supported"):
+        MultiLoRAModel(gpt2, target_modules=["c_attn"])
+    mm = MultiLoRAModel(_base(), target_modules=["q_proj", "lm_head"])  # an explicit target beats the exclusion
+    assert "lm_head" in mm.layer_names
+    assert "lm_head" not in MultiLoRAModel(_base()).layer_names
+    pm = peft.get_peft_model(_base(), peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    pm.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
+    with pytest.raises(ValueError, match="found adapter_model.bin: only safetensors is read"):
+        load_adapter(MultiLoRAModel(_base()), str(tmp_path / "bin"), "x")
+    pm.save_pretrained(str(tmp_path / "alora"))
+    cfg_path = tmp_path / "alora" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["alora_invocation_tokens"] = [7]
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"alora_invocation_tokens=\[7\] is not supported"):
+        load_adapter(MultiLoRAModel(_base()), str(tmp_path / "alora"), "x")
+    half = MultiLoRAModel(_base().to(torch.bfloat16))
+    half.add_adapter("x", 4, 8)  # fp32 adapters over a bf16 base, as PEFT keeps them
+    assert all(p.dtype == torch.float32 for p in half.adapter_parameters("x"))
