@@ -18,12 +18,16 @@ from lorafusion.function import fused_lora_linear
 from lorafusion.reference import lora_scale
 
 
-def check_lora_args(name: str, in_features: int, out_features: int, r, alpha, dropout) -> None:
-    """Validate adapter hyper-parameters; errors name the layer and the value."""
+def check_lora_args(name: str, in_features: int, out_features: int, r, alpha, dropout,
+                    rank_within_shape: bool = True) -> None:
+    """Validate adapter hyper-parameters; errors name the layer and the value. ``rank_within_shape``: r must not
+    exceed min(in_features, out_features) (the single-adapter layer's contract; the multi-adapter layer, like
+    PEFT, allows a rank-deficient adapter on a narrow layer, e.g. a 1-output gate under an all-linear adapter)."""
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"{name}: r must be an int, got {r!r}")
-    if not 1 <= r <= min(in_features, out_features):
-        raise ValueError(f"{name}: r={r} must be in [1, min(in_features, out_features)={min(in_features, out_features)}]")
+    if r < 1 or (rank_within_shape and r > min(in_features, out_features)):
+        bound = f"min(in_features, out_features)={min(in_features, out_features)}" if rank_within_shape else "..."
+        raise ValueError(f"{name}: r={r} must be in [1, {bound}]")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise TypeError(f"{name}: alpha must be a finite number, got {alpha!r}")
     if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:

@@ -70,7 +70,8 @@ class MultiLoRALinear(nn.Module):
         check_adapter_name(name)
         if name in self.adapter_specs:
             raise ValueError(f"duplicate adapter name {name!r}: this layer already holds it")
-        check_lora_args(f"MultiLoRALinear adapter {name!r}", self.in_features, self.out_features, r, alpha, dropout)
+        check_lora_args(f"MultiLoRALinear adapter {name!r}", self.in_features, self.out_features, r, alpha, dropout,
+                        rank_within_shape=False)
         spec = AdapterSpec(r, float(alpha), float(dropout), bool(use_rslora))  # also bounds r by MAX_RANK
         w = self.base.weight
         # fp32 adapters over a half-precision base, as PEFT keeps them: bf16 / fp16 adapters lose small updates

@@ -159,3 +159,26 @@ def test_double_backward_is_a_clear_error():
     seg = layer.make_segments(["a"] * 6 + ["b"] * 4)
     with pytest.raises(RuntimeError, match="multi-adapter LoRA layer's backward .* not itself differentiable"):
         torch.autograd.grad(layer(x, seg).pow(2).sum(), [x, layer.lora_A["a"]], create_graph=True)
+
+
+@pytest.mark.parametrize("backend, dtype", [("reference", torch.float32), ("cpu", torch.float32),
+                                            ("cpu", torch.float16), ("triton", torch.float32),
+                                            ("triton", torch.float16)])
+def test_ranks_above_the_layer_width_as_peft_allows(backend, dtype):
+    """A 1-output gate (Qwen2-MoE's shared_expert_gate) under an all-linear adapter: r > min(in, out) is rank-deficient
+    but valid, as in PEFT; every backend matches the float64 reference."""
+    from multi_helpers import check_against_reference
+    from lorafusion.multi import AdapterSpec
+    if backend == "cpu":
+        from lorafusion.multi import ops
+        if ops.cpp_ops_reason() is not None:
+            pytest.skip(ops.cpp_ops_reason())
+    if backend == "triton":
+        pytest.importorskip("triton")
+    specs = {"a": AdapterSpec(8, 16.0, 0.1), "b": AdapterSpec(3, 3.0)}
+    check_against_reference(backend, dtype, 13, 5, 1, specs, [0] * 6 + [1] * 4 + [-1] * 3)
+    layer = MultiLoRALinear(torch.nn.Linear(5, 1))
+    layer.add_adapter("a", 8, 16)
+    assert layer.lora_B["a"].shape == (1, 8)
+    with pytest.raises(ValueError, match=r"r=300 out of range: must be an int in \[1, 256\]"):
+        layer.add_adapter("big", 300, 16)
