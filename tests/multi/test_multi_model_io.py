@@ -148,11 +148,14 @@ def test_peft_trained_adapter_loads_into_multi_model(tmp_path, cfg):
         load_adapter(narrow, str(tmp_path / "p"), "trained")
 
 
-def test_add_adapter_is_all_or_nothing_and_names_the_layer():
+def test_add_adapter_is_all_or_nothing_and_names_the_layer(monkeypatch):
     mm = MultiLoRAModel(_base(), target_modules="all-linear")
-    # r = 20 fits every layer but k_proj / v_proj (out = 16 with 2 KV heads of 8): the add must leave no trace
-    with pytest.raises(ValueError, match=r"layer model\.layers\.0\.self_attn\.k_proj: .*r=20"):
+    # a layer half-way through the model refuses the adapter: the add must leave no trace
+    bad = mm.layers()["model.layers.1.self_attn.k_proj"]
+    monkeypatch.setattr(bad, "add_adapter", lambda *a, **k: (_ for _ in ()).throw(ValueError("refused here")))
+    with pytest.raises(ValueError, match=r"layer model\.layers\.1\.self_attn\.k_proj: refused here"):
         mm.add_adapter("big", r=20, alpha=8)
+    monkeypatch.undo()
     assert "big" not in mm.adapter_specs
     assert not [n for n, _ in mm.named_parameters() if ".big" in n]
     mm.add_adapter("big", r=8, alpha=8)  # the name is free again
