@@ -146,14 +146,19 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                         "(use the GaLore variant)"
                     )
                 self._validate_projected_group(group, gi)
+            if self._layerwise is not None:  # a group added in layer-wise mode steps from its hooks like the others
+                for p in group["params"]:
+                    self._layerwise_hook_param(p)
         except BaseException:  # a refused group is not kept: a later step() must not train with it
             self.param_groups.pop()
             for q in group["params"]:
                 self._param_names.pop(q, None)
+                handle = self._layerwise["handles"].pop(q, None) if self._layerwise is not None else None
+                if handle is not None:
+                    handle.remove()
+                    if _layerwise_owner(q) is self:
+                        del _LAYERWISE_OWNERS[id(q)]
             raise
-        if self._layerwise is not None:  # a group added in layer-wise mode steps from its hooks like the others
-            for p in group["params"]:
-                self._layerwise_hook_param(p)
 
     def _validate_hyperparameters(self, group: dict) -> None:
         """Subclasses check their own hyperparameters (lr, betas, ...) here."""
@@ -335,7 +340,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """Remove the hooks (finishing any pending step first)."""
         if self._layerwise is None:
             return
-        self._layerwise_flush()
+        lw = self._layerwise
+        if lw["pending"] or any(p.grad is not None for p in lw["handles"]):  # a local test: no collective when idle
+            self._layerwise_flush()
         for p, handle in self._layerwise["handles"].items():
             handle.remove()
             if _layerwise_owner(p) is self:

@@ -181,20 +181,30 @@ class MultiLoRAModel(nn.Module):
         None for the base model alone), whatever the forward's length: each layer builds the layout of its input's
         shape (``SequenceLayouts``). For ``generate`` and other loops whose forwards change length."""
         layouts = SequenceLayouts(adapter_names, self.adapter_specs)
-        get_emb = getattr(self.model, "get_input_embeddings", None)
-        emb = get_emb() if callable(get_emb) else None
-        handle = None
-        if isinstance(emb, nn.Module):  # each forward's batch size, for inputs that are not sequence-first
-            def capture(_module, args, kwargs):
-                ids = args[0] if args else kwargs.get("input")
-                layouts.batch = int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else None
-            handle = emb.register_forward_pre_hook(capture, with_kwargs=True)
+
+        def capture(_module, args, kwargs):  # each forward's batch size, for inputs that are not sequence-first
+            ids = args[0] if args else kwargs.get("input")
+            layouts.batch = int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else None
+
+        handles = [emb.register_forward_pre_hook(capture, with_kwargs=True) for emb in self._token_embeddings()]
         try:
             with self._bound([(layer, layouts) for layer in self.layers().values()]):
                 yield
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
+
+    def _token_embeddings(self) -> list[nn.Module]:
+        """The token-embedding modules of the model (encoder and decoder ones for an encoder-decoder model): each
+        is called on (batch, tokens) ids at the start of its stack, so it tells that stack's batch size."""
+        found: list[nn.Module] = []
+        for owner in (self.model, *(getattr(self.model, g)() for g in ("get_encoder", "get_decoder")
+                                    if callable(getattr(self.model, g, None)))):
+            get_emb = getattr(owner, "get_input_embeddings", None)
+            for emb in ((get_emb() if callable(get_emb) else None), getattr(owner, "embed_tokens", None)):
+                if isinstance(emb, nn.Module) and not any(emb is f for f in found):
+                    found.append(emb)
+        return found
 
     def _check_registry(self, layouts, what: str, builder: str) -> None:
         if layouts.names != list(self.adapter_specs) or layouts.specs != list(self.adapter_specs.values()):

@@ -165,23 +165,6 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
-class CliValue:
-    """A ``--section.key value`` override: the YAML scalar it parses to, and its text, which a key of type str takes
-    as typed (``--train.output_dir 2024`` is the folder "2024", not the integer)."""
-
-    def __init__(self, text: str):
-        self.text = text
-        self.value = yaml.safe_load(text) if text != "" else ""
-
-    def __repr__(self):
-        return repr(self.value)
-
-    def __eq__(self, other):  # compares as the scalar it parses to
-        return self.value == (other.value if isinstance(other, CliValue) else other)
-
-    __hash__ = None
-
-
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -206,9 +189,6 @@ def _build(cls, data: Any, prefix: str):
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
-        if isinstance(value, CliValue):
-            value = value.text if _accepts(tp, str) and not isinstance(value.value, (dict, list)) \
-                and value.value is not None else value.value
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value if value is not None else {}, key)
             continue
@@ -379,7 +359,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> RunConfig:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """``["--lora.r", "8", "--train.max_steps=5"]`` -> nested dict; values are parsed as YAML scalars."""
+    """``["--lora.r", "8", "--train.max_steps=5"]`` -> nested dict; values are parsed as YAML scalars, except for a
+    key of type str (or str / null), which takes the text as typed."""
     out: dict = {}
     i = 0
     while i < len(pairs):
@@ -396,10 +377,15 @@ def parse_overrides(pairs: list[str]) -> dict:
             raw = pairs[i + 1]
             i += 2
         key = key.replace("-", "_")
-        try:
-            value = CliValue(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override --{key}: value {raw!r} is not a YAML scalar ({exc})") from None
+        tp = _field_type(key)
+        if tp is str or (_accepts(tp, str) and typing.get_args(tp) and set(typing.get_args(tp)) <= {str, type(None)}
+                         and raw.strip() not in ("null", "~", "")):
+            value = raw  # a text key takes the text as typed (--train.output_dir 2024, --train.output_dir @runs)
+        else:
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"override --{key}: value {raw!r} is not a YAML scalar ({exc})") from None
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -408,6 +394,19 @@ def parse_overrides(pairs: list[str]) -> dict:
                 raise ConfigError(f"override --{key}: {p} is set both as a value and as a section")
         node[parts[-1]] = value
     return out
+
+
+def _field_type(dotted: str) -> Any:
+    """The declared type of config key ``dotted`` (``train.output_dir``), or None for a key the config lacks."""
+    cls: Any = RunConfig
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -426,7 +425,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found a key that is not a scalar ({key!r})",
+                    key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     "while reading a mapping", node.start_mark, f"found the key {key!r} twice (first {seen[key]})",

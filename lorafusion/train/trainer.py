@@ -400,18 +400,17 @@ def _apply_hyperparameters(optimizer, scheduler, fresh) -> None:
     scheduler._last_lr = lrs
 
 
-def _data_fingerprint(train, evals) -> str:
-    """A digest of the tokenized train and eval samples in order: what a resumed run must train and evaluate on."""
+def _data_fingerprint(train) -> str:
+    """A digest of the tokenized training samples in order: what a resumed run must continue on (same samples, so
+    the same data order and the same train / eval split). The eval set may be trimmed (data.max_eval_samples)."""
     import hashlib
     from array import array
 
     h = hashlib.sha256()
-    for part in (train, evals):
-        for smp in part:
-            h.update(array("q", smp.input_ids).tobytes())
-            h.update(array("q", smp.labels).tobytes())
-            h.update(b";")
-        h.update(b"|")
+    for smp in train:
+        h.update(array("q", smp.input_ids).tobytes())
+        h.update(array("q", smp.labels).tobytes())
+        h.update(b";")
     return h.hexdigest()
 
 
@@ -424,8 +423,8 @@ def _check_resume_data(latest: str, fingerprint: str, stats: dict) -> None:
     except (OSError, ValueError):
         return  # unreadable state: ckpt.load reports it
     if saved is not None and saved != fingerprint:
-        raise ConfigError(f"--resume: the training data ({stats['train_path']}: {stats['train_samples']} train / "
-                          f"{stats['eval_samples']} eval samples now) differs from the data the run in {latest} "
+        raise ConfigError(f"--resume: the training data ({stats['train_path']}: {stats['train_samples']} training "
+                          f"samples now) differs from the data the run in {latest} "
                           "trained on; resume with the run's data (and data settings), or start a new "
                           "train.output_dir")
 
@@ -485,14 +484,12 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
     if done is not None:
         logger.info("--resume: %s already completed its %d steps; nothing to do (summary.json kept)", out, total_steps)
         return done
-    fingerprint = _data_fingerprint(train, evals)
+    fingerprint = _data_fingerprint(train)
     if latest is not None:
         _check_resume_data(latest, fingerprint, stats)
-    if ds.is_main:  # written once the run will train: a refused or finished --resume leaves the run's own config
-        if latest is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
-            # a run killed before its first checkpoint: it starts again from step 0, so its lines go
-            os.remove(os.path.join(out, "metrics.jsonl"))
-        save_config(cfg, os.path.join(out, "config.yaml"))
+    if ds.is_main and latest is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
+        # a run killed before its first checkpoint: it starts again from step 0, so its lines go
+        os.remove(os.path.join(out, "metrics.jsonl"))
     model, fused_info = build_adapter(base, cfg)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
@@ -530,6 +527,9 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
         step = state["step"]
         metric_before, eval_before = state.get("eval_exact_match_before"), state.get("eval_loss_before")
         logger.info("resumed from %s at step %d", latest, step)
+    if ds.is_main:  # once the run will train: a refused or finished --resume leaves the run's own config
+        save_config(cfg, os.path.join(out, "config.yaml"))
+    if latest is not None:
         if ds.is_main:
             _truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
             history = _read_metrics(os.path.join(out, "metrics.jsonl"))

@@ -66,6 +66,34 @@ def test_a_dropped_layerwise_optimizer_stops_stepping_and_two_live_ones_are_refu
     assert len(new.state) == len([p for p in model.parameters()])
 
 
+def test_layerwise_add_param_group_refused_for_a_parameter_owned_elsewhere_leaves_nothing():
+    model = make_model(fresh_seed())
+    a = galore.GaLoreAdamW([model.up.bias], lr=1e-2)
+    a.enable_layerwise()
+    b = galore.GaLoreAdamW([model.down.bias], lr=0.0)
+    b.enable_layerwise()
+    with pytest.raises(ValueError, match="already stepped by another live layer-wise optimizer"):
+        b.add_param_group({"params": [model.head.weight, model.up.bias]})
+    assert len(b.param_groups) == 1 and model.head.weight not in b._layerwise["handles"]
+    del a
+    gc.collect()
+    x, y = make_batches(2, 1)[0]
+    before = model.up.bias.detach().clone()
+    ((model(x) - y) ** 2).mean().backward()
+    b.step()
+    assert torch.equal(model.up.bias, before)  # b never took the refused group
+
+
+def test_disable_layerwise_with_nothing_pending_makes_no_collective(monkeypatch):
+    model = make_model(fresh_seed())
+    opt = galore.GaLoreAdamW(galore_groups(model), lr=1e-3)
+    opt.enable_layerwise()
+    opt._layerwise["distributed"] = True  # as under a process group; rank-0-only code may call disable_layerwise
+    monkeypatch.setattr(galore.base.dist, "all_reduce", lambda *a, **k: pytest.fail("a collective was made"))
+    opt.disable_layerwise()
+    assert not opt.layerwise
+
+
 def test_state_dict_of_other_named_parameters_is_refused():
     model = nn.Sequential(nn.Linear(32, 8), nn.Linear(16, 32))
     named = list(model.named_parameters())

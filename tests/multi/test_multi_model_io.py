@@ -434,6 +434,14 @@ def test_adapter_names_on_models_whose_linears_see_flattened_or_time_first_rows(
                 one = {k: v[i:i + 1] for k, v in extra.items()}
                 ref = (pm if name else base)(input_ids=ids[i:i + 1], **one).logits[0]
                 assert torch.allclose(ours[i], ref, atol=1e-5), f"{arch} B={B} row {i}: {(ours[i] - ref).abs().max()}"
+    # beam search: the decoder's stack runs on the expanded batch (its own embedding tells the layers so)
+    g = torch.Generator().manual_seed(5)  # fixed prompts: beam choices must not sit on a near tie
+    ids = torch.randint(3, 64, (2, 5), generator=g)
+    kw = dict(num_beams=2, num_return_sequences=2, max_new_tokens=4, do_sample=False, pad_token_id=1)
+    ours = mm.generate(input_ids=ids, adapter_names=["a", None], **kw)
+    for i, ref_model in enumerate((pm, base)):
+        ref = ref_model.generate(input_ids=ids[i:i + 1], **kw)
+        assert torch.equal(ours[2 * i:2 * i + 2, :ref.shape[1]], ref), f"{arch} beams, sequence {i}"
 
 
 def test_model_wrapping_and_loading_edge_cases(tmp_path):

@@ -187,6 +187,24 @@ def test_cli_text_for_a_string_key_is_taken_as_typed(tmp_path, monkeypatch):
     assert cfg.train.output_dir == "2024" and cfg.lora.backend is None
     with pytest.raises(ConfigError, match=r"train.max_steps: expected int or null, got float \(1.5\)"):
         load_config(None, parse_overrides(["--train.max_steps", "1.5"]))
+    for text in ("@runs", "[exp1]", "runs: a", "#1", "*x"):  # not plain YAML scalars: still the folder's name
+        assert parse_overrides(["--train.output_dir", text]) == {"train": {"output_dir": text}}
+    assert parse_overrides(["--data.eval", "null"]) == {"data": {"eval": None}}  # str or null: null is null
+
+
+def test_a_section_override_merges_into_the_files_section(tmp_path):
+    cfg = _load(tmp_path, "optimizer:\n  galore: {rank: 2, update_proj_gap: 50}\ndata:\n  max_length: 64\n",
+                overrides=parse_overrides(["--optimizer.galore", "{scale: 0.5}", "--data", "{packing: false}"]))
+    g = cfg.optimizer.galore
+    assert (g.rank, g.update_proj_gap, g.scale) == (2, 50, 0.5)
+    assert cfg.data.max_length == 64 and cfg.data.packing is False
+
+
+def test_yaml_merge_keys_load_and_complex_keys_are_refused(tmp_path):
+    cfg = _load(tmp_path, "lora:\n  <<: {r: 8, alpha: 16.0}\n  alpha: 4\n")
+    assert (cfg.lora.r, cfg.lora.alpha) == (8, 4.0)  # an explicit key overrides a merged one
+    with pytest.raises(ConfigError, match="found a key that is not a scalar"):
+        _load(tmp_path, "? [a, b]\n: 1\n")
 
 
 def test_deepspeed_config_must_be_json(tmp_path):

@@ -84,8 +84,17 @@ def test_corrupt_latest_checkpoint_names_the_intact_earlier_ones(tmp_path, capsy
     assert main(_args(out, "--train.max_steps", "6", "--train.save_every", "2", "--resume")) == 2
     err = capsys.readouterr().err
     assert "corrupt or unreadable" in err and "complete earlier checkpoints: step-0000002" in err
+    before = (out / "config.yaml").read_text()
+    assert main(_args(out, "--train.max_steps", "6", "--train.save_every", "2", "--optimizer.lr", "0.5",
+                      "--resume")) == 2
+    assert (out / "config.yaml").read_text() == before  # a refused resume leaves the run's config
     (out / "checkpoints" / "latest").write_text("step-0000002\n")  # what the hint says to do
     assert main(_args(out, "--train.max_steps", "6", "--train.save_every", "2", "--resume")) == 0
+
+
+def test_skip_bad_lines_with_a_data_section_override(tmp_path, capsys):
+    assert main(_args(tmp_path / "run", "--train.max_steps", "1", "--data", "{packing: false}",
+                      "--skip-bad-lines")) == 0
 
 
 def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
@@ -111,8 +120,8 @@ def test_resume_with_changed_data_is_refused(tmp_path, capsys):
         fh.write(json.dumps({"prompt": "XYZ=", "completion": "xyz"}) + "\n")
     assert main(_args(out, *extra, "--train.max_steps", "2", "--resume")) == 2
     assert "differs from the data the run" in capsys.readouterr().err
-    data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")  # the run's data again: resumes
-    assert main(_args(out, *extra, "--train.max_steps", "2", "--resume")) == 0
+    data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")  # the run's data again: resumes, even with
+    assert main(_args(out, *extra, "--train.max_steps", "2", "--resume", "--data.max_eval_samples", "4")) == 0
 
 
 def test_regex_target_that_also_matches_other_modules_is_a_config_error(tmp_path, capsys):
