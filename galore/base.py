@@ -337,12 +337,11 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         self._layerwise["accumulation_steps"] = accumulation_steps
 
     def disable_layerwise(self) -> None:
-        """Remove the hooks (finishing any pending step first)."""
+        """Remove the hooks (finishing any pending step first). Under ``distributed`` it is a collective, like
+        ``step()``: every rank calls it."""
         if self._layerwise is None:
             return
-        lw = self._layerwise
-        if lw["pending"] or any(p.grad is not None for p in lw["handles"]):  # a local test: no collective when idle
-            self._layerwise_flush()
+        self._layerwise_flush()  # under ``distributed`` a collective, as step() is: call it on every rank
         for p, handle in self._layerwise["handles"].items():
             handle.remove()
             if _layerwise_owner(p) is self:

@@ -36,7 +36,9 @@ def _train(argv: list[str]) -> int:
     try:
         overrides = parse_overrides(rest)
         if args.skip_bad_lines:
-            overrides.setdefault("data", {})["skip_bad_lines"] = True
+            if not isinstance(overrides.setdefault("data", {}), dict):
+                raise ConfigError(f"--data must be a mapping of data keys, got {overrides['data']!r}")
+            overrides["data"]["skip_bad_lines"] = True
         cfg = load_config(args.config, overrides)
         from lorafusion.train.trainer import TrainError, run_training
     except ConfigError as exc:

@@ -197,11 +197,18 @@ class MultiLoRAModel(nn.Module):
     def _token_embeddings(self) -> list[nn.Module]:
         """The token-embedding modules of the model (encoder and decoder ones for an encoder-decoder model): each
         is called on (batch, tokens) ids at the start of its stack, so it tells that stack's batch size."""
+        def call(obj, name):  # transformers' defaults raise for stacks without token embeddings (speech encoders)
+            fn = getattr(obj, name, None)
+            try:
+                return fn() if callable(fn) else None
+            except (NotImplementedError, AttributeError, TypeError):
+                return None
+
         found: list[nn.Module] = []
-        for owner in (self.model, *(getattr(self.model, g)() for g in ("get_encoder", "get_decoder")
-                                    if callable(getattr(self.model, g, None)))):
-            get_emb = getattr(owner, "get_input_embeddings", None)
-            for emb in ((get_emb() if callable(get_emb) else None), getattr(owner, "embed_tokens", None)):
+        for owner in (self.model, call(self.model, "get_encoder"), call(self.model, "get_decoder")):
+            if owner is None:
+                continue
+            for emb in (call(owner, "get_input_embeddings"), getattr(owner, "embed_tokens", None)):
                 if isinstance(emb, nn.Module) and not any(emb is f for f in found):
                     found.append(emb)
         return found

@@ -378,14 +378,16 @@ def parse_overrides(pairs: list[str]) -> dict:
             i += 2
         key = key.replace("-", "_")
         tp = _field_type(key)
-        if tp is str or (_accepts(tp, str) and typing.get_args(tp) and set(typing.get_args(tp)) <= {str, type(None)}
-                         and raw.strip() not in ("null", "~", "")):
-            value = raw  # a text key takes the text as typed (--train.output_dir 2024, --train.output_dir @runs)
-        else:
-            try:
-                value = yaml.safe_load(raw) if raw != "" else ""
-            except yaml.YAMLError as exc:
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            if not _accepts(tp, str):
                 raise ConfigError(f"override --{key}: value {raw!r} is not a YAML scalar ({exc})") from None
+            value = raw
+        if _accepts(tp, str) and not ((value is None and _accepts(tp, type(None)))
+                                      or (isinstance(value, list) and _accepts(tp, list))):
+            # a text key takes the text as typed (--train.output_dir 2024, @runs, a regex starting with "[")
+            value = raw
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

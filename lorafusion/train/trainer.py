@@ -328,7 +328,8 @@ def _plot(output_dir: str, history: list[dict]) -> str | None:
 # optimizer's state layout (``--resume`` with any of them changed would continue a different run under the same
 # name). Others (lr, schedule, steps, eval / checkpoint cadence, backend, threads) may change on resume.
 RESUME_FIXED_KEYS = (
-    "model.name_or_path", "data.train", "data.eval", "data.eval_fraction", "data.max_length", "data.packing",
+    "model.name_or_path", "data.train", "data.eval", "data.eval_fraction", "data.max_eval_samples",
+    "data.max_length", "data.packing",
     "lora.r", "lora.alpha", "lora.dropout", "lora.rslora", "lora.target_modules", "optimizer.name",
     "optimizer.galore.rank", "optimizer.galore.proj_type", "optimizer.galore.layerwise",
     "batch.tokens_per_microbatch", "batch.micro_batch_size", "batch.global_batch_size", "train.seed",
@@ -400,17 +401,19 @@ def _apply_hyperparameters(optimizer, scheduler, fresh) -> None:
     scheduler._last_lr = lrs
 
 
-def _data_fingerprint(train) -> str:
-    """A digest of the tokenized training samples in order: what a resumed run must continue on (same samples, so
-    the same data order and the same train / eval split). The eval set may be trimmed (data.max_eval_samples)."""
+def _data_fingerprint(train, evals) -> str:
+    """A digest of the tokenized train and eval samples in order: what a resumed run must continue on (the same
+    data order and train / eval split, and the eval set its before / after figures are measured on)."""
     import hashlib
     from array import array
 
     h = hashlib.sha256()
-    for smp in train:
-        h.update(array("q", smp.input_ids).tobytes())
-        h.update(array("q", smp.labels).tobytes())
-        h.update(b";")
+    for part in (train, evals):
+        for smp in part:
+            h.update(array("q", smp.input_ids).tobytes())
+            h.update(array("q", smp.labels).tobytes())
+            h.update(b";")
+        h.update(b"|")
     return h.hexdigest()
 
 
@@ -423,8 +426,8 @@ def _check_resume_data(latest: str, fingerprint: str, stats: dict) -> None:
     except (OSError, ValueError):
         return  # unreadable state: ckpt.load reports it
     if saved is not None and saved != fingerprint:
-        raise ConfigError(f"--resume: the training data ({stats['train_path']}: {stats['train_samples']} training "
-                          f"samples now) differs from the data the run in {latest} "
+        raise ConfigError(f"--resume: the data ({stats['train_path']}: {stats['train_samples']} train / "
+                          f"{stats['eval_samples']} eval samples now) differs from the data the run in {latest} "
                           "trained on; resume with the run's data (and data settings), or start a new "
                           "train.output_dir")
 
@@ -484,7 +487,7 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
     if done is not None:
         logger.info("--resume: %s already completed its %d steps; nothing to do (summary.json kept)", out, total_steps)
         return done
-    fingerprint = _data_fingerprint(train)
+    fingerprint = _data_fingerprint(train, evals)
     if latest is not None:
         _check_resume_data(latest, fingerprint, stats)
     if ds.is_main and latest is None and os.path.exists(os.path.join(out, "metrics.jsonl")):

@@ -84,16 +84,6 @@ def test_layerwise_add_param_group_refused_for_a_parameter_owned_elsewhere_leave
     assert torch.equal(model.up.bias, before)  # b never took the refused group
 
 
-def test_disable_layerwise_with_nothing_pending_makes_no_collective(monkeypatch):
-    model = make_model(fresh_seed())
-    opt = galore.GaLoreAdamW(galore_groups(model), lr=1e-3)
-    opt.enable_layerwise()
-    opt._layerwise["distributed"] = True  # as under a process group; rank-0-only code may call disable_layerwise
-    monkeypatch.setattr(galore.base.dist, "all_reduce", lambda *a, **k: pytest.fail("a collective was made"))
-    opt.disable_layerwise()
-    assert not opt.layerwise
-
-
 def test_state_dict_of_other_named_parameters_is_refused():
     model = nn.Sequential(nn.Linear(32, 8), nn.Linear(16, 32))
     named = list(model.named_parameters())

@@ -466,3 +466,32 @@ def test_model_wrapping_and_loading_edge_cases(tmp_path):
     half = MultiLoRAModel(_base().to(torch.bfloat16))
     half.add_adapter("x", 4, 8)  # fp32 adapters over a bf16 base, as PEFT keeps them
     assert all(p.dtype == torch.float32 for p in half.adapter_parameters("x"))
+
+
+def test_adapter_names_on_a_model_whose_encoder_has_no_token_embedding():
+    """Speech encoders (Speech2Text, wav2vec2) raise from transformers' default get_input_embeddings: the batch
+    size is then read from the input shape alone, and the forward still runs per sequence."""
+    class Encoder(torch.nn.Module):
+        def get_input_embeddings(self):
+            raise NotImplementedError("`get_input_embeddings` not auto-handled")
+
+    class Speechy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(6, 5)
+            self.encoder = Encoder()
+
+        def get_encoder(self):
+            return self.encoder
+
+        def forward(self, x):
+            return self.proj(x)
+
+    mm = MultiLoRAModel(Speechy())
+    mm.add_adapter("a", 2, 4)
+    with torch.no_grad():
+        mm.layers()["proj"].lora_B["a"].normal_()
+    x = torch.randn(2, 3, 6)
+    out = mm(x, adapter_names=["a", None])
+    seg = mm(x, segments=mm.make_segments(["a", None], seq_len=3))
+    assert torch.equal(out, seg) and not torch.allclose(out[0], mm.model.proj.base(x[0]))

@@ -189,7 +189,13 @@ def test_cli_text_for_a_string_key_is_taken_as_typed(tmp_path, monkeypatch):
         load_config(None, parse_overrides(["--train.max_steps", "1.5"]))
     for text in ("@runs", "[exp1]", "runs: a", "#1", "*x"):  # not plain YAML scalars: still the folder's name
         assert parse_overrides(["--train.output_dir", text]) == {"train": {"output_dir": text}}
-    assert parse_overrides(["--data.eval", "null"]) == {"data": {"eval": None}}  # str or null: null is null
+    for null in ("null", "Null", "NULL", "~"):  # str or null: YAML's null is null
+        assert parse_overrides(["--data.eval", null]) == {"data": {"eval": None}}
+    # str or list: a YAML list is a list, anything else the text as typed (a regex may start with "[")
+    assert parse_overrides(["--lora.target_modules", "[q_proj, v_proj]"])["lora"]["target_modules"] == ["q_proj",
+                                                                                                         "v_proj"]
+    for text in ("[qv]_proj", "2024", r".*\.(q|v)_proj"):
+        assert parse_overrides(["--lora.target_modules", text])["lora"]["target_modules"] == text
 
 
 def test_a_section_override_merges_into_the_files_section(tmp_path):

@@ -95,6 +95,8 @@ def test_corrupt_latest_checkpoint_names_the_intact_earlier_ones(tmp_path, capsy
 def test_skip_bad_lines_with_a_data_section_override(tmp_path, capsys):
     assert main(_args(tmp_path / "run", "--train.max_steps", "1", "--data", "{packing: false}",
                       "--skip-bad-lines")) == 0
+    assert main(_args(tmp_path / "bad", "--data", "5", "--skip-bad-lines")) == 2
+    assert "--data must be a mapping" in capsys.readouterr().err
 
 
 def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
@@ -120,8 +122,11 @@ def test_resume_with_changed_data_is_refused(tmp_path, capsys):
         fh.write(json.dumps({"prompt": "XYZ=", "completion": "xyz"}) + "\n")
     assert main(_args(out, *extra, "--train.max_steps", "2", "--resume")) == 2
     assert "differs from the data the run" in capsys.readouterr().err
-    data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")  # the run's data again: resumes, even with
-    assert main(_args(out, *extra, "--train.max_steps", "2", "--resume", "--data.max_eval_samples", "4")) == 0
+    data.write_text("\n".join(json.dumps(r) for r in recs) + "\n")  # the run's data again: resumes
+    # a trimmed eval set would put the before / after eval figures on different samples: a key the run keeps
+    assert main(_args(out, *extra, "--train.max_steps", "2", "--resume", "--data.max_eval_samples", "4")) == 2
+    assert "data.max_eval_samples: 8 in the run, 4 now" in capsys.readouterr().err
+    assert main(_args(out, *extra, "--train.max_steps", "2", "--resume")) == 0
 
 
 def test_regex_target_that_also_matches_other_modules_is_a_config_error(tmp_path, capsys):
