@@ -313,6 +313,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             raise ValueError("distributed=True needs an initialised torch.distributed process group "
                              "(init_process_group first), or pass distributed=False")
         self.disable_layerwise()
+        for key in [k for k, (param, opt) in _LAYERWISE_OWNERS.items() if param() is None or opt() is None]:
+            del _LAYERWISE_OWNERS[key]  # entries of parameters or optimizers that are gone
         self._layerwise = {
             "accumulation_steps": accumulation_steps,
             "max_grad_norm": max_grad_norm,
