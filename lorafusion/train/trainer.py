@@ -520,6 +520,7 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
         model = engine
 
     step, history, metric_before, eval_before = 0, [], None, None
+    tokens_done, train_time = 0, 0.0  # over the whole run: a resumed run starts from its checkpoint's totals
     if latest is not None:
         fresh = _hyperparameters(optimizer, scheduler)  # this config's: the checkpoint's must not override them
         state = ckpt.load(latest, peft_model, optimizer, scheduler, ds.rank, load_optimizer=engine is None)
@@ -529,6 +530,7 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
         _apply_hyperparameters(optimizer, scheduler, fresh)
         step = state["step"]
         metric_before, eval_before = state.get("eval_exact_match_before"), state.get("eval_loss_before")
+        tokens_done, train_time = int(state.get("tokens_done", 0)), float(state.get("train_time_s", 0.0))
         logger.info("resumed from %s at step %d", latest, step)
     if ds.is_main:  # once the run will train: a refused or finished --resume leaves the run's own config
         save_config(cfg, os.path.join(out, "config.yaml"))
@@ -578,7 +580,8 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
             ckpt.write_main_files(tmp, peft_model, optimizer, scheduler,
                                   {"step": at, "total_steps": total_steps, "world_size": ds.world_size,
                                    "eval_exact_match_before": metric_before, "eval_loss_before": eval_before,
-                                   "data_fingerprint": fingerprint},
+                                   "data_fingerprint": fingerprint, "tokens_done": tokens_done,
+                                   "train_time_s": train_time},
                                   write_optimizer=engine is None)
         dist_utils.barrier(ds)
         if ds.is_main:
@@ -595,7 +598,7 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                    disable=os.environ.get("LORAFUSION_NO_PROGRESS") == "1")
     debug_sleep = float(os.environ.get("LORAFUSION_DEBUG_STEP_SLEEP", "0"))  # tests: widen the window for a kill
-    tokens_done, train_time, last_loss = 0, 0.0, None
+    last_loss = None
     stopped_by = None
     if ds.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ds.device)
@@ -686,8 +689,9 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
         summary["adapter_dir"] = adapter_dir
     train_losses = [h["loss"] for h in history if "loss" in h]
     summary.update({
-        "tokens_per_s": tokens_done * 1.0 / train_time if train_time else None,
+        "tokens_per_s": tokens_done * 1.0 / train_time if train_time else None,  # over every segment of the run
         "train_time_s": train_time,
+        "tokens": tokens_done,
         "peak_memory_mb": peak_memory_mb(ds.device),
         "final_train_loss": last_loss if last_loss is not None else (train_losses[-1] if train_losses else None),
         "eval_loss_before": eval_before, "eval_loss_after": final.get("eval_loss"),

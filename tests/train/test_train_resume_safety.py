@@ -133,3 +133,17 @@ def test_regex_target_that_also_matches_other_modules_is_a_config_error(tmp_path
     assert main(_args(tmp_path / "r", "--train.max_steps", "1", "--lora.target_modules", r".*layers\.1\..*")) == 2
     err = capsys.readouterr().err
     assert "config error" in err and "not Linear layers" in err and "LlamaAttention" in err
+
+
+def test_throughput_of_a_resumed_run_covers_every_segment(tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(out, "--train.max_steps", "3", "--train.save_every", "2")) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert main(_args(out, "--train.max_steps", "5", "--train.save_every", "2", "--resume")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    # resumed from the final step-3 checkpoint: its tokens and time come from it, steps 4-5 from this segment
+    assert summary["tokens"] == sum(r["tokens"] for r in steps) > first["tokens"]
+    assert summary["train_time_s"] == pytest.approx(sum(r["time_s"] for r in steps), rel=1e-9)
+    assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["train_time_s"])
