@@ -153,11 +153,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             for q in group["params"]:
                 self._param_names.pop(q, None)
-                handle = self._layerwise["handles"].pop(q, None) if self._layerwise is not None else None
-                if handle is not None:
-                    handle.remove()
-                    if _layerwise_owner(q) is self:
-                        del _LAYERWISE_OWNERS[id(q)]
+                if self._layerwise is not None and q in self._layerwise["handles"]:
+                    self._layerwise_unhook(q, self._layerwise["handles"].pop(q))
             raise
 
     def _validate_hyperparameters(self, group: dict) -> None:
@@ -222,6 +219,10 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             update = (project_back(update, state["basis"], _side(state)) * group["scale"]).view(target.shape)
         target.add_(update, alpha=alpha)
 
+    def _refuse_sparse(self, p: torch.Tensor) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({self._param_names[p]})")
+
     def _step_param(self, p: torch.Tensor, group: dict, grad: torch.Tensor) -> None:
         state = self.state[p]
         state["step"] += 1
@@ -245,8 +246,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({self._param_names[p]})")
+                self._refuse_sparse(p)
                 self._step_param(p, group, self._project(p, group, p.grad))
         return loss
 
@@ -345,10 +345,14 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             return
         self._layerwise_flush()  # under ``distributed`` a collective, as step() is: call it on every rank
         for p, handle in self._layerwise["handles"].items():
-            handle.remove()
-            if _layerwise_owner(p) is self:
-                del _LAYERWISE_OWNERS[id(p)]
+            self._layerwise_unhook(p, handle)
         self._layerwise = None
+
+    def _layerwise_unhook(self, p: torch.Tensor, handle) -> None:
+        """Remove ``p``'s layer-wise hook and this optimizer's claim on it."""
+        handle.remove()
+        if _layerwise_owner(p) is self:
+            del _LAYERWISE_OWNERS[id(p)]
 
     def _layerwise_hook_param(self, p: torch.Tensor) -> None:
         """Register the layer-wise hook on ``p`` once (a frozen parameter gets it if it is unfrozen later: the next
@@ -386,8 +390,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         lw = self._layerwise
         if p.grad is None:
             return
-        if p.grad.is_sparse:
-            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients ({self._param_names[p]})")
+        self._refuse_sparse(p)
         group = self._group_of(p)
         state = self.state[p]
         if "step" not in state:

@@ -75,7 +75,7 @@ class MultiLoRAModel(nn.Module):
             if not _matches(name, target_modules):
                 continue
             # an excluded module (the output head) is wrapped only when a target names it outright
-            if any(name == e or name.endswith("." + e) for e in exclude_modules) and not (
+            if _matches(name, exclude_modules) and not (
                     target_modules != "all-linear" and any(t in exclude_modules for t in target_modules)):
                 continue
             parent_name, _, child = name.rpartition(".")
@@ -170,7 +170,8 @@ class MultiLoRAModel(nn.Module):
         """Every wrapped layer uses ``segments`` inside the block."""
         if not isinstance(segments, AdapterSegments):
             raise TypeError(f"segments must be an AdapterSegments, got {type(segments).__name__}")
-        self._check_registry(segments, "segments", "make_segments()")
+        if segments.names != list(self.adapter_specs) or segments.specs != list(self.adapter_specs.values()):
+            raise ValueError("segments was built for another adapter set; build it with make_segments()")
         # each layer gets the layout narrowed to the adapters it holds (shared between layers holding the same set)
         with self._bound([(layer, segments.restricted(layer.adapter_specs)) for layer in self.layers().values()]):
             yield
@@ -212,10 +213,6 @@ class MultiLoRAModel(nn.Module):
                 if isinstance(emb, nn.Module) and not any(emb is f for f in found):
                     found.append(emb)
         return found
-
-    def _check_registry(self, layouts, what: str, builder: str) -> None:
-        if layouts.names != list(self.adapter_specs) or layouts.specs != list(self.adapter_specs.values()):
-            raise ValueError(f"{what} was built for another adapter set; build it with {builder}")
 
     @contextlib.contextmanager
     def _bound(self, assignment):

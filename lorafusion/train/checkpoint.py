@@ -118,21 +118,25 @@ def commit(output_dir: str, step: int, keep: int) -> str:
     os.rename(tmp, final)
     _fsync_path(checkpoints_dir(output_dir))
     _atomic_write_text(os.path.join(checkpoints_dir(output_dir), "latest"), os.path.basename(final) + "\n")
-    names = sorted(d for d in os.listdir(checkpoints_dir(output_dir))
-                   if d.startswith("step-") and not d.endswith(".tmp"))
+    names = _step_folders(output_dir)
     older = [n for n in names if n != os.path.basename(final)]  # the checkpoint just written is always kept
     for old in older[:max(0, len(names) - keep)]:
         shutil.rmtree(os.path.join(checkpoints_dir(output_dir), old), ignore_errors=True)
     return final
 
 
-def complete_checkpoints(output_dir: str) -> list[str]:
-    """Names of the complete checkpoint folders (``COMPLETE`` written), oldest first."""
+def _step_folders(output_dir: str) -> list[str]:
+    """Names of the checkpoint folders (not temp ones), oldest first (zero-padded steps sort by name)."""
     d = checkpoints_dir(output_dir)
     if not os.path.isdir(d):
         return []
-    return sorted(n for n in os.listdir(d) if n.startswith("step-") and not n.endswith(".tmp")
-                  and os.path.isfile(os.path.join(d, n, "COMPLETE")))
+    return sorted(n for n in os.listdir(d) if n.startswith("step-") and not n.endswith(".tmp"))
+
+
+def complete_checkpoints(output_dir: str) -> list[str]:
+    """Names of the complete checkpoint folders (``COMPLETE`` written), oldest first."""
+    d = checkpoints_dir(output_dir)
+    return [n for n in _step_folders(output_dir) if os.path.isfile(os.path.join(d, n, "COMPLETE"))]
 
 
 def _recovery_hint(output_dir: str, bad: str) -> str:

@@ -193,10 +193,9 @@ def _build(cls, data: Any, prefix: str):
             kwargs[name] = _build(tp, value if value is not None else {}, key)
             continue
         if isinstance(value, str) and _accepts(tp, float):
-            # YAML 1.1 reads 3e-4 (no dot) as a string; take any string Python reads as a finite float (an integer
-            # key stays an integer key)
+            # YAML 1.1 reads 3e-4 (no dot) as a string; take any string Python reads as a finite float
             parsed = _float_or_none(value)
-            if parsed is not None and _accepts(tp, float):
+            if parsed is not None:
                 value = parsed
         if not _type_ok(value, tp):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} ({value!r})")

@@ -70,7 +70,8 @@ def load_base(path: str, cfg: RunConfig, device):
 
 
 def _target_modules(model, spec):
-    """PEFT's ``target_modules`` for ``spec``, after checking that it matches at least one Linear layer."""
+    """PEFT's ``target_modules`` for ``spec``, after checking that it selects at least one Linear layer (and each
+    list entry one) and nothing else (PEFT cannot put LoRA on an attention block or a norm)."""
     import re
 
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -80,28 +81,30 @@ def _target_modules(model, spec):
         def matches(name: str, key: str) -> bool:  # PEFT's rule for a list: the full path or a dotted suffix
             return name == key or name.endswith("." + key)
 
-        hits = [n for n in linear if any(matches(n, s) for s in spec)]
+        def selects(name: str) -> bool:
+            return any(matches(name, s) for s in spec)
+
         missing = [s for s in spec if not any(matches(n, s) for n in linear)]
-        if not hits or missing:
+        if not any(selects(n) for n in linear) or missing:
             names = sorted({n.split(".")[-1] for n in linear})
             raise ConfigError(f"lora.target_modules: {missing or spec} match no Linear layer of the model "
                               f"(its Linear layers: {', '.join(names)})")
-        other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
-                 if n and not isinstance(m, torch.nn.Linear) and any(matches(n, s) for s in spec)]
-        if other:
-            raise ConfigError(f"lora.target_modules: {spec} also name modules that are not Linear layers "
-                              f"({', '.join(other[:4])}{', ...' if len(other) > 4 else ''})")
-        return spec
-    try:
-        rx = re.compile(spec)
-    except re.error as exc:
-        raise ConfigError(f"lora.target_modules: {spec!r} is neither all-linear nor a valid regex ({exc})") from None
-    if not any(rx.fullmatch(n) for n in linear):
-        raise ConfigError(f"lora.target_modules: regex {spec!r} matches no Linear layer of the model")
+    else:
+        try:
+            rx = re.compile(spec)
+        except re.error as exc:
+            raise ConfigError(f"lora.target_modules: {spec!r} is neither all-linear nor a valid regex ({exc})") \
+                from None
+
+        def selects(name: str) -> bool:  # PEFT's rule for a string: a regex matching the whole path
+            return rx.fullmatch(name) is not None
+
+        if not any(selects(n) for n in linear):
+            raise ConfigError(f"lora.target_modules: regex {spec!r} matches no Linear layer of the model")
     other = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
-             if n and rx.fullmatch(n) and not isinstance(m, torch.nn.Linear)]
+             if n and not isinstance(m, torch.nn.Linear) and selects(n)]
     if other:
-        raise ConfigError(f"lora.target_modules: regex {spec!r} also matches modules that are not Linear layers "
+        raise ConfigError(f"lora.target_modules: {spec!r} also selects modules that are not Linear layers "
                           f"({', '.join(other[:4])}{', ...' if len(other) > 4 else ''}); narrow it to Linear layers")
     return spec
 
