@@ -39,6 +39,15 @@ def _extensions():
 
     cpp = _sources("cpp")
     cu = _sources("cu")
+    # Each source compiles to build/<dir>/<stem>.o: two sources with one stem (a.cpp and a.cu) make ninja refuse
+    # the build ("multiple rules generate ...a.o"), which surfaces on a CUDA machine only.
+    stems: dict[str, str] = {}
+    for src in cpp + cu:
+        stem = os.path.splitext(src)[0]
+        if stem in stems:
+            raise SystemExit(f"setup.py: sources {stems[stem]!r} and {src!r} would compile to one object file "
+                             f"({stem}.o); rename one of them")
+        stems[stem] = src
     cxx_flags = ["-O3", "-fno-trapping-math"]  # lets the masked selects vectorise (torch builds with it too)
     link_flags = []
     if sys.platform.startswith("linux"):

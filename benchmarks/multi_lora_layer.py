@@ -108,8 +108,11 @@ def bench(variants, x, dy, device, rounds, clock=time.perf_counter):
     if device == "cuda":
         import triton.testing
 
-        return {k: triton.testing.do_bench(lambda f=f: step(f), warmup=50, rep=300, return_mode="median")
-                for k, f in variants.items()}
+        out = {}
+        for k, f in variants.items():  # one line per variant as it is timed: a run cut short still reports
+            out[k] = triton.testing.do_bench(lambda f=f: step(f), warmup=50, rep=300, return_mode="median")
+            print(f"  {k}: {out[k]:.3f} ms", flush=True)
+        return out
     for f in variants.values():
         step(f)
         step(f)

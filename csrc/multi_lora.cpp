@@ -1,4 +1,4 @@
-// Multi-adapter (segmented) LoRA ops: schemas and CPU kernels. CUDA kernels are in multi_lora.cu; fake impls are
+// Multi-adapter (segmented) LoRA ops: schemas and CPU kernels. CUDA kernels are in multi_lora_cuda.cu; fake impls are
 // registered from lorafusion/multi/ops.py. The math and the layout are documented in lorafusion/multi/segments.py:
 //
 //   seg   (n_seg x 4) int64: [start row, end row, slot, first row of the segment inside its slot's block]

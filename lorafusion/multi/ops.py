@@ -43,7 +43,7 @@ def _try_load() -> str | None:
         os.makedirs(build, exist_ok=True)
         sources = sorted(glob.glob(os.path.join(root, "*.cpp")))
         if torch.version.cuda and torch.cuda.is_available():  # this file's CUDA kernels (not the whole csrc/*.cu)
-            sources.append(os.path.join(root, "multi_lora.cu"))
+            sources.append(os.path.join(root, "multi_lora_cuda.cu"))
         common = dict(build_directory=build, extra_include_paths=[root], extra_cflags=["-O3", "-fno-trapping-math"],
                       extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"], is_python_module=False, verbose=False)
         try:
@@ -77,7 +77,7 @@ def cpp_ops_reason() -> str | None:
 
 
 def cuda_ops_available() -> bool:
-    """True when the multi_lora ops have CUDA kernels registered (csrc/multi_lora.cu was compiled)."""
+    """True when the multi_lora ops have CUDA kernels registered (csrc/multi_lora_cuda.cu was compiled)."""
     if cpp_ops_reason() is not None:
         return False
     return torch._C._dispatch_has_kernel_for_dispatch_key("lorafusion::multi_lora_shrink", "CUDA")

@@ -92,3 +92,19 @@ def test_spill_parser_reads_ptxas_verbose_output():
            "ptxas info    : Compiling entry function 'k2' for 'sm_90'\n"
            "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
     assert spills(log) == {"k1": (8, 4), "k2": (0, 0)}
+
+
+def test_setup_refuses_two_sources_with_one_object_name(tmp_path):
+    """a.cpp and a.cu both compile to a.o: ninja refuses that build, on a CUDA machine only (seen on an H100, seventh
+    session, with multi_lora.cpp / multi_lora.cu). setup.py must say so on any machine, and the tree must be clean."""
+    shutil.copy(os.path.join(ROOT, "setup.py"), tmp_path / "setup.py")
+    (tmp_path / "csrc" / "sub").mkdir(parents=True)
+    for name in ("csrc/ops.cpp", "csrc/sub/kern.cpp", "csrc/sub/kern.cu"):
+        (tmp_path / name).write_text("// empty\n")
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "csrc/sub/kern.cpp" in proc.stderr and "csrc/sub/kern.cu" in proc.stderr, proc.stderr
+    stems = [os.path.splitext(os.path.relpath(p, ROOT))[0]
+             for ext in ("cpp", "cu") for p in glob.glob(os.path.join(ROOT, "csrc", "**", f"*.{ext}"), recursive=True)]
+    assert len(stems) == len(set(stems)), sorted(stems)
