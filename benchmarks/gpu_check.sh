@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: build the CUDA extension, run the GPU-marked tests (bf16 included), run the
-# benchmarks (the layer, the multi-adapter layer, then the opt-in TMA GEMMs against the pointer ones), print a short
-# table last, write JSON and logs under $OUT (or ./gpu_out). Budget: GPU_CHECK_BUDGET seconds (560); the optional
+# benchmarks (the layer, the multi-adapter layer, a per-kernel profile of both, then the opt-in TMA GEMMs against the
+# pointer ones), print a short table last, write JSON and logs under $OUT (or ./gpu_out). Budget: GPU_CHECK_BUDGET seconds (560); the optional
 # steps are skipped when they would not fit.
 # Targets the GPU image: torch 2.11 (CUDA 13), triton 3.6, transformers, peft; no network, so nothing is pip-installed:
 # the extension is built in place and the repository is put on PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-$PWD/gpu_out}"  # the device tool brings back at most 8 files from $OUT: this script writes exactly 8
+OUT="${OUT:-$PWD/gpu_out}"  # the device tool brings back at most 8 files from $OUT: this script writes 7
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # bitsandbytes is not in the GPU image: a session may carry a copy in .gpu_site (see benchmarks/RESULTS.md) so the
@@ -39,16 +39,27 @@ timeout "${GPU_TEST_TIMEOUT:-200}" python3 -m pytest -m gpu -p no:cacheprovider 
   --maxfail=15 --timeout=150 tests/lorafusion tests/multi tests/galore 2>&1 | tee "$OUT/gpu_tests.log" \
   | grep -E "FAILED|ERROR|passed|failed|SKIPPED|^[0-9.]+s (call|setup)" | tail -45
 
+# Benchmark output: each step logs to /tmp/gpu_check_<step>.log, appended to $OUT/bench.log as it ends.
+bench() {  # bench NAME TIMEOUT_S CMD...: run one benchmark step, log it, say so if it failed
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$@" >"/tmp/gpu_check_$name.log" 2>&1 || { stamp "$name failed"; tail -30 "/tmp/gpu_check_$name.log"; }
+  { echo "===== $name: $*"; cat "/tmp/gpu_check_$name.log"; } >>"$OUT/bench.log"
+}
 if [ -n "${GPU_SKIP_LAYER:-}" ]; then stamp "layer benchmark skipped (GPU_SKIP_LAYER)"; else
-stamp "layer benchmark (bf16)"
-timeout 150 python3 benchmarks/lora_layer.py --device cuda --out "$OUT/lora_layer.json" \
-  >"$OUT/lora_layer.log" 2>&1 || { stamp "benchmark failed"; tail -30 "$OUT/lora_layer.log"; }
+  stamp "layer benchmark (bf16)"
+  bench lora_layer 150 python3 benchmarks/lora_layer.py --device cuda --out "$OUT/lora_layer.json"
 fi
-if [ -f benchmarks/multi_lora_layer.py ] && have_time 60; then
+if have_time 60; then
   stamp "multi-adapter benchmark (bf16)"
-  timeout "${GPU_MULTI_TIMEOUT:-60}" python3 benchmarks/multi_lora_layer.py --device cuda --out "$OUT/multi_lora_layer.json" \
-    >"$OUT/multi_lora_layer.log" 2>&1 || { stamp "multi benchmark failed"; tail -30 "$OUT/multi_lora_layer.log"; }
-  tail -12 "$OUT/multi_lora_layer.log"
+  bench multi_lora_layer "${GPU_MULTI_TIMEOUT:-100}" \
+    python3 benchmarks/multi_lora_layer.py --device cuda --out "$OUT/multi_lora_layer.json"
+  tail -12 /tmp/gpu_check_multi_lora_layer.log
+fi
+if have_time 90; then
+  stamp "layer profile: per-kernel time of base / eager / fused / multi, each backend, p = 0 and 0.1"
+  bench layer_profile "${GPU_PROFILE_TIMEOUT:-120}" \
+    python3 benchmarks/layer_profile.py --device cuda --out "$OUT/layer_profile.json"
+  grep -A 16 '^| variant' /tmp/gpu_check_layer_profile.log
 fi
 if [ -z "${GPU_SKIP_TMA:-}" ] && have_time 100; then
   stamp "TMA GEMMs (LORAFUSION_TRITON_TMA=1): agreement with the pointer kernels, then the layer benchmark at r = 16"
@@ -67,9 +78,11 @@ for tma in ("0", "1"):
 rel = lambda a, b: ((a - b).norm() / b.norm()).item()
 print("TMA vs pointer kernels, 8192x4096->4096 bf16 p=0.1: rel diff Y %.2e, dX %.2e" % (rel(out["1"][0], out["0"][0]), rel(out["1"][1], out["0"][1])))
 PY
-  LORAFUSION_TRITON_TMA=1 timeout 90 python3 benchmarks/lora_layer.py --device cuda --ranks 16 --out /tmp/lora_layer_tma.json \
-    >"$OUT/lora_layer_tma.log" 2>&1 || { stamp "TMA benchmark failed"; tail -30 "$OUT/lora_layer_tma.log"; }
-  grep -A 8 '^| shape' "$OUT/lora_layer_tma.log" || tail -12 "$OUT/lora_layer_tma.log"
+  for tma in 0 1; do  # pointer GEMMs, then TMA GEMMs, on the same two shapes
+    LORAFUSION_TRITON_TMA=$tma bench "lora_layer_tma$tma" 60 python3 benchmarks/lora_layer.py --device cuda --ranks 16 \
+      --shapes 8192x4096x4096,8192x4096x14336 --out "/tmp/lora_layer_tma$tma.json"
+    echo "LORAFUSION_TRITON_TMA=$tma:"; grep -A 4 '^| shape' "/tmp/gpu_check_lora_layer_tma$tma.log"
+  done
 fi
 stamp "done"
-grep -A 20 '^| shape' "$OUT/lora_layer.log" || tail -20 "$OUT/lora_layer.log"
+grep -A 20 '^| shape' /tmp/gpu_check_lora_layer.log 2>/dev/null || echo "(no layer benchmark table)"

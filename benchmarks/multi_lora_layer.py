@@ -138,6 +138,10 @@ def main(argv=None):
     T = args.tokens or (8192 if dev == "cuda" else 2048)
     F = args.features or (4096 if dev == "cuda" else 1024)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    if dev == "cuda":
+        from benchmarks.lora_layer import warm_gpu
+
+        warm_gpu()
     variants = build(T, F, F, dtype, dev, args.backend)
     x = torch.randn(T, F, device=dev, dtype=dtype, requires_grad=True)
     dy = torch.randn(T, F, device=dev, dtype=dtype)

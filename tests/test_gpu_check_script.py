@@ -37,6 +37,7 @@ def test_at_most_eight_files_under_out():
 @pytest.mark.parametrize("script, flags", [
     ("benchmarks/lora_layer.py", ("--device", "--ranks", "--out")),
     ("benchmarks/multi_lora_layer.py", ("--device", "--out")),
+    ("benchmarks/layer_profile.py", ("--device", "--out")),
 ])
 def test_benchmark_flags_the_script_uses_exist(script, flags):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
@@ -67,3 +68,32 @@ def test_every_gpu_marked_test_file_is_on_the_scripts_path():
     assert marked
     missed = [m for m in marked if m != "tests/test_gpu_check_script.py" and not any(m.startswith(r + "/") for r in roots)]
     assert not missed, f"gpu-marked tests gpu_check.sh does not run: {missed}"
+
+
+def test_layer_profile_runs_on_cpu_and_splits_each_variant_into_its_ops(tmp_path):
+    """gpu_check.sh's profile step, on the CPU at a tiny size: every variant timed, its ops listed (the fused layer's
+    dropout path runs the lorafusion ops, the multi-adapter layer its autograd function), JSON written; bad
+    arguments named."""
+    import json
+
+    from benchmarks import layer_profile
+
+    out = tmp_path / "profile.json"
+    res = layer_profile.main(["--shape", "96x40x24", "--r", "4", "--ps", "0,0.25", "--steps", "1", "--reps", "2",
+                              "--out", str(out)])
+    names = set(res["variants"])
+    assert {"base", "eager p=0", "eager p=0.25", "fused:cpu p=0", "fused:cpu p=0.25", "multi:cpu p=0",
+            "multi:cpu p=0.25"} <= names, names
+    for name, v in res["variants"].items():
+        assert v["ms"] > 0 and v["kernels"], name
+        assert all(k["us_per_step"] > 0 for k in v["kernels"]), name
+    ops = {k["name"] for k in res["variants"]["fused:cpu p=0.25"]["kernels"]}
+    assert {"lorafusion::lora_linear_forward", "lorafusion::lora_linear_backward"} <= ops, ops
+    assert not any(k["name"].startswith("lorafusion::") for k in res["variants"]["base"]["kernels"])
+    assert json.loads(out.read_text())["variants"].keys() == res["variants"].keys()
+    for bad, word in ((["--shape", "96x40"], "--shape"), (["--ps", "0,1.0"], "--ps"),
+                      (["--backends", "nosuch"], "--backends")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "layer_profile.py"), *bad,
+                               "--out", str(tmp_path / "x.json")], capture_output=True, text=True, cwd=ROOT,
+                              timeout=300)
+        assert proc.returncode != 0 and word in proc.stderr, (bad, proc.stderr[-500:])
