@@ -243,40 +243,32 @@ def jsonl_lengths(path: str | Path, *, text_field: str = "text", length_field: s
             tok.model_max_length = 2**62  # whole samples are counted (the trainer cuts them itself): no warning
         except Exception as e:  # a missing folder, no hub access, a broken tokenizer file, no EOS token
             raise ValueError(f"{where}: cannot load tokenizer {tokenizer!r}: {type(e).__name__}: {e}") from e
+    from lorafusion.train.data import jsonl_values
+
     out = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{where} line {lineno} is not valid UTF-8 (byte {raw[e.start]:#04x} at byte "
-                                 f"{e.start + 1})") from e
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where} line {lineno} is not valid JSON: {e}") from e
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where} line {lineno} must be a JSON object, got {rec!r}")
-            if length_field is not None:
-                if length_field not in rec:
-                    raise ValueError(f"{where} line {lineno} has no field {length_field!r}")
-                value = rec[length_field]
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    raise ValueError(f"{where} line {lineno}: {length_field!r} must be a positive integer, "
-                                     f"got {value!r}")
-                out.append(value)
-                continue
-            if not ("prompt" in rec or "completion" in rec):  # a text record, its text under text_field
-                if text_field not in rec:
-                    raise ValueError(f"{where} line {lineno} has no field {text_field!r} (nor 'prompt' and "
-                                     f"'completion')")
-                rec = {"text": rec[text_field]}
-            problem = record_problem(rec)
-            if problem is not None:
-                raise ValueError(f"{where} line {lineno}: {problem}")
-            out.append(len(record_tokens(rec, tok)[0]))
+    for lineno, rec, problem in jsonl_values(path):
+        if problem is not None:
+            raise ValueError(f"{where} line {lineno} is {problem}")
+        if not isinstance(rec, dict):
+            raise ValueError(f"{where} line {lineno} must be a JSON object, got {rec!r}")
+        if length_field is not None:
+            if length_field not in rec:
+                raise ValueError(f"{where} line {lineno} has no field {length_field!r}")
+            value = rec[length_field]
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{where} line {lineno}: {length_field!r} must be a positive integer, "
+                                 f"got {value!r}")
+            out.append(value)
+            continue
+        if not ("prompt" in rec or "completion" in rec):  # a text record, its text under text_field
+            if text_field not in rec:
+                raise ValueError(f"{where} line {lineno} has no field {text_field!r} (nor 'prompt' and "
+                                 f"'completion')")
+            rec = {"text": rec[text_field]}
+        problem = record_problem(rec)
+        if problem is not None:
+            raise ValueError(f"{where} line {lineno}: {problem}")
+        out.append(len(record_tokens(rec, tok)[0]))
     if not out:
         raise ValueError(f"{where} has no records")
     return out

@@ -41,33 +41,41 @@ class Sample:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
+def jsonl_values(path):
+    """(line number, JSON value, None) or (line number, None, problem) for each non-blank line of a UTF-8 JSONL file.
+    Lines are decoded one by one, so a bad byte is one bad line, not a crash; a byte-order mark is skipped."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield lineno, None, f"not valid UTF-8 (byte {raw[exc.start]:#04x} at byte {exc.start + 1})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield lineno, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+                continue
+            yield lineno, value, None
+
+
 def read_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
     """Records of a JSONL file and how many bad lines were skipped; a bad line fails with its number by default."""
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     records, skipped = [], 0
-    with open(path, "rb") as fh:  # decoded line by line, so a bad byte is one bad line, not a crash
-        for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is skipped
-            except UnicodeDecodeError as exc:
-                problem = f"not valid UTF-8 (byte {raw[exc.start]:#04x} at byte {exc.start + 1})"
-            else:
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
-                else:
-                    problem = record_problem(rec)
-            if problem is not None:
-                if skip_bad_lines:
-                    skipped += 1
-                    logger.warning("%s:%d: skipped: %s", path, lineno, problem)
-                    continue
-                raise DataError(f"{path}:{lineno}: {problem} (pass --skip-bad-lines to skip bad lines)")
-            records.append(rec)
+    for lineno, rec, problem in jsonl_values(path):
+        if problem is None:
+            problem = record_problem(rec)
+        if problem is not None:
+            if skip_bad_lines:
+                skipped += 1
+                logger.warning("%s:%d: skipped: %s", path, lineno, problem)
+                continue
+            raise DataError(f"{path}:{lineno}: {problem} (pass --skip-bad-lines to skip bad lines)")
+        records.append(rec)
     if skipped:
         logger.warning("%s: skipped %d bad line(s)", path, skipped)
     if not records:
