@@ -17,7 +17,8 @@ unset TRITON_INTERPRET
 t0=$(date +%s)
 BUDGET="${GPU_CHECK_BUDGET:-560}"  # seconds: the device tool's per-call limit is 600
 stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
-have_time() { [ $(( $(date +%s) - t0 + $1 )) -le "$BUDGET" ]; }  # room for a step of about $1 s more?
+# room for a step of $1 s more? (a step given 0 s is skipped: `timeout 0` would mean no limit at all)
+have_time() { [ "$1" -gt 0 ] && [ $(( $(date +%s) - t0 + $1 )) -le "$BUDGET" ]; }
 
 stamp "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
@@ -39,29 +40,41 @@ timeout "${GPU_TEST_TIMEOUT:-200}" python3 -m pytest -m gpu -p no:cacheprovider 
   --maxfail=15 --timeout=150 tests/lorafusion tests/multi tests/galore 2>&1 | tee "$OUT/gpu_tests.log" \
   | grep -E "FAILED|ERROR|passed|failed|SKIPPED|^[0-9.]+s (call|setup)" | tail -45
 
-# Benchmark output: each step logs to /tmp/gpu_check_<step>.log, appended to $OUT/bench.log as it ends.
-bench() {  # bench NAME TIMEOUT_S CMD...: run one benchmark step, log it, say so if it failed
-  local name=$1 limit=$2; shift 2
-  timeout "$limit" "$@" >"/tmp/gpu_check_$name.log" 2>&1 || { stamp "$name failed"; tail -30 "/tmp/gpu_check_$name.log"; }
-  { echo "===== $name: $*"; cat "/tmp/gpu_check_$name.log"; } >>"$OUT/bench.log"
+# Benchmark output: each step's log goes to $OUT/bench.log as it is written (a call cut short keeps it) and to a
+# per-call scratch folder, from which the tables are printed.
+LOGS=$(mktemp -d)
+bench() {  # bench NAME TIMEOUT_S CMD...: run one benchmark step, log it, say how it ended if it failed
+  local name=$1 limit=$2 rc; shift 2
+  echo "===== $name: $*" >>"$OUT/bench.log"
+  timeout "$limit" "$@" 2>&1 | tee "$LOGS/$name.log" >>"$OUT/bench.log"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    stamp "$name failed: $([ "$rc" -eq 124 ] && echo "timed out after ${limit}s" || echo "exit status $rc")"
+    tail -30 "$LOGS/$name.log"
+  fi
 }
 if [ -n "${GPU_SKIP_LAYER:-}" ]; then stamp "layer benchmark skipped (GPU_SKIP_LAYER)"; else
   stamp "layer benchmark (bf16)"
   bench lora_layer 150 python3 benchmarks/lora_layer.py --device cuda --out "$OUT/lora_layer.json"
 fi
-if have_time 60; then
+# Each optional step starts only when its whole time limit fits the budget.
+multi_limit=${GPU_MULTI_TIMEOUT:-150}
+if have_time "$multi_limit"; then
   stamp "multi-adapter benchmark (bf16)"
-  bench multi_lora_layer "${GPU_MULTI_TIMEOUT:-100}" \
+  bench multi_lora_layer "$multi_limit" \
     python3 benchmarks/multi_lora_layer.py --device cuda --out "$OUT/multi_lora_layer.json"
-  tail -12 /tmp/gpu_check_multi_lora_layer.log
-fi
-if have_time 90; then
+  tail -12 "$LOGS/multi_lora_layer.log"
+else stamp "multi-adapter benchmark skipped: ${multi_limit}s would overrun GPU_CHECK_BUDGET"; fi
+profile_limit=${GPU_PROFILE_TIMEOUT:-120}
+if have_time "$profile_limit"; then
   stamp "layer profile: per-kernel time of base / eager / fused / multi, each backend, p = 0 and 0.1"
-  bench layer_profile "${GPU_PROFILE_TIMEOUT:-120}" \
+  bench layer_profile "$profile_limit" \
     python3 benchmarks/layer_profile.py --device cuda --out "$OUT/layer_profile.json"
-  grep -A 16 '^| variant' /tmp/gpu_check_layer_profile.log
-fi
-if [ -z "${GPU_SKIP_TMA:-}" ] && have_time 100; then
+  grep -A 16 '^| variant' "$LOGS/layer_profile.log"
+else stamp "layer profile skipped: ${profile_limit}s would overrun GPU_CHECK_BUDGET"; fi
+# The TMA step (about 160 s) rarely fits after the others in one call: run it alone with
+# GPU_SKIP_LAYER=1 GPU_MULTI_TIMEOUT=0 GPU_PROFILE_TIMEOUT=0 ... (a limit of 0 skips that step).
+if [ -z "${GPU_SKIP_TMA:-}" ] && have_time 160; then
   stamp "TMA GEMMs (LORAFUSION_TRITON_TMA=1): agreement with the pointer kernels, then the layer benchmark at r = 16"
   timeout 40 python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
 import os, torch
@@ -80,9 +93,9 @@ print("TMA vs pointer kernels, 8192x4096->4096 bf16 p=0.1: rel diff Y %.2e, dX %
 PY
   for tma in 0 1; do  # pointer GEMMs, then TMA GEMMs, on the same two shapes
     LORAFUSION_TRITON_TMA=$tma bench "lora_layer_tma$tma" 60 python3 benchmarks/lora_layer.py --device cuda --ranks 16 \
-      --shapes 8192x4096x4096,8192x4096x14336 --out "/tmp/lora_layer_tma$tma.json"
-    echo "LORAFUSION_TRITON_TMA=$tma:"; grep -A 4 '^| shape' "/tmp/gpu_check_lora_layer_tma$tma.log"
+      --shapes 8192x4096x4096,8192x4096x14336 --out "$LOGS/lora_layer_tma$tma.json"
+    echo "LORAFUSION_TRITON_TMA=$tma:"; grep -A 4 '^| shape' "$LOGS/lora_layer_tma$tma.log"
   done
-fi
+else stamp "TMA step skipped (GPU_SKIP_TMA, or 160 s would overrun GPU_CHECK_BUDGET)"; fi
 stamp "done"
-grep -A 20 '^| shape' /tmp/gpu_check_lora_layer.log 2>/dev/null || echo "(no layer benchmark table)"
+grep -A 20 '^| shape' "$LOGS/lora_layer.log" 2>/dev/null || echo "(no layer benchmark table in this call)"

@@ -56,33 +56,53 @@ def _ps(text: str) -> list[float]:
     return ps
 
 
+def _fused(base, r, p, name, A, B):
+    layer = lorafusion.FusedLoRALinear(base, r=r, alpha=2 * r, dropout=p, backend=name).train()
+    with torch.no_grad():
+        layer.lora_A.copy_(A)
+        layer.lora_B.copy_(B)
+    return layer
+
+
+def _multi(base, p, name, ids, dtype):
+    multi = MultiLoRALinear(base, backend=name).train()
+    for k, rk in enumerate(MULTI_RANKS):
+        multi.add_adapter(f"job{k}", rk, 2 * rk, p, dtype=torch.float32 if dtype != torch.float32 else None)
+        with torch.no_grad():
+            multi.lora_B[f"job{k}"].normal_(std=rk ** -0.5)
+    seg = multi.make_segments(ids)
+    return lambda x: multi(x, segments=seg)
+
+
+def _built(make, *args):
+    """The variant, or, when it cannot be built (a backend missing here, say), a step that raises why: the run
+    records the error and goes on with the other variants."""
+    try:
+        return make(*args)
+    except Exception as exc:
+        def failing(x, exc=exc):
+            raise RuntimeError(f"could not build the variant: {type(exc).__name__}: {exc}")
+        return failing
+
+
 def build_variants(T, fin, fout, r, ps, dtype, device, backends, multi_backends):
     """name -> step function taking x (T x fin, requires grad)."""
     torch.manual_seed(0)
     base = nn.Linear(fin, fout, device=device, dtype=dtype).requires_grad_(False)
-    A = torch.randn(r, fin, device=device, dtype=dtype) / fin ** 0.5
-    B = torch.randn(fout, r, device=device, dtype=dtype) / r ** 0.5
+    # trainable, as in the fused layer: eager LoRA then computes dA and dB too
+    A = nn.Parameter(torch.randn(r, fin, device=device, dtype=dtype) / fin ** 0.5)
+    B = nn.Parameter(torch.randn(fout, r, device=device, dtype=dtype) / r ** 0.5)
     s = 2.0
     variants = {"base": base}
     for p in ps:
         variants[f"eager p={p:g}"] = (lambda x, p=p: F.linear(x, base.weight, base.bias)
                                       + s * F.linear(F.linear(F.dropout(x, p, True), A), B))
         for name in backends:
-            layer = lorafusion.FusedLoRALinear(base, r=r, alpha=2 * r, dropout=p, backend=name).train()
-            with torch.no_grad():
-                layer.lora_A.copy_(A)
-                layer.lora_B.copy_(B)
-            variants[f"fused:{name} p={p:g}"] = layer
+            variants[f"fused:{name} p={p:g}"] = _built(_fused, base, r, p, name, A, B)
         per = T // len(MULTI_RANKS)
         ids = [min(i // max(per, 1), len(MULTI_RANKS) - 1) for i in range(T)]
         for name in multi_backends:
-            multi = MultiLoRALinear(base, backend=name).train()
-            for k, rk in enumerate(MULTI_RANKS):
-                multi.add_adapter(f"job{k}", rk, 2 * rk, p, dtype=torch.float32 if dtype != torch.float32 else None)
-                with torch.no_grad():
-                    multi.lora_B[f"job{k}"].normal_(std=rk ** -0.5)
-            seg = multi.make_segments(ids)
-            variants[f"multi:{name} p={p:g}"] = (lambda x, m=multi, sg=seg: m(x, segments=sg))
+            variants[f"multi:{name} p={p:g}"] = _built(_multi, base, p, name, ids, dtype)
     return variants
 
 
@@ -122,8 +142,9 @@ def kernel_split(fn, x, dy, device, steps):
     rows = []
     for evt in prof.key_averages():
         if device == "cuda":
-            # kernels: the events that ran on the device (CPU-side ops and launches are left out)
-            if getattr(evt, "device_type", None) != DeviceType.CUDA:
+            # kernels: the events that ran on the device (CPU-side ops and launches are left out; so are GPU-side
+            # user annotations, which span kernels already counted)
+            if getattr(evt, "device_type", None) != DeviceType.CUDA or getattr(evt, "is_user_annotation", False):
                 continue
             us = getattr(evt, "self_device_time_total", None)
             if us is None:
@@ -204,25 +225,49 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if dev == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"layer profile: {T} tokens, {fin} -> {fout}, {str(dtype)[6:]}, r = {args.r} (multi: ranks {MULTI_RANKS}), "
           f"on {name}", flush=True)
-    results = {}
+    out = {"device": name, "dtype": str(dtype), "tokens": T, "in": fin, "out": fout, "r": args.r, "ps": args.ps,
+           "multi_ranks": MULTI_RANKS, "torch": torch.__version__, "variants": {}, "autotune": {},
+           "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    results = out["variants"]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save():  # after every variant: a run cut short keeps what it measured
+        out["autotune"] = autotune_choices()
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+    # Every variant is timed first, then profiled: profiling (CUPTI on a GPU) never precedes a timing.
     for vname, fn in variants.items():
-        ms = time_step(fn, x, dy, dev, args.reps)
-        split = kernel_split(fn, x, dy, dev, args.steps)
-        results[vname] = {"ms": ms, "kernels": [{"name": k, "us_per_step": round(us, 2), "calls_per_step": c}
-                                                for k, us, c in split]}
-        base_ms = results["base"]["ms"]
-        print(f"\n{vname}: {ms:.3f} ms ({ms / base_ms:.2f}x base)", flush=True)
+        try:
+            ms = time_step(fn, x, dy, dev, args.reps)
+        except Exception as exc:  # one variant failing (a backend's kernel, say) must not lose the others
+            results[vname] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"{vname}: FAILED: {results[vname]['error']}", flush=True)
+        else:
+            results[vname] = {"ms": ms}
+            ratio = ms / results["base"]["ms"] if "ms" in results["base"] else float("nan")
+            results[vname]["ratio"] = ratio
+            print(f"{vname}: {ms:.3f} ms ({ratio:.2f}x base)", flush=True)
+        save()
+    for vname, fn in variants.items():
+        if "error" in results[vname]:
+            continue
+        try:
+            split = kernel_split(fn, x, dy, dev, args.steps)
+        except Exception as exc:
+            results[vname]["kernels_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"\n{vname}: profile FAILED: {results[vname]['kernels_error']}", flush=True)
+            save()
+            continue
+        results[vname]["kernels"] = [{"name": k, "us_per_step": round(us, 2), "calls_per_step": c}
+                                     for k, us, c in split]
+        print(f"\n{vname}: {results[vname]['ms']:.3f} ms; kernels per step:", flush=True)
         for k, us, c in split[:args.top]:
             print(f"  {us:10.1f} us  x{c:<4g} {k[:110]}", flush=True)
+        save()
     print("\n| variant | ms | x base |\n|---|---|---|")
     for vname, res in results.items():
-        print(f"| {vname} | {res['ms']:.3f} | {res['ms'] / results['base']['ms']:.2f}x |")
-    out = {"device": name, "dtype": str(dtype), "tokens": T, "in": fin, "out": fout, "r": args.r, "ps": args.ps,
-           "multi_ranks": MULTI_RANKS, "torch": torch.__version__, "variants": results,
-           "autotune": autotune_choices(), "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+        print(f"| {vname} | " + (f"{res['ms']:.3f} | {res['ratio']:.2f}x |" if "ms" in res else "failed | |"))
     print(f"wrote {args.out}")
     return out
 

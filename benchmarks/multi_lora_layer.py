@@ -135,6 +135,8 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results/multi_lora_layer.json")
     args = ap.parse_args(argv)
     dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
     T = args.tokens or (8192 if dev == "cuda" else 2048)
     F = args.features or (4096 if dev == "cuda" else 1024)
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32

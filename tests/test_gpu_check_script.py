@@ -80,13 +80,17 @@ def test_layer_profile_runs_on_cpu_and_splits_each_variant_into_its_ops(tmp_path
 
     out = tmp_path / "profile.json"
     res = layer_profile.main(["--shape", "96x40x24", "--r", "4", "--ps", "0,0.25", "--steps", "1", "--reps", "2",
-                              "--out", str(out)])
-    names = set(res["variants"])
-    assert {"base", "eager p=0", "eager p=0.25", "fused:cpu p=0", "fused:cpu p=0.25", "multi:cpu p=0",
-            "multi:cpu p=0.25"} <= names, names
-    for name, v in res["variants"].items():
-        assert v["ms"] > 0 and v["kernels"], name
+                              "--multi-backends", "cpu,nosuch", "--out", str(out)])
+    good = {"base", "eager p=0", "eager p=0.25", "fused:cpu p=0", "fused:cpu p=0.25", "multi:cpu p=0",
+            "multi:cpu p=0.25"}
+    assert set(res["variants"]) == good | {"multi:nosuch p=0", "multi:nosuch p=0.25"}, set(res["variants"])
+    assert res["variants"]["base"]["ratio"] == 1.0
+    for name in good:
+        v = res["variants"][name]
+        assert v["ms"] > 0 and v["ratio"] > 0 and v["kernels"], name
         assert all(k["us_per_step"] > 0 for k in v["kernels"]), name
+    # a variant that cannot be built is recorded as failed; the run goes on with the others
+    assert "nosuch" in res["variants"]["multi:nosuch p=0.25"]["error"]
     ops = {k["name"] for k in res["variants"]["fused:cpu p=0.25"]["kernels"]}
     assert {"lorafusion::lora_linear_forward", "lorafusion::lora_linear_backward"} <= ops, ops
     assert not any(k["name"].startswith("lorafusion::") for k in res["variants"]["base"]["kernels"])
