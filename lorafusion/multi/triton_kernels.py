@@ -8,8 +8,9 @@
                           [s] D'?(L_seg Wc_k)                        the big GEMM with the rank-r term in its
                           epilogue (Y = X W^T + b + s S B^T; dX = dY W + D'(dS A))
 
-Row blocks find their segments in ``SegmentTables.block_lookup(BM)`` and tiles in ``SegmentTables.tiles(BM)``; any
-number of adapters and ranks 1-256 (rank is looped in blocks). Only present adapters appear, so an absent adapter
+The GEMM is autotuned (tile sizes, grouped program order); its row blocks find their segments in
+``SegmentTables.block_lookup(LOOKUP_M)`` at a 16-row granularity, the other kernels' tiles in
+``SegmentTables.tiles(BM)``; any number of adapters and ranks 1-256 (rank is looped in blocks). Only present adapters appear, so an absent adapter
 costs nothing. Dropout masks: ``philox_keep`` of ``lorafusion.backends.triton_kernels`` keyed by the global row.
 The main GEMM and the rank-r products run on tensor cores in the input's dtype with fp32 accumulation (ieee fp32
 throughout for fp32 input); S, dS and the adapters' gradients are kept in fp32. In fp16 the fp32 factor a
@@ -27,7 +28,9 @@ try:
     import triton
     import triton.language as tl
 
-    from lorafusion.backends.triton_kernels import philox_keep, zero_dropped
+    from lorafusion.backends import triton_kernels as _tk
+    from lorafusion.backends.triton_kernels import (_cfg, _configs, _gemm_tile, _grouped_pid, philox_keep,
+                                                    zero_dropped)
     _IMPORT_ERROR = None
 except Exception as exc:  # triton missing or the single-adapter kernels failed to import
     _IMPORT_ERROR = exc
@@ -133,14 +136,58 @@ if _IMPORT_ERROR is None:
             gptr = g_ptr + (w_off + rr)[:, None].to(tl.int64) * N + cols[None, :]
             tl.store(gptr, acc, mask=rrmask[:, None] & cmask[None, :])
 
+    # The big GEMM's tiles, autotuned per (token bucket, N, K, dropout, dtype), with grouped (L2-friendly) program
+    # order. 16-bit input: the first config is the one fixed config of earlier versions. In the sm_90 compile
+    # (tests/lorafusion/triton_aot_check.py --only multi --ptxas-usage, Triton 3.9, 8192 x 4096 -> 4096 bf16) the
+    # 128 x 128 and 64 x 128 tiles spill nothing with or without dropout; 128 x 256 spills nothing without dropout
+    # and 368 B per thread with it, so the prune keeps it for dropout-free launches only; 256 x 128 spilled 56 / 640 B
+    # and is left out. fp32 input (ieee products on the FMA units) keeps its small tile.
+    _SEG_GEMM_16BIT = [
+        _cfg(BM=128, BN=128, BK=64, BR=16, GROUP_M=8, num_warps=8, num_stages=3),
+        _cfg(BM=128, BN=256, BK=64, BR=16, GROUP_M=8, num_warps=8, num_stages=3),
+        _cfg(BM=128, BN=128, BK=64, BR=16, GROUP_M=8, num_warps=8, num_stages=4),
+        _cfg(BM=64, BN=128, BK=64, BR=16, GROUP_M=8, num_warps=4, num_stages=4),
+    ]
+    _SEG_GEMM_FP32 = [_cfg(BM=64, BN=64, BK=32, BR=16, GROUP_M=8, num_warps=4, num_stages=3)]
+    _FP32_IDS = {id(c) for c in _SEG_GEMM_FP32}  # the autotuner hands the prune these same objects
+    # BM spans two LOOKUP_M sub-blocks, so the interpreter tests exercise the lookup of wider row blocks
+    _SEG_GEMM_INTERP = _cfg(BM=32, BN=32, BK=32, BR=16, GROUP_M=4)
+    LOOKUP_M = 16  # row granularity of the segment lookup: every config's BM is a multiple of it
+
+    def _prune_seg_gemm(configs, named_args, **kwargs):
+        """fp32 input: its own config. 16-bit: configs whose pipelined tiles fit shared memory, and with few tokens
+        only the small-M tiles (fewer configs to compile and time)."""
+        a = named_args["a_ptr"]
+        fp32 = [c for c in configs if id(c) in _FP32_IDS]
+        if a.dtype == torch.float32:
+            return fp32 or configs[-1:]
+        budget = _tk._smem_budget(a.device)
+        m = named_args["M_BUCKET"]
+        out = []
+        for c in configs:
+            kw = c.kwargs
+            if id(c) in _FP32_IDS:
+                continue
+            smem = c.num_stages * kw["BK"] * (kw["BM"] + kw["BN"]) * a.element_size()
+            if smem > budget or (m <= 64 and kw["BM"] > 64) or (m <= 256 and kw["BM"] * kw["BN"] > 128 * 128):
+                continue
+            if kwargs.get("DROPOUT") and kw["BM"] * kw["BN"] > 128 * 128:
+                continue  # with the mask drawn over the tile, the larger tiles spill (see the list above)
+            out.append(c)
+        return out or [c for c in configs if id(c) not in _FP32_IDS][-1:]
+
+    @triton.autotune(configs=_configs(_SEG_GEMM_16BIT + _SEG_GEMM_FP32, _SEG_GEMM_INTERP),
+                     key=["M_BUCKET", "N", "K", "DROPOUT", "SCALED"],
+                     prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_seg_gemm})
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
     def _seg_gemm_kernel(a_ptr, w_ptr, bias_ptr, l_ptr, wc_ptr, out_ptr, blo_ptr, bhi_ptr,
                          seg_ptr, slot_ptr, thr_ptr, inv_ptr, scale_ptr,
-                         M, N, K, stride_am, stride_ak, stride_wk, stride_wn, stride_om, seed_lo, seed_hi,
+                         M, N, K, M_BUCKET, stride_am, stride_ak, stride_wk, stride_wn, stride_om, seed_lo, seed_hi,
                          HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, SCALED: tl.constexpr, IEEE: tl.constexpr,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+                         LOOKUP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         BR: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr):
+        pid_m, pid_n = _grouped_pid(M, N, BM, BN, GROUP_M)
         rows = pid_m * BM + tl.arange(0, BM)
         cols = pid_n * BN + tl.arange(0, BN)
         rows64 = rows.to(tl.int64)
@@ -152,8 +199,9 @@ if _IMPORT_ERROR is None:
         # thread to 12 / 12, and the forward's from 36 / 28 to 16 / 16 (tests/lorafusion/triton_aot_check.py
         # --ptxas-usage).
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        lo = tl.load(blo_ptr + pid_m)
-        hi = tl.load(bhi_ptr + pid_m)
+        # segments overlapping this row block: from the lookup's first and last LOOKUP-row sub-blocks in it
+        lo = tl.load(blo_ptr + (pid_m * BM) // LOOKUP)
+        hi = tl.load(bhi_ptr + (tl.minimum(pid_m * BM + BM, M) - 1) // LOOKUP)
         for si in range(lo, hi):
             start, end, k, srow = _segment(seg_ptr, si)
             r, w_off, f_off = _slot(slot_ptr, k)
@@ -181,17 +229,12 @@ if _IMPORT_ERROR is None:
                 acc = tl.where(smask[:, None], tl.where(keep, acc * factor, 0.0), acc)
             elif SCALED:
                 acc = tl.where(smask[:, None], acc * factor, acc)
-        for k0 in range(0, K, BK):
-            ks = k0 + tl.arange(0, BK)
-            kmask = ks < K
-            a = tl.load(a_ptr + rows64[:, None] * stride_am + ks[None, :] * stride_ak,
-                        mask=rmask[:, None] & kmask[None, :], other=0.0)
-            w = tl.load(w_ptr + ks[:, None].to(tl.int64) * stride_wk + cols[None, :] * stride_wn,
-                        mask=kmask[:, None] & cmask[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, w.to(a.dtype), acc)
+        # the main K loop (the single-adapter GEMMs' own): rows / cols past the edge wrap to valid ones for the
+        # loads (never stored), so only a ragged K needs masks
+        offs_k = tl.arange(0, BK).to(tl.int64)
+        a_ptrs = a_ptr + (rows % M).to(tl.int64)[:, None] * stride_am + offs_k[None, :] * stride_ak
+        w_ptrs = w_ptr + offs_k[:, None] * stride_wk + (cols % N).to(tl.int64)[None, :] * stride_wn
+        acc = _gemm_tile(acc, a_ptrs, w_ptrs, stride_ak, stride_wk, offs_k, K, BK, EVEN_K, IEEE)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + rows64[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -317,27 +360,22 @@ def segmented_gemm(a, weight, bias, l_flat, wc, t, seed, dropout, scaled, transp
     out = torch.empty(M, N, dtype=a.dtype, device=a.device)
     if M == 0:
         return out
-    ieee = a.dtype == torch.float32
-    if _small():
-        BM, BN, BK, BR, warps, stages = 16, 32, 32, 16, 4, 1
-    elif ieee:
-        BM, BN, BK, BR, warps, stages = 64, 64, 32, 16, 4, 3
-    else:
-        BM, BN, BK, BR, warps, stages = 128, 128, 64, 16, 8, 3
-    blo, bhi = t.block_lookup(BM)
+    blo, bhi = t.block_lookup(LOOKUP_M)
     if transpose_w:  # element (k, n) = W[n, k]
         swk, swn = weight.stride(1), weight.stride(0)
     else:
         swk, swn = weight.stride(0), weight.stride(1)
     thr, inv = _tables_extra(t)
     lo, hi = _seed_words(seed)
-    grid = (triton.cdiv(M, BM), triton.cdiv(N, BN))
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+
     _seg_gemm_kernel[grid](a, weight, bias if bias is not None else out, l_flat, wc, out, blo, bhi,
                            t.seg, t.slot, thr, inv, t.slot_scale,
-                           M, N, K, a.stride(0), a.stride(1), swk, swn, out.stride(0), lo, hi,
-                           HAS_BIAS=bias is not None, DROPOUT=bool(dropout and t._segs.any_dropout),
-                           SCALED=bool(scaled), IEEE=ieee, BM=BM, BN=BN, BK=BK, BR=BR,
-                           num_warps=warps, num_stages=stages)
+                           M, N, K, triton.next_power_of_2(M), a.stride(0), a.stride(1), swk, swn, out.stride(0),
+                           lo, hi, HAS_BIAS=bias is not None, DROPOUT=bool(dropout and t._segs.any_dropout),
+                           SCALED=bool(scaled), IEEE=a.dtype == torch.float32, LOOKUP=LOOKUP_M)
     return out
 
 
