@@ -77,6 +77,27 @@ def train_on_shared_gradients(model, ref_model, optimizer, ref_optimizer, batche
         ref_optimizer.zero_grad()
 
 
+def assert_same_8bit_trajectory(model_a, model_b, optimizer_a, what: str, blocks: int = 2,
+                                block_size: int = 256) -> None:
+    """Two 8-bit optimizer trajectories over the same gradients agree bitwise, up to a rare flip: a last-bit
+    difference that moves one state value across a quantisation boundary. Seen in CI twice, each time as the first
+    test of the run, under load (6.5e-5, then 4.2e-6 relative, against bitsandbytes' own AdamW8bit on shared
+    gradients), and never reproduced in 260 runs on a loaded machine, including the failing seed. A flip changes
+    its element, or, when the element is its block's absmax, that quantisation block: a parameter with 8-bit state
+    (in ``optimizer_a``) may differ in at most ``blocks`` blocks of elements, one with 32-bit state not at all, and
+    the parameters stay within 1e-4. A systematic difference (another weight decay, a missed state, a wrong step
+    count) changes nearly every element of a parameter and fails."""
+    for i, (pa, pb) in enumerate(zip(model_a.parameters(), model_b.parameters())):
+        state = optimizer_a.state.get(pa, {})
+        eight_bit = any(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in state.values())
+        differing = (pa.detach() != pb.detach()).sum().item()
+        allowed = min(blocks * block_size, pa.numel() // 10) if eight_bit else 0
+        assert differing <= allowed, (f"{what}: parameter {i} ({tuple(pa.shape)}, {'8' if eight_bit else '32'}-bit "
+                                      f"state): {differing} of {pa.numel()} elements differ (at most {allowed})")
+    err = max_param_rel_err(model_a, model_b)
+    assert err < 1e-4, f"{what}: parameters differ by {err}"
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
