@@ -46,7 +46,11 @@ def _float64_galore_adamw(w0, grads, rank, gap, scale, lr, betas, eps, wd):
     for t, g in enumerate(grads, start=1):
         g = g.double()
         if (t - 1) % gap == 0:
-            u, s, vh = torch.linalg.svd(g, full_matrices=False)
+            # The basis is the gradient's singular vectors up to sign, and the sign is the SVD routine's choice:
+            # moments carried over a refresh meet the new basis' signs, so both sides must choose alike. The
+            # package takes the SVD of the float32 gradient; so does this reference (float64 from there on). A
+            # float64 SVD chose other signs for seed 466437651 and the trajectories parted by 2.6e-3.
+            u, s, vh = (t_.double() for t_ in torch.linalg.svd(g.float(), full_matrices=False))
             right = g.shape[0] >= g.shape[1]
             basis = vh[:rank] if right else u[:, :rank]
         low = g @ basis.T if right else basis.T @ g
