@@ -133,16 +133,24 @@ def test_3d_parameter_is_projected_as_matrix():
     ("reverse_std", (8, 30), "right"), ("left", (30, 8), "left"), ("right", (8, 30), "right"),
 ])
 def test_projection_round_trip_recovers_the_rank_r_part(proj_type, shape, side):
-    """project_back(project(G)) equals the float64 best rank-r approximation on the chosen side."""
-    g = torch.randn(*shape, dtype=torch.float32)
+    """project_back(project(G)) equals the float64 best rank-r approximation on the chosen side.
+
+    G has a clear gap after its 4th singular value: a plain Gaussian matrix sometimes has almost none, and float32
+    then cannot pin the subspace to 1e-5 (seen: 1.5e-5 on one draw)."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
     assert projection_side(proj_type, shape) == side
     rank = 4
+    qa, _ = torch.linalg.qr(torch.randn(shape[0], 8, generator=gen, dtype=torch.float64))
+    qb, _ = torch.linalg.qr(torch.randn(shape[1], 8, generator=gen, dtype=torch.float64))
+    spectrum = torch.tensor([9.0, 7.0, 5.0, 4.0, 1.0, 0.7, 0.4, 0.2], dtype=torch.float64)
+    g = ((qa * spectrum) @ qb.T).float()
     basis = orthogonal_basis(g, rank, side)
     approx = project_back(project(g, basis, side), basis, side)
     u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
     truth = (u[:, :rank] * s[:rank]) @ vh[:rank]
     # one-sided projection onto the top-r singular subspace = best rank-r approximation
-    assert rel_err(approx, truth) < 1e-5
+    assert rel_err(approx, truth) < 1e-5, f"seed={seed}"
 
 
 def test_randomized_svd_basis_spans_the_dominant_subspace_and_spares_the_global_rng():
