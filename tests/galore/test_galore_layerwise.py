@@ -28,19 +28,24 @@ def test_layerwise_with_accumulation_4_equals_plain_with_accumulation_4(name):
     opt = OPTIMIZERS[name](galore_groups(model, gap=3))  # refreshes at steps 0, 3, 6: both hook paths run
     opt_lw = OPTIMIZERS[name](galore_groups(model_lw, gap=3))
     opt_lw.enable_layerwise(accumulation_steps=4)
-    train(model, opt, batches, accumulation=4)
-    train(model_lw, opt_lw, batches, accumulation=4)
+    # Steps 0-2 share the basis of step 0, where the moments start at zero, so the SVD's sign choices cannot
+    # matter: the fp32 optimizers must agree to 1e-5 there. Later refreshes carry the moments over to the new basis.
+    # Summing projected gradients and projecting the summed gradient differ in the last bits, and that can flip a
+    # basis vector's sign (seed 209: 4.1e-3 apart after step 6). So from there each update must stay within 30%:
+    # dropping one microbatch in four moves updates by ~90%.
+    train(model, opt, batches[:12], accumulation=4)
+    train(model_lw, opt_lw, batches[:12], accumulation=4)
+    if name != "galore_adamw8bit":
+        # 8-bit: the last-bit difference can also move a state value across a quantisation boundary (once in ~75
+        # seeds); its check is the 30% one below
+        err = max_param_rel_err(model_lw, model)
+        assert err < 1e-5, f"seed={seed} {name}: layer-wise differs by {err} over one basis period"
+    train(model, opt, batches[12:], accumulation=4)
+    train(model_lw, opt_lw, batches[12:], accumulation=4)
     err = max_param_rel_err(model_lw, model)
-    if name == "galore_adamw8bit":
-        # summing projected gradients and projecting the summed gradient differ in the last bits; once in ~75 seeds
-        # that moves a state value across an 8-bit quantization boundary, and the runs then drift apart (updates by
-        # 10-17%, weights by ~2e-3 over 300 seeds; dropping one microbatch in four moves updates by ~90%). The hook
-        # path is the fp32 optimizers' too, checked to 1e-5 above; here each update must be within 30%
-        for (pname, p), q, s0 in zip(model_lw.named_parameters(), model.parameters(), start.parameters()):
-            e = rel_err((p - s0).detach(), (q - s0).detach())
-            assert e < 0.3, f"seed={seed} {name}: layer-wise update of {pname} differs by {e} (weights by {err})"
-    else:
-        assert err < 1e-5, f"seed={seed} {name}: layer-wise differs by {err}"
+    for (pname, p), q, s0 in zip(model_lw.named_parameters(), model.parameters(), start.parameters()):
+        e = rel_err((p - s0).detach(), (q - s0).detach())
+        assert e < 0.3, f"seed={seed} {name}: layer-wise update of {pname} differs by {e} (weights by {err})"
     assert max_param_rel_err(model, start) > 1e-3
     assert opt_lw.state[model_lw.up.weight]["step"] == 7
 
