@@ -8,7 +8,8 @@ import torch
 
 import galore
 from galore_test_helpers import (
-    fresh_seed, galore_groups, make_batches, make_model, max_param_rel_err, train, train_on_shared_gradients,
+    assert_same_8bit_trajectory, fresh_seed, galore_groups, make_batches, make_model, max_param_rel_err, train,
+    train_on_shared_gradients,
 )
 
 OPTIMIZERS = {
@@ -50,8 +51,11 @@ def test_save_load_continue_equals_uninterrupted(name):
     opt_c = make(galore_groups(resumed, gap=4))
     opt_c.load_state_dict(saved_opt)
     train_on_shared_gradients(model, resumed, opt, opt_c, batches[6:])
-    err = max_param_rel_err(resumed, model)
-    assert err < 1e-6, f"seed={seed} {name}: resumed run differs by {err}"
+    if name == "galore_adamw8bit":  # bitwise, but for the rare 8-bit flip galore_test_helpers describes
+        assert_same_8bit_trajectory(resumed, model, opt_c, f"seed={seed} {name}: resumed run")
+    else:
+        err = max_param_rel_err(resumed, model)
+        assert err < 1e-6, f"seed={seed} {name}: resumed run differs by {err}"
 
 
 def test_load_keeps_fp32_moments_of_bf16_parameters():
