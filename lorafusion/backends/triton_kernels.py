@@ -71,21 +71,22 @@ def _smem_budget(device) -> int:
     return _smem_optin[key]
 
 
+def gemm_tile_fits(c, elem: int, budget: int, m_bucket: int, extra_k: int = 0) -> bool:
+    """A GEMM config's pipelined operand tiles (num_stages x BK, plus ``extra_k`` columns such as a rank tile, of
+    BM + BN rows of ``elem`` bytes) fit the shared-memory budget, and its tile is not oversized for the token count
+    (fewer configs to compile and time when there are few tokens). Shared by the single- and multi-adapter prunes."""
+    kw = c.kwargs
+    smem = (c.num_stages * kw["BK"] + extra_k) * (kw["BM"] + kw["BN"]) * elem
+    return not (smem > budget or (m_bucket <= 64 and kw["BM"] > 64)
+                or (m_bucket <= 256 and kw["BM"] * kw["BN"] > 128 * 128))
+
+
 def _prune_gemm(configs, named_args, **kwargs):
     """Drop GEMM configs whose pipelined operand tiles overflow shared memory for this dtype, and the large
     tiles when there are few tokens (fewer configs to compile and time)."""
     x = named_args["x_ptr" if "x_ptr" in named_args else "dy_ptr"]
-    elem = x.element_size()
-    budget = _smem_budget(x.device)
-    m = named_args["M_BUCKET"]
-    out = []
-    for c in configs:
-        kw = c.kwargs
-        br = kwargs.get("BR", 64)
-        smem = (c.num_stages * kw["BK"] + br) * (kw["BM"] + kw["BN"]) * max(elem, 2)
-        if smem > budget or (m <= 64 and kw["BM"] > 64) or (m <= 256 and kw["BM"] * kw["BN"] > 128 * 128):
-            continue
-        out.append(c)
+    elem, budget, m = max(x.element_size(), 2), _smem_budget(x.device), named_args["M_BUCKET"]
+    out = [c for c in configs if gemm_tile_fits(c, elem, budget, m, extra_k=kwargs.get("BR", 64))]
     return out or configs[-1:]
 
 

@@ -10,8 +10,9 @@
 
 The GEMM is autotuned (tile sizes, grouped program order); its row blocks find their segments in
 ``SegmentTables.block_lookup(LOOKUP_M)`` at a 16-row granularity, the other kernels' tiles in
-``SegmentTables.tiles(BM)``; any number of adapters and ranks 1-256 (rank is looped in blocks). Only present adapters appear, so an absent adapter
-costs nothing. Dropout masks: ``philox_keep`` of ``lorafusion.backends.triton_kernels`` keyed by the global row.
+``SegmentTables.tiles(BM)``; any number of adapters and ranks 1-256 (rank is looped in blocks). Only present
+adapters appear, so an absent adapter costs nothing. Dropout masks: ``philox_keep`` of
+``lorafusion.backends.triton_kernels`` keyed by the global row.
 The main GEMM and the rank-r products run on tensor cores in the input's dtype with fp32 accumulation (ieee fp32
 throughout for fp32 input); S, dS and the adapters' gradients are kept in fp32. In fp16 the fp32 factor a
 gradient kernel rounds (dS, and the stacked B in dS = s dY B) is first scaled by an exact power of two per adapter
@@ -158,23 +159,14 @@ if _IMPORT_ERROR is None:
         """fp32 input: its own config. 16-bit: configs whose pipelined tiles fit shared memory, and with few tokens
         only the small-M tiles (fewer configs to compile and time)."""
         a = named_args["a_ptr"]
-        fp32 = [c for c in configs if id(c) in _FP32_IDS]
         if a.dtype == torch.float32:
-            return fp32 or configs[-1:]
-        budget = _tk._smem_budget(a.device)
-        m = named_args["M_BUCKET"]
-        out = []
-        for c in configs:
-            kw = c.kwargs
-            if id(c) in _FP32_IDS:
-                continue
-            smem = c.num_stages * kw["BK"] * (kw["BM"] + kw["BN"]) * a.element_size()
-            if smem > budget or (m <= 64 and kw["BM"] > 64) or (m <= 256 and kw["BM"] * kw["BN"] > 128 * 128):
-                continue
-            if kwargs.get("DROPOUT") and kw["BM"] * kw["BN"] > 128 * 128:
-                continue  # with the mask drawn over the tile, the larger tiles spill (see the list above)
-            out.append(c)
-        return out or [c for c in configs if id(c) not in _FP32_IDS][-1:]
+            return [c for c in configs if id(c) in _FP32_IDS] or configs[-1:]
+        sixteen = [c for c in configs if id(c) not in _FP32_IDS]
+        elem, budget, m = a.element_size(), _tk._smem_budget(a.device), named_args["M_BUCKET"]
+        # with the mask drawn over the tile, the larger tiles spill (see the list above)
+        out = [c for c in sixteen if _tk.gemm_tile_fits(c, elem, budget, m)
+               and not (kwargs.get("DROPOUT") and c.kwargs["BM"] * c.kwargs["BN"] > 128 * 128)]
+        return out or sixteen[-1:]
 
     @triton.autotune(configs=_configs(_SEG_GEMM_16BIT + _SEG_GEMM_FP32, _SEG_GEMM_INTERP),
                      key=["M_BUCKET", "N", "K", "DROPOUT", "SCALED"],
