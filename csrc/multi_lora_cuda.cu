@@ -19,6 +19,30 @@ __device__ __forceinline__ uint32_t device_threshold(double p) {
   return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
 }
 
+// Slot k's rank, offsets and per-adapter factors, as each kernel reads them from the tables.
+struct SlotParams {
+  int64_t r, w_off, f_off;
+  double p;
+  bool drop;       // dropout requested and this adapter's p > 0
+  uint32_t thr;    // keep threshold of p
+  float inv;       // 1 / (1 - p) when dropping, else 1
+  float scale;     // the adapter's scale when requested, else 1
+};
+
+__device__ __forceinline__ SlotParams load_slot(const int64_t* slot, const double* slot_p, const float* slot_scale,
+                                                int64_t k, bool dropout, bool scaled) {
+  SlotParams s;
+  s.r = slot[3 * k];
+  s.w_off = slot[3 * k + 1];
+  s.f_off = slot[3 * k + 2];
+  s.p = slot_p[k];
+  s.drop = dropout && s.p > 0.0;
+  s.thr = device_threshold(s.p);
+  s.inv = s.drop ? static_cast<float>(1.0 / (1.0 - s.p)) : 1.0f;
+  s.scale = scaled ? slot_scale[k] : 1.0f;
+  return s;
+}
+
 // Index of the segment holding row, or -1.
 __device__ __forceinline__ int64_t find_segment(const int64_t* seg, int64_t n_seg, int64_t row) {
   int64_t lo = 0, hi = n_seg;
@@ -38,12 +62,11 @@ __global__ void shrink_kernel(const T* __restrict__ x, int64_t ldx, int64_t K, c
   const int64_t si = find_segment(seg, n_seg, row);
   if (si < 0) return;
   const int64_t start = seg[4 * si], k = seg[4 * si + 2], srow = seg[4 * si + 3];
-  const int64_t r = slot[3 * k], w_off = slot[3 * k + 1], f_off = slot[3 * k + 2];
-  const double p = slot_p[k];
-  const bool drop = dropout && p > 0.0;
-  const uint32_t thr = device_threshold(p);
-  const float inv = drop ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f;
-  const float scale = scaled ? slot_scale[k] : 1.0f;
+  const SlotParams sp = load_slot(slot, slot_p, slot_scale, k, dropout, scaled);
+  const int64_t r = sp.r, w_off = sp.w_off, f_off = sp.f_off;
+  const bool drop = sp.drop;
+  const uint32_t thr = sp.thr;
+  const float inv = sp.inv, scale = sp.scale;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
   const T* xr = x + row * ldx;
   for (int64_t j = warp; j < r; j += n_warps) {
@@ -67,12 +90,11 @@ __global__ void grad_kernel(const float* __restrict__ l, const T* __restrict__ m
   const int64_t k = blockIdx.x;
   const int64_t col = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (col >= N) return;
-  const int64_t r = slot[3 * k], w_off = slot[3 * k + 1], f_off = slot[3 * k + 2];
-  const double p = slot_p[k];
-  const bool drop = dropout && p > 0.0;
-  const uint32_t thr = device_threshold(p);
-  const float inv = drop ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f;
-  const float scale = scaled ? slot_scale[k] : 1.0f;
+  const SlotParams sp = load_slot(slot, slot_p, slot_scale, k, dropout, scaled);
+  const int64_t r = sp.r, w_off = sp.w_off, f_off = sp.f_off;
+  const bool drop = sp.drop;
+  const uint32_t thr = sp.thr;
+  const float inv = sp.inv, scale = sp.scale;
   for (int64_t rb = 0; rb < r; rb += kRankChunk) {
     const int nr = static_cast<int>(r - rb < kRankChunk ? r - rb : kRankChunk);
     float acc[kRankChunk];
@@ -107,16 +129,13 @@ __global__ void expand_add_kernel(T* __restrict__ out, int64_t ldo, int64_t N, c
   const int64_t si = find_segment(seg, n_seg, row);
   if (si < 0) return;
   const int64_t start = seg[4 * si], k = seg[4 * si + 2], srow = seg[4 * si + 3];
-  const int64_t r = slot[3 * k], w_off = slot[3 * k + 1], f_off = slot[3 * k + 2];
-  const double p = slot_p[k];
-  const bool drop = dropout && p > 0.0;
-  if (drop && !lorafusion::dropout_keep(seed, static_cast<uint32_t>(row), static_cast<uint32_t>(col),
-                                        device_threshold(p)))
+  const SlotParams sp = load_slot(slot, slot_p, slot_scale, k, dropout, scaled);
+  if (sp.drop && !lorafusion::dropout_keep(seed, static_cast<uint32_t>(row), static_cast<uint32_t>(col), sp.thr))
     return;
-  const float* lr = l + f_off + (srow + row - start) * r;
+  const float* lr = l + sp.f_off + (srow + row - start) * sp.r;
   float acc = 0.f;
-  for (int64_t j = 0; j < r; ++j) acc += lr[j] * w[(w_off + j) * N + col];
-  const float mul = (scaled ? slot_scale[k] : 1.0f) * (drop ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f);
+  for (int64_t j = 0; j < sp.r; ++j) acc += lr[j] * w[(sp.w_off + j) * N + col];
+  const float mul = sp.scale * sp.inv;
   T* o = out + row * ldo + col;
   *o = static_cast<T>(static_cast<float>(*o) + mul * acc);
 }
