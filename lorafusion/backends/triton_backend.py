@@ -312,12 +312,13 @@ def _grad_A(x2d, dS, seed: int, p: float, want_bits: bool = False):
     return dA, (bits if write_bits else None)
 
 
-def _dropout_bits(M: int, K: int, seed: int, p: float, device) -> torch.Tensor:
-    """The keep mask, one int8 (0/1) per element."""
+def _dropout_bits(M: int, K: int, seed: int, p: float, device, BK: int = 64) -> torch.Tensor:
+    """The keep mask, one int8 (0/1) per element (``BK``: the kernel's column tile, for tests; 64 and its multiples
+    share each Philox block among four columns, others draw one per element)."""
     bits = torch.empty(M, K, dtype=torch.int8, device=device)
     lo, hi, thr, _ = _dropout_args(seed, p)
-    grid = (triton.cdiv(M, 32), triton.cdiv(K, 64))
-    tk._dropout_bits_kernel[grid](bits, M, K, bits.stride(0), lo, hi, thr, BM=32, BK=64)
+    grid = (triton.cdiv(M, 32), triton.cdiv(K, BK))
+    tk._dropout_bits_kernel[grid](bits, M, K, bits.stride(0), lo, hi, thr, BM=32, BK=BK)
     return bits
 
 

@@ -12,12 +12,15 @@ Five kernels, split at the small tensor S as in LoRAFusion:
                                                              accumulator, dY W is added on, dX stored once
 
 The dropout mask is ``reference.dropout_keep_mask``: one of the four words of Philox-4x32-10 (counter and word
-from the column, see ``reference``), key (seed lo, seed hi), unsigned ``>= threshold``. ``HAS_DROPOUT`` is a constexpr, so p == 0 compiles
-every bit of mask work out. Philox costs ~35 integer multiplies per element, about 75-100 us per pass over an
-8192 x 4096 input on an H100/H200: the GEMM epilogue does not run it on its 128 x 256 tile (register spills,
-measured +420 us) but reads the mask ``_grad_A_kernel`` just generated (32 MB write + read at 8192 x 4096; 4 MB
-bit-packed, but the reshape-based packing we tried failed Triton 3.6's LLVM lowering). Offsets are formed in int64 so
-tensors past 2**31 elements index correctly.
+from the column, see ``reference``), key (seed lo, seed hi), unsigned ``>= threshold``. ``HAS_DROPOUT`` is a
+constexpr, so p == 0 compiles every bit of mask work out. One Philox block costs ~40 integer multiplies; drawn
+per element it took about 75-100 us per pass over an 8192 x 4096 input on an H100/H200, several times the pass's
+memory time. The streaming kernels' tiles span whole 64-column blocks, so ``philox_keep_tile`` draws one block per
+four elements (the PTX of a 64 x 128 shrink tile went from 992 to 266 high multiplies per thread, sm_90,
+``tests/lorafusion/triton_aot_check.py``). The dX GEMM's epilogue does not run Philox on its 128 x 256 tile
+(register spills, measured +420 us) but reads the mask ``_grad_A_kernel`` just generated (32 MB write + read at
+8192 x 4096; 4 MB bit-packed, but the reshape-based packing we tried failed Triton 3.6's LLVM lowering). Offsets
+are formed in int64 so tensors past 2**31 elements index correctly.
 
 Reductions over the token dimension (dB, dA) and, when the reduced dimension is split for parallelism (K in
 shrink, N in dy_shrink, tokens in grad_A), the outputs are accumulated with relaxed fp32 atomics into zeroed
@@ -164,16 +167,11 @@ def _rank_r_tile(acc, l_rows, w_cols, stride_wr, R, scale, out_ptr, BR: tl.const
 
 
 @triton.jit
-def philox_draw(rows, cols, seed_lo, seed_hi):
-    """The dropout draw (uint32) of every (row, col) of a tile, per ``lorafusion.reference``: word
-    ``(col >> 4) & 3`` of Philox-4x32-10 with counter ``((col >> 6) * 16 + (col & 15), row, 0, 0)`` and key
-    (seed_lo, seed_hi). Computed per element here (a tile's four words could serve four columns each)."""
-    zero = tl.full([rows.shape[0], cols.shape[0]], 0, tl.uint32)
-    ucols = cols.to(tl.uint32)
-    c0 = zero + ((ucols >> 6) * 16 + (ucols & 15))[None, :]
-    c1 = zero + rows.to(tl.uint32)[:, None]
-    c2 = zero
-    c3 = zero
+def _philox_rounds(c0, c1, seed_lo, seed_hi):
+    """Philox-4x32-10 of the counters (c0, c1, 0, 0) (uint32 tensors of one shape) under key (seed_lo, seed_hi):
+    its four output words."""
+    c2 = c0 * 0
+    c3 = c2
     k0 = seed_lo.to(tl.uint32, bitcast=True)
     k1 = seed_hi.to(tl.uint32, bitcast=True)
     for _ in tl.static_range(10):
@@ -185,6 +183,19 @@ def philox_draw(rows, cols, seed_lo, seed_hi):
         c3 = _c0 * _PHILOX_ROUND_A
         k0 = k0 + _PHILOX_KEY_A
         k1 = k1 + _PHILOX_KEY_B
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def philox_draw(rows, cols, seed_lo, seed_hi):
+    """The dropout draw (uint32) of every (row, col) of a tile, per ``lorafusion.reference``: word
+    ``(col >> 4) & 3`` of Philox-4x32-10 with counter ``((col >> 6) * 16 + (col & 15), row, 0, 0)`` and key
+    (seed_lo, seed_hi). One Philox block per element: ``philox_keep_tile`` shares each block among the four
+    elements it serves, where the tile allows."""
+    zero = tl.full([rows.shape[0], cols.shape[0]], 0, tl.uint32)
+    ucols = cols.to(tl.uint32)
+    c0, c1, c2, c3 = _philox_rounds(zero + ((ucols >> 6) * 16 + (ucols & 15))[None, :],
+                                    zero + rows.to(tl.uint32)[:, None], seed_lo, seed_hi)
     word = ((ucols >> 4) & 3)[None, :]
     return tl.where(word == 0, c0, tl.where(word == 1, c1, tl.where(word == 2, c2, c3)))
 
@@ -193,6 +204,29 @@ def philox_draw(rows, cols, seed_lo, seed_hi):
 def philox_keep(rows, cols, seed_lo, seed_hi, threshold):
     """Dropout keep mask of a tile: ``philox_draw >= threshold`` compared as unsigned 32-bit."""
     return philox_draw(rows, cols, seed_lo, seed_hi) >= threshold.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def philox_keep_tile(rows, col0, seed_lo, seed_hi, threshold, BN: tl.constexpr):
+    """``philox_keep(rows, col0 + arange(BN), ...)`` for a tile whose first column ``col0`` is a multiple of 64 (the
+    caller's guarantee: its column tiles start at multiples of BN). With BN a multiple of 64 the tile's columns are
+    whole 64-column blocks, whose 16 counters each serve four columns (64b + 16w + l takes word w of counter
+    16b + l): one Philox block per four elements, a quarter of ``philox_keep``'s integer work. The four words'
+    keep bits, drawn on a (rows x BN / 4) grid, are interleaved into column order by a join and a permute of
+    bytes. Other BN: ``philox_keep`` per element."""
+    if BN % 64 == 0:
+        zero = tl.full([rows.shape[0], BN // 4], 0, tl.uint32)
+        counters = (tl.arange(0, BN // 4) + (col0 >> 6) * 16).to(tl.uint32)
+        w0, w1, w2, w3 = _philox_rounds(zero + counters[None, :], zero + rows.to(tl.uint32)[:, None],
+                                        seed_lo, seed_hi)
+        thr = threshold.to(tl.uint32, bitcast=True)
+        # [.., i, j] holds word 2i + j
+        keep = tl.join(tl.join((w0 >= thr).to(tl.int8), (w2 >= thr).to(tl.int8)),
+                       tl.join((w1 >= thr).to(tl.int8), (w3 >= thr).to(tl.int8)))
+        keep = tl.permute(tl.reshape(keep, [rows.shape[0], BN // 64, 16, 2, 2]), (0, 1, 3, 4, 2))
+        return tl.reshape(keep, [rows.shape[0], BN]) != 0
+    else:
+        return philox_keep(rows, col0 + tl.arange(0, BN), seed_lo, seed_hi, threshold)
 
 
 @triton.jit
@@ -281,7 +315,7 @@ def split_count(blocks: int, work_blocks: int, num_sms: int) -> int:
     configs=_configs(
         [_cfg(BM=64, BK=128, num_warps=4, num_stages=4), _cfg(BM=128, BK=64, num_warps=8, num_stages=4),
          _cfg(BM=64, BK=256, num_warps=8, num_stages=3), _cfg(BM=32, BK=64, num_warps=4, num_stages=3)],
-        _cfg(BM=16, BK=32)),
+        _cfg(BM=16, BK=64)),
     key=["M_BUCKET", "K", "R", "HAS_DROPOUT"],
     prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_streaming("shrink")},
 )
@@ -309,9 +343,8 @@ def _shrink_kernel(x_ptr, a_ptr, s_ptr, M, K, R, M_BUCKET,
         offs_k = k0 + tl.arange(0, BK)
         k_ok = offs_k < k_end
         x = tl.load(x_rows + offs_k.to(tl.int64)[None, :] * stride_xk, mask=k_ok[None, :], other=0.0)
-        if HAS_DROPOUT:
-            keep = philox_keep(offs_m, offs_k, seed_lo, seed_hi, threshold)
-            x = zero_dropped(x, keep)
+        if HAS_DROPOUT:  # k0 is a multiple of BK (k_per_split is)
+            x = zero_dropped(x, philox_keep_tile(offs_m, k0, seed_lo, seed_hi, threshold, BK))
         a = tl.load(a_cols + offs_k.to(tl.int64)[:, None] * stride_ak, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
         if DOT_FP32:
             acc = tl.dot(x.to(tl.float32), a.to(tl.float32), acc, input_precision="ieee")
@@ -500,7 +533,7 @@ def _dy_shrink_kernel(dy_ptr, lb_ptr, s_ptr, ds_ptr, db_ptr, M, N, R, M_BUCKET,
     configs=_configs(
         [_cfg(BM=64, BK=64, num_warps=4, num_stages=3), _cfg(BM=64, BK=128, num_warps=4, num_stages=4),
          _cfg(BM=128, BK=64, num_warps=8, num_stages=3)],
-        _cfg(BM=32, BK=32)),
+        _cfg(BM=32, BK=64)),
     key=["M_BUCKET", "K", "R", "HAS_DROPOUT"],
     prune_configs_by=None if INTERPRET else {"early_config_prune": _prune_streaming("grad_A")},
 )
@@ -529,7 +562,7 @@ def _grad_A_kernel(x_ptr, ds_ptr, da_ptr, bits_ptr, M, K, R, M_BUCKET,
         m_ok = offs_m < m_end
         x = tl.load(x_cols + offs_m.to(tl.int64)[:, None] * stride_xm, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = philox_keep(offs_m, offs_k, seed_lo, seed_hi, threshold)
+            keep = philox_keep_tile(offs_m, pid_k * BK, seed_lo, seed_hi, threshold, BK)
             x = zero_dropped(x, keep)
             if WRITE_BITS:
                 k_ptrs = bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_k[None, :]
@@ -556,7 +589,7 @@ def _dropout_bits_kernel(bits_ptr, M, K, stride_bits, seed_lo, seed_hi, threshol
     called on its own)."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_k = tl.program_id(1) * BK + tl.arange(0, BK)
-    keep = philox_keep(offs_m, offs_k, seed_lo, seed_hi, threshold)
+    keep = philox_keep_tile(offs_m, tl.program_id(1) * BK, seed_lo, seed_hi, threshold, BK)
     k_ptrs = bits_ptr + offs_m.to(tl.int64)[:, None] * stride_bits + offs_k[None, :]
     tl.store(k_ptrs, keep.to(tl.int8), mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
 

@@ -11,7 +11,7 @@
 The GEMM is autotuned (tile sizes, grouped program order); its row blocks find their segments in
 ``SegmentTables.block_lookup(LOOKUP_M)`` at a 16-row granularity, the other kernels' tiles in
 ``SegmentTables.tiles(BM)``; any number of adapters and ranks 1-256 (rank is looped in blocks). Only present
-adapters appear, so an absent adapter costs nothing. Dropout masks: ``philox_keep`` of
+adapters appear, so an absent adapter costs nothing. Dropout masks: ``philox_keep_tile`` of
 ``lorafusion.backends.triton_kernels`` keyed by the global row.
 The main GEMM and the rank-r products run on tensor cores in the input's dtype with fp32 accumulation (ieee fp32
 throughout for fp32 input); S, dS and the adapters' gradients are kept in fp32. In fp16 the fp32 factor a
@@ -30,7 +30,7 @@ try:
     import triton.language as tl
 
     from lorafusion.backends import triton_kernels as _tk
-    from lorafusion.backends.triton_kernels import (_cfg, _configs, _gemm_tile, _grouped_pid, philox_keep,
+    from lorafusion.backends.triton_kernels import (_cfg, _configs, _gemm_tile, _grouped_pid, philox_keep_tile,
                                                     zero_dropped)
     _IMPORT_ERROR = None
 except Exception as exc:  # triton missing or the single-adapter kernels failed to import
@@ -83,8 +83,8 @@ if _IMPORT_ERROR is None:
                 kmask = ks < K
                 x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                             mask=rmask[:, None] & kmask[None, :], other=0.0)
-                if DROPOUT:
-                    x = zero_dropped(x, philox_keep(rows, ks, seed_lo, seed_hi, tl.load(thr_ptr + k)))
+                if DROPOUT:  # k0 is a multiple of BK
+                    x = zero_dropped(x, philox_keep_tile(rows, k0, seed_lo, seed_hi, tl.load(thr_ptr + k), BK))
                 w = tl.load(w_ptr + (w_off + rr)[None, :].to(tl.int64) * K + ks[:, None],
                             mask=rrmask[None, :] & kmask[:, None], other=0.0)
                 if TC:
@@ -123,7 +123,8 @@ if _IMPORT_ERROR is None:
                     m = tl.load(m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
                                 mask=rmask[:, None] & cmask[None, :], other=0.0)
                     if DROPOUT:
-                        m = zero_dropped(m, philox_keep(rows, cols, seed_lo, seed_hi, tl.load(thr_ptr + k)))
+                        m = zero_dropped(m, philox_keep_tile(rows, tl.program_id(1) * BN, seed_lo, seed_hi,
+                                                             tl.load(thr_ptr + k), BN))
                     lt = tl.load(l_ptr + f_off + (srow + rows - start)[:, None] * r + rr[None, :],
                                  mask=rmask[:, None] & rrmask[None, :], other=0.0)
                     if TC:
@@ -152,7 +153,7 @@ if _IMPORT_ERROR is None:
     _SEG_GEMM_FP32 = [_cfg(BM=64, BN=64, BK=32, BR=16, GROUP_M=8, num_warps=4, num_stages=3)]
     _FP32_IDS = {id(c) for c in _SEG_GEMM_FP32}  # the autotuner hands the prune these same objects
     # BM spans two LOOKUP_M sub-blocks, so the interpreter tests exercise the lookup of wider row blocks
-    _SEG_GEMM_INTERP = _cfg(BM=32, BN=32, BK=32, BR=16, GROUP_M=4)
+    _SEG_GEMM_INTERP = _cfg(BM=32, BN=64, BK=32, BR=16, GROUP_M=4)
     LOOKUP_M = 16  # row granularity of the segment lookup: every config's BM is a multiple of it
 
     def _prune_seg_gemm(configs, named_args, **kwargs):
@@ -217,7 +218,7 @@ if _IMPORT_ERROR is None:
             if SCALED:
                 factor = factor * tl.load(scale_ptr + k)
             if DROPOUT:
-                keep = philox_keep(rows, cols, seed_lo, seed_hi, tl.load(thr_ptr + k))
+                keep = philox_keep_tile(rows, pid_n * BN, seed_lo, seed_hi, tl.load(thr_ptr + k), BN)
                 acc = tl.where(smask[:, None], tl.where(keep, acc * factor, 0.0), acc)
             elif SCALED:
                 acc = tl.where(smask[:, None], acc * factor, acc)
@@ -295,7 +296,7 @@ def shrink(x, w_cat, t, seed, dropout, scaled):
         w_cat = w_cat * f[row_ids][:, None]
         unscale = unscale[flat_ids]
     # 32-row tiles: no register spills on sm_90 (64-row tiles spilled 12 bytes per thread with dropout)
-    BM, BR, BK = (16, 16, 32) if _small() else (32, 32, 64)
+    BM, BR, BK = (16, 16, 64) if _small() else (32, 32, 64)
     tiles = t.tiles(BM)
     thr, inv = _tables_extra(t)
     lo, hi = _seed_words(seed)
@@ -324,7 +325,7 @@ def grad(l_flat, m, t, seed, dropout, scaled):
         l_flat = l_flat * f[flat_ids]
         unscale = unscale[row_ids][:, None]
     # 32 rows per step: no register spills on sm_90 (64 rows spilled 432-612 bytes per thread in bf16)
-    BM, BR, BN = (16, 16, 32) if _small() else (32, 32, 64)
+    BM, BR, BN = (16, 16, 64) if _small() else (32, 32, 64)
     thr, inv = _tables_extra(t)
     lo, hi = _seed_words(seed)
     grid = (len(t.slot_info), triton.cdiv(N, BN), triton.cdiv(t.max_rank, BR))

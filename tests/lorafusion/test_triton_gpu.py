@@ -97,6 +97,16 @@ def test_philox_bits_match_reference(seed):
     assert torch.equal(got, ref.philox_uint32(seed, 300, 1000, DEV))
 
 
+@pytest.mark.parametrize("BK", [32, 64, 128, 256])
+def test_keep_tile_matches_reference(BK):
+    """The compiled ``philox_keep_tile`` (one Philox block per four columns for BK >= 64, joined and permuted into
+    column order; per element at 32) gives the reference's mask bit for bit, ragged edges included."""
+    seed = 0xFEDC_BA98_7654_3210
+    for M, K, p in ((1, 1, 0.1), (300, 1000, 0.3), (4099, 4160, 0.1)):
+        got = tb._dropout_bits(M, K, seed, p, DEV, BK=BK)
+        assert torch.equal(got.bool(), ref.dropout_keep_mask(seed, M, K, p, DEV)), (M, K, p)
+
+
 def test_backend_attributes():
     assert tb.DEVICE_TYPES == ("cuda",)
     assert tb.unavailable_reason() is None

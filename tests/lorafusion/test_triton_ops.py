@@ -126,6 +126,19 @@ def test_philox_bits_match_reference(seed):
     assert torch.equal(got, ref.philox_uint32(seed, rows, cols))
 
 
+@pytest.mark.parametrize("BK", [32, 64, 128, 256])
+def test_keep_tile_shares_philox_blocks_and_matches_reference(BK):
+    """``philox_keep_tile`` (through the mask kernel, at the column tile BK): tiles of whole 64-column blocks draw
+    one Philox block per four columns and interleave the words into column order; BK = 32 draws per element. Every
+    width gives the reference's mask bit for bit, over ragged edges, many 64-column blocks, a seed above 2**63 and
+    several values of p."""
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("keep_tile", BK)).encode()))
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen)) | (1 << 63)
+    for M, K, p in ((1, 1, 0.1), (37, 333, 0.3), (5, 1000, 0.5)):
+        got = tb._dropout_bits(M, K, seed, p, "cpu", BK=BK)
+        assert torch.equal(got.bool(), ref.dropout_keep_mask(seed, M, K, p)), (M, K, p)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
 def test_dropout_mask_matches_reference(p):
     """S with A = identity is D(X) itself: the in-kernel mask and 1/(1-p) scale equal the reference's."""

@@ -123,6 +123,10 @@ class Recorder:
             # which tensor-core path the matrix products took: Hopper's asynchronous warpgroup MMA, or mma.sync
             self.compiled[-1]["wgmma"] = ptx.count("wgmma.mma_async")
             self.compiled[-1]["mma_sync"] = ptx.count("mma.sync")
+            # static instruction counts of the PTX (loops unrolled per tile): Philox's 32-bit high multiplies, and
+            # shared-memory traffic other than the pipelined operand copies (layout conversions, reductions)
+            self.compiled[-1]["mul_hi"] = len(re.findall(r"\bmul\.hi\.u32\b", ptx))
+            self.compiled[-1]["ld_st_shared"] = len(re.findall(r"\b(?:ld|st)\.shared\b", ptx))
         self.pending = []
 
 
@@ -302,7 +306,8 @@ def main(argv=None) -> int:
         by_kernel.setdefault(c["kernel"], []).append(c)
     print(f"sm_{args.arch}: {len(rec.compiled)} kernel compilations in {secs:.1f} s, triton {triton.__version__}")
     usage = f" {'max regs':>8} {'configs spilling':>16}" if args.ptxas_usage else ""
-    print(f"{'kernel':<26} {'compiled':>8} {'max shared (B)':>15} {'wgmma':>5} {'mma.sync':>8}{usage}")
+    print(f"{'kernel':<26} {'compiled':>8} {'max shared (B)':>15} {'wgmma':>5} {'mma.sync':>8} {'mul.hi':>7}"
+          f" {'ld/st.shared':>12}{usage}")
     for name, cs in sorted(by_kernel.items()):
         if args.ptxas_usage:
             regs = max((c.get("registers") or 0) for c in cs)
@@ -310,7 +315,10 @@ def main(argv=None) -> int:
             usage = f" {regs:>8} {spilling:>16}"
         wgmma = sum(1 for c in cs if c["wgmma"])  # configs whose products run on each tensor-core path
         mma = sum(1 for c in cs if c["mma_sync"])
-        print(f"{name:<26} {len(cs):>8} {max(c['shared'] for c in cs):>15} {wgmma:>5} {mma:>8}{usage}")
+        mulhi = max(c["mul_hi"] for c in cs)  # the largest static count over the kernel's configs
+        shared_ops = max(c["ld_st_shared"] for c in cs)
+        print(f"{name:<26} {len(cs):>8} {max(c['shared'] for c in cs):>15} {wgmma:>5} {mma:>8} {mulhi:>7}"
+              f" {shared_ops:>12}{usage}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"arch": args.arch, "smem_optin": optin, "triton": triton.__version__, "seconds": secs,
