@@ -5,7 +5,8 @@ import contextlib
 
 import torch
 
-from lorafusion.backends import get_backend
+from lorafusion import compile_ops
+from lorafusion.backends import get_backend, resolve_backend_name
 
 _SEED_MIX = 0x9E3779B97F4A7C15
 _SEED_MASK = (1 << 63) - 1
@@ -55,10 +56,18 @@ class FusedLoRAFunction(torch.autograd.Function):
     """Y = X W^T + b + scale * D(X) A^T B^T; saves X, S (T x r) and the seed, never D(X) or a mask."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float, p: float, seed: int, backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float, p: float, seed, backend):
+        """``seed``, ``backend``: an int and a backend module (eager), or, traced by ``torch.compile``, a 0-d int64
+        tensor and the requested backend's name ('' for the default), run through the opaque ops of
+        ``lorafusion.compile_ops``."""
         x2d = x.reshape(-1, x.shape[-1])
-        y2d, S = backend.forward(x2d, weight, bias, lora_A, lora_B, scale, seed, p)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, S)
+        if isinstance(backend, str):
+            y2d, S = torch.ops.lorafusion.fused_linear_forward(x2d, weight, bias, lora_A, lora_B, scale, seed, p,
+                                                               backend)
+            ctx.save_for_backward(x, weight, lora_A, lora_B, S, seed)
+        else:
+            y2d, S = backend.forward(x2d, weight, bias, lora_A, lora_B, scale, seed, p)
+            ctx.save_for_backward(x, weight, lora_A, lora_B, S)
         ctx.scale, ctx.p, ctx.seed, ctx.backend = scale, p, seed, backend
         ctx.has_bias = bias is not None
         return y2d.view(*x.shape[:-1], weight.shape[0])
@@ -71,13 +80,18 @@ class FusedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dy):
-        x, weight, lora_A, lora_B, S = ctx.saved_tensors
+        x, weight, lora_A, lora_B, S = ctx.saved_tensors[:5]
         need_dx, need_dw, need_db, need_da, need_dbb = ctx.needs_input_grad[:5]
         x2d = x.reshape(-1, x.shape[-1])
         dy2d = dy.reshape(-1, dy.shape[-1])
-        dX, dA, dB = ctx.backend.backward(
-            dy2d, x2d, weight, lora_A, lora_B, S, ctx.scale, ctx.seed, ctx.p, need_dx
-        )
+        if isinstance(ctx.backend, str):  # traced (see forward)
+            dX, dA, dB = torch.ops.lorafusion.fused_linear_backward(
+                dy2d, x2d, weight, lora_A, lora_B, S, ctx.scale, ctx.saved_tensors[5], ctx.p, need_dx, ctx.backend)
+            dX = dX if need_dx else None
+        else:
+            dX, dA, dB = ctx.backend.backward(
+                dy2d, x2d, weight, lora_A, lora_B, S, ctx.scale, ctx.seed, ctx.p, need_dx
+            )
         dx = dX.view(x.shape) if dX is not None else None
         # A trainable base is not the LoRA use case, but stays correct: plain torch for its gradients.
         dw = (dy2d.t() @ x2d).to(weight.dtype) if need_dw else None
@@ -90,9 +104,28 @@ class FusedLoRAFunction(torch.autograd.Function):
 def fused_lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 0.0, backend: str | None = None,
                       seed: int | None = None):
     """Functional fused LoRA linear. ``p`` is the dropout probability to apply now (0 in eval)."""
+    if torch.compiler.is_compiling():
+        return _traced_fused_lora_linear(x, weight, bias, lora_A, lora_B, scale, p, backend, seed)
     mod = get_backend(x.device.type, backend)
     if p > 0.0 and seed is None:
         seed = draw_dropout_seed(x.device)
     x, weight, bias, autocast = cast_like_autocast(x, weight, bias)
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), float(p), int(seed or 0), mod)
+
+
+def _traced_fused_lora_linear(x, weight, bias, lora_A, lora_B, scale, p, backend, seed):
+    """``fused_lora_linear`` as ``torch.compile`` traces it: the seed is drawn by an op in the graph (the same draw,
+    in the same order, as eager) and the backend runs inside opaque ops (``lorafusion.compile_ops``), so nothing
+    breaks the graph. The backend is chosen when the compiled code runs, as in eager."""
+    name = resolve_backend_name(backend) if backend is not None else ""
+    if seed is not None:  # a caller's fixed seed, as the ops' int64 (two's complement above 2**63 - 1)
+        seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+        seed_t = torch.tensor(seed - (1 << 64) if seed >= (1 << 63) else seed, dtype=torch.int64)
+    elif p > 0.0:
+        seed_t = torch.ops.lorafusion.draw_dropout_seed(x, compile_ops.DRAW_STATE)
+    else:
+        seed_t = torch.zeros((), dtype=torch.int64)
+    x, weight, bias, autocast = cast_like_autocast(x, weight, bias)
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), float(p), seed_t, name)
