@@ -3,7 +3,7 @@
 // Every memory-bound op is one skinny GEMM, C (+)= alpha * L R, with one side or the output of rank r, so a single
 // tiled kernel serves them all: operands are read through arbitrary strides (non-contiguous inputs need no copy) and
 // converted to float on the way into shared memory, the dropout mask is regenerated from Philox where the op needs it
-// (on L, on R, or on the output), accumulation is float32, and the long reductions of dA and dB (over the tokens)
+// (on L, on R, or on the output; one Philox block per four masked elements), accumulation is float32, and the long reductions of dA and dB (over the tokens)
 // split K over blocks with float atomics, so dA and dB may differ in the last bits run to run (S, dS, Y and dX are
 // not split and are deterministic). The composites use cuBLAS (at::addmm / at::mm) for the two large GEMMs.
 // Only c10/cuda headers are used, not ATen/cuda/CUDAContext.h (which needs the cuBLAS / cuSPARSE headers), so the
@@ -49,6 +49,27 @@ __device__ __forceinline__ float masked(float v, const GemmArgs& a, int row, int
                                                                                                   : 0.f;
 }
 
+// The four draws of `row` at columns col0 + 16 w (w = 0..3) for col0 = 64 b + l, l < 16: one Philox block serves them
+// (philox.h: column 64 b + 16 w + l takes word w of counter 16 b + l).
+__device__ __forceinline__ void dropout_words(const GemmArgs& a, int row, int col0, uint32_t w[4]) {
+  philox4x32_10(dropout_counter(static_cast<uint32_t>(col0)), static_cast<uint32_t>(row),
+                static_cast<uint32_t>(a.seed), static_cast<uint32_t>(a.seed >> 32), w);
+}
+
+__device__ __forceinline__ float keep_scaled(float v, const GemmArgs& a, uint32_t draw) {
+  return draw >= a.threshold ? v * a.keep_scale : 0.f;
+}
+
+// w[k] for a k known only at run time, as selects (the words stay in registers).
+__device__ __forceinline__ uint32_t word_at(const uint32_t w[4], int k) {
+  return k == 0 ? w[0] : k == 1 ? w[1] : k == 2 ? w[2] : w[3];
+}
+
+// The dropout mask shares each Philox block among the four elements it serves: the output tile's columns are dealt
+// to threads 16 apart (thread tx holds n0 + tx + 16 j), a masked R tile is loaded the same way, and a masked L tile
+// keeps its words over the four k steps of a 64-column block.
+static_assert(kBN == 64 && kThreads == 16 * kBK && kThreads == 16 * (kBM / 4), "tile layout of lora_gemm_kernel");
+
 template <typename TL, typename TR, typename TC>
 __global__ void __launch_bounds__(kThreads) lora_gemm_kernel(const TL* __restrict__ L, const TR* __restrict__ R,
                                                               TC* __restrict__ C, GemmArgs a) {
@@ -60,8 +81,19 @@ __global__ void __launch_bounds__(kThreads) lora_gemm_kernel(const TL* __restric
   const int k_end = min(a.K, k_begin + a.k_per_split);
   // Load mapping: consecutive threads walk the operand's unit-stride dimension, so loads coalesce.
   const bool l_k_fast = a.lsk == 1, r_n_fast = a.rsn == 1 || a.rsk != 1;
+  // A masked L read along k: this thread loads column k0 + tid % kBK of rows tid / kBK + 16 i at every step, and k0
+  // is a multiple of kBK, so the four steps of one 64-column block take words 0..3 of the same four Philox blocks.
+  const bool l_words = a.mask_on == kMaskL && l_k_fast;
+  uint32_t lw[4][4] = {};
+  int l_block = -1;
   float acc[4][4] = {};
   for (int k0 = k_begin; k0 < k_end; k0 += kBK) {
+    if (l_words && (k0 >> 6) != l_block) {
+      l_block = k0 >> 6;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) dropout_words(a, m0 + tid / kBK + i * (kThreads / kBK), (l_block << 6) + tid % kBK,
+                                                lw[i]);
+    }
 #pragma unroll
     for (int i = 0; i < (kBM * kBK) / kThreads; ++i) {
       const int idx = tid + i * kThreads;
@@ -70,21 +102,27 @@ __global__ void __launch_bounds__(kThreads) lora_gemm_kernel(const TL* __restric
       float v = 0.f;
       if (m < a.M && k < k_end) {
         v = static_cast<float>(L[m * a.lsm + k * a.lsk]);
-        if (a.mask_on == kMaskL) v = masked(v, a, m, k);
+        if (a.mask_on == kMaskL) v = l_words ? keep_scaled(v, a, word_at(lw[i], (k0 >> 4) & 3)) : masked(v, a, m, k);
       }
       Ls[kk][mm] = v;
     }
+    if (a.mask_on == kMaskR) {  // rows k0 + tid / 16, columns n0 + tid % 16 + 16 j: one Philox block per thread
+      const int kk = tid / 16, lane = tid % 16, k = k0 + kk;
+      uint32_t w[4];
+      dropout_words(a, k, n0 + lane, w);
 #pragma unroll
-    for (int i = 0; i < (kBN * kBK) / kThreads; ++i) {
-      const int idx = tid + i * kThreads;
-      const int kk = r_n_fast ? idx / kBN : idx % kBK, nn = r_n_fast ? idx % kBN : idx / kBK;
-      const int n = n0 + nn, k = k0 + kk;
-      float v = 0.f;
-      if (n < a.N && k < k_end) {
-        v = static_cast<float>(R[k * a.rsk + n * a.rsn]);
-        if (a.mask_on == kMaskR) v = masked(v, a, k, n);
+      for (int j = 0; j < 4; ++j) {
+        const int nn = lane + 16 * j, n = n0 + nn;
+        Rs[kk][nn] = (n < a.N && k < k_end) ? keep_scaled(static_cast<float>(R[k * a.rsk + n * a.rsn]), a, w[j]) : 0.f;
       }
-      Rs[kk][nn] = v;
+    } else {
+#pragma unroll
+      for (int i = 0; i < (kBN * kBK) / kThreads; ++i) {
+        const int idx = tid + i * kThreads;
+        const int kk = r_n_fast ? idx / kBN : idx % kBK, nn = r_n_fast ? idx % kBN : idx / kBK;
+        const int n = n0 + nn, k = k0 + kk;
+        Rs[kk][nn] = (n < a.N && k < k_end) ? static_cast<float>(R[k * a.rsk + n * a.rsn]) : 0.f;
+      }
     }
     __syncthreads();
 #pragma unroll
@@ -93,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) lora_gemm_kernel(const TL* __restric
 #pragma unroll
       for (int i = 0; i < 4; ++i) lv[i] = Ls[kk][ty * 4 + i];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) rv[j] = Rs[kk][tx * 4 + j];
+      for (int j = 0; j < 4; ++j) rv[j] = Rs[kk][tx + 16 * j];
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -105,12 +143,14 @@ __global__ void __launch_bounds__(kThreads) lora_gemm_kernel(const TL* __restric
   for (int i = 0; i < 4; ++i) {
     const int m = m0 + ty * 4 + i;
     if (m >= a.M) continue;
+    uint32_t w[4] = {};
+    if (a.mask_on == kMaskOut) dropout_words(a, m, n0 + tx, w);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int n = n0 + tx * 4 + j;
+      const int n = n0 + tx + 16 * j;
       if (n >= a.N) continue;
       float v = a.alpha * acc[i][j];
-      if (a.mask_on == kMaskOut) v = masked(v, a, m, n);
+      if (a.mask_on == kMaskOut) v = keep_scaled(v, a, w[j]);
       TC* out = C + m * a.csm + n * a.csn;
       if constexpr (std::is_same<TC, float>::value) {
         if (gridDim.z > 1) {
