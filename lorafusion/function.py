@@ -68,7 +68,8 @@ class FusedLoRAFunction(torch.autograd.Function):
         else:
             y2d, S = backend.forward(x2d, weight, bias, lora_A, lora_B, scale, seed, p)
             ctx.save_for_backward(x, weight, lora_A, lora_B, S)
-        ctx.scale, ctx.p, ctx.seed, ctx.backend = scale, p, seed, backend
+        ctx.scale, ctx.p, ctx.backend = scale, p, backend
+        ctx.seed = None if isinstance(backend, str) else seed  # traced: the saved tensor
         ctx.has_bias = bias is not None
         return y2d.view(*x.shape[:-1], weight.shape[0])
 
