@@ -3,9 +3,9 @@
 // Every memory-bound op is one skinny GEMM, C (+)= alpha * L R, with one side or the output of rank r, so a single
 // tiled kernel serves them all: operands are read through arbitrary strides (non-contiguous inputs need no copy) and
 // converted to float on the way into shared memory, the dropout mask is regenerated from Philox where the op needs it
-// (on L, on R, or on the output; one Philox block per four masked elements), accumulation is float32, and the long reductions of dA and dB (over the tokens)
-// split K over blocks with float atomics, so dA and dB may differ in the last bits run to run (S, dS, Y and dX are
-// not split and are deterministic). The composites use cuBLAS (at::addmm / at::mm) for the two large GEMMs.
+// (on L, on R, or on the output; one Philox block per four masked elements), accumulation is float32, and the long
+// reductions of dA and dB (over the tokens) split K over blocks with float atomics, so dA and dB may differ in the
+// last bits run to run (S, dS, Y and dX are not split and are deterministic). The composites use cuBLAS (at::addmm / at::mm) for the two large GEMMs.
 // Only c10/cuda headers are used, not ATen/cuda/CUDAContext.h (which needs the cuBLAS / cuSPARSE headers), so the
 // file compile-checks against a bare nvcc; per-operator ATen headers rather than ATen/ATen.h keep compiles short.
 #include <ATen/core/Tensor.h>

@@ -21,14 +21,10 @@ from __future__ import annotations
 import torch
 
 from lorafusion.backends import get_backend
+from lorafusion.reference import _acc_dtype  # S, dA, dB: float64 for float64 input, else float32
 
 # The draws' ordering token: each draw increments it (see the module docstring). Lives on CPU, never read.
 DRAW_STATE = torch.zeros(1, dtype=torch.int64)
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype of S, dA and dB (``lorafusion.backends`` contract): float64 for float64 input, else float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _backend(x: torch.Tensor, backend: str):
@@ -55,13 +51,13 @@ def fused_linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Te
                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(Y, S) of the backend contract; ``backend`` is the requested name ('' for the default choice)."""
     y, S = _backend(x2d, backend).forward(x2d, weight, bias, lora_A, lora_B, scale, int(seed.item()), p)
-    return y.contiguous(), S.to(_acc_dtype(x2d)).contiguous()
+    return y.contiguous(), S.to(_acc_dtype(x2d.dtype)).contiguous()
 
 
 @fused_linear_forward.register_fake
 def _(x2d, weight, bias, lora_A, lora_B, scale, seed, p, backend):
     return (x2d.new_empty(x2d.shape[0], weight.shape[0]),
-            x2d.new_empty(x2d.shape[0], lora_A.shape[0], dtype=_acc_dtype(x2d)))
+            x2d.new_empty(x2d.shape[0], lora_A.shape[0], dtype=_acc_dtype(x2d.dtype)))
 
 
 @torch.library.custom_op("lorafusion::fused_linear_backward", mutates_args=())
@@ -72,13 +68,13 @@ def fused_linear_backward(dy2d: torch.Tensor, x2d: torch.Tensor, weight: torch.T
     None)."""
     dX, dA, dB = _backend(x2d, backend).backward(dy2d, x2d, weight, lora_A, lora_B, S, scale, int(seed.item()), p,
                                                  need_dx)
-    acc = _acc_dtype(x2d)
+    acc = _acc_dtype(x2d.dtype)
     dX = dX.contiguous() if dX is not None else dy2d.new_empty(0)
     return dX, dA.to(acc).contiguous(), dB.to(acc).contiguous()
 
 
 @fused_linear_backward.register_fake
 def _(dy2d, x2d, weight, lora_A, lora_B, S, scale, seed, p, need_dx, backend):
-    acc = _acc_dtype(x2d)
+    acc = _acc_dtype(x2d.dtype)
     dX = dy2d.new_empty(x2d.shape) if need_dx else dy2d.new_empty(0)
     return dX, x2d.new_empty(lora_A.shape, dtype=acc), x2d.new_empty(lora_B.shape, dtype=acc)

@@ -7,6 +7,7 @@ import torch
 
 from lorafusion import compile_ops
 from lorafusion.backends import get_backend, resolve_backend_name
+from lorafusion.reference import op_seed
 
 _SEED_MIX = 0x9E3779B97F4A7C15
 _SEED_MASK = (1 << 63) - 1
@@ -104,29 +105,24 @@ class FusedLoRAFunction(torch.autograd.Function):
 
 def fused_lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 0.0, backend: str | None = None,
                       seed: int | None = None):
-    """Functional fused LoRA linear. ``p`` is the dropout probability to apply now (0 in eval)."""
+    """Functional fused LoRA linear. ``p`` is the dropout probability to apply now (0 in eval).
+
+    Traced by ``torch.compile`` the seed is drawn by an op in the graph (the same draw, in the same order, as eager)
+    and the backend, chosen when the compiled code runs as in eager, runs inside opaque ops
+    (``lorafusion.compile_ops``), so nothing breaks the graph."""
     if torch.compiler.is_compiling():
-        return _traced_fused_lora_linear(x, weight, bias, lora_A, lora_B, scale, p, backend, seed)
-    mod = get_backend(x.device.type, backend)
-    if p > 0.0 and seed is None:
-        seed = draw_dropout_seed(x.device)
-    x, weight, bias, autocast = cast_like_autocast(x, weight, bias)
-    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), float(p), int(seed or 0), mod)
-
-
-def _traced_fused_lora_linear(x, weight, bias, lora_A, lora_B, scale, p, backend, seed):
-    """``fused_lora_linear`` as ``torch.compile`` traces it: the seed is drawn by an op in the graph (the same draw,
-    in the same order, as eager) and the backend runs inside opaque ops (``lorafusion.compile_ops``), so nothing
-    breaks the graph. The backend is chosen when the compiled code runs, as in eager."""
-    name = resolve_backend_name(backend) if backend is not None else ""
-    if seed is not None:  # a caller's fixed seed, as the ops' int64 (two's complement above 2**63 - 1)
-        seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-        seed_t = torch.tensor(seed - (1 << 64) if seed >= (1 << 63) else seed, dtype=torch.int64)
-    elif p > 0.0:
-        seed_t = torch.ops.lorafusion.draw_dropout_seed(x, compile_ops.DRAW_STATE)
+        mod = resolve_backend_name(backend) if backend is not None else ""
+        if seed is not None:  # a caller's fixed seed
+            seed = torch.tensor(op_seed(seed), dtype=torch.int64)
+        elif p > 0.0:
+            seed = torch.ops.lorafusion.draw_dropout_seed(x, compile_ops.DRAW_STATE)
+        else:
+            seed = torch.zeros((), dtype=torch.int64)
     else:
-        seed_t = torch.zeros((), dtype=torch.int64)
+        mod = get_backend(x.device.type, backend)
+        if p > 0.0 and seed is None:
+            seed = draw_dropout_seed(x.device)
+        seed = int(seed or 0)
     x, weight, bias, autocast = cast_like_autocast(x, weight, bias)
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
-        return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), float(p), seed_t, name)
+        return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), float(p), seed, mod)

@@ -42,6 +42,12 @@ def dropout_threshold(p: float) -> int:
     return min(int(round(p * 2.0**32)), _MASK32)
 
 
+def op_seed(seed: int) -> int:
+    """The seed as the ops' int64 argument: uint64 seeds above 2**63 - 1 are passed as their two's complement."""
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return seed - (1 << 64) if seed >= (1 << 63) else seed
+
+
 def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     # a: int64 tensor holding uint32 values; b: uint32 constant. int64 products would overflow, so split b.
     b_lo, b_hi = b & 0xFFFF, b >> 16

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lorafusion import _ext
+from lorafusion.reference import op_seed
 
 DEVICE_TYPES = ("cpu",)
 NAME = "cpu"
@@ -18,12 +19,6 @@ NAME = "cpu"
 
 def unavailable_reason() -> str | None:
     return None if _ext.EXTENSION_AVAILABLE else _ext.EXTENSION_ERROR
-
-
-def op_seed(seed: int) -> int:
-    """The seed as the ops' int64 argument: uint64 seeds above 2**63 - 1 are passed as their two's complement."""
-    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return seed - (1 << 64) if seed >= (1 << 63) else seed
 
 
 # Tokens per adapter rank from which the merged-weight path is cheaper than the rank-r term per row block.

@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from lorafusion.backends.cpu_backend import op_seed
+from lorafusion.reference import op_seed
 
 logger = logging.getLogger("lorafusion")
 _OP_NAMES = ("multi_lora_shrink", "multi_lora_grad", "multi_lora_expand_add_", "multi_lora_grad_a_expand_dx_")

@@ -11,7 +11,7 @@ import torch
 
 from lorafusion import _ext
 from lorafusion import reference as ref
-from lorafusion.backends.cpu_backend import op_seed
+from lorafusion.reference import op_seed
 
 pytestmark = pytest.mark.skipif(not _ext.EXTENSION_AVAILABLE, reason=f"extension not built: {_ext.EXTENSION_ERROR}")
 
