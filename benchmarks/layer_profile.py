@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lorafusion  # noqa: E402
 from benchmarks.lora_layer import warm_gpu  # noqa: E402
 from lorafusion.multi import MultiLoRALinear  # noqa: E402
+from lorafusion.multi.backends import use_gemm_placement  # noqa: E402
 
 MULTI_RANKS = (8, 16, 32, 64)
 
@@ -65,13 +66,21 @@ def _fused(base, r, p, name, A, B):
 
 
 def _multi(base, p, name, ids, dtype):
-    multi = MultiLoRALinear(base, backend=name).train()
+    """``name``: a multi-adapter backend, or "triton+blas" (the Triton backend with LORAFUSION_MULTI_GEMM=blas)."""
+    placement = "blas" if name == "triton+blas" else None
+    multi = MultiLoRALinear(base, backend="triton" if placement else name).train()
     for k, rk in enumerate(MULTI_RANKS):
         multi.add_adapter(f"job{k}", rk, 2 * rk, p, dtype=torch.float32 if dtype != torch.float32 else None)
         with torch.no_grad():
             multi.lora_B[f"job{k}"].normal_(std=rk ** -0.5)
     seg = multi.make_segments(ids)
-    return lambda x: multi(x, segments=seg)
+    if placement is None:
+        return lambda x: multi(x, segments=seg)
+
+    def step(x):
+        with use_gemm_placement(placement):
+            return multi(x, segments=seg)
+    return step
 
 
 def _built(make, *args):
@@ -193,7 +202,9 @@ def main(argv=None):
     ap.add_argument("--backends", default=None,
                     help="comma-separated single-adapter backends (default: every available one but reference)")
     ap.add_argument("--multi-backends", default=None,
-                    help="comma-separated multi-adapter backends (default: as --backends); 'none' for none")
+                    help="comma-separated multi-adapter backends, or triton+blas (the Triton backend with "
+                         "LORAFUSION_MULTI_GEMM=blas) (default: as --backends, and triton+blas with triton); "
+                         "'none' for none")
     ap.add_argument("--steps", type=int, default=10, help="profiled steps per variant")
     ap.add_argument("--reps", type=int, default=10, help="timed steps per variant (CPU)")
     ap.add_argument("--top", type=int, default=8, help="kernels listed per variant")
@@ -215,7 +226,7 @@ def main(argv=None):
     unknown = [b for b in backends if avail.get(b) != "available"]
     if unknown:
         raise SystemExit(f"--backends: {unknown} not available here ({avail})")
-    multi_arg = args.multi_backends or ",".join(backends)
+    multi_arg = args.multi_backends or ",".join(backends + (["triton+blas"] if "triton" in backends else []))
     multi_backends = [] if multi_arg == "none" else multi_arg.split(",")
     if dev == "cuda":
         warm_gpu()

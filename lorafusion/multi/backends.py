@@ -12,19 +12,29 @@ triton / cuda / cpu / reference; auto = fastest available), logged once per choi
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from lorafusion.backends import _log_once, resolve_backend_name
 
 
 class SegmentedBackend:
-    def __init__(self, name: str, prims, gemm=None):
-        self.name, self.prims, self.gemm = name, prims, gemm
+    """``gemm``: the big GEMM with the rank-r term in its epilogue (Triton). ``term``: instead, a kernel that writes
+    [bias +] the rank-r term alone, which torch's GEMM (cuBLAS / MKL) then adds its product onto (beta = 1): one
+    more write and read of Y / dX than ``gemm``, in exchange for the vendor GEMM. Neither: torch's GEMM first, then
+    ``prims.expand_add_`` reads and writes its output again."""
+
+    def __init__(self, name: str, prims, gemm=None, term=None):
+        self.name, self.prims, self.gemm, self.term = name, prims, gemm, term
 
     def forward(self, x2d, weight, bias, A_cat, Bt_cat, t, seed, dropout):
         S = self.prims.shrink(x2d, A_cat, t, seed, dropout, False)
         if self.gemm is not None:  # Y = X W^T + b + s S B^T in one GEMM
             return self.gemm(x2d, weight, bias, S, Bt_cat, t, seed, False, True, True), S
+        if self.term is not None:  # Y = (b + s S B^T) + X W^T, the GEMM adding onto the stored term
+            return self.term(x2d, bias, S, Bt_cat, t, seed, False, True).addmm_(x2d, weight.t()), S
         y = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
         self.prims.expand_add_(y, S, Bt_cat, t, seed, False, True)
         return y, S
@@ -44,6 +54,8 @@ class SegmentedBackend:
         if need_dx:
             if self.gemm is not None:  # dX = dY W + D'(dS A) in one GEMM
                 dX = self.gemm(dy2d, weight, None, dS, A_cat, t, seed, dropout, False, False)
+            elif self.term is not None:  # dX = D'(dS A) + dY W, the GEMM adding onto the stored term
+                dX = self.term(dy2d, None, dS, A_cat, t, seed, dropout, False).addmm_(dy2d, weight)
             else:
                 dX = dy2d @ weight
                 self.prims.expand_add_(dX, dS, A_cat, t, seed, dropout, False)
@@ -75,21 +87,57 @@ def _cuda():
     return SegmentedBackend("cuda", ops)
 
 
-def _triton():
+# Where the Triton backend runs the two big GEMMs: "fused" (its own GEMM kernel with the rank-r term in the
+# epilogue) or "blas" (torch's GEMM, cuBLAS on a GPU, adding onto the term a Triton kernel stored first).
+GEMM_PLACEMENTS = ("fused", "blas")
+_GEMM_ENV = "LORAFUSION_MULTI_GEMM"
+
+
+def gemm_placement() -> str:
+    """$LORAFUSION_MULTI_GEMM (read on every call), default "fused"; validated."""
+    mode = os.environ.get(_GEMM_ENV, "fused").strip().lower() or "fused"
+    if mode not in GEMM_PLACEMENTS:
+        raise ValueError(f"${_GEMM_ENV}={mode!r} is not one of {GEMM_PLACEMENTS}")
+    return mode
+
+
+@contextlib.contextmanager
+def use_gemm_placement(mode: str):
+    """Within the block, layers resolve the Triton backend with GEMM placement ``mode`` (sets
+    $LORAFUSION_MULTI_GEMM, restored after); a backward keeps the backend its forward resolved."""
+    if mode not in GEMM_PLACEMENTS:
+        raise ValueError(f"GEMM placement {mode!r} is not one of {GEMM_PLACEMENTS}")
+    old = os.environ.get(_GEMM_ENV)
+    os.environ[_GEMM_ENV] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_GEMM_ENV, None)
+        else:
+            os.environ[_GEMM_ENV] = old
+
+
+def _triton(placement="fused"):
     from lorafusion.multi import triton_kernels
 
     reason = triton_kernels.unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)
+    if placement == "blas":
+        return SegmentedBackend("triton", triton_kernels, term=triton_kernels.segmented_term)
     return SegmentedBackend("triton", triton_kernels, triton_kernels.segmented_gemm)
 
 
-_FACTORIES = {"reference": _reference, "cpu": _cpu, "cuda": _cuda, "triton": _triton}
+_FACTORIES = {"reference": _reference, "cpu": _cpu, "cuda": _cuda, "triton": _triton,
+              "triton+blas": lambda: _triton("blas")}
 _DEVICES = {"reference": ("cpu", "cuda"), "cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}
 _cache: dict[str, object] = {}
 
 
 def _load(name):
+    if name == "triton" and gemm_placement() == "blas":
+        name = "triton+blas"
     if name not in _cache:
         try:
             _cache[name] = _FACTORIES[name]()
@@ -98,13 +146,16 @@ def _load(name):
     return _cache[name]
 
 
+def _label(name, mod) -> str:
+    return f"{name} (GEMM: blas)" if getattr(mod, "term", None) is not None else name
+
+
 def get_multi_backend(device_type: str, requested: str | None = None, dtype: torch.dtype | None = None):
-    """The multi-adapter backend for ``device_type``; an explicit request that cannot run raises."""
+    """The multi-adapter backend for ``device_type``; an explicit request that cannot run raises. The Triton
+    backend's GEMM placement follows ``gemm_placement()``."""
     name = resolve_backend_name(requested)
     if name == "triton" and device_type == "cpu":
         # Triton on CPU tensors only runs under the interpreter (tests): allowed when TRITON_INTERPRET=1.
-        import os
-
         if os.environ.get("TRITON_INTERPRET") == "1":
             mod = _load("triton")
             if isinstance(mod, Exception):
@@ -116,7 +167,8 @@ def get_multi_backend(device_type: str, requested: str | None = None, dtype: tor
             raise RuntimeError(f"multi-adapter backend {name!r} was requested but is unavailable: {mod}")
         if device_type not in _DEVICES[name]:
             raise RuntimeError(f"multi-adapter backend {name!r} does not run on device type {device_type!r}")
-        _log_once(("multi", device_type, name), "lorafusion.multi: %s backend on %s (requested)", name, device_type)
+        _log_once(("multi", device_type, _label(name, mod)), "lorafusion.multi: %s backend on %s (requested)",
+                  _label(name, mod), device_type)
         return mod
     if dtype == torch.float64:  # the kernels accumulate in float32; float64 is the reference's job
         order = ("reference",)
@@ -127,7 +179,8 @@ def get_multi_backend(device_type: str, requested: str | None = None, dtype: tor
         mod = _load(cand)
         if not isinstance(mod, Exception) and device_type in _DEVICES[cand]:
             why = "fastest available" if not skipped else "; ".join(skipped)
-            _log_once(("multi", device_type, cand, why), "lorafusion.multi: %s backend on %s (%s)", cand, device_type, why)
+            _log_once(("multi", device_type, _label(cand, mod), why), "lorafusion.multi: %s backend on %s (%s)",
+                      _label(cand, mod), device_type, why)
             return mod
         skipped.append(f"{cand} skipped: {mod}")
     raise RuntimeError(f"no multi-adapter backend runs on {device_type!r}: {'; '.join(skipped)}")

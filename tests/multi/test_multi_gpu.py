@@ -47,11 +47,14 @@ def _check_gpu(backend, dtype, T, K, N, specs, ids, seed=77):
     assert not bad, f"{backend} {dtype}: {bad}"
 
 
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("backend", ["triton", "triton+blas", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("T, dist, n", [(1, "one", 1), (133, "no_adapter_rows", 16), (1000, "zipf", 64),
                                         (257, "distinct", 5)])
-def test_gpu_matches_reference(backend, dtype, T, dist, n):
+def test_gpu_matches_reference(monkeypatch, backend, dtype, T, dist, n):
+    if backend == "triton+blas":  # the Triton backend with cuBLAS adding onto the stored rank-r term
+        monkeypatch.setenv("LORAFUSION_MULTI_GEMM", "blas")
+        backend = "triton"
     _backend_or_skip(backend)
     rng = np.random.default_rng(T + n)
     specs = make_specs(n, rng, max_rank=64)

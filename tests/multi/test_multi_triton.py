@@ -155,3 +155,83 @@ def test_strided_bias_and_transposed_adapter_views():
     yr = multi_lora_reference(x.double(), W.double(), b.double(), {n: (A[n].double(), B[n].double()) for n in spec},
                               seg, training=False)
     assert ((y.double() - yr).norm() / yr.norm()).item() < 1e-5
+
+
+BLAS_CASES = [
+    (torch.float32, 40, "no_adapter_rows", 5, True),
+    (torch.float32, 133, "zipf", 3, False),
+    (torch.float16, 30, "uniform", 5, True),
+    (torch.float16, 7, "zero_rows", 2, True),
+]
+
+
+@pytest.mark.parametrize("dtype, T, dist, n, bias", BLAS_CASES, ids=["-".join(map(str, c)) for c in BLAS_CASES])
+def test_blas_gemm_placement_matches_reference(monkeypatch, dtype, T, dist, n, bias):
+    """LORAFUSION_MULTI_GEMM=blas: the Triton kernel stores [bias +] the rank-r term (the GEMM kernel over an
+    empty reduction, dropout mask included) and torch's GEMM adds onto it. Forward and every gradient against the
+    float64 reference, with dropout, adapter-less rows and absent adapters."""
+    from lorafusion.multi import backends
+
+    monkeypatch.setenv("LORAFUSION_MULTI_GEMM", "blas")
+    mod = backends.get_multi_backend("cpu", "triton")
+    assert mod.term is not None and mod.gemm is None
+    rng = np.random.default_rng(zlib.crc32(repr(("blas", T, dist, n)).encode()))
+    specs = make_specs(n, rng, max_rank=36)
+    check_against_reference("triton", dtype, T, 40, 36, specs, row_ids(dist, T, n, rng),
+                            seed=int(rng.integers(1 << 40)), bias=bias)
+
+
+def test_segmented_term_is_the_fused_gemm_without_the_product(monkeypatch):
+    """The stored term plus X W^T equals the fused GEMM's output (fp32), and the term alone is bias + the masked,
+    scaled rank-r product of each row's adapter (zero past the adapters' rows, bias only there)."""
+    from lorafusion.multi import AdapterSegments, triton_kernels as tk
+    from lorafusion.multi.reference import multi_lora_reference
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    specs = {"a": AdapterSpec(3, 6.0, 0.3), "b": AdapterSpec(5, 5.0, 0.0)}
+    ids = [-1] * 3 + [0] * 20 + [1] * 17 + [0] * 9
+    seg = AdapterSegments(ids, specs)
+    t = seg.tables("cpu")
+    T, K, N = len(ids), 24, 40
+    x = torch.randn(T, K, generator=g)
+    W = torch.randn(N, K, generator=g) / K ** 0.5
+    b = torch.randn(N, generator=g)
+    A = {n: torch.randn(s.r, K, generator=g) for n, s in specs.items()}
+    B = {n: torch.randn(N, s.r, generator=g) for n, s in specs.items()}
+    A_cat = torch.cat([A[n] for n in seg.present_names])
+    Bt_cat = torch.cat([B[n].t() for n in seg.present_names]).contiguous()
+    S = tk.shrink(x, A_cat, t, 5, True, False)
+    term = tk.segmented_term(x, b, S, Bt_cat, t, 5, False, True)
+    fused = tk.segmented_gemm(x, W, b, S, Bt_cat, t, 5, False, True, True)
+    assert torch.allclose(term + x @ W.t(), fused, rtol=1e-5, atol=1e-5)
+    ref = multi_lora_reference(x.double(), W.double(), b.double(),
+                               {n: (A[n].double(), B[n].double()) for n in specs}, seg, seed=5)
+    assert torch.allclose(term.double(), ref - x.double() @ W.double().t(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(term[:3], b.expand(3, N))
+
+
+def test_bad_gemm_placement_is_named(monkeypatch):
+    from lorafusion.multi import backends
+
+    monkeypatch.setenv("LORAFUSION_MULTI_GEMM", "cublas")
+    with pytest.raises(ValueError, match="LORAFUSION_MULTI_GEMM.*'cublas'"):
+        backends.get_multi_backend("cpu", "triton")
+
+
+def test_use_gemm_placement_scopes_the_choice(monkeypatch):
+    """Inside ``use_gemm_placement("blas")`` the Triton backend resolves to the stored-term variant; outside, the
+    environment is as it was (unset, or its earlier value), and a bad mode is refused by name."""
+    from lorafusion.multi import backends
+
+    monkeypatch.delenv("LORAFUSION_MULTI_GEMM", raising=False)
+    with backends.use_gemm_placement("blas"):
+        assert backends.get_multi_backend("cpu", "triton").term is not None
+    assert "LORAFUSION_MULTI_GEMM" not in os.environ
+    assert backends.get_multi_backend("cpu", "triton").gemm is not None
+    monkeypatch.setenv("LORAFUSION_MULTI_GEMM", "fused")
+    with backends.use_gemm_placement("blas"):
+        pass
+    assert os.environ["LORAFUSION_MULTI_GEMM"] == "fused"
+    with pytest.raises(ValueError, match="'gpu'"):
+        with backends.use_gemm_placement("gpu"):
+            pass
