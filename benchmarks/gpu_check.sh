@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: build the CUDA extension, run the GPU-marked tests (bf16 included), run the
-# benchmarks (the layer, the multi-adapter layer, a per-kernel profile of both, then the opt-in TMA GEMMs against the
-# pointer ones), print a short table last, write JSON and logs under $OUT (or ./gpu_out). Budget: GPU_CHECK_BUDGET seconds (560); the optional
+# benchmarks (the layer, a per-kernel profile of the layer and the multi-adapter layer, the multi-adapter benchmark,
+# then the opt-in TMA GEMMs against the pointer ones), print a short table last, write JSON and logs under $OUT (or ./gpu_out). Budget: GPU_CHECK_BUDGET seconds (560); the optional
 # steps are skipped when they would not fit.
 # Targets the GPU image: torch 2.11 (CUDA 13), triton 3.6, transformers, peft; no network, so nothing is pip-installed:
 # the extension is built in place and the repository is put on PYTHONPATH.
@@ -57,7 +57,15 @@ if [ -n "${GPU_SKIP_LAYER:-}" ]; then stamp "layer benchmark skipped (GPU_SKIP_L
   stamp "layer benchmark (bf16)"
   bench lora_layer 150 python3 benchmarks/lora_layer.py --device cuda --out "$OUT/lora_layer.json"
 fi
-# Each optional step starts only when its whole time limit fits the budget.
+# Each optional step starts only when its whole time limit fits the budget. The profile goes first: it times
+# every backend and GEMM placement (fused and multi-adapter, p = 0 and 0.1) against the base, kernel by kernel.
+profile_limit=${GPU_PROFILE_TIMEOUT:-150}
+if have_time "$profile_limit"; then
+  stamp "layer profile: per-kernel time of base / eager / fused / multi, each backend and GEMM placement, p = 0, 0.1"
+  bench layer_profile "$profile_limit" \
+    python3 benchmarks/layer_profile.py --device cuda --out "$OUT/layer_profile.json"
+  grep -A 22 '^| variant' "$LOGS/layer_profile.log"
+else stamp "layer profile skipped: ${profile_limit}s would overrun GPU_CHECK_BUDGET"; fi
 multi_limit=${GPU_MULTI_TIMEOUT:-150}
 if have_time "$multi_limit"; then
   stamp "multi-adapter benchmark (bf16)"
@@ -65,13 +73,6 @@ if have_time "$multi_limit"; then
     python3 benchmarks/multi_lora_layer.py --device cuda --out "$OUT/multi_lora_layer.json"
   tail -12 "$LOGS/multi_lora_layer.log"
 else stamp "multi-adapter benchmark skipped: ${multi_limit}s would overrun GPU_CHECK_BUDGET"; fi
-profile_limit=${GPU_PROFILE_TIMEOUT:-120}
-if have_time "$profile_limit"; then
-  stamp "layer profile: per-kernel time of base / eager / fused / multi, each backend, p = 0 and 0.1"
-  bench layer_profile "$profile_limit" \
-    python3 benchmarks/layer_profile.py --device cuda --out "$OUT/layer_profile.json"
-  grep -A 16 '^| variant' "$LOGS/layer_profile.log"
-else stamp "layer profile skipped: ${profile_limit}s would overrun GPU_CHECK_BUDGET"; fi
 # The TMA step (about 160 s) rarely fits after the others in one call: run it alone with
 # GPU_SKIP_LAYER=1 GPU_MULTI_TIMEOUT=0 GPU_PROFILE_TIMEOUT=0 ... (a limit of 0 skips that step).
 if [ -z "${GPU_SKIP_TMA:-}" ] && have_time 160; then

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lorafusion  # noqa: E402
 from benchmarks.lora_layer import warm_gpu  # noqa: E402
 from lorafusion.multi import MultiLoRALinear  # noqa: E402
-from lorafusion.multi.backends import use_gemm_placement  # noqa: E402
+from lorafusion.backends import use_gemm_placement  # noqa: E402
 
 MULTI_RANKS = (8, 16, 32, 64)
 
@@ -58,15 +58,24 @@ def _ps(text: str) -> list[float]:
 
 
 def _fused(base, r, p, name, A, B):
-    layer = lorafusion.FusedLoRALinear(base, r=r, alpha=2 * r, dropout=p, backend=name).train()
+    """``name``: a backend, or "triton+blas" (the Triton backend with LORAFUSION_TRITON_GEMM=blas)."""
+    placement = "blas" if name == "triton+blas" else None
+    layer = lorafusion.FusedLoRALinear(base, r=r, alpha=2 * r, dropout=p,
+                                       backend="triton" if placement else name).train()
     with torch.no_grad():
         layer.lora_A.copy_(A)
         layer.lora_B.copy_(B)
-    return layer
+    if placement is None:
+        return layer
+
+    def step(x):
+        with use_gemm_placement(placement):
+            return layer(x)
+    return step
 
 
 def _multi(base, p, name, ids, dtype):
-    """``name``: a multi-adapter backend, or "triton+blas" (the Triton backend with LORAFUSION_MULTI_GEMM=blas)."""
+    """``name``: a multi-adapter backend, or "triton+blas" (the Triton backend with LORAFUSION_TRITON_GEMM=blas)."""
     placement = "blas" if name == "triton+blas" else None
     multi = MultiLoRALinear(base, backend="triton" if placement else name).train()
     for k, rk in enumerate(MULTI_RANKS):
@@ -200,10 +209,11 @@ def main(argv=None):
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--ps", type=_ps, default=[0.0, 0.1], help="comma-separated dropout rates (default 0,0.1)")
     ap.add_argument("--backends", default=None,
-                    help="comma-separated single-adapter backends (default: every available one but reference)")
+                    help="comma-separated single-adapter backends, or triton+blas (the Triton backend with "
+                         "LORAFUSION_TRITON_GEMM=blas) (default: every available one but reference, and triton+blas "
+                         "with triton)")
     ap.add_argument("--multi-backends", default=None,
-                    help="comma-separated multi-adapter backends, or triton+blas (the Triton backend with "
-                         "LORAFUSION_MULTI_GEMM=blas) (default: as --backends, and triton+blas with triton); "
+                    help="comma-separated multi-adapter backends, or triton+blas (default: as --backends); "
                          "'none' for none")
     ap.add_argument("--steps", type=int, default=10, help="profiled steps per variant")
     ap.add_argument("--reps", type=int, default=10, help="timed steps per variant (CPU)")
@@ -222,11 +232,11 @@ def main(argv=None):
     avail = lorafusion.available_backends()
     usable = [n for n, why in avail.items() if why == "available" and n != "reference"
               and (dev == "cuda") == (n in ("triton", "cuda"))]
-    backends = args.backends.split(",") if args.backends else usable
-    unknown = [b for b in backends if avail.get(b) != "available"]
+    backends = args.backends.split(",") if args.backends else usable + (["triton+blas"] if "triton" in usable else [])
+    unknown = [b for b in backends if avail.get(b.replace("+blas", "")) != "available"]
     if unknown:
         raise SystemExit(f"--backends: {unknown} not available here ({avail})")
-    multi_arg = args.multi_backends or ",".join(backends + (["triton+blas"] if "triton" in backends else []))
+    multi_arg = args.multi_backends or ",".join(backends)
     multi_backends = [] if multi_arg == "none" else multi_arg.split(",")
     if dev == "cuda":
         warm_gpu()

@@ -5,6 +5,8 @@ Variants, all with a frozen base weight and an input that needs its gradient (a 
   peft   PEFT's LoRA Linear with its defaults (nn.Dropout on the LoRA path, two nn.Linear adapters)
   eager  plain torch: F.linear(x, W, b) + s * F.linear(F.linear(dropout(x), A), B)
   fused  lorafusion.FusedLoRALinear (backend: auto, or --backend)
+  fused-blas  (GPU, Triton backend) the same with LORAFUSION_TRITON_GEMM=blas: cuBLAS runs the two big GEMMs onto
+         the rank-r term a Triton kernel stored first
 Ratio = time / base time, measured in the same run. CPU: variants interleaved round by round, the median of the
 per-round ratios; GPU: triton.testing.do_bench
 (CUDA events, median). Saved memory = bytes of the tensors autograd keeps for backward, parameters excluded.
@@ -27,6 +29,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lorafusion  # noqa: E402
+from lorafusion.backends import use_gemm_placement  # noqa: E402
 
 CPU_SHAPES = [(2048, 1024, 1024), (2048, 1024, 2816)]
 GPU_SHAPES = [(8192, 4096, 4096), (8192, 4096, 14336), (8192, 14336, 4096), (4096, 8192, 8192), (16384, 4096, 4096)]
@@ -68,6 +71,14 @@ def build_variants(T, fin, fout, r, p, dtype, device, backend):
     fused.lora_A.data.copy_(A)
     fused.lora_B.data.copy_(B)
     variants["fused"] = lambda x: fused(x)
+    if device == "cuda" and backend in (None, "auto", "triton"):
+        # the Triton backend with cuBLAS running the two big GEMMs onto the stored rank-r term
+        # (LORAFUSION_TRITON_GEMM=blas), against the Triton GEMMs with the term in the tile ("fused")
+        def fused_blas(x):
+            with use_gemm_placement("blas"):
+                return fused(x)
+
+        variants["fused-blas"] = fused_blas
     params = [base.weight, base.bias, A, B, fused.lora_A, fused.lora_B]
     if "peft" in variants:
         params += list(pm.parameters())

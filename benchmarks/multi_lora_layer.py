@@ -3,7 +3,7 @@ microbatch, a quarter of the tokens each. Forward+backward (input needs its grad
 
   base        the frozen nn.Linear alone on all tokens (the floor)
   multi       lorafusion.multi.MultiLoRALinear: one call for all 4 adapters
-  multi-blas  (GPU, Triton backend) the same with LORAFUSION_MULTI_GEMM=blas: cuBLAS GEMMs adding onto the stored
+  multi-blas  (GPU, Triton backend) the same with LORAFUSION_TRITON_GEMM=blas: cuBLAS GEMMs adding onto the stored
               rank-r term instead of the Triton GEMM with the term in its epilogue
   sequential  the 4 adapters one after another, each on its rows, through lorafusion.FusedLoRALinear
   peft        the 4 adapters one after another through PEFT's LoRA Linear (set_adapter per adapter)
@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lorafusion.multi import MultiLoRALinear, ops  # noqa: E402
-from lorafusion.multi.backends import use_gemm_placement  # noqa: E402
+from lorafusion.backends import use_gemm_placement  # noqa: E402
 
 ops.cpp_ops_reason()  # load the C++ ops first (a development JIT build must precede lorafusion._C)
 
@@ -55,7 +55,7 @@ def build(T, fin, fout, dtype, device, backend):
     variants = {"base": lambda x: base(x), "multi": lambda x: multi(x, segments=seg)}
     if device == "cuda" and backend in (None, "auto", "triton"):
         # the same layer with cuBLAS running the two big GEMMs onto the rank-r term a Triton kernel stored first
-        # (LORAFUSION_MULTI_GEMM=blas), against the Triton GEMM with the term in its epilogue ("multi")
+        # (LORAFUSION_TRITON_GEMM=blas), against the Triton GEMM with the term in its epilogue ("multi")
         def multi_blas(x):
             with use_gemm_placement("blas"):
                 return multi(x, segments=seg)

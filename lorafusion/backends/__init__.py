@@ -14,10 +14,13 @@ base); every backend computes the rank-r path with float32 accumulation.
 Backends: ``triton`` (Triton kernels: the two big GEMMs with the rank-r term in the tile), ``cuda`` (C++/CUDA
 custom ops + cuBLAS), ``cpu`` (C++ custom ops, per-row-block fusion around torch's GEMM), ``reference`` (plain
 torch). Choose with the ``backend=`` argument or ``LORAFUSION_BACKEND``; ``auto`` picks the fastest available for
-the device. The choice is logged once per (device type, backend, reason).
+the device. The choice is logged once per (device type, backend, reason). ``LORAFUSION_TRITON_GEMM=blas`` (or
+``use_gemm_placement("blas")``) makes the Triton backends leave the two big GEMMs to torch (cuBLAS), adding onto a
+stored rank-r term, instead of their own GEMM kernels (``gemm_placement``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -32,13 +35,51 @@ _cache: dict[str, ModuleType | Exception] = {}
 
 _MODULES = {
     "triton": "lorafusion.backends.triton_backend",
+    "triton+blas": "lorafusion.backends.triton_blas_backend",  # "triton" under LORAFUSION_TRITON_GEMM=blas
     "cuda": "lorafusion.backends.cuda_backend",
     "cpu": "lorafusion.backends.cpu_backend",
     "reference": "lorafusion.backends.reference_backend",
 }
 
+# Where the Triton backends (single- and multi-adapter) run the two big GEMMs: "fused" (their own GEMM kernels with
+# the rank-r term added in the tile) or "blas" (a Triton kernel stores [bias +] the rank-r term, then torch's GEMM,
+# cuBLAS on a GPU, adds X W^T / dY W onto it with beta = 1: one more write and read of Y and dX, for the vendor GEMM).
+GEMM_PLACEMENTS = ("fused", "blas")
+_GEMM_ENV = "LORAFUSION_TRITON_GEMM"
+
+
+def gemm_placement() -> str:
+    """$LORAFUSION_TRITON_GEMM (read on every call; default "fused"), validated."""
+    mode = os.environ.get(_GEMM_ENV, "fused").strip().lower() or "fused"
+    if mode not in GEMM_PLACEMENTS:
+        raise ValueError(f"${_GEMM_ENV}={mode!r} is not one of {GEMM_PLACEMENTS}")
+    return mode
+
+
+@contextlib.contextmanager
+def use_gemm_placement(mode: str):
+    """Within the block, layers resolve their Triton backend with GEMM placement ``mode`` (sets
+    $LORAFUSION_TRITON_GEMM, restored after). A layer's backward runs on the backend its forward resolved."""
+    if mode not in GEMM_PLACEMENTS:
+        raise ValueError(f"GEMM placement {mode!r} is not one of {GEMM_PLACEMENTS}")
+    old = os.environ.get(_GEMM_ENV)
+    os.environ[_GEMM_ENV] = mode
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_GEMM_ENV, None)
+        else:
+            os.environ[_GEMM_ENV] = old
+
+
+def _label(name: str) -> str:
+    return f"{name} (GEMM: blas)" if name == "triton" and gemm_placement() == "blas" else name
+
 
 def _load(name: str) -> ModuleType | Exception:
+    if name == "triton" and gemm_placement() == "blas":
+        name = "triton+blas"
     if name not in _cache:
         try:
             mod = importlib.import_module(_MODULES[name])
@@ -90,7 +131,8 @@ def get_backend(device_type: str, requested: str | None = None) -> ModuleType:
             raise RuntimeError(f"backend {name!r} was requested but is unavailable: {mod}")
         if not _supports(mod, device_type):
             raise RuntimeError(f"backend {name!r} was requested but does not run on device type {device_type!r}")
-        _log_once((device_type, name, "requested"), "lorafusion: %s backend on %s (requested)", name, device_type)
+        _log_once((device_type, _label(name), "requested"), "lorafusion: %s backend on %s (requested)", _label(name),
+                  device_type)
         return mod
     order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpu", "reference")
     skipped = []
@@ -98,7 +140,8 @@ def get_backend(device_type: str, requested: str | None = None) -> ModuleType:
         mod = _load(cand)
         if isinstance(mod, ModuleType) and _supports(mod, device_type):
             why = "fastest available" if not skipped else "; ".join(skipped)
-            _log_once((device_type, cand, why), "lorafusion: %s backend on %s (%s)", cand, device_type, why)
+            _log_once((device_type, _label(cand), why), "lorafusion: %s backend on %s (%s)", _label(cand), device_type,
+                      why)
             return mod
         skipped.append(f"{cand} skipped: {mod if not isinstance(mod, ModuleType) else 'not for ' + device_type}")
     raise RuntimeError(f"no lorafusion backend runs on device type {device_type!r}: {'; '.join(skipped)}")

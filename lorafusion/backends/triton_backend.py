@@ -98,6 +98,8 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
     if os.environ.get("LORAFUSION_TRITON_TMA", "0") != "1":
         return False
     for t in tensors:
+        if t.numel() == 0:  # the stored-term GEMMs of the blas placement (K = 0) load no operand at all
+            return False
         if t.element_size() != 2 or t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
             return False
     dev = tensors[0].device

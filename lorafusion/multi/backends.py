@@ -12,12 +12,12 @@ triton / cuda / cpu / reference; auto = fastest available), logged once per choi
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 
-from lorafusion.backends import _log_once, resolve_backend_name
+from lorafusion.backends import _log_once, gemm_placement, resolve_backend_name
+from lorafusion.backends import use_gemm_placement  # noqa: F401  (re-exported for the multi-adapter API)
 
 
 class SegmentedBackend:
@@ -87,37 +87,6 @@ def _cuda():
     return SegmentedBackend("cuda", ops)
 
 
-# Where the Triton backend runs the two big GEMMs: "fused" (its own GEMM kernel with the rank-r term in the
-# epilogue) or "blas" (torch's GEMM, cuBLAS on a GPU, adding onto the term a Triton kernel stored first).
-GEMM_PLACEMENTS = ("fused", "blas")
-_GEMM_ENV = "LORAFUSION_MULTI_GEMM"
-
-
-def gemm_placement() -> str:
-    """$LORAFUSION_MULTI_GEMM (read on every call), default "fused"; validated."""
-    mode = os.environ.get(_GEMM_ENV, "fused").strip().lower() or "fused"
-    if mode not in GEMM_PLACEMENTS:
-        raise ValueError(f"${_GEMM_ENV}={mode!r} is not one of {GEMM_PLACEMENTS}")
-    return mode
-
-
-@contextlib.contextmanager
-def use_gemm_placement(mode: str):
-    """Within the block, layers resolve the Triton backend with GEMM placement ``mode`` (sets
-    $LORAFUSION_MULTI_GEMM, restored after); a backward keeps the backend its forward resolved."""
-    if mode not in GEMM_PLACEMENTS:
-        raise ValueError(f"GEMM placement {mode!r} is not one of {GEMM_PLACEMENTS}")
-    old = os.environ.get(_GEMM_ENV)
-    os.environ[_GEMM_ENV] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(_GEMM_ENV, None)
-        else:
-            os.environ[_GEMM_ENV] = old
-
-
 def _triton(placement="fused"):
     from lorafusion.multi import triton_kernels
 
@@ -152,7 +121,7 @@ def _label(name, mod) -> str:
 
 def get_multi_backend(device_type: str, requested: str | None = None, dtype: torch.dtype | None = None):
     """The multi-adapter backend for ``device_type``; an explicit request that cannot run raises. The Triton
-    backend's GEMM placement follows ``gemm_placement()``."""
+    backend's GEMM placement follows ``lorafusion.backends.gemm_placement()`` ($LORAFUSION_TRITON_GEMM)."""
     name = resolve_backend_name(requested)
     if name == "triton" and device_type == "cpu":
         # Triton on CPU tensors only runs under the interpreter (tests): allowed when TRITON_INTERPRET=1.

@@ -57,6 +57,18 @@ def test_forward_backward_match_reference(case, dtype, p):
     check_case(M, K, N, r, dtype, p, has_bias, noncontig, fp32_adapters)
 
 
+@pytest.mark.parametrize("dtype,p", [(torch.bfloat16, 0.1), (torch.float16, 0.1), (torch.float32, 0.0)],
+                         ids=["bf16-p0.1", "fp16-p0.1", "fp32-p0"])
+@pytest.mark.parametrize("case", CASES[1:], ids=lambda c: f"M{c[0]}_{c[1]}to{c[2]}_r{c[3]}")
+def test_blas_gemm_placement_matches_reference(case, dtype, p):
+    """LORAFUSION_TRITON_GEMM=blas: the compiled K = 0 GEMM kernels store the term, cuBLAS adds the product."""
+    from lorafusion.backends import triton_blas_backend as tbb
+
+    M, K, N, r, has_bias, noncontig, fp32_adapters = case
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    check_forward_backward(tbb, M, K, N, r, dtype, p, has_bias, noncontig, fp32_adapters, gen, TOL[dtype])
+
+
 @pytest.mark.parametrize("dtype,p", [(torch.bfloat16, 0.0), (torch.bfloat16, 0.1), (torch.float16, 0.1)],
                          ids=["bf16-p0", "bf16-p0.1", "fp16-p0.1"])
 def test_large_shape(dtype, p):

@@ -198,3 +198,54 @@ def test_tma_only_where_the_operands_qualify(monkeypatch):
     assert not tb._use_tma(torch.randn(8, 36, dtype=h))  # 36 * 2 bytes per row: not a multiple of 16
     assert not tb._use_tma(torch.randn(40, 8, dtype=h).t())  # column stride 40
     assert not tb._use_tma(torch.randn(8 * 40 + 1, dtype=h)[1:].view(8, 40))  # base 2 bytes past an aligned one
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[0]}_{c[1]}to{c[2]}_r{c[3]}")
+def test_blas_gemm_placement_matches_reference(monkeypatch, case, dtype, p):
+    """LORAFUSION_TRITON_GEMM=blas: the Triton GEMM kernels over an empty reduction store b + s S B^T and D'(dS A)
+    (the mask grad_A wrote), and torch's GEMM adds X W^T / dY W on top. S, Y, dA, dB, dX against the float64
+    reference; TMA switched on too, which the empty operands must not take."""
+    from lorafusion.backends import get_backend, triton_blas_backend as tbb
+
+    monkeypatch.setenv("LORAFUSION_TRITON_GEMM", "blas")
+    monkeypatch.setenv("LORAFUSION_TRITON_TMA", "1")
+    assert get_backend("cpu", "triton") is tbb
+    M, K, N, r, has_bias, noncontig, fp32_adapters = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(("blas", case, str(dtype), p)).encode()))
+    (x, dy, W, A, B), S, scale, dA_ref, dB_ref = check_forward_backward(
+        tbb, M, K, N, r, dtype, p, has_bias, noncontig, fp32_adapters, gen, TOL[dtype])
+    dX_none, dA2, dB2 = tbb.backward(dy, x, W, A, B, S, scale, SEED, p, need_dx=False)
+    assert dX_none is None
+    assert rel_err(dA2, dA_ref) < TOL[dtype] and rel_err(dB2, dB_ref) < TOL[dtype]
+
+
+def test_blas_placement_layer_and_bad_value(monkeypatch):
+    """A FusedLoRALinear forward / backward under ``use_gemm_placement("blas")`` runs the blas module (its
+    backward too, after the block), equals the fused placement's result, and a bad placement is refused by name."""
+    import lorafusion
+    from lorafusion.backends import triton_blas_backend as tbb, use_gemm_placement
+
+    calls = []
+    for fn in ("forward", "backward"):
+        monkeypatch.setattr(tbb, fn, lambda *a, _f=getattr(tbb, fn), _n=fn, **k: calls.append(_n) or _f(*a, **k))
+    torch.manual_seed(0)
+    layer = lorafusion.FusedLoRALinear(torch.nn.Linear(40, 24), r=4, alpha=8, dropout=0.1, backend="triton").train()
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(9, 40)
+    out = {}
+    for mode in ("fused", "blas"):
+        xx = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        with use_gemm_placement(mode):
+            y = layer(xx)
+        y.backward(torch.ones_like(y))
+        out[mode] = (y.detach(), xx.grad, layer.lora_A.grad.clone())
+        layer.zero_grad()
+    assert calls == ["forward", "backward"]
+    for a, b in zip(out["fused"], out["blas"]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("LORAFUSION_TRITON_GEMM", "cublas")
+    with pytest.raises(ValueError, match="LORAFUSION_TRITON_GEMM.*'cublas'"):
+        layer(x)

@@ -206,6 +206,11 @@ def run_single(cases, rec: Recorder) -> list[str]:
             tb.backward(dy, x, W, A, B, S, 2.0, 1234, p, need_dx)
             if p > 0 and T > 1:  # the standalone ops: the dX GEMM with the mask from its own kernel
                 tb.lora_expand_backward(dy, W, S, A, 1234, p)
+            # LORAFUSION_TRITON_GEMM=blas: the stored terms alone (the GEMM kernels over an empty reduction); the
+            # torch GEMMs that add onto them would run for real on these CPU tensors, so they are left out
+            tb.lora_expand_forward(x[:, :0], W[:, :0], b, S, B, 2.0)
+            bits = torch.empty(T, fin, dtype=torch.int8) if p > 0 else None
+            tb._expand_backward(dy[:, :0], W[:0], S, A, bits, p)
         except Exception:  # noqa: BLE001 - every failure is reported, with its traceback
             failures.append(f"{rec.case}:\n{traceback.format_exc()}")
     os.environ.pop("LORAFUSION_TRITON_TMA", None)
@@ -246,7 +251,7 @@ def run_multi(cases, rec: Recorder) -> list[str]:
             dy = torch.empty(T, fout, dtype=dtype)
             _, S = backend.forward(x, W, b, A_cat, Bt_cat, t, 1234, True)
             backend.backward(dy, x, W, A_cat, Bt_cat, S, t, 1234, True, True)
-            # LORAFUSION_MULTI_GEMM=blas: the stored terms alone (the GEMM kernel over K = 0); torch's GEMM that
+            # LORAFUSION_TRITON_GEMM=blas: the stored terms alone (the GEMM kernel over K = 0); torch's GEMM that
             # adds onto them would run for real on these CPU tensors, so it is left out
             mt.segmented_term(x, b, S, Bt_cat, t, 1234, False, True)
             mt.segmented_term(dy, None, S, A_cat, t, 1234, True, False)

@@ -53,7 +53,7 @@ def _check_gpu(backend, dtype, T, K, N, specs, ids, seed=77):
                                         (257, "distinct", 5)])
 def test_gpu_matches_reference(monkeypatch, backend, dtype, T, dist, n):
     if backend == "triton+blas":  # the Triton backend with cuBLAS adding onto the stored rank-r term
-        monkeypatch.setenv("LORAFUSION_MULTI_GEMM", "blas")
+        monkeypatch.setenv("LORAFUSION_TRITON_GEMM", "blas")
         backend = "triton"
     _backend_or_skip(backend)
     rng = np.random.default_rng(T + n)

@@ -167,12 +167,12 @@ BLAS_CASES = [
 
 @pytest.mark.parametrize("dtype, T, dist, n, bias", BLAS_CASES, ids=["-".join(map(str, c)) for c in BLAS_CASES])
 def test_blas_gemm_placement_matches_reference(monkeypatch, dtype, T, dist, n, bias):
-    """LORAFUSION_MULTI_GEMM=blas: the Triton kernel stores [bias +] the rank-r term (the GEMM kernel over an
+    """LORAFUSION_TRITON_GEMM=blas: the Triton kernel stores [bias +] the rank-r term (the GEMM kernel over an
     empty reduction, dropout mask included) and torch's GEMM adds onto it. Forward and every gradient against the
     float64 reference, with dropout, adapter-less rows and absent adapters."""
     from lorafusion.multi import backends
 
-    monkeypatch.setenv("LORAFUSION_MULTI_GEMM", "blas")
+    monkeypatch.setenv("LORAFUSION_TRITON_GEMM", "blas")
     mod = backends.get_multi_backend("cpu", "triton")
     assert mod.term is not None and mod.gemm is None
     rng = np.random.default_rng(zlib.crc32(repr(("blas", T, dist, n)).encode()))
@@ -213,8 +213,8 @@ def test_segmented_term_is_the_fused_gemm_without_the_product(monkeypatch):
 def test_bad_gemm_placement_is_named(monkeypatch):
     from lorafusion.multi import backends
 
-    monkeypatch.setenv("LORAFUSION_MULTI_GEMM", "cublas")
-    with pytest.raises(ValueError, match="LORAFUSION_MULTI_GEMM.*'cublas'"):
+    monkeypatch.setenv("LORAFUSION_TRITON_GEMM", "cublas")
+    with pytest.raises(ValueError, match="LORAFUSION_TRITON_GEMM.*'cublas'"):
         backends.get_multi_backend("cpu", "triton")
 
 
@@ -223,15 +223,15 @@ def test_use_gemm_placement_scopes_the_choice(monkeypatch):
     environment is as it was (unset, or its earlier value), and a bad mode is refused by name."""
     from lorafusion.multi import backends
 
-    monkeypatch.delenv("LORAFUSION_MULTI_GEMM", raising=False)
+    monkeypatch.delenv("LORAFUSION_TRITON_GEMM", raising=False)
     with backends.use_gemm_placement("blas"):
         assert backends.get_multi_backend("cpu", "triton").term is not None
-    assert "LORAFUSION_MULTI_GEMM" not in os.environ
+    assert "LORAFUSION_TRITON_GEMM" not in os.environ
     assert backends.get_multi_backend("cpu", "triton").gemm is not None
-    monkeypatch.setenv("LORAFUSION_MULTI_GEMM", "fused")
+    monkeypatch.setenv("LORAFUSION_TRITON_GEMM", "fused")
     with backends.use_gemm_placement("blas"):
         pass
-    assert os.environ["LORAFUSION_MULTI_GEMM"] == "fused"
+    assert os.environ["LORAFUSION_TRITON_GEMM"] == "fused"
     with pytest.raises(ValueError, match="'gpu'"):
         with backends.use_gemm_placement("gpu"):
             pass
