@@ -233,7 +233,7 @@ def main(argv=None):
     usable = [n for n, why in avail.items() if why == "available" and n != "reference"
               and (dev == "cuda") == (n in ("triton", "cuda"))]
     backends = args.backends.split(",") if args.backends else usable + (["triton+blas"] if "triton" in usable else [])
-    unknown = [b for b in backends if avail.get(b.replace("+blas", "")) != "available"]
+    unknown = [b for b in backends if avail.get("triton" if b == "triton+blas" else b) != "available"]
     if unknown:
         raise SystemExit(f"--backends: {unknown} not available here ({avail})")
     multi_arg = args.multi_backends or ",".join(backends)

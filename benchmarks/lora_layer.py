@@ -71,7 +71,7 @@ def build_variants(T, fin, fout, r, p, dtype, device, backend):
     fused.lora_A.data.copy_(A)
     fused.lora_B.data.copy_(B)
     variants["fused"] = lambda x: fused(x)
-    if device == "cuda" and backend in (None, "auto", "triton"):
+    if device == "cuda" and lorafusion.backends.get_backend("cuda", backend).NAME == "triton":
         # the Triton backend with cuBLAS running the two big GEMMs onto the stored rank-r term
         # (LORAFUSION_TRITON_GEMM=blas), against the Triton GEMMs with the term in the tile ("fused")
         def fused_blas(x):

@@ -30,6 +30,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lorafusion.multi import MultiLoRALinear, ops  # noqa: E402
 from lorafusion.backends import use_gemm_placement  # noqa: E402
+from lorafusion.multi.backends import get_multi_backend  # noqa: E402
 
 ops.cpp_ops_reason()  # load the C++ ops first (a development JIT build must precede lorafusion._C)
 
@@ -53,7 +54,7 @@ def build(T, fin, fout, dtype, device, backend):
             multi.lora_B[n].normal_(std=r ** -0.5)
     seg = multi.make_segments(ids)
     variants = {"base": lambda x: base(x), "multi": lambda x: multi(x, segments=seg)}
-    if device == "cuda" and backend in (None, "auto", "triton"):
+    if device == "cuda" and get_multi_backend("cuda", backend, dtype).name == "triton":
         # the same layer with cuBLAS running the two big GEMMs onto the rank-r term a Triton kernel stored first
         # (LORAFUSION_TRITON_GEMM=blas), against the Triton GEMM with the term in its epilogue ("multi")
         def multi_blas(x):

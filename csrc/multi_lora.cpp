@@ -153,8 +153,9 @@ inline bool dropout_axpy_row_kernel(const T*, float*, T*, const float*, int64_t,
 
 at::Tensor rowmajor(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-// Segments are processed one after another. Where a mask (or a conversion to float32) has to be applied first, a
-// segment is cut into chunks of at most kChunk rows, and each worker thread takes a fixed, contiguous run of chunks:
+// Segments are processed one after another. In shrink, grad and the fused dA / dX op, where a mask (or a conversion
+// to float32) has to be applied first, a segment is cut into chunks of at most kChunk rows, and each worker thread
+// takes a fixed, contiguous run of chunks (expand_add_ still runs its chunks in turn, each parallelised inside):
 // it writes a chunk's masked rows into its own float32 scratch (kept in its L2) and runs the chunk's rank-r GEMMs on
 // them itself (at::mm runs single-threaded inside the parallel region), with no hand-over between threads per chunk.
 constexpr int64_t kChunk = 256;
@@ -166,13 +167,16 @@ int64_t chunk_workers(int64_t start, int64_t end) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nchunk));
 }
 
-// Runs fn(w, r0, r1) over the kChunk-row chunks of [start, end) with nw = chunk_workers(start, end) workers: worker w
-// takes chunks [w * n / nw, (w + 1) * n / nw) in order, so partials indexed by w add up the same way on every run
-// (for a given thread count). With one worker everything runs in the caller (whose GEMMs then use every thread).
+// Runs fn(w, r0, r1, first) over the kChunk-row chunks of [start, end) with nw = chunk_workers(start, end) workers:
+// worker w takes chunks [w * n / nw, (w + 1) * n / nw) in order (first: the worker's first chunk), so partials
+// indexed by w add up the same way on every run (for a given thread count). With one worker everything runs in the
+// caller (whose GEMMs then use every thread).
 template <typename F>
 void for_each_chunk(int64_t start, int64_t end, int64_t nw, const F& fn) {
   const int64_t nchunk = (end - start + kChunk - 1) / kChunk;
-  auto chunk = [&](int64_t w, int64_t c) { fn(w, start + c * kChunk, std::min(start + (c + 1) * kChunk, end)); };
+  auto chunk = [&](int64_t w, int64_t c) {
+    fn(w, start + c * kChunk, std::min(start + (c + 1) * kChunk, end), c == w * nchunk / nw);
+  };
   if (nw <= 1) {
     for (int64_t c = 0; c < nchunk; ++c) chunk(0, c);
     return;
@@ -187,7 +191,13 @@ void for_each_chunk(int64_t start, int64_t end, int64_t nw, const F& fn) {
   });
 }
 
-// g (+)= the workers' partials (nw x r x K) in worker order; nw == 1 wrote straight into g.
+// Per-worker partials (nw x r x cols, uninitialised: each worker's first chunk writes its slice with beta = 0), or
+// an undefined tensor when one worker accumulates straight into the result.
+at::Tensor worker_partials(int64_t nw, int64_t r, int64_t cols, const at::TensorOptions& opt) {
+  return nw > 1 ? at::empty({nw, r, cols}, opt) : at::Tensor();
+}
+
+// g += the workers' partials in worker order (nw == 1 wrote straight into g).
 void reduce_partials(at::Tensor& g, const at::Tensor& parts, int64_t nw) {
   for (int64_t w = 0; w < nw; ++w) g.add_(parts[w]);
 }
@@ -259,7 +269,7 @@ at::Tensor multi_lora_shrink_cpu(const at::Tensor& x_in, const at::Tensor& w_cat
       continue;
     }
     for_each_chunk(sg.start, sg.end, chunk_workers(sg.start, sg.end),
-                   [&](int64_t, int64_t r0, int64_t r1) { rows(r0, r1); });
+                   [&](int64_t, int64_t r0, int64_t r1, bool) { rows(r0, r1); });
   }
   return out;
 }
@@ -287,10 +297,14 @@ at::Tensor multi_lora_grad_cpu(const at::Tensor& l_flat_in, const at::Tensor& m_
       continue;
     }
     const int64_t nw = chunk_workers(sg.start, sg.end);
-    const at::Tensor parts = nw > 1 ? at::zeros({nw, sl.r, m.size(1)}, G.options()) : at::Tensor();
-    for_each_chunk(sg.start, sg.end, nw, [&](int64_t wk, int64_t r0, int64_t r1) {
+    const at::Tensor parts = worker_partials(nw, sl.r, m.size(1), G.options());
+    for_each_chunk(sg.start, sg.end, nw, [&](int64_t wk, int64_t r0, int64_t r1, bool first) {
       auto mb = masked_rows(m, r0, r1, drop, sl, static_cast<uint64_t>(seed), scratch_floats(0));
-      (nw > 1 ? parts[wk] : g).addmm_(flat_block(l_flat, sg, sl, r0, r1).t(), mb, 1.0, alpha);
+      auto lt = flat_block(l_flat, sg, sl, r0, r1).t();
+      if (nw > 1)
+        parts[wk].addmm_(lt, mb, first ? 0.0 : 1.0, alpha);  // beta = 0: the uninitialised slice is not read
+      else
+        g.addmm_(lt, mb, 1.0, alpha);
     });
     if (nw > 1) reduce_partials(g, parts, nw);
   }
@@ -402,9 +416,9 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
       continue;
     }
     const int64_t nw = chunk_workers(sg.start, sg.end);
-    const at::Tensor parts = nw > 1 ? at::zeros({nw, sl.r, K}, dA.options()) : at::Tensor();
+    const at::Tensor parts = worker_partials(nw, sl.r, K, dA.options());
     const float inv = drop ? static_cast<float>(1.0 / (1.0 - sl.p)) : 1.0f;
-    for_each_chunk(sg.start, sg.end, nw, [&](int64_t wk, int64_t r0, int64_t r1) {
+    for_each_chunk(sg.start, sg.end, nw, [&](int64_t wk, int64_t r0, int64_t r1, bool first) {
       const int64_t rows = r1 - r0;
       auto dsb = flat_block(ds, sg, sl, r0, r1);
       at::Tensor tmp = scratch_tensor(rows, K);  // this thread's
@@ -441,7 +455,10 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
         });
       });
       auto xb = at::from_blob(xbuf.data(), {rows, K}, at::TensorOptions().dtype(at::kFloat));
-      (nw > 1 ? parts[wk] : dak).addmm_(dsb.t(), xb);
+      if (nw > 1)
+        parts[wk].addmm_(dsb.t(), xb, first ? 0.0 : 1.0);  // beta = 0: the uninitialised slice is not read
+      else
+        dak.addmm_(dsb.t(), xb);
     });
     if (nw > 1) reduce_partials(dak, parts, nw);
   }

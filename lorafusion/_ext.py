@@ -10,6 +10,8 @@ import logging
 
 import torch
 
+from lorafusion.reference import acc_dtype as _acc_dtype
+
 logger = logging.getLogger("lorafusion")
 
 EXTENSION_AVAILABLE = False
@@ -23,10 +25,6 @@ try:
 except Exception as exc:  # not built (pure-Python install) or built against another torch
     EXTENSION_ERROR = f"lorafusion._C could not be loaded ({type(exc).__name__}: {exc}); build it with `pip install -e .`"
     logger.info("lorafusion: C++/CUDA extension unavailable: %s", EXTENSION_ERROR)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 if EXTENSION_AVAILABLE:

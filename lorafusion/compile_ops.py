@@ -21,14 +21,16 @@ from __future__ import annotations
 import torch
 
 from lorafusion.backends import get_backend
-from lorafusion.reference import _acc_dtype  # S, dA, dB: float64 for float64 input, else float32
+from lorafusion.reference import acc_dtype as _acc_dtype  # S, dA, dB: float64 for float64 input, else float32
 
 # The draws' ordering token: each draw increments it (see the module docstring). Lives on CPU, never read.
 DRAW_STATE = torch.zeros(1, dtype=torch.int64)
 
 
 def _backend(x: torch.Tensor, backend: str):
-    return get_backend(x.device.type, backend or None)
+    """``backend``: "name:placement" (see ``fused_lora_linear``); an empty name or placement is the default."""
+    name, _, placement = backend.partition(":")
+    return get_backend(x.device.type, name or None, placement or None)
 
 
 @torch.library.custom_op("lorafusion::draw_dropout_seed", mutates_args=("state",))
@@ -49,7 +51,7 @@ def _(x, state):
 def fused_linear_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
                          lora_B: torch.Tensor, scale: float, seed: torch.Tensor, p: float,
                          backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y, S) of the backend contract; ``backend`` is the requested name ('' for the default choice)."""
+    """(Y, S) of the backend contract; ``backend`` is "name:placement" (see ``_backend``)."""
     y, S = _backend(x2d, backend).forward(x2d, weight, bias, lora_A, lora_B, scale, int(seed.item()), p)
     return y.contiguous(), S.to(_acc_dtype(x2d.dtype)).contiguous()
 

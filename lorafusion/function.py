@@ -6,7 +6,7 @@ import contextlib
 import torch
 
 from lorafusion import compile_ops
-from lorafusion.backends import get_backend, resolve_backend_name
+from lorafusion.backends import gemm_placement, get_backend, resolve_backend_name
 from lorafusion.reference import op_seed
 
 _SEED_MIX = 0x9E3779B97F4A7C15
@@ -59,8 +59,8 @@ class FusedLoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale: float, p: float, seed, backend):
         """``seed``, ``backend``: an int and a backend module (eager), or, traced by ``torch.compile``, a 0-d int64
-        tensor and the requested backend's name ('' for the default), run through the opaque ops of
-        ``lorafusion.compile_ops``."""
+        tensor and "name:placement" (the requested backend, '' for the default, and the Triton GEMM placement), run
+        through the opaque ops of ``lorafusion.compile_ops``."""
         x2d = x.reshape(-1, x.shape[-1])
         if isinstance(backend, str):
             y2d, S = torch.ops.lorafusion.fused_linear_forward(x2d, weight, bias, lora_A, lora_B, scale, seed, p,
@@ -111,7 +111,9 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 
     and the backend, chosen when the compiled code runs as in eager, runs inside opaque ops
     (``lorafusion.compile_ops``), so nothing breaks the graph."""
     if torch.compiler.is_compiling():
-        mod = resolve_backend_name(backend) if backend is not None else ""
+        # "name:placement": the requested backend ('' for the default choice) and the Triton GEMM placement, read
+        # once here so the forward and backward ops resolve the same one
+        mod = (resolve_backend_name(backend) if backend is not None else "") + ":" + gemm_placement()
         if seed is not None:  # a caller's fixed seed
             seed = torch.tensor(op_seed(seed), dtype=torch.int64)
         elif p > 0.0:

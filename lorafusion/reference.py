@@ -106,19 +106,20 @@ def apply_dropout(x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
 # All take 2-D row-major views: x2d (T x in), dy2d (T x out). S and dS are float32 (or float64 for float64 input).
 # ---------------------------------------------------------------------------------------------------------------
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the rank-r path accumulates and keeps S, dS, dA, dB in: float64 for float64 input, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def lora_shrink(x2d, lora_A, seed: int, p: float) -> torch.Tensor:
     """S = D(X) A^T, accumulated and returned in float32 (float64 for float64 input)."""
-    acc = _acc_dtype(x2d.dtype)
+    acc = acc_dtype(x2d.dtype)
     return apply_dropout(x2d.to(acc), seed, p) @ lora_A.to(acc).t()
 
 
 def lora_expand_forward(x2d, weight, bias, S, lora_B, scale: float) -> torch.Tensor:
     """Y = X W^T + b + s * S B^T, in the input's dtype."""
-    acc = _acc_dtype(x2d.dtype)
+    acc = acc_dtype(x2d.dtype)
     y = x2d.to(acc) @ weight.to(acc).t() + scale * (S.to(acc) @ lora_B.to(acc).t())
     if bias is not None:
         y = y + bias.to(acc)
@@ -127,7 +128,7 @@ def lora_expand_forward(x2d, weight, bias, S, lora_B, scale: float) -> torch.Ten
 
 def lora_dy_shrink(dy2d, lora_B, S, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """dS = s * dY B (float32) and dB = s * dY^T S (in B's dtype)."""
-    acc = _acc_dtype(dy2d.dtype)
+    acc = acc_dtype(dy2d.dtype)
     dy = dy2d.to(acc)
     dS = scale * (dy @ lora_B.to(acc))
     dB = scale * (dy.t() @ S.to(acc))
@@ -136,13 +137,13 @@ def lora_dy_shrink(dy2d, lora_B, S, scale: float) -> tuple[torch.Tensor, torch.T
 
 def lora_dropout_grad_A(x2d, dS, seed: int, p: float, a_dtype: torch.dtype) -> torch.Tensor:
     """dA = dS^T D(X), in A's dtype."""
-    acc = _acc_dtype(x2d.dtype)
+    acc = acc_dtype(x2d.dtype)
     return (dS.to(acc).t() @ apply_dropout(x2d.to(acc), seed, p)).to(a_dtype)
 
 
 def lora_expand_backward(dy2d, weight, dS, lora_A, seed: int, p: float) -> torch.Tensor:
     """dX = dY W + D'(dS A), in dY's dtype."""
-    acc = _acc_dtype(dy2d.dtype)
+    acc = acc_dtype(dy2d.dtype)
     lora = apply_dropout(dS.to(acc) @ lora_A.to(acc), seed, p)
     return (dy2d.to(acc) @ weight.to(acc) + lora).to(dy2d.dtype)
 

@@ -48,20 +48,26 @@ GEMM_PLACEMENTS = ("fused", "blas")
 _GEMM_ENV = "LORAFUSION_TRITON_GEMM"
 
 
-def gemm_placement() -> str:
-    """$LORAFUSION_TRITON_GEMM (read on every call; default "fused"), validated."""
-    mode = os.environ.get(_GEMM_ENV, "fused").strip().lower() or "fused"
-    if mode not in GEMM_PLACEMENTS:
-        raise ValueError(f"${_GEMM_ENV}={mode!r} is not one of {GEMM_PLACEMENTS}")
-    return mode
+def _check_placement(mode: str, source: str) -> str:
+    norm = mode.strip().lower() or "fused"
+    if norm not in GEMM_PLACEMENTS:
+        raise ValueError(f"{source}={mode!r} is not one of {GEMM_PLACEMENTS}")
+    return norm
+
+
+def gemm_placement(placement: str | None = None) -> str:
+    """``placement`` if given, else $LORAFUSION_TRITON_GEMM (read on every call; default "fused"); validated."""
+    if placement is not None:
+        return _check_placement(placement, "placement")
+    return _check_placement(os.environ.get(_GEMM_ENV, "fused"), f"${_GEMM_ENV}")
 
 
 @contextlib.contextmanager
 def use_gemm_placement(mode: str):
-    """Within the block, layers resolve their Triton backend with GEMM placement ``mode`` (sets
-    $LORAFUSION_TRITON_GEMM, restored after). A layer's backward runs on the backend its forward resolved."""
-    if mode not in GEMM_PLACEMENTS:
-        raise ValueError(f"GEMM placement {mode!r} is not one of {GEMM_PLACEMENTS}")
+    """Within the block, layers resolve their Triton backend with GEMM placement ``mode``. It sets
+    $LORAFUSION_TRITON_GEMM and restores it after, so it is process-wide (every thread sees it). A layer's backward
+    runs with the placement its forward resolved, compiled (``torch.compile``) or not."""
+    mode = _check_placement(mode, "GEMM placement")
     old = os.environ.get(_GEMM_ENV)
     os.environ[_GEMM_ENV] = mode
     try:
@@ -73,13 +79,17 @@ def use_gemm_placement(mode: str):
             os.environ[_GEMM_ENV] = old
 
 
-def _label(name: str) -> str:
-    return f"{name} (GEMM: blas)" if name == "triton" and gemm_placement() == "blas" else name
+def _module_key(name: str, placement: str | None = None) -> str:
+    """The _MODULES key of backend ``name``: the Triton backend's depends on the GEMM placement."""
+    return "triton+blas" if name == "triton" and gemm_placement(placement) == "blas" else name
 
 
-def _load(name: str) -> ModuleType | Exception:
-    if name == "triton" and gemm_placement() == "blas":
-        name = "triton+blas"
+def _label(key: str) -> str:
+    return "triton (GEMM: blas)" if key == "triton+blas" else key
+
+
+def _load(name: str, placement: str | None = None) -> ModuleType | Exception:
+    name = _module_key(name, placement)  # a bad placement raises here, for the Triton backend only
     if name not in _cache:
         try:
             mod = importlib.import_module(_MODULES[name])
@@ -94,7 +104,10 @@ def available_backends() -> dict[str, str]:
     """Map each backend name to 'available' or the reason it is not."""
     out = {}
     for name in BACKENDS:
-        mod = _load(name)
+        try:
+            mod = _load(name)
+        except ValueError as exc:  # a bad $LORAFUSION_TRITON_GEMM: the Triton backend only, not the others
+            mod = exc
         out[name] = "available" if isinstance(mod, ModuleType) else f"unavailable: {mod}"
     return out
 
@@ -118,30 +131,31 @@ def resolve_backend_name(requested: str | None) -> str:
     return name
 
 
-def get_backend(device_type: str, requested: str | None = None) -> ModuleType:
-    """The backend module to run on ``device_type`` ('cpu' or 'cuda').
+def get_backend(device_type: str, requested: str | None = None, placement: str | None = None) -> ModuleType:
+    """The backend module to run on ``device_type`` ('cpu' or 'cuda'). ``placement``: the Triton backend's GEMM
+    placement (default: ``gemm_placement()``, from the environment).
 
     An explicitly requested backend that cannot run raises; 'auto' falls back loudly (one log line)."""
     name = resolve_backend_name(requested)
     if ("available",) not in _logged:  # once per process: which backends exist and why the others do not
         _log_once(("available",), "lorafusion: backends %s", available_backends())
     if name != "auto":
-        mod = _load(name)
+        mod = _load(name, placement)
         if not isinstance(mod, ModuleType):
             raise RuntimeError(f"backend {name!r} was requested but is unavailable: {mod}")
         if not _supports(mod, device_type):
             raise RuntimeError(f"backend {name!r} was requested but does not run on device type {device_type!r}")
-        _log_once((device_type, _label(name), "requested"), "lorafusion: %s backend on %s (requested)", _label(name),
-                  device_type)
+        label = _label(_module_key(name, placement))
+        _log_once((device_type, label, "requested"), "lorafusion: %s backend on %s (requested)", label, device_type)
         return mod
     order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpu", "reference")
     skipped = []
     for cand in order:
-        mod = _load(cand)
+        mod = _load(cand, placement)
         if isinstance(mod, ModuleType) and _supports(mod, device_type):
             why = "fastest available" if not skipped else "; ".join(skipped)
-            _log_once((device_type, _label(cand), why), "lorafusion: %s backend on %s (%s)", _label(cand), device_type,
-                      why)
+            label = _label(_module_key(cand, placement))
+            _log_once((device_type, label, why), "lorafusion: %s backend on %s (%s)", label, device_type, why)
             return mod
         skipped.append(f"{cand} skipped: {mod if not isinstance(mod, ModuleType) else 'not for ' + device_type}")
     raise RuntimeError(f"no lorafusion backend runs on device type {device_type!r}: {'; '.join(skipped)}")

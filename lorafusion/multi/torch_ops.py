@@ -10,10 +10,7 @@ from __future__ import annotations
 import torch
 
 from lorafusion.multi.reference import dropout_rows
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from lorafusion.reference import acc_dtype as _acc
 
 
 def _rows(x, start, rows, n):

@@ -373,10 +373,10 @@ def segmented_gemm(a, weight, bias, l_flat, wc, t, seed, dropout, scaled, transp
 
 
 def segmented_term(a, bias, l_flat, wc, t, seed, dropout, scaled):
-    """Out (rows of ``a`` x columns of ``wc``, ``a``'s dtype) = bias + the segmented rank-r term alone: the GEMM kernel above
-    over an empty reduction (K = 0), so its epilogue code, masks and tiling are the fused GEMM's. The ``blas`` GEMM
-    placement (``lorafusion.multi.backends``) then lets torch's GEMM (cuBLAS) add ``a`` W^T / ``a`` W on top
-    (beta = 1). ``a`` supplies the row count, dtype and device; its values are not read."""
+    """Out (rows of ``a`` x columns of ``wc``, ``a``'s dtype) = bias + the segmented rank-r term alone: the GEMM
+    kernel above over an empty reduction (K = 0), so its epilogue code, masks and tiling are the fused GEMM's. The
+    ``blas`` GEMM placement (``lorafusion.multi.backends``) then lets torch's GEMM (cuBLAS) add ``a`` W^T / ``a`` W
+    on top (beta = 1). ``a`` supplies the row count, dtype and device; its values are not read."""
     no_k = a[:, :0]  # K = 0: the kernel's main loop runs no step and never loads a or the weight
     return segmented_gemm(no_k, wc.t()[:, :0], bias, l_flat, wc, t, seed, dropout, scaled, True)
 

@@ -249,3 +249,50 @@ def test_blas_placement_layer_and_bad_value(monkeypatch):
     monkeypatch.setenv("LORAFUSION_TRITON_GEMM", "cublas")
     with pytest.raises(ValueError, match="LORAFUSION_TRITON_GEMM.*'cublas'"):
         layer(x)
+
+
+def test_compiled_layer_keeps_its_forward_placement_in_backward(monkeypatch):
+    """Traced by torch.compile (aot_eager), a layer whose forward runs under ``use_gemm_placement("blas")`` runs its
+    backward with the blas placement too, after the block has ended, and matches the eager result."""
+    import lorafusion
+    from lorafusion.backends import triton_blas_backend as tbb, use_gemm_placement
+
+    calls = []
+    for mod, tag in ((tbb, "blas"), (tb, "fused")):
+        for fn in ("forward", "backward"):
+            monkeypatch.setattr(mod, fn, lambda *a, _f=getattr(mod, fn), _n=f"{tag}.{fn}", **k: calls.append(_n)
+                                or _f(*a, **k))
+    torch.manual_seed(0)
+    layer = lorafusion.FusedLoRALinear(torch.nn.Linear(32, 24), r=4, alpha=8, dropout=0.0, backend="triton")
+    torch.nn.init.normal_(layer.lora_B)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(6, 32)
+    grads = []
+    for fn in (layer, compiled):
+        xx = x.clone().requires_grad_()
+        with use_gemm_placement("blas"):
+            y = fn(xx)
+        y.square().sum().backward()
+        grads.append((y.detach(), xx.grad, layer.lora_A.grad.clone()))
+        layer.zero_grad()
+    assert calls == ["blas.forward", "blas.backward"] * 2, calls
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_placement_only_concerns_the_triton_backend(monkeypatch):
+    """A bad $LORAFUSION_TRITON_GEMM is an error where the Triton backend is chosen (naming the variable and the
+    value) and nowhere else: the CPU backend still resolves and available_backends() reports it for triton."""
+    from lorafusion import backends
+
+    monkeypatch.setenv("LORAFUSION_TRITON_GEMM", "Cublas")
+    avail = backends.available_backends()
+    assert avail["cpu"] == "available" and "LORAFUSION_TRITON_GEMM='Cublas'" in avail["triton"]
+    assert backends.get_backend("cpu", "cpu").NAME == "cpu"
+    with pytest.raises(ValueError, match="LORAFUSION_TRITON_GEMM='Cublas'"):
+        backends.get_backend("cpu", "triton")
+    monkeypatch.setenv("LORAFUSION_TRITON_GEMM", " BLAS ")  # case and spaces as the environment may give them
+    assert backends.get_backend("cpu", "triton").__name__.endswith("triton_blas_backend")
+    with pytest.raises(ValueError, match="'gpu'"):
+        with backends.use_gemm_placement("gpu"):
+            pass

@@ -257,7 +257,7 @@ def test_cpu_long_segments_split_across_worker_threads(dtype, threads):
     scratch and reduces its own dA / dB partial). Forward and every gradient match the float64 reference at 1, 2
     and 3 threads, with masked, unmasked and ragged segments; the same thread count gives bit-identical results."""
     _cpu_ops_or_skip()
-    rng = np.random.default_rng(int(torch.randint(0, 2**31, ())))
+    rng = np.random.default_rng(zlib.crc32(repr(("long segments", str(dtype), threads)).encode()))
     specs = {"a": AdapterSpec(8, 16.0, 0.1), "b": AdapterSpec(5, 5.0, 0.0), "c": AdapterSpec(16, 32.0, 0.3)}
     ids = [0] * 1100 + [-1] * 5 + [1] * 600 + [2] * 300 + [0] * 257 + [2] * 513
     prev = torch.get_num_threads()

@@ -187,7 +187,7 @@ def test_segmented_term_is_the_fused_gemm_without_the_product(monkeypatch):
     from lorafusion.multi import AdapterSegments, triton_kernels as tk
     from lorafusion.multi.reference import multi_lora_reference
 
-    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    g = torch.Generator().manual_seed(zlib.crc32(b"segmented term"))
     specs = {"a": AdapterSpec(3, 6.0, 0.3), "b": AdapterSpec(5, 5.0, 0.0)}
     ids = [-1] * 3 + [0] * 20 + [1] * 17 + [0] * 9
     seg = AdapterSegments(ids, specs)
