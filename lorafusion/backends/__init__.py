@@ -66,7 +66,8 @@ def gemm_placement(placement: str | None = None) -> str:
 def use_gemm_placement(mode: str):
     """Within the block, layers resolve their Triton backend with GEMM placement ``mode``. It sets
     $LORAFUSION_TRITON_GEMM and restores it after, so it is process-wide (every thread sees it). A layer's backward
-    runs with the placement its forward resolved, compiled (``torch.compile``) or not."""
+    runs with the placement its forward resolved. Under ``torch.compile`` the placement is read when the graph is
+    traced and stays fixed in that graph (changing it later does not retrace)."""
     mode = _check_placement(mode, "GEMM placement")
     old = os.environ.get(_GEMM_ENV)
     os.environ[_GEMM_ENV] = mode
