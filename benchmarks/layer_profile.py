@@ -58,10 +58,11 @@ def _ps(text: str) -> list[float]:
 
 
 def _fused(base, r, p, name, A, B):
-    """``name``: a backend, or "triton+blas" (the Triton backend with LORAFUSION_TRITON_GEMM=blas)."""
-    placement = "blas" if name == "triton+blas" else None
+    """``name``: a backend, or "triton+blas" (the Triton backend with LORAFUSION_TRITON_GEMM=blas; "triton" runs
+    with the fused placement, whatever the environment says)."""
+    placement = "blas" if name == "triton+blas" else "fused" if name == "triton" else None
     layer = lorafusion.FusedLoRALinear(base, r=r, alpha=2 * r, dropout=p,
-                                       backend="triton" if placement else name).train()
+                                       backend=name.replace("+blas", "")).train()
     with torch.no_grad():
         layer.lora_A.copy_(A)
         layer.lora_B.copy_(B)
@@ -75,9 +76,9 @@ def _fused(base, r, p, name, A, B):
 
 
 def _multi(base, p, name, ids, dtype):
-    """``name``: a multi-adapter backend, or "triton+blas" (the Triton backend with LORAFUSION_TRITON_GEMM=blas)."""
-    placement = "blas" if name == "triton+blas" else None
-    multi = MultiLoRALinear(base, backend="triton" if placement else name).train()
+    """``name``: a multi-adapter backend, or "triton+blas" (as in ``_fused``)."""
+    placement = "blas" if name == "triton+blas" else "fused" if name == "triton" else None
+    multi = MultiLoRALinear(base, backend=name.replace("+blas", "")).train()
     for k, rk in enumerate(MULTI_RANKS):
         multi.add_adapter(f"job{k}", rk, 2 * rk, p, dtype=torch.float32 if dtype != torch.float32 else None)
         with torch.no_grad():

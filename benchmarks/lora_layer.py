@@ -71,14 +71,18 @@ def build_variants(T, fin, fout, r, p, dtype, device, backend):
     fused.lora_A.data.copy_(A)
     fused.lora_B.data.copy_(B)
     variants["fused"] = lambda x: fused(x)
-    if device == "cuda" and lorafusion.backends.get_backend("cuda", backend).NAME == "triton":
+    if device == "cuda" and lorafusion.backends.get_backend("cuda", backend, "fused").NAME == "triton":
         # the Triton backend with cuBLAS running the two big GEMMs onto the stored rank-r term
-        # (LORAFUSION_TRITON_GEMM=blas), against the Triton GEMMs with the term in the tile ("fused")
-        def fused_blas(x):
-            with use_gemm_placement("blas"):
-                return fused(x)
+        # (LORAFUSION_TRITON_GEMM=blas), against the Triton GEMMs with the term in the tile ("fused"), each
+        # placement set explicitly whatever the environment says
+        def in_placement(mode):
+            def run(x):
+                with use_gemm_placement(mode):
+                    return fused(x)
+            return run
 
-        variants["fused-blas"] = fused_blas
+        variants["fused"] = in_placement("fused")
+        variants["fused-blas"] = in_placement("blas")
     params = [base.weight, base.bias, A, B, fused.lora_A, fused.lora_B]
     if "peft" in variants:
         params += list(pm.parameters())

@@ -56,12 +56,16 @@ def build(T, fin, fout, dtype, device, backend):
     variants = {"base": lambda x: base(x), "multi": lambda x: multi(x, segments=seg)}
     if device == "cuda" and get_multi_backend("cuda", backend, dtype).name == "triton":
         # the same layer with cuBLAS running the two big GEMMs onto the rank-r term a Triton kernel stored first
-        # (LORAFUSION_TRITON_GEMM=blas), against the Triton GEMM with the term in its epilogue ("multi")
-        def multi_blas(x):
-            with use_gemm_placement("blas"):
-                return multi(x, segments=seg)
+        # (LORAFUSION_TRITON_GEMM=blas), against the Triton GEMM with the term in its epilogue ("multi"), each
+        # placement set explicitly whatever the environment says
+        def in_placement(mode):
+            def run(x):
+                with use_gemm_placement(mode):
+                    return multi(x, segments=seg)
+            return run
 
-        variants["multi-blas"] = multi_blas
+        variants["multi"] = in_placement("fused")
+        variants["multi-blas"] = in_placement("blas")
 
     try:
         import lorafusion

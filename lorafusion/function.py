@@ -109,11 +109,16 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 
 
     Traced by ``torch.compile`` the seed is drawn by an op in the graph (the same draw, in the same order, as eager)
     and the backend, chosen when the compiled code runs as in eager, runs inside opaque ops
-    (``lorafusion.compile_ops``), so nothing breaks the graph."""
+    (``lorafusion.compile_ops``), so nothing breaks the graph. The Triton GEMM placement (``gemm_placement``) is
+    read when the graph is traced and stays fixed in it."""
     if torch.compiler.is_compiling():
         # "name:placement": the requested backend ('' for the default choice) and the Triton GEMM placement, read
         # once here so the forward and backward ops resolve the same one
-        mod = (resolve_backend_name(backend) if backend is not None else "") + ":" + gemm_placement()
+        try:
+            placement = gemm_placement()
+        except ValueError:  # a bad value matters only where the Triton backend is chosen: the op reads it again
+            placement = ""
+        mod = (resolve_backend_name(backend) if backend is not None else "") + ":" + placement
         if seed is not None:  # a caller's fixed seed
             seed = torch.tensor(op_seed(seed), dtype=torch.int64)
         elif p > 0.0:

@@ -192,3 +192,16 @@ def test_compiled_model_on_cuda_matches_eager(dtype):
     torch.testing.assert_close(got_dx, want_dx, **tol)
     for n in want_g:
         torch.testing.assert_close(got_g[n], want_g[n], **tol)
+
+
+def test_compiled_cpu_layers_ignore_a_bad_triton_gemm_placement(monkeypatch):
+    """A bad $LORAFUSION_TRITON_GEMM concerns the Triton backend only, traced as in eager: the compiled model on the
+    CPU backend runs and matches eager."""
+    monkeypatch.setenv("LORAFUSION_TRITON_GEMM", "cublas")
+    model = _fresh(0.1)
+    x = torch.randn(5, 32, requires_grad=True)
+    want_y, want_g, want_dx = _run(model, x, seed=3)
+    torch._dynamo.reset()
+    got_y, got_g, got_dx = _run(torch.compile(model, backend="aot_eager", fullgraph=True), x, 3, model)
+    assert torch.equal(got_y, want_y) and torch.equal(got_dx, want_dx)
+    assert all(torch.equal(got_g[n], want_g[n]) for n in want_g)
