@@ -101,3 +101,39 @@ def test_layer_profile_runs_on_cpu_and_splits_each_variant_into_its_ops(tmp_path
                                "--out", str(tmp_path / "x.json")], capture_output=True, text=True, cwd=ROOT,
                               timeout=300)
         assert proc.returncode != 0 and word in proc.stderr, (bad, proc.stderr[-500:])
+
+
+def test_layer_profile_placement_variants_run_the_placement_they_name(monkeypatch):
+    """The profile's triton / triton+blas variants (fused and multi-adapter), built and run on CPU tensors under
+    the Triton interpreter at a tiny size: each runs the GEMM placement its name says, whatever
+    $LORAFUSION_TRITON_GEMM holds, so the GPU run's comparison cannot silently time one placement twice."""
+    import torch
+
+    from lorafusion.backends import triton_backend, triton_blas_backend
+    from lorafusion.multi import triton_kernels as multi_tk
+
+    if os.environ.get("TRITON_INTERPRET") != "1" or triton_backend.unavailable_reason():
+        pytest.skip("needs the Triton interpreter on CPU tensors (TRITON_INTERPRET=1, no GPU)")
+    from benchmarks import layer_profile
+
+    calls = []
+    for mod, names in ((triton_backend, ("forward",)), (triton_blas_backend, ("forward",)),
+                       (multi_tk, ("segmented_gemm", "segmented_term"))):
+        for fn in names:
+            monkeypatch.setattr(mod, fn, lambda *a, _f=getattr(mod, fn), _n=f"{mod.__name__}.{fn}", **k:
+                                calls.append(_n) or _f(*a, **k))
+    monkeypatch.setenv("LORAFUSION_TRITON_GEMM", "blas")  # the plain "triton" variants must still run fused
+    variants = layer_profile.build_variants(64, 32, 24, 4, [0.1], torch.float32, "cpu", ["triton", "triton+blas"],
+                                            ["triton", "triton+blas"])
+    # (must run, must not run); the blas term launches the GEMM kernel through segmented_gemm (K = 0), so that
+    # one is not excluded there
+    want = {"fused:triton p=0.1": (".triton_backend.forward", ".triton_blas_backend.forward"),
+            "fused:triton+blas p=0.1": (".triton_blas_backend.forward", ".triton_backend.forward"),
+            "multi:triton p=0.1": (".segmented_gemm", ".segmented_term"),
+            "multi:triton+blas p=0.1": (".segmented_term", None)}
+    for name, (must, must_not) in want.items():
+        calls.clear()
+        x = torch.randn(64, 32, requires_grad=True)
+        variants[name](x).sum().backward()
+        assert any(c.endswith(must) for c in calls), (name, calls)
+        assert must_not is None or not any(c.endswith(must_not) for c in calls), (name, calls)
