@@ -66,13 +66,7 @@ def _fused(base, r, p, name, A, B):
     with torch.no_grad():
         layer.lora_A.copy_(A)
         layer.lora_B.copy_(B)
-    if placement is None:
-        return layer
-
-    def step(x):
-        with use_gemm_placement(placement):
-            return layer(x)
-    return step
+    return layer if placement is None else use_gemm_placement(placement)(lambda x: layer(x))
 
 
 def _multi(base, p, name, ids, dtype):
@@ -84,13 +78,8 @@ def _multi(base, p, name, ids, dtype):
         with torch.no_grad():
             multi.lora_B[f"job{k}"].normal_(std=rk ** -0.5)
     seg = multi.make_segments(ids)
-    if placement is None:
-        return lambda x: multi(x, segments=seg)
-
-    def step(x):
-        with use_gemm_placement(placement):
-            return multi(x, segments=seg)
-    return step
+    step = lambda x: multi(x, segments=seg)  # noqa: E731
+    return step if placement is None else use_gemm_placement(placement)(step)
 
 
 def _built(make, *args):

@@ -74,15 +74,9 @@ def build_variants(T, fin, fout, r, p, dtype, device, backend):
     if device == "cuda" and lorafusion.backends.get_backend("cuda", backend, "fused").NAME == "triton":
         # the Triton backend with cuBLAS running the two big GEMMs onto the stored rank-r term
         # (LORAFUSION_TRITON_GEMM=blas), against the Triton GEMMs with the term in the tile ("fused"), each
-        # placement set explicitly whatever the environment says
-        def in_placement(mode):
-            def run(x):
-                with use_gemm_placement(mode):
-                    return fused(x)
-            return run
-
-        variants["fused"] = in_placement("fused")
-        variants["fused-blas"] = in_placement("blas")
+        # placement set explicitly whatever the environment says (the context manager as a decorator)
+        variants["fused"] = use_gemm_placement("fused")(lambda x: fused(x))
+        variants["fused-blas"] = use_gemm_placement("blas")(lambda x: fused(x))
     params = [base.weight, base.bias, A, B, fused.lora_A, fused.lora_B]
     if "peft" in variants:
         params += list(pm.parameters())

@@ -57,15 +57,9 @@ def build(T, fin, fout, dtype, device, backend):
     if device == "cuda" and get_multi_backend("cuda", backend, dtype).name == "triton":
         # the same layer with cuBLAS running the two big GEMMs onto the rank-r term a Triton kernel stored first
         # (LORAFUSION_TRITON_GEMM=blas), against the Triton GEMM with the term in its epilogue ("multi"), each
-        # placement set explicitly whatever the environment says
-        def in_placement(mode):
-            def run(x):
-                with use_gemm_placement(mode):
-                    return multi(x, segments=seg)
-            return run
-
-        variants["multi"] = in_placement("fused")
-        variants["multi-blas"] = in_placement("blas")
+        # placement set explicitly whatever the environment says (the context manager as a decorator)
+        variants["multi"] = use_gemm_placement("fused")(lambda x: multi(x, segments=seg))
+        variants["multi-blas"] = use_gemm_placement("blas")(lambda x: multi(x, segments=seg))
 
     try:
         import lorafusion

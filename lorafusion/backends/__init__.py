@@ -89,16 +89,19 @@ def _label(key: str) -> str:
     return "triton (GEMM: blas)" if key == "triton+blas" else key
 
 
-def _load(name: str, placement: str | None = None) -> ModuleType | Exception:
-    name = _module_key(name, placement)  # a bad placement raises here, for the Triton backend only
-    if name not in _cache:
+def _load_key(key: str) -> ModuleType | Exception:
+    if key not in _cache:
         try:
-            mod = importlib.import_module(_MODULES[name])
+            mod = importlib.import_module(_MODULES[key])
             reason = getattr(mod, "unavailable_reason", lambda: None)()
-            _cache[name] = RuntimeError(reason) if reason else mod
+            _cache[key] = RuntimeError(reason) if reason else mod
         except Exception as exc:  # an optional dependency missing or a build absent
-            _cache[name] = exc
-    return _cache[name]
+            _cache[key] = exc
+    return _cache[key]
+
+
+def _load(name: str, placement: str | None = None) -> ModuleType | Exception:
+    return _load_key(_module_key(name, placement))  # a bad placement raises here, for the Triton backend only
 
 
 def available_backends() -> dict[str, str]:
@@ -141,22 +144,23 @@ def get_backend(device_type: str, requested: str | None = None, placement: str |
     if ("available",) not in _logged:  # once per process: which backends exist and why the others do not
         _log_once(("available",), "lorafusion: backends %s", available_backends())
     if name != "auto":
-        mod = _load(name, placement)
+        key = _module_key(name, placement)
+        mod = _load_key(key)
         if not isinstance(mod, ModuleType):
             raise RuntimeError(f"backend {name!r} was requested but is unavailable: {mod}")
         if not _supports(mod, device_type):
             raise RuntimeError(f"backend {name!r} was requested but does not run on device type {device_type!r}")
-        label = _label(_module_key(name, placement))
-        _log_once((device_type, label, "requested"), "lorafusion: %s backend on %s (requested)", label, device_type)
+        _log_once((device_type, key, "requested"), "lorafusion: %s backend on %s (requested)", _label(key),
+                  device_type)
         return mod
     order = ("triton", "cuda", "reference") if device_type == "cuda" else ("cpu", "reference")
     skipped = []
     for cand in order:
-        mod = _load(cand, placement)
+        key = _module_key(cand, placement)
+        mod = _load_key(key)
         if isinstance(mod, ModuleType) and _supports(mod, device_type):
             why = "fastest available" if not skipped else "; ".join(skipped)
-            label = _label(_module_key(cand, placement))
-            _log_once((device_type, label, why), "lorafusion: %s backend on %s (%s)", label, device_type, why)
+            _log_once((device_type, key, why), "lorafusion: %s backend on %s (%s)", _label(key), device_type, why)
             return mod
         skipped.append(f"{cand} skipped: {mod if not isinstance(mod, ModuleType) else 'not for ' + device_type}")
     raise RuntimeError(f"no lorafusion backend runs on device type {device_type!r}: {'; '.join(skipped)}")

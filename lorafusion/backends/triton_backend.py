@@ -398,6 +398,12 @@ def forward(x2d, weight, bias, lora_A, lora_B, scale, seed, p):
 
 def backward(dy2d, x2d, weight, lora_A, lora_B, S, scale, seed, p, need_dx):
     """(dX or None, dA, dB): dA, dB in float32, dX in dy's dtype."""
+    return backward_with(_expand_backward, dy2d, x2d, weight, lora_A, lora_B, S, scale, seed, p, need_dx)
+
+
+def backward_with(dx_gemm, dy2d, x2d, weight, lora_A, lora_B, S, scale, seed, p, need_dx):
+    """``backward`` with ``dx_gemm(dy2d, weight, dS, lora_A, bits, p)`` computing dX (``triton_blas_backend``
+    passes its own)."""
     dS, dB = lora_dy_shrink(dy2d, lora_B, S, scale)
     _check("x2d", x2d)
     _check_p(p)
@@ -408,4 +414,4 @@ def backward(dy2d, x2d, weight, lora_A, lora_B, S, scale, seed, p, need_dx):
             return None, dA, dB
         _check("weight", weight)
         _check("lora_A", lora_A)
-        return _expand_backward(dy2d, weight, dS, lora_A, bits, p), dA, dB
+        return dx_gemm(dy2d, weight, dS, lora_A, bits, p), dA, dB

@@ -30,19 +30,13 @@ def forward(x2d, weight, bias, lora_A, lora_B, scale, seed, p):
     return Y.addmm_(x2d, weight.t()), S
 
 
+def _dx_gemm(dy2d, weight, dS, lora_A, bits, p):
+    """dX = D'(dS A) + dY W: the dX kernel over an empty reduction (N = 0) stores the term, cuBLAS adds dY W."""
+    if tuple(weight.shape) != (dy2d.shape[1], lora_A.shape[1]):
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected ({dy2d.shape[1]}, {lora_A.shape[1]})")
+    return tb._expand_backward(dy2d[:, :0], weight[:0], dS, lora_A, bits, p).addmm_(dy2d, weight)
+
+
 def backward(dy2d, x2d, weight, lora_A, lora_B, S, scale, seed, p, need_dx):
-    """(dX or None, dA, dB) as ``triton_backend.backward``."""
-    dS, dB = tb.lora_dy_shrink(dy2d, lora_B, S, scale)
-    tb._check("x2d", x2d)
-    tb._check_p(p)
-    with tb._on_device(x2d):
-        dA, bits = tb._grad_A(x2d, dS, seed, p, want_bits=need_dx)
-        if not need_dx:
-            return None, dA, dB
-        tb._check("weight", weight)
-        tb._check("lora_A", lora_A)
-        if tuple(weight.shape) != (dy2d.shape[1], x2d.shape[1]):
-            raise ValueError(f"weight has shape {tuple(weight.shape)}; expected ({dy2d.shape[1]}, {x2d.shape[1]})")
-        # an empty reduction (N = 0): the kernel stores D'(dS A) alone
-        dX = tb._expand_backward(dy2d[:, :0], weight[:0], dS, lora_A, bits, p)
-        return dX.addmm_(dy2d, weight), dA, dB
+    """(dX or None, dA, dB) as ``triton_backend.backward``, with the dX GEMM above."""
+    return tb.backward_with(_dx_gemm, dy2d, x2d, weight, lora_A, lora_B, S, scale, seed, p, need_dx)

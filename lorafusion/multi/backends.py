@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from lorafusion.backends import _log_once, gemm_placement, resolve_backend_name
+from lorafusion.backends import _label, _log_once, _module_key, resolve_backend_name
 from lorafusion.backends import use_gemm_placement  # noqa: F401  (re-exported for the multi-adapter API)
 
 
@@ -105,18 +105,13 @@ _cache: dict[str, object] = {}
 
 
 def _load(name):
-    if name == "triton" and gemm_placement() == "blas":
-        name = "triton+blas"
-    if name not in _cache:
+    key = _module_key(name)  # the Triton backend's depends on the GEMM placement
+    if key not in _cache:
         try:
-            _cache[name] = _FACTORIES[name]()
+            _cache[key] = _FACTORIES[key]()
         except Exception as exc:
-            _cache[name] = exc
-    return _cache[name]
-
-
-def _label(name, mod) -> str:
-    return f"{name} (GEMM: blas)" if getattr(mod, "term", None) is not None else name
+            _cache[key] = exc
+    return _cache[key]
 
 
 def get_multi_backend(device_type: str, requested: str | None = None, dtype: torch.dtype | None = None):
@@ -136,8 +131,8 @@ def get_multi_backend(device_type: str, requested: str | None = None, dtype: tor
             raise RuntimeError(f"multi-adapter backend {name!r} was requested but is unavailable: {mod}")
         if device_type not in _DEVICES[name]:
             raise RuntimeError(f"multi-adapter backend {name!r} does not run on device type {device_type!r}")
-        _log_once(("multi", device_type, _label(name, mod)), "lorafusion.multi: %s backend on %s (requested)",
-                  _label(name, mod), device_type)
+        label = _label(_module_key(name))
+        _log_once(("multi", device_type, label), "lorafusion.multi: %s backend on %s (requested)", label, device_type)
         return mod
     if dtype == torch.float64:  # the kernels accumulate in float32; float64 is the reference's job
         order = ("reference",)
@@ -148,8 +143,9 @@ def get_multi_backend(device_type: str, requested: str | None = None, dtype: tor
         mod = _load(cand)
         if not isinstance(mod, Exception) and device_type in _DEVICES[cand]:
             why = "fastest available" if not skipped else "; ".join(skipped)
-            _log_once(("multi", device_type, _label(cand, mod), why), "lorafusion.multi: %s backend on %s (%s)",
-                      _label(cand, mod), device_type, why)
+            label = _label(_module_key(cand))
+            _log_once(("multi", device_type, label, why), "lorafusion.multi: %s backend on %s (%s)", label,
+                      device_type, why)
             return mod
         skipped.append(f"{cand} skipped: {mod}")
     raise RuntimeError(f"no multi-adapter backend runs on {device_type!r}: {'; '.join(skipped)}")
