@@ -44,6 +44,7 @@ seed is only recorded); with it on, see :func:`plan` on wall-clock limits.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -492,6 +493,15 @@ def _reach(items: Sequence[tuple[int, int]], limit: int) -> list[int]:
     return reach
 
 
+def _set_bits(bits: int) -> np.ndarray:
+    """The positions of the set bits of a non-negative integer, ascending (int64)."""
+    n = bits.bit_length()
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    flags = np.unpackbits(np.frombuffer(bits.to_bytes((n + 7) // 8, "little"), dtype=np.uint8), bitorder="little")
+    return np.flatnonzero(flags).astype(np.int64)
+
+
 def _max_below(bits: int, m: int) -> int:
     """The largest set bit of ``bits`` at or below ``m`` (0 when none but bit 0)."""
     return (bits & ((1 << (m + 1)) - 1)).bit_length() - 1 if m >= 0 else -1
@@ -555,46 +565,80 @@ def fill_subset(items: Sequence[tuple[int, int]], limit: int, pad: int = 1,
     return _pick(reach, items, best)
 
 
-def joint_fill(groups: Sequence[Sequence[tuple[int, int]]], room: int, pad: int) -> list[list[int]]:
+def joint_fill(groups: Sequence[Sequence[tuple[int, int]]], room: int, pad: int,
+               memo: dict | None = None) -> list[list[int]]:
     """Fill ``room`` padded tokens from several adapters at once: for each list of (sample, tokens) items (one
     adapter's), the indices of the subset to take, so that the padded segments fit ``room`` together and hold the
     most real tokens (fewest padding plus empty tokens in the microbatch); exact (subset sums per adapter, then a
     max-plus knapsack over padding multiples). Ties go to the smaller share for the earlier adapters (measured
     better than the larger: the later, newer units' samples fill the microbatch and the older units' remain
-    for the gaps)."""
+    for the gaps). ``memo``: a dict keeping each adapter's subset-sum table across calls (see :func:`_memo`)."""
     slots = room // pad
     n = len(groups)
     if slots <= 0 or n == 0:
         return [[] for _ in groups]
     limit = slots * pad
-    reaches = [_reach(its, limit) for its in groups]
-    m_idx = np.arange(slots + 1)
-    shift = m_idx[None, :] - m_idx[:, None]  # [k, m] -> m - k
-    valid = shift >= 0
-    shift = np.where(valid, shift, 0)
+    m_idx, shift, valid = _knapsack_index(slots)
     best = np.zeros(slots + 1, dtype=np.int64)  # most real tokens from adapters i.. in m slots
     tables = []
     for i in range(n - 1, -1, -1):
-        full = reaches[i][-1]
-        # sk[k]: the largest reachable sum whose padded size is exactly k slots (-1: none; k = 0: take nothing)
-        sk = np.full(slots + 1, -1, dtype=np.int64)
-        sk[0] = 0
-        for k in range(1, slots + 1):
-            v = _max_below(full, k * pad)
-            if v > (k - 1) * pad:
-                sk[k] = v
+        reach, sk = _slot_sums(groups[i], limit, pad, memo)
         cand = np.where(valid & (sk[:, None] >= 0), sk[:, None] + best[shift], -1)
         k_best = np.argmax(cand, axis=0)
         best = cand[k_best, m_idx]
-        tables.append((k_best, sk))
+        tables.append((k_best, sk, reach))
     tables.reverse()
     out, m = [], slots
     for i in range(n):
-        k_best, sk = tables[i]
+        k_best, sk, reach = tables[i]
         k = int(k_best[m])
-        out.append(_pick(reaches[i], groups[i], int(sk[k])) if k else [])
+        out.append(_pick(reach, groups[i], int(sk[k])) if k else [])
         m -= k
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _knapsack_index(slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index arrays of :func:`joint_fill`'s max-plus step over ``slots`` padding multiples: m, (m - k) clipped at
+    0, and whether m - k >= 0 ([k, m])."""
+    m_idx = np.arange(slots + 1)
+    shift = m_idx[None, :] - m_idx[:, None]
+    valid = shift >= 0
+    shift = np.where(valid, shift, 0)
+    for a in (m_idx, shift, valid):
+        a.flags.writeable = False
+    return m_idx, shift, valid
+
+
+def _slot_sums(items: Sequence[tuple[int, int]], limit: int, pad: int, memo: dict | None,
+               ) -> tuple[list[int], np.ndarray]:
+    """One adapter's table for :func:`joint_fill`: its subset-sum bitsets (:func:`_reach`) and, for every k padding
+    multiples up to ``limit``, the largest reachable sum whose padded size is exactly k (-1: none; k = 0: nothing),
+    kept in ``memo`` (an adapter's items are often unchanged from one microbatch to the next)."""
+    key = ("slot_sums", tuple(items), limit, pad)
+    got = memo.get(key) if memo is not None else None
+    if got is None:
+        reach = _reach(items, limit)
+        sums = _set_bits(reach[-1])
+        tops = np.arange(limit // pad + 1) * pad  # the largest sum each number of slots holds
+        sk = sums[np.searchsorted(sums, tops, side="right") - 1]  # sum 0 is always reachable
+        sk[1:][sk[1:] <= tops[:-1]] = -1
+        sk.flags.writeable = False
+        got = (reach, sk)
+        if memo is not None:
+            memo[key] = got
+    return got
+
+
+def _memo(memo: dict | None, fill, items: list, room: int, pad: int) -> list:
+    """``fill(items, room, pad)`` (:func:`joint_fill` or :func:`fill_subset`), looked up in / stored to ``memo``."""
+    if memo is None:
+        return fill(items, room, pad)
+    key = (fill.__name__, tuple(tuple(x) if isinstance(x, list) else x for x in items), room, pad)
+    got = memo.get(key)
+    if got is None:
+        got = memo[key] = fill(items, room, pad, memo) if fill is joint_fill else fill(items, room, pad)
+    return [list(x) for x in got] if fill is joint_fill else list(got)
 
 
 def _ramp_room(left: int, ramp: Iterable[int], target: int) -> int:
@@ -624,62 +668,92 @@ def shape_room(left: int, target: int, shape: Sequence[float], pad: int) -> int:
 
 def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], target: int,
             head: Sequence[float] = (), tail: float | Sequence[float] = 0.0,
-            joint: bool = False, order: str = "tokens") -> list[Microbatch]:
+            joint: bool = False, order: str = "tokens", memo: dict | None = None) -> list[Microbatch]:
     """Stream packing: fill every microbatch to ``target`` from the open (global batch, group) units, oldest first,
     opening a ready group's next unit when they run dry; an adapter's segment is chosen by exact subset sum so that
     it fills the room to a padding multiple, and an adapter with nothing that fits is passed over for the next.
-    ``head``: the first microbatches' sizes as fractions of ``target``; ``tail``: the drain ramp's step as a fraction
-    of ``target`` (0: none; see :func:`drain_room`). ``order``: which ready group opens next, the one with the most
-    tokens left (``"tokens"``) or the most global batches left, then tokens (``"rounds"``: a group with many short
-    global batches is started early, so its dependency gaps do not pile up at the end). A no-op slot when nothing
-    may run."""
-    if order not in STREAM_ORDERS:
-        raise ValueError(f"order must be one of {STREAM_ORDERS}, got {order!r}")
-    pad, S, cap = params.pad_multiple, params.stages, params.capacity
-    by_id = {j.adapter: j for j in jobs}
-    rounds = [max(by_id[a].num_global_batches for a in members) for members in groups]
-    nxt = [0] * len(groups)
-    ready = [0] * len(groups)
-    left = [sum(sum(t for s in by_id[a].global_batches() for x in s for t in by_id[a].pieces(x, params))
-                for a in members) for members in groups]
-    # open units: [group, round, {adapter: [(sample, tokens), ...]}] in opening order
-    active: list[list] = []
-    mbs: list[Microbatch] = []
+    ``head``: the first microbatches' sizes as fractions of ``target``; ``tail``: the drain ramp, a linear step as a
+    fraction of ``target`` (0: none; see :func:`drain_room`) or the last microbatches' sizes (:func:`shape_room`).
+    ``order``: which ready group opens next, the one with the most tokens left (``"tokens"``) or the most global
+    batches left, then tokens (``"rounds"``: a group with many short global batches is started early, so its
+    dependency gaps do not pile up at the end). A no-op slot when nothing may run. ``memo``: a dict that keeps the
+    fills computed for one (items, room) across calls (the planner's many variants of one layout share most of their
+    microbatches); the result does not depend on it."""
+    return _stream_tails(jobs, params, groups, target, head, (tail,), joint=joint, order=order, memo=memo)[0]
 
-    def priority(k: int) -> tuple:
-        return (left[k], -k) if order == "tokens" else (rounds[k] - nxt[k], left[k], -k)
 
-    def open_unit(k: int) -> None:
-        r = nxt[k]
-        nxt[k] += 1
+def _ramp_total(target: int, tail: float | Sequence[float], pad: int) -> int:
+    """How many tokens the drain ramp ``tail`` holds: while more are left, it leaves the microbatches' room alone."""
+    if isinstance(tail, (int, float)):
+        if not tail:
+            return 0
+        delta = max(pad, int(target * tail))
+        return sum(range((target - 1) % delta + 1, target, delta))
+    return sum(max(pad, int(target * frac)) for frac in tail)
+
+
+class _StreamState:
+    """The stream packer's progress (:func:`_stream_tails`); :meth:`copy` forks it so several drain ramps can finish
+    one body."""
+
+    def __init__(self, jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], order: str,
+                 memo: dict | None):
+        self.params, self.groups, self.order, self.memo = params, groups, order, memo
+        self.by_id = {j.adapter: j for j in jobs}
+        self.rounds = [max(self.by_id[a].num_global_batches for a in members) for members in groups]
+        self.nxt = [0] * len(groups)
+        self.ready = [0] * len(groups)
+        self.left = [sum(sum(t for s in self.by_id[a].global_batches() for x in s for t in self.by_id[a].pieces(x, params))
+                         for a in members) for members in groups]
+        # open units: [group, round, {adapter: [(sample, tokens), ...]}] in opening order
+        self.active: list[list] = []
+        self.mbs: list[Microbatch] = []
+
+    def copy(self) -> "_StreamState":
+        new = object.__new__(_StreamState)
+        new.__dict__.update(self.__dict__)
+        new.nxt, new.ready, new.left, new.mbs = self.nxt[:], self.ready[:], self.left[:], self.mbs[:]
+        new.active = [[u[0], u[1], {a: list(its) for a, its in u[2].items()}] for u in self.active]
+        return new
+
+    def running(self) -> bool:
+        return bool(self.active) or any(self.nxt[k] < self.rounds[k] for k in range(len(self.groups)))
+
+    def priority(self, k: int) -> tuple:
+        left, nxt = self.left, self.nxt
+        return (left[k], -k) if self.order == "tokens" else (self.rounds[k] - nxt[k], left[k], -k)
+
+    def openable(self, p: int) -> list[int]:
+        return [k for k in range(len(self.groups)) if self.nxt[k] < self.rounds[k] and self.ready[k] <= p
+                and all(u[0] != k for u in self.active)]
+
+    def open_unit(self, k: int) -> None:
+        r = self.nxt[k]
+        self.nxt[k] += 1
         rem = {}
-        for a in groups[k]:
-            job = by_id[a]
+        for a in self.groups[k]:
+            job = self.by_id[a]
             if r < job.num_global_batches:
-                its = [(x, t) for x in job.global_batch_samples(r) for t in job.pieces(x, params)]
+                its = [(x, t) for x in job.global_batch_samples(r) for t in job.pieces(x, self.params)]
                 rem[a] = sorted(its, key=lambda it: (-it[1], it[0]))
-        active.append([k, r, rem])
+        self.active.append([k, r, rem])
 
-    while active or any(nxt[k] < rounds[k] for k in range(len(groups))):
-        p = len(mbs)
-        room = int(target * head[p]) if p < len(head) else target
-        if isinstance(tail, (int, float)):
-            if tail:
-                room = min(room, drain_room(sum(left), target, tail, pad))
-        elif tail:
-            room = min(room, shape_room(sum(left), target, tail, pad))
+    def step(self, room: int, joint: bool) -> None:
+        """Add the next microbatch (or no-op slot), filling at most ``room`` padded tokens."""
+        pad, S, cap = self.params.pad_multiple, self.params.stages, self.params.capacity
+        active, left = self.active, self.left
+        p = len(self.mbs)
         content: dict[str, list[tuple[int, int]]] = {}
         round_of: dict[str, int] = {}
         finished: list[list] = []
         misfits: set[tuple[int, str]] = set()
         while joint:
             cands = [(unit, a) for unit in active for a, its in unit[2].items() if its]
-            opts = [k for k in range(len(groups)) if nxt[k] < rounds[k] and ready[k] <= p
-                    and all(u[0] != k for u in active)]
-            picks = joint_fill([unit[2][a] for unit, a in cands], room, pad) if cands else []
+            opts = self.openable(p)
+            picks = _memo(self.memo, joint_fill, [unit[2][a] for unit, a in cands], room, pad) if cands else []
             used = sum(round_up(sum(unit[2][a][i][1] for i in take), pad) for (unit, a), take in zip(cands, picks))
             if opts and (not cands or room - used >= pad):
-                open_unit(max(opts, key=priority))
+                self.open_unit(max(opts, key=self.priority))
                 continue
             if cands and not any(picks):  # nothing fits the room: an empty microbatch takes the smallest sample
                 unit, a = cands[0]
@@ -700,11 +774,10 @@ def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], ta
             cand = next(((unit, a) for unit in active if unit not in finished for a, its in unit[2].items()
                          if its and a not in content and (unit[0], a) not in misfits), None)
             if cand is None:
-                opts = [k for k in range(len(groups)) if nxt[k] < rounds[k] and ready[k] <= p
-                        and all(u[0] != k for u in active)]
+                opts = self.openable(p)
                 if not opts:
                     break
-                open_unit(max(opts, key=priority))
+                self.open_unit(max(opts, key=self.priority))
                 continue
             unit, a = cand
             its = unit[2][a]
@@ -715,7 +788,7 @@ def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], ta
             if total <= limit:
                 take = list(range(len(its)))
             else:
-                take = fill_subset(its, limit, pad)
+                take = _memo(self.memo, fill_subset, its, limit, pad)
             if not take:
                 misfits.add((unit[0], a))  # nothing of it fits the room left: try the other adapters
                 continue
@@ -732,12 +805,44 @@ def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], ta
                 break
         for unit in finished:
             active.remove(unit)
-            ready[unit[0]] = p + S
+            self.ready[unit[0]] = p + S
         if not content:
-            mbs.append(NOOP)
-            continue
-        mbs.append(_to_microbatch([(a, x, t) for a, its in content.items() for x, t in its], round_of, pad))
-    return mbs
+            self.mbs.append(NOOP)
+            return
+        self.mbs.append(_to_microbatch([(a, x, t) for a, its in content.items() for x, t in its], round_of, pad))
+
+
+def _stream_tails(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], target: int,
+                  head: Sequence[float], tails: Sequence[float | Sequence[float]], *, joint: bool = False,
+                  order: str = "tokens", memo: dict | None = None) -> list[list[Microbatch]]:
+    """:func:`_stream` for each drain ramp of ``tails``: the same as calling it once per ramp, but the body, where
+    no ramp changes the room yet (more tokens left than the largest ramp holds), is packed once and shared."""
+    if order not in STREAM_ORDERS:
+        raise ValueError(f"order must be one of {STREAM_ORDERS}, got {order!r}")
+    if not tails:
+        raise ValueError("tails must name at least one drain ramp (0.0: none), got none")
+    pad = params.pad_multiple
+
+    def room_at(st: _StreamState, tail: float | Sequence[float] | None) -> int:
+        p = len(st.mbs)
+        room = int(target * head[p]) if p < len(head) else target
+        if tail is None or not tail:
+            return room
+        if isinstance(tail, (int, float)):
+            return min(room, drain_room(sum(st.left), target, tail, pad))
+        return min(room, shape_room(sum(st.left), target, tail, pad))
+
+    body = _StreamState(jobs, params, groups, order, memo)
+    reach = max(_ramp_total(target, tl, pad) for tl in tails)
+    while body.running() and sum(body.left) > reach:
+        body.step(room_at(body, None), joint)
+    out = []
+    for j, tl in enumerate(tails):
+        st = body if j == len(tails) - 1 else body.copy()
+        while st.running():
+            st.step(room_at(st, tl), joint)
+        out.append(st.mbs)
+    return out
 
 
 def split_tail(mbs: list[Microbatch], fractions: Sequence[float], pad: int) -> list[Microbatch]:
@@ -894,6 +999,7 @@ def plan(
     fills = (False, True) if params.capacity // params.pad_multiple <= JOINT_MAX_SLOTS else (False,)
     layouts: dict[bool, list] = {}
     pool: dict[tuple, tuple] = {}  # each distinct layout (its microbatches): its best (key, entry)
+    memo: dict = {}  # fills already computed, shared by the stream layouts (:func:`_memo`)
 
     def consider(key: tuple, entry: tuple) -> None:
         mbs_key = tuple(entry[-1])
@@ -906,7 +1012,7 @@ def plan(
             if "stream" in modes:
                 for jf in fills:
                     for order in STREAM_ORDERS:
-                        mbs = _stream(jobs, params, groups, tau, HEAD_RAMPS[1], joint=jf, order=order)
+                        mbs = _stream(jobs, params, groups, tau, HEAD_RAMPS[1], joint=jf, order=order, memo=memo)
                         key = (sim(mbs), len(mbs), False, jf, g, -tau, STREAM_ORDERS.index(order))
                         consider(key, (groups, tau, "stream", jf, order, (HEAD_RAMPS[1], 0.0), mbs))
                         layouts.setdefault(jf, []).append((key, groups, tau, order))
@@ -915,22 +1021,26 @@ def plan(
                 consider((sim(mbs), len(mbs), True, False, g, -tau, 0), (groups, tau, "units", False, "", (), mbs))
 
     def attempt(groups_s: list[list[str]], tau_s: int, jf: bool, order: str, h: Sequence[float],
-                tl: float | tuple[float, ...]) -> tuple:
-        mbs = _stream(jobs, params, groups_s, tau_s, h, tl, joint=jf, order=order)
-        key = (sim(mbs), len(mbs), False, jf, len(groups_s), -tau_s, STREAM_ORDERS.index(order))
-        consider(key, (groups_s, tau_s, "stream", jf, order, (h, tl), mbs))
-        return key
+                tails: Sequence[float | tuple[float, ...]]) -> list[tuple]:
+        """Stream one layout with head ramp ``h`` and each drain ramp of ``tails`` (one shared body), consider each;
+        their keys."""
+        keys = []
+        for tl, mbs in zip(tails, _stream_tails(jobs, params, groups_s, tau_s, h, tails, joint=jf, order=order,
+                                                memo=memo)):
+            key = (sim(mbs), len(mbs), False, jf, len(groups_s), -tau_s, STREAM_ORDERS.index(order))
+            consider(key, (groups_s, tau_s, "stream", jf, order, (h, tl), mbs))
+            keys.append(key)
+        return keys
 
     for jf, cands in sorted(layouts.items()):
         for rank, (_, groups_s, tau_s, order) in enumerate(sorted(cands, key=lambda c: c[0])[:RAMP_CANDIDATES]):
             if rank == 0:  # the phase-1 leader: every head with every drain
                 for h in HEAD_RAMPS:
-                    for tl in STREAM_TAILS:
-                        attempt(groups_s, tau_s, jf, order, h, tl)
+                    attempt(groups_s, tau_s, jf, order, h, STREAM_TAILS)
                 continue
-            h_best = min(HEAD_RAMPS, key=lambda h: attempt(groups_s, tau_s, jf, order, h, 0.0))  # noqa: B023
-            for tl in STREAM_TAILS[1:]:
-                attempt(groups_s, tau_s, jf, order, h_best, tl)
+            h_best = min(HEAD_RAMPS, key=lambda h: attempt(groups_s, tau_s, jf, order, h, (0.0,))[0])  # noqa: B023
+            if STREAM_TAILS[1:]:
+                attempt(groups_s, tau_s, jf, order, h_best, STREAM_TAILS[1:])
     # the drain is tuned on the best few distinct layouts, not just the best: the best before it is not always the
     # best after
     finished = []

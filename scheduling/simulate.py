@@ -13,6 +13,7 @@ and no-op slots) is bubble.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -61,6 +62,12 @@ def stage_order(stages: int, num_microbatches: int, stage: int) -> list[tuple[st
     return ops
 
 
+@functools.lru_cache(maxsize=256)
+def _stage_ops(stages: int, num_microbatches: int, stage: int) -> tuple[int, ...]:
+    """:func:`stage_order` coded for the simulator's loop: ``i`` for ("F", i), ``~i`` for ("B", i)."""
+    return tuple(i if kind == "F" else ~i for kind, i in stage_order(stages, num_microbatches, stage))
+
+
 def step_dependencies(schedule: Schedule) -> list[list[int]]:
     """For each microbatch, the microbatches whose stage-0 backward must finish before its first forward."""
     last: dict[tuple[str, int], int] = {}
@@ -90,58 +97,71 @@ def simulate(schedule: Schedule, cost: CostModel = CostModel()) -> SimResult:
     M = len(mbs)
     if M == 0:
         return SimResult(0.0, 0.0, 0.0, 0, 0, 0, 0, 0.0, 0.0)
-    fwd = [cost.forward(m.padded_tokens, m.is_noop) for m in mbs]
-    bwd = [cost.backward(m.padded_tokens, m.is_noop) for m in mbs]
+    sizes_all = [m.padded_tokens for m in mbs]
+    noop = [m.is_noop for m in mbs]
+    fwd = [cost.forward(p, z) for p, z in zip(sizes_all, noop)]
+    bwd = [cost.backward(p, z) for p, z in zip(sizes_all, noop)]
     deps = step_dependencies(schedule)
-    f_end = np.full((S, M), np.nan)
-    b_end = np.full((S, M), np.nan)
-    orders = [stage_order(S, M, s) for s in range(S)]
+    f_end: list[list[float | None]] = [[None] * M for _ in range(S)]  # None: not done yet
+    b_end: list[list[float | None]] = [[None] * M for _ in range(S)]
+    orders = [_stage_ops(S, M, s) for s in range(S)]
     ptr = [0] * S
     free = [0.0] * S
     remaining = sum(len(o) for o in orders)
     while remaining:
         progressed = False
         for s in range(S):
-            order = orders[s]
-            while ptr[s] < len(order):
-                kind, i = order[ptr[s]]
-                if kind == "F":
-                    ready = free[s]
-                    if s > 0:
-                        t = f_end[s - 1, i]
-                        if t != t:  # NaN: not done yet
+            order, k = orders[s], ptr[s]
+            n = len(order)
+            if k == n:
+                continue
+            f_here, b_here = f_end[s], b_end[s]
+            f_prev = f_end[s - 1] if s > 0 else None
+            b_next = b_end[s + 1] if s < S - 1 else None
+            busy = free[s]
+            while k < n:
+                op = order[k]
+                if op >= 0:  # forward of microbatch op
+                    ready = busy
+                    if f_prev is not None:
+                        t = f_prev[op]
+                        if t is None:
                             break
                         ready = max(ready, t)
                     else:
                         blocked = False
-                        for p in deps[i]:
-                            t = b_end[0, p]
-                            if t != t:
+                        for p in deps[op]:
+                            t = b_end[0][p]
+                            if t is None:
                                 blocked = True
                                 break
                             ready = max(ready, t)
                         if blocked:
                             break
-                    free[s] = f_end[s, i] = ready + fwd[i]
-                else:
-                    t = b_end[s + 1, i] if s < S - 1 else f_end[s, i]
-                    if t != t:
+                    busy = f_here[op] = ready + fwd[op]
+                else:  # backward of microbatch ~op
+                    i = ~op
+                    t = b_next[i] if b_next is not None else f_here[i]
+                    if t is None:
                         break
-                    free[s] = b_end[s, i] = max(free[s], t) + bwd[i]
-                ptr[s] += 1
-                remaining -= 1
+                    busy = b_here[i] = max(busy, t) + bwd[i]
+                k += 1
+            if k != ptr[s]:
+                remaining -= k - ptr[s]
+                ptr[s], free[s] = k, busy
                 progressed = True
         if not progressed:
             stuck = [(s, orders[s][ptr[s]]) for s in range(S) if ptr[s] < len(orders[s])]
+            stuck = [(s, ("F", op) if op >= 0 else ("B", ~op)) for s, op in stuck]
             raise ValueError(
                 f"schedule deadlocks under 1F1B with {S} stages: stalled at {stuck[:4]} "
                 "(a global batch starts fewer than `stages` microbatches after the previous one ends)"
             )
     makespan = float(max(free))
-    useful = sum(S * (fwd[i] + bwd[i]) for i in range(M) if not mbs[i].is_noop)
+    useful = sum(S * (fwd[i] + bwd[i]) for i in range(M) if not noop[i])
     real = sum(m.real_tokens for m in mbs)
-    padded = sum(m.padded_tokens for m in mbs)
-    sizes = np.array([m.padded_tokens for m in mbs if not m.is_noop], dtype=float)
+    padded = sum(sizes_all)
+    sizes = np.array([p for p, z in zip(sizes_all, noop) if not z], dtype=float)
     mean = sizes.mean() if sizes.size else 0.0
     return SimResult(
         time=makespan,

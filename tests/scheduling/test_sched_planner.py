@@ -408,3 +408,40 @@ def test_drain_tuning_on_several_layouts_is_never_slower_and_helps_a_draw(monkey
     one = plan(jobs, params)
     check(several, jobs, params)
     assert simulate(several).time < simulate(one).time
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_stream_tails_share_one_body_and_match_separate_streams(joint):
+    # the planner streams a layout's body once for all its drain ramps, with fills memoised across calls; each result
+    # must be exactly what a separate, memo-free _stream call with that ramp gives
+    from scheduling.planner import STREAM_TAILS, _stream_tails
+
+    params = PlanParams(4096, 128, 4)
+    jobs = lognormal_jobs(**EIGHT_JOBS, sigma=0.5, maximum=4096, seed=1)
+    groups = group_adapters(jobs, 2)
+    memo: dict = {}
+    for head in ((), (0.5,)):
+        shared = _stream_tails(jobs, params, groups, 3686, head, STREAM_TAILS, joint=joint, memo=memo)
+        alone = [_stream(jobs, params, groups, 3686, head, tl, joint=joint) for tl in STREAM_TAILS]
+        assert shared == alone
+        assert len({tuple(m) for m in alone}) > 2  # the ramps do change the drains, so the test can tell them apart
+    assert memo  # and the fills were memoised
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_joint_fill_tables_memoised_across_calls_change_nothing(seed):
+    import random
+
+    from scheduling.planner import _set_bits, joint_fill
+
+    rng = random.Random(seed)
+    memo: dict = {}
+    groups = [[(i, rng.randint(1, 900)) for i in range(rng.randint(0, 9))] for _ in range(4)]
+    for _ in range(12):  # successive microbatches: one adapter's items change, the others' tables are reused
+        room = rng.choice([128, 1024, 2000, 4096])
+        assert joint_fill(groups, room, 128, memo) == joint_fill(groups, room, 128)
+        k = rng.randrange(len(groups))
+        groups[k] = groups[k][1:] + [(99, rng.randint(1, 900))]
+    bits = rng.getrandbits(3000) | 1
+    assert _set_bits(bits).tolist() == [i for i in range(bits.bit_length()) if bits >> i & 1]
+    assert _set_bits(0).tolist() == []

@@ -70,3 +70,72 @@ def test_flushed_times_add_up():
     a = sched([mb("a", 0, 100)], 2)
     b = sched([mb("b", 0, 300)], 2)
     assert simulate_flushed([a, b]).time == pytest.approx(simulate(a).time + simulate(b).time)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_simulator_matches_an_independent_dependency_graph_evaluation(seed):
+    # every op ends at max(its stage's previous op, its input: F(s-1) / B(s+1) / the last stage's own F, and for a
+    # stage-0 forward the stage-0 backwards of the adapters' previous global batches) + its duration; evaluated by
+    # recursion over that graph instead of the simulator's event loop, on random schedules with no-op slots
+    import random
+    import sys
+
+    rng = random.Random(seed)
+    S = rng.choice([1, 2, 3, 4, 6])
+    cost = CostModel(overhead=rng.choice([0.0, 200.0, 37.5]), backward_factor=rng.choice([1.0, 2.0, 2.5]))
+    mbs, nxt = [], {}
+    for _ in range(rng.randint(1, 40)):
+        if rng.random() < 0.1:
+            mbs.append(NOOP)
+            continue
+        segs = []
+        for a in rng.sample("abcde", rng.randint(1, 3)):
+            g = nxt.get(a, 0) + (rng.random() < 0.3)
+            nxt[a] = g
+            t = rng.randint(1, 3000)
+            segs.append(Segment(a, g, (len(mbs),), (t,), t))
+        mbs.append(Microbatch(tuple(sorted(segs, key=lambda s: s.adapter))))
+    # space each adapter's global batches S slots apart with no-ops, so the 1F1B order cannot deadlock
+    spaced, last = [], {}
+    for m in mbs:
+        need = max([last[(s.adapter, s.global_batch - 1)] + S for s in m.segments if (s.adapter, s.global_batch - 1)
+                    in last] + [len(spaced)])
+        spaced.extend([NOOP] * (need - len(spaced)))
+        for s in m.segments:
+            last[(s.adapter, s.global_batch)] = len(spaced)
+        spaced.append(m)
+    M = len(spaced)
+    dur = {("F", i): cost.forward(m.padded_tokens, m.is_noop) for i, m in enumerate(spaced)}
+    dur.update({("B", i): cost.backward(m.padded_tokens, m.is_noop) for i, m in enumerate(spaced)})
+    prev = {}
+    for s in range(S):
+        order = stage_order(S, M, s)
+        for k, op in enumerate(order):
+            prev[(s,) + op] = (s,) + order[k - 1] if k else None
+    deps = {}
+    for i, m in enumerate(spaced):
+        deps[i] = []
+        for seg in m.segments:
+            earlier = [j for j in range(i) for x in spaced[j].segments
+                       if x.adapter == seg.adapter and x.global_batch < seg.global_batch]
+            if earlier:
+                g = max(x.global_batch for j in earlier for x in spaced[j].segments if x.adapter == seg.adapter
+                        and x.global_batch < seg.global_batch)
+                deps[i].append(max(j for j in earlier for x in spaced[j].segments
+                                   if x.adapter == seg.adapter and x.global_batch == g))
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 20 * S * M + 1000))
+    memo = {}
+
+    def end(s, kind, i):
+        key = (s, kind, i)
+        if key not in memo:
+            inputs = [end(*prev[key])] if prev[key] else []
+            if kind == "F":
+                inputs += [end(s - 1, "F", i)] if s else [end(0, "B", p) for p in deps[i]]
+            else:
+                inputs.append(end(s + 1, "B", i) if s < S - 1 else end(s, "F", i))
+            memo[key] = max(inputs, default=0.0) + dur[(kind, i)]
+        return memo[key]
+
+    want = max(end(s, "B", M - 1) for s in range(S))
+    assert simulate(sched(spaced, S), cost).time == want
