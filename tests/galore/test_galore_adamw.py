@@ -10,6 +10,7 @@ import galore
 from galore.projector import orthogonal_basis, project, project_back, projection_side
 from galore_test_helpers import (
     fresh_seed, galore_groups, make_batches, make_model, max_param_rel_err, rel_err, train,
+    train_on_shared_gradients,
 )
 
 galore_torch = pytest.importorskip("galore_torch")
@@ -25,8 +26,12 @@ def test_trajectory_matches_galore_torch_over_50_steps(proj_type):
     ours = galore.GaLoreAdamW(galore_groups(ours_model, proj_type=proj_type), **args)
     ref = galore_torch.GaLoreAdamW(galore_groups(ref_model, proj_type=proj_type), no_deprecation_warning=True, **args)
     start = copy.deepcopy(ours_model)
-    train(ours_model, ours, batches)
-    train(ref_model, ref, batches)
+    # Both step on the same gradient tensors. With a backward pass each, the two models' last-bit differences
+    # (~1e-8 after a step: the updates' float ops are ordered differently) reach the gradients (~1e-7), and at a
+    # basis refresh that is enough to flip the sign LAPACK gives a singular vector: moments carried over from the
+    # old basis then meet the other sign, and the trajectories part. Seen once (seed 309677467, "right": the sixth
+    # basis row negated at the step-10 refresh, 3.4e-3 apart after 20 steps); GaLore's, not either optimizer's.
+    train_on_shared_gradients(ours_model, ref_model, ours, ref, batches)
     err = max_param_rel_err(ours_model, ref_model)
     assert err < 1e-5, f"seed={seed} proj_type={proj_type}: max relative error {err}"
     # and it trained: every parameter moved
