@@ -572,7 +572,7 @@ def joint_fill(groups: Sequence[Sequence[tuple[int, int]]], room: int, pad: int,
     most real tokens (fewest padding plus empty tokens in the microbatch); exact (subset sums per adapter, then a
     max-plus knapsack over padding multiples). Ties go to the smaller share for the earlier adapters (measured
     better than the larger: the later, newer units' samples fill the microbatch and the older units' remain
-    for the gaps). ``memo``: a dict keeping each adapter's subset-sum table across calls (see :func:`_memo`)."""
+    for the gaps). ``memo``: a dict keeping each adapter's subset-sum table across calls (:func:`_slot_sums`)."""
     slots = room // pad
     n = len(groups)
     if slots <= 0 or n == 0:
@@ -821,6 +821,8 @@ def _stream_tails(jobs: Sequence[Job], params: PlanParams, groups: list[list[str
         raise ValueError(f"order must be one of {STREAM_ORDERS}, got {order!r}")
     if not tails:
         raise ValueError("tails must name at least one drain ramp (0.0: none), got none")
+    if any(not 0 < f <= 1 for f in head):
+        raise ValueError(f"head ramp fractions must be in (0, 1], got {tuple(head)!r}")
     pad = params.pad_multiple
 
     def room_at(st: _StreamState, tail: float | Sequence[float] | None) -> int:
@@ -1035,7 +1037,7 @@ def plan(
     for jf, cands in sorted(layouts.items()):
         for rank, (_, groups_s, tau_s, order) in enumerate(sorted(cands, key=lambda c: c[0])[:RAMP_CANDIDATES]):
             if rank == 0:  # the phase-1 leader: every head with every drain
-                for h in HEAD_RAMPS:
+                for h in HEAD_RAMPS if STREAM_TAILS else ():
                     attempt(groups_s, tau_s, jf, order, h, STREAM_TAILS)
                 continue
             h_best = min(HEAD_RAMPS, key=lambda h: attempt(groups_s, tau_s, jf, order, h, (0.0,))[0])  # noqa: B023

@@ -28,6 +28,12 @@ class CostModel:
     backward_factor: float = 2.0
     noop: float = 50.0
 
+    def __post_init__(self):
+        for name in ("overhead", "per_token", "backward_factor", "noop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"CostModel.{name} must be a finite number >= 0, got {value!r}")
+
     def forward(self, padded_tokens: int, is_noop: bool) -> float:
         return self.noop if is_noop else self.overhead + self.per_token * padded_tokens
 

@@ -414,16 +414,32 @@ def test_drain_tuning_on_several_layouts_is_never_slower_and_helps_a_draw(monkey
 def test_stream_tails_share_one_body_and_match_separate_streams(joint):
     # the planner streams a layout's body once for all its drain ramps, with fills memoised across calls; each result
     # must be exactly what a separate, memo-free _stream call with that ramp gives
-    from scheduling.planner import STREAM_TAILS, _stream_tails
+    from scheduling.planner import STREAM_TAILS, _StreamState, _stream_tails, shape_room
 
     params = PlanParams(4096, 128, 4)
     jobs = lognormal_jobs(**EIGHT_JOBS, sigma=0.5, maximum=4096, seed=1)
     groups = group_adapters(jobs, 2)
+    target = 3686
+
+    def alone_stream(head, tail):
+        # the reference: the drain ramp's room applied at every step from the first microbatch, nothing shared
+        st = _StreamState(jobs, params, groups, "tokens", None)
+        while st.running():
+            p = len(st.mbs)
+            room = int(target * head[p]) if p < len(head) else target
+            if isinstance(tail, float) and tail:
+                room = min(room, drain_room(sum(st.left), target, tail, 128))
+            elif isinstance(tail, tuple):
+                room = min(room, shape_room(sum(st.left), target, tail, 128))
+            st.step(room, joint)
+        return st.mbs
+
     memo: dict = {}
     for head in ((), (0.5,)):
-        shared = _stream_tails(jobs, params, groups, 3686, head, STREAM_TAILS, joint=joint, memo=memo)
-        alone = [_stream(jobs, params, groups, 3686, head, tl, joint=joint) for tl in STREAM_TAILS]
+        shared = _stream_tails(jobs, params, groups, target, head, STREAM_TAILS, joint=joint, memo=memo)
+        alone = [alone_stream(head, tl) for tl in STREAM_TAILS]
         assert shared == alone
+        assert alone == [_stream(jobs, params, groups, target, head, tl, joint=joint) for tl in STREAM_TAILS]
         assert len({tuple(m) for m in alone}) > 2  # the ramps do change the drains, so the test can tell them apart
     assert memo  # and the fills were memoised
 
@@ -445,3 +461,30 @@ def test_joint_fill_tables_memoised_across_calls_change_nothing(seed):
     bits = rng.getrandbits(3000) | 1
     assert _set_bits(bits).tolist() == [i for i in range(bits.bit_length()) if bits >> i & 1]
     assert _set_bits(0).tolist() == []
+
+
+def test_stream_and_plan_edge_settings():
+    from scheduling import CostModel
+    from scheduling.planner import _stream_tails
+
+    params = PlanParams(4096, 128, 4)
+    jobs = lognormal_jobs([300, 800], [8, 8], [2, 2], seed=1, maximum=4096)
+    groups = group_adapters(jobs, 2)
+    with pytest.raises(ValueError, match=r"head ramp fractions must be in \(0, 1\], got \(1.5, 1.5\)"):
+        _stream(jobs, params, groups, 2048, (1.5, 1.5), 0.25)
+    with pytest.raises(ValueError, match="at least one drain ramp"):
+        _stream_tails(jobs, params, groups, 2048, (), ())
+    for field in ("overhead", "per_token", "backward_factor", "noop"):
+        with pytest.raises(ValueError, match=f"CostModel.{field} must be a finite number >= 0, got nan"):
+            CostModel(**{field: float("nan")})
+        with pytest.raises(ValueError, match=f"CostModel.{field} must be a finite number >= 0, got -1"):
+            CostModel(**{field: -1})
+
+
+def test_plan_without_drain_ramps(monkeypatch):
+    # no drain ramp at all (an empty STREAM_TAILS) skips the drain search instead of failing
+    params = PlanParams(4096, 128, 4)
+    jobs = lognormal_jobs([300, 800], [8, 8], [2, 2], seed=1, maximum=4096)
+    monkeypatch.setattr(planner_module, "STREAM_TAILS", ())
+    s = plan(jobs, params)
+    check(s, jobs, params)
