@@ -582,17 +582,19 @@ def joint_fill(groups: Sequence[Sequence[tuple[int, int]]], room: int, pad: int,
     best = np.zeros(slots + 1, dtype=np.int64)  # most real tokens from adapters i.. in m slots
     tables = []
     for i in range(n - 1, -1, -1):
-        reach, sk = _slot_sums(groups[i], limit, pad, memo)
+        sk = _slot_sums(groups[i], limit, pad, memo)
         cand = np.where(valid & (sk[:, None] >= 0), sk[:, None] + best[shift], -1)
         k_best = np.argmax(cand, axis=0)
         best = cand[k_best, m_idx]
-        tables.append((k_best, sk, reach))
+        tables.append((k_best, sk))
     tables.reverse()
     out, m = [], slots
     for i in range(n):
-        k_best, sk, reach = tables[i]
+        k_best, sk = tables[i]
         k = int(k_best[m])
-        out.append(_pick(reach, groups[i], int(sk[k])) if k else [])
+        # the prefix bitsets are rebuilt for the adapters that give samples only (kept for all, they took memory
+        # in proportion to items x capacity)
+        out.append(_pick(_reach(groups[i], int(sk[k])), groups[i], int(sk[k])) if k else [])
         m -= k
     return out
 
@@ -610,24 +612,21 @@ def _knapsack_index(slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return m_idx, shift, valid
 
 
-def _slot_sums(items: Sequence[tuple[int, int]], limit: int, pad: int, memo: dict | None,
-               ) -> tuple[list[int], np.ndarray]:
-    """One adapter's table for :func:`joint_fill`: its subset-sum bitsets (:func:`_reach`) and, for every k padding
-    multiples up to ``limit``, the largest reachable sum whose padded size is exactly k (-1: none; k = 0: nothing),
-    kept in ``memo`` (an adapter's items are often unchanged from one microbatch to the next)."""
+def _slot_sums(items: Sequence[tuple[int, int]], limit: int, pad: int, memo: dict | None) -> np.ndarray:
+    """One adapter's table for :func:`joint_fill`: for every k padding multiples up to ``limit``, the largest sum
+    of a subset of ``items`` whose padded size is exactly k (-1: none; k = 0: nothing), kept in ``memo`` (an
+    adapter's items are often unchanged from one microbatch to the next)."""
     key = ("slot_sums", tuple(items), limit, pad)
-    got = memo.get(key) if memo is not None else None
-    if got is None:
-        reach = _reach(items, limit)
-        sums = _set_bits(reach[-1])
+    sk = memo.get(key) if memo is not None else None
+    if sk is None:
+        sums = _set_bits(_reach(items, limit)[-1])
         tops = np.arange(limit // pad + 1) * pad  # the largest sum each number of slots holds
         sk = sums[np.searchsorted(sums, tops, side="right") - 1]  # sum 0 is always reachable
         sk[1:][sk[1:] <= tops[:-1]] = -1
         sk.flags.writeable = False
-        got = (reach, sk)
         if memo is not None:
-            memo[key] = got
-    return got
+            memo[key] = sk
+    return sk
 
 
 def _memo(memo: dict | None, fill, items: list, room: int, pad: int) -> list:
