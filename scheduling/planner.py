@@ -83,6 +83,9 @@ STREAM_ORDERS: tuple[str, ...] = ("tokens", "rounds")
 RAMP_CANDIDATES = 8
 # how many of the best layouts get the final drain tuning (:func:`repack_window`, cut tails); the fastest after it wins
 FINISH_CANDIDATES = 3
+# entries the planner's fill memo (:func:`_memo`) holds before it starts over (28k for 4 jobs of 128-256-sample
+# global batches at 8192, ~120 MiB)
+MEMO_LIMIT = 100_000
 # the last microbatches re-packed into a drain ramp (:func:`repack_window`): window lengths and ramp shapes
 REPACK_WINDOWS: tuple[int, ...] = tuple(range(3, 13))
 REPACK_TAILS: tuple[tuple[float, ...], ...] = (
@@ -636,6 +639,8 @@ def _memo(memo: dict | None, fill, items: list, room: int, pad: int) -> list:
     key = (fill.__name__, tuple(tuple(x) if isinstance(x, list) else x for x in items), room, pad)
     got = memo.get(key)
     if got is None:
+        if len(memo) >= MEMO_LIMIT:  # a bound on its memory; results never depend on it
+            memo.clear()
         got = memo[key] = fill(items, room, pad, memo) if fill is joint_fill else fill(items, room, pad)
     return [list(x) for x in got] if fill is joint_fill else list(got)
 

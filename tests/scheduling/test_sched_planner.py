@@ -488,3 +488,15 @@ def test_plan_without_drain_ramps(monkeypatch):
     monkeypatch.setattr(planner_module, "STREAM_TAILS", ())
     s = plan(jobs, params)
     check(s, jobs, params)
+
+
+def test_fill_memo_starts_over_at_its_limit_and_changes_nothing(monkeypatch):
+    params = PlanParams(4096, 128, 4)
+    jobs = lognormal_jobs(**MIX4, maximum=4096, seed=5)
+    groups = group_adapters(jobs, 2)
+    want = _stream(jobs, params, groups, 4096, (0.5,), 0.25, joint=True)
+    monkeypatch.setattr(planner_module, "MEMO_LIMIT", 7)
+    memo: dict = {}
+    got = _stream(jobs, params, groups, 4096, (0.5,), 0.25, joint=True, memo=memo)
+    assert got == want
+    assert 0 < len(memo) <= 7 + len(jobs)  # cleared along the way (plus the per-adapter tables of the last fill)
