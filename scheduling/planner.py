@@ -632,17 +632,21 @@ def _slot_sums(items: Sequence[tuple[int, int]], limit: int, pad: int, memo: dic
     return sk
 
 
-def _memo(memo: dict | None, fill, items: list, room: int, pad: int) -> list:
-    """``fill(items, room, pad)`` (:func:`joint_fill` or :func:`fill_subset`), looked up in / stored to ``memo``."""
-    if memo is None:
-        return fill(items, room, pad)
+def _memo(memo: dict | None, fill, items: list, room: int, pad: int) -> tuple:
+    """``fill(items, room, pad)`` (:func:`joint_fill` or :func:`fill_subset`) as tuples, looked up in / stored to
+    ``memo`` (tuples: a stored result is handed out as it is, and nobody can change it)."""
     key = (fill.__name__, tuple(tuple(x) if isinstance(x, list) else x for x in items), room, pad)
-    got = memo.get(key)
+    got = memo.get(key) if memo is not None else None
     if got is None:
-        if len(memo) >= MEMO_LIMIT:  # a bound on its memory; results never depend on it
-            memo.clear()
-        got = memo[key] = fill(items, room, pad, memo) if fill is joint_fill else fill(items, room, pad)
-    return [list(x) for x in got] if fill is joint_fill else list(got)
+        if fill is joint_fill:
+            got = tuple(tuple(take) for take in joint_fill(items, room, pad, memo))
+        else:
+            got = tuple(fill(items, room, pad))
+        if memo is not None:
+            if len(memo) >= MEMO_LIMIT:  # a bound on its memory; results never depend on it
+                memo.clear()
+            memo[key] = got
+    return got
 
 
 def _ramp_room(left: int, ramp: Iterable[int], target: int) -> int:
@@ -657,17 +661,25 @@ def _ramp_room(left: int, ramp: Iterable[int], target: int) -> int:
     return target
 
 
+def _drain_sizes(target: int, tail: float | Sequence[float], pad: int) -> Sequence[int]:
+    """The drain ramp ``tail``'s microbatch sizes, smallest first: a linear step (a float, see :func:`drain_room`) or
+    the last microbatches' sizes as fractions of ``target``, largest first (a sequence, see :func:`shape_room`)."""
+    if isinstance(tail, (int, float)):
+        delta = max(pad, int(target * tail))
+        return range((target - 1) % delta + 1, target, delta)
+    return [max(pad, int(target * frac)) for frac in reversed(tail)]
+
+
 def drain_room(left: int, target: int, step: float, pad: int) -> int:
     """:func:`_ramp_room` on a linear drain ramp whose sizes fall by ``step * target`` tokens a microbatch
     (``target - d``, ``target - 2 d``, .. down to the smallest positive one), at least ``pad``."""
-    delta = max(pad, int(target * step))
-    return max(pad, _ramp_room(left, range((target - 1) % delta + 1, target, delta), target))
+    return max(pad, _ramp_room(left, _drain_sizes(target, step, pad), target))
 
 
 def shape_room(left: int, target: int, shape: Sequence[float], pad: int) -> int:
     """:func:`_ramp_room` on an explicit drain ramp: ``shape`` lists the last microbatches' sizes as fractions of
     ``target``, largest first (each at least ``pad``)."""
-    return _ramp_room(left, (max(pad, int(target * frac)) for frac in reversed(shape)), target)
+    return _ramp_room(left, _drain_sizes(target, shape, pad), target)
 
 
 def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], target: int,
@@ -686,16 +698,6 @@ def _stream(jobs: Sequence[Job], params: PlanParams, groups: list[list[str]], ta
     return _stream_tails(jobs, params, groups, target, head, (tail,), joint=joint, order=order, memo=memo)[0]
 
 
-def _ramp_total(target: int, tail: float | Sequence[float], pad: int) -> int:
-    """How many tokens the drain ramp ``tail`` holds: while more are left, it leaves the microbatches' room alone."""
-    if isinstance(tail, (int, float)):
-        if not tail:
-            return 0
-        delta = max(pad, int(target * tail))
-        return sum(range((target - 1) % delta + 1, target, delta))
-    return sum(max(pad, int(target * frac)) for frac in tail)
-
-
 class _StreamState:
     """The stream packer's progress (:func:`_stream_tails`); :meth:`copy` forks it so several drain ramps can finish
     one body."""
@@ -707,8 +709,8 @@ class _StreamState:
         self.rounds = [max(self.by_id[a].num_global_batches for a in members) for members in groups]
         self.nxt = [0] * len(groups)
         self.ready = [0] * len(groups)
-        self.left = [sum(sum(t for s in self.by_id[a].global_batches() for x in s for t in self.by_id[a].pieces(x, params))
-                         for a in members) for members in groups]
+        self.left = [sum(t for a in members for s in self.by_id[a].global_batches() for x in s
+                         for t in self.by_id[a].pieces(x, params)) for members in groups]
         # open units: [group, round, {adapter: [(sample, tokens), ...]}] in opening order
         self.active: list[list] = []
         self.mbs: list[Microbatch] = []
@@ -832,14 +834,15 @@ def _stream_tails(jobs: Sequence[Job], params: PlanParams, groups: list[list[str
     def room_at(st: _StreamState, tail: float | Sequence[float] | None) -> int:
         p = len(st.mbs)
         room = int(target * head[p]) if p < len(head) else target
-        if tail is None or not tail:
+        if not tail:
             return room
         if isinstance(tail, (int, float)):
             return min(room, drain_room(sum(st.left), target, tail, pad))
         return min(room, shape_room(sum(st.left), target, tail, pad))
 
     body = _StreamState(jobs, params, groups, order, memo)
-    reach = max(_ramp_total(target, tl, pad) for tl in tails)
+    # while more tokens are left than a ramp holds, it leaves the microbatches' room alone (0: no ramp)
+    reach = max(sum(_drain_sizes(target, tl, pad)) if tl else 0 for tl in tails)
     while body.running() and sum(body.left) > reach:
         body.step(room_at(body, None), joint)
     out = []
@@ -1030,9 +1033,11 @@ def plan(
                 tails: Sequence[float | tuple[float, ...]]) -> list[tuple]:
         """Stream one layout with head ramp ``h`` and each drain ramp of ``tails`` (one shared body), consider each;
         their keys."""
+        if not tails:
+            return []
         keys = []
-        for tl, mbs in zip(tails, _stream_tails(jobs, params, groups_s, tau_s, h, tails, joint=jf, order=order,
-                                                memo=memo)):
+        streams = _stream_tails(jobs, params, groups_s, tau_s, h, tails, joint=jf, order=order, memo=memo)
+        for tl, mbs in zip(tails, streams):
             key = (sim(mbs), len(mbs), False, jf, len(groups_s), -tau_s, STREAM_ORDERS.index(order))
             consider(key, (groups_s, tau_s, "stream", jf, order, (h, tl), mbs))
             keys.append(key)
@@ -1041,12 +1046,11 @@ def plan(
     for jf, cands in sorted(layouts.items()):
         for rank, (_, groups_s, tau_s, order) in enumerate(sorted(cands, key=lambda c: c[0])[:RAMP_CANDIDATES]):
             if rank == 0:  # the phase-1 leader: every head with every drain
-                for h in HEAD_RAMPS if STREAM_TAILS else ():
+                for h in HEAD_RAMPS:
                     attempt(groups_s, tau_s, jf, order, h, STREAM_TAILS)
                 continue
             h_best = min(HEAD_RAMPS, key=lambda h: attempt(groups_s, tau_s, jf, order, h, (0.0,))[0])  # noqa: B023
-            if STREAM_TAILS[1:]:
-                attempt(groups_s, tau_s, jf, order, h_best, STREAM_TAILS[1:])
+            attempt(groups_s, tau_s, jf, order, h_best, STREAM_TAILS[1:])
     # the drain is tuned on the best few distinct layouts, not just the best: the best before it is not always the
     # best after
     finished = []

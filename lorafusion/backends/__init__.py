@@ -100,16 +100,12 @@ def _load_key(key: str) -> ModuleType | Exception:
     return _cache[key]
 
 
-def _load(name: str, placement: str | None = None) -> ModuleType | Exception:
-    return _load_key(_module_key(name, placement))  # a bad placement raises here, for the Triton backend only
-
-
 def available_backends() -> dict[str, str]:
     """Map each backend name to 'available' or the reason it is not."""
     out = {}
     for name in BACKENDS:
         try:
-            mod = _load(name)
+            mod = _load_key(_module_key(name))
         except ValueError as exc:  # a bad $LORAFUSION_TRITON_GEMM: the Triton backend only, not the others
             mod = exc
         out[name] = "available" if isinstance(mod, ModuleType) else f"unavailable: {mod}"
