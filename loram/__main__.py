@@ -1,0 +1,5 @@
+import sys
+
+from loram.cli import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""Recover a LoRA adapter trained on a pruned model (:mod:`loram.prune`) to the full model.
+
+A LoRA pair on a pruned projection has ``B`` (out_pruned x r) and ``A`` (r x in_pruned). On the full model the
+same update lives in the kept rows and columns: ``B`` gets zero rows for the pruned outputs (``q/k/v_proj`` of the
+removed KV groups, ``gate/up_proj`` of the removed channels) and ``A`` zero columns for the pruned inputs
+(``o_proj`` of the removed heads, ``down_proj`` of the removed channels), so ``B_full A_full`` is the pruned update
+scattered into the full weight's shape, zero elsewhere. The result is a standard PEFT adapter folder for the full
+model (``PeftModel.from_pretrained(full_model, folder)`` loads it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+
+from loram.prune import ATTN, MLP, PrunePlan, PruneError
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+RECOVERY_FILE = "loram_recovery.json"
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.(.+)$")
+_LORA = re.compile(r"lora_(A|B)(?:\.[^.]+)?\.weight$")
+
+
+def recover_state_dict(state: dict[str, torch.Tensor], plan: PrunePlan) -> dict[str, torch.Tensor]:
+    """The full-model adapter tensors for a pruned model's adapter ``state`` (PEFT keys, any adapter name)."""
+    out = {}
+    for key, value in state.items():
+        m = _KEY.search(key)
+        if m is None or m.group(3) not in (ATTN + MLP):
+            out[key] = value
+            continue
+        layer, module, leaf = int(m.group(1)), m.group(3), m.group(4)
+        if layer >= plan.num_layers:
+            raise PruneError(f"adapter key {key}: layer {layer} is beyond the plan's {plan.num_layers} layers")
+        rows, cols = plan.rows(layer, module), plan.cols(layer, module)
+        lora = _LORA.fullmatch(leaf)
+        if lora is None:
+            if rows is None and cols is None:
+                out[key] = value
+                continue
+            raise PruneError(f"adapter key {key}: only lora_A / lora_B weights of a pruned module can be recovered "
+                             f"(DoRA magnitudes, LoRA biases and modules_to_save of pruned modules cannot)")
+        if lora.group(1) == "B" and rows is not None:
+            out[key] = _scatter(value, rows, 0, plan.full_shape(module, 0)[0], key)
+        elif lora.group(1) == "A" and cols is not None:
+            out[key] = _scatter(value, cols, 1, plan.full_shape(module, 0)[1], key)
+        else:
+            out[key] = value
+    return out
+
+
+def _scatter(value: torch.Tensor, index: torch.Tensor, dim: int, size: int, key: str) -> torch.Tensor:
+    if value.dim() != 2 or value.shape[dim] != len(index):
+        raise PruneError(f"adapter key {key}: shape {tuple(value.shape)} does not match the prune plan "
+                         f"({len(index)} kept along dim {dim}); was the adapter trained on this plan's pruned model?")
+    shape = list(value.shape)
+    shape[dim] = size
+    full = value.new_zeros(shape)
+    full.index_copy_(dim, index.to(value.device), value)
+    return full
+
+
+def recover_adapter(adapter_dir: str, plan: PrunePlan | str, out_dir: str, *,
+                    base_model_name_or_path: str | None = None) -> str:
+    """Write the full-model PEFT adapter for the pruned model's adapter in ``adapter_dir`` to ``out_dir``.
+
+    ``plan``: a :class:`PrunePlan` or the pruned model's folder (or its plan file). ``base_model_name_or_path``:
+    written into the new ``adapter_config.json`` (default: the full model the plan's folder records, else kept).
+    The folder is written whole or not at all (a temporary folder renamed into place).
+    """
+    from safetensors.torch import load_file, save_file
+
+    plan_source = None
+    if not isinstance(plan, PrunePlan):
+        plan_source = plan
+        plan = PrunePlan.load(plan)
+    weights, config_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS), os.path.join(adapter_dir, ADAPTER_CONFIG)
+    for path in (weights, config_path):
+        if not os.path.isfile(path):
+            raise PruneError(f"adapter_dir: {adapter_dir} has no {os.path.basename(path)}; is it a PEFT adapter folder?")
+    with open(config_path) as fh:
+        config = json.load(fh)
+    for flag in ("use_dora", "lora_bias"):
+        if config.get(flag):
+            raise PruneError(f"adapter_dir: {adapter_dir} uses {flag}; LoRAM recovers plain LoRA adapters only")
+    full = recover_state_dict(load_file(weights), plan)
+    if base_model_name_or_path is None and plan_source is not None:
+        meta = os.path.join(plan_source if os.path.isdir(plan_source) else os.path.dirname(plan_source),
+                            "loram_prune.json")
+        if os.path.isfile(meta):
+            with open(meta) as fh:
+                base_model_name_or_path = json.load(fh).get("full_model")
+    if base_model_name_or_path is not None:
+        config["base_model_name_or_path"] = base_model_name_or_path
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out_dir)) + ".tmp", dir=parent)
+    try:
+        save_file({k: v.contiguous() for k, v in full.items()}, os.path.join(tmp, ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as fh:
+            json.dump(config, fh, indent=2)
+        with open(os.path.join(tmp, RECOVERY_FILE), "w") as fh:
+            json.dump({"source_adapter": os.path.abspath(adapter_dir), "plan": plan.to_dict()}, fh)
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
