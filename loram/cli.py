@@ -5,6 +5,8 @@
         overrides), recover the adapter to the full model and evaluate it there; run it again to resume
     loram prune --model DIR|builtin:tiny-llama --out DIR [prune options]
     loram recover --pruned DIR --adapter DIR --out DIR [--base-model DIR]
+    loram estimate --model DIR|config.json --keep-ratio R [--attn-keep-ratio R]
+        parameters and weight memory (16-bit, NF4) of the full and the pruned model, from the config alone
 
 Exit codes: 0 done, 2 bad arguments, config, data, model or adapter (one line on stderr naming the problem).
 """
@@ -73,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     p_rec.add_argument("--out", required=True, help="the full model's adapter folder to write")
     p_rec.add_argument("--base-model", default=None,
                        help="base_model_name_or_path to record (default: the full model the pruning recorded)")
+    p_est = sub.add_parser("estimate", help="parameters and weight memory of the full and pruned model, from a config")
+    p_est.add_argument("--model", required=True, help="a model folder (only its config.json is read) or a config.json")
+    p_est.add_argument("--keep-ratio", type=_ratio, required=True)
+    p_est.add_argument("--attn-keep-ratio", type=_ratio, default=None)
+    p_est.add_argument("--channel-multiple", type=_positive, default=1)
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -93,6 +100,22 @@ def main(argv: list[str] | None = None) -> int:
                                      max_length=args.max_length, channel_multiple=args.channel_multiple,
                                      seed=args.seed)
             print(json.dumps(record, indent=2))
+        elif args.command == "estimate":
+            from transformers import AutoConfig
+
+            from loram.memory import estimate
+
+            try:
+                config = AutoConfig.from_pretrained(args.model)
+            except (OSError, ValueError) as exc:
+                raise PruneError(f"model: cannot read a config from {args.model}: {exc}") from None
+            e = estimate(config, args.keep_ratio, args.attn_keep_ratio, args.channel_multiple)
+            print(f"KV heads {e['kept_kv_heads']}/{e['kv_heads']}, MLP channels {e['kept_channels']}/{e['channels']}")
+            for name in ("full", "pruned"):
+                r = e[name]
+                print(f"{name:<7} {r['parameters'] / 1e9:8.2f} B parameters  {r['gib_16bit']:8.2f} GiB in 16 bits  "
+                      f"{r['gib_nf4']:8.2f} GiB in NF4")
+            print(f"full 16-bit / pruned NF4: {e['reduction_16bit_to_pruned_nf4']:.2f}x")
         elif args.command == "recover":
             from loram.recover import recover_adapter
 

@@ -23,6 +23,7 @@ import time
 import torch
 
 from loram.prune import IMPORTANCE, PLAN_FILE, PrunePlan, PruneError, make_plan, parameter_count, prune_model
+from loram.memory import estimate
 from loram.recover import recover_adapter
 
 logger = logging.getLogger("loram")
@@ -85,7 +86,8 @@ def prune_to_folder(model: str, out_dir: str, *, keep_ratio: float, attn_keep_ra
               "calibration_samples": calibration_samples, "channel_multiple": channel_multiple, "seed": seed,
               "kept_kv_heads": plan.kept_kv_heads, "kv_heads": plan.num_key_value_heads,
               "kept_channels": plan.kept_channels, "channels": plan.intermediate_size,
-              "parameters_full": parameter_count(full.config), "parameters_pruned": parameter_count(small.config)}
+              "parameters_full": parameter_count(full.config), "parameters_pruned": parameter_count(small.config),
+              "memory": estimate(full.config, keep_ratio, attn_keep_ratio, channel_multiple)}
     if batches is not None:
         record["calibration_loss_full"] = _mean_loss(full, batches)
         record["calibration_loss_pruned"] = _mean_loss(small, batches)

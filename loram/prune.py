@@ -254,11 +254,7 @@ def _kept(scores: torch.Tensor, count: int) -> tuple[int, ...]:
     return tuple(sorted(order[:count]))
 
 
-def make_plan(model, keep_ratio: float, *, attn_keep_ratio: float | None = None, importance: str = "taylor",
-              batches: Iterable[dict] | None = None, channel_multiple: int = 1) -> PrunePlan:
-    """The plan keeping ``keep_ratio`` of each layer's MLP channels and ``attn_keep_ratio`` (default: the same) of
-    its KV groups, chosen by ``importance``. Counts round to the nearest (channels: to ``channel_multiple``), at least
-    one of each."""
+def _check_ratios(keep_ratio, attn_keep_ratio, channel_multiple) -> None:
     for name, v in (("keep_ratio", keep_ratio), ("attn_keep_ratio", attn_keep_ratio)):
         if v is None and name == "attn_keep_ratio":
             continue
@@ -266,10 +262,25 @@ def make_plan(model, keep_ratio: float, *, attn_keep_ratio: float | None = None,
             raise PruneError(f"{name} must be in (0, 1], got {v!r}")
     if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
         raise PruneError(f"channel_multiple must be a positive integer, got {channel_multiple!r}")
-    layers, heads, kv, d, inter = _sizes(model)
+
+
+def kept_counts(kv_heads: int, channels: int, keep_ratio: float, attn_keep_ratio: float | None = None,
+                channel_multiple: int = 1) -> tuple[int, int]:
+    """(KV groups, MLP channels) each layer keeps: the ratios of the counts, half rounding up, channels to a
+    multiple of ``channel_multiple``, at least one of each (and at most all)."""
     attn_keep_ratio = keep_ratio if attn_keep_ratio is None else attn_keep_ratio
-    n_kv = min(kv, max(1, int(kv * attn_keep_ratio + 0.5)))  # half rounds up
-    n_ch = min(inter, max(channel_multiple, int(inter * keep_ratio / channel_multiple + 0.5) * channel_multiple))
+    n_kv = min(kv_heads, max(1, int(kv_heads * attn_keep_ratio + 0.5)))
+    n_ch = min(channels, max(channel_multiple, int(channels * keep_ratio / channel_multiple + 0.5) * channel_multiple))
+    return n_kv, n_ch
+
+
+def make_plan(model, keep_ratio: float, *, attn_keep_ratio: float | None = None, importance: str = "taylor",
+              batches: Iterable[dict] | None = None, channel_multiple: int = 1) -> PrunePlan:
+    """The plan keeping ``keep_ratio`` of each layer's MLP channels and ``attn_keep_ratio`` (default: the same) of
+    its KV groups (:func:`kept_counts`), chosen by ``importance``."""
+    _check_ratios(keep_ratio, attn_keep_ratio, channel_multiple)
+    layers, heads, kv, d, inter = _sizes(model)
+    n_kv, n_ch = kept_counts(kv, inter, keep_ratio, attn_keep_ratio, channel_multiple)
     groups, channels = importance_scores(model, importance, batches)
     return PrunePlan(layers, heads, kv, d, inter, tuple(_kept(g, n_kv) for g in groups),
                      tuple(_kept(c, n_ch) for c in channels), importance)

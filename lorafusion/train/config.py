@@ -25,6 +25,8 @@ class ModelConfig:
     # a local Hugging Face model folder, or "builtin:tiny-llama" (materialised deterministically into a cache folder)
     name_or_path: str = "builtin:tiny-llama"
     attn_implementation: str = "sdpa"  # sdpa / eager: both honour packed position ids
+    # "nf4" / "fp4": the frozen base's linear layers in 4 bits (bitsandbytes; QLoRA), the LM head kept as loaded
+    quantization: str = "none"
 
 
 @dataclass
@@ -221,6 +223,9 @@ def _fail(key: str, value: Any, why: str) -> None:
     raise ConfigError(f"{key}: {why} (got {value!r})")
 
 
+QUANTIZATIONS = ("none", "nf4", "fp4")
+
+
 def validate(cfg: RunConfig, world_size: int = 1) -> RunConfig:
     """Check values that types cannot: ranges, choices, and the batch arithmetic for ``world_size`` processes."""
     m, d, l, o, b, t = cfg.model, cfg.data, cfg.lora, cfg.optimizer, cfg.batch, cfg.train
@@ -228,6 +233,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         _fail("model.name_or_path", m.name_or_path, "must name a local model folder or builtin:<preset>")
     if m.attn_implementation not in ("sdpa", "eager"):
         _fail("model.attn_implementation", m.attn_implementation, "must be sdpa or eager")
+    if m.quantization not in QUANTIZATIONS:
+        _fail("model.quantization", m.quantization, f"must be one of {', '.join(QUANTIZATIONS)}")
     from lorafusion.train.presets import DATA_PRESETS, MODEL_PRESETS
 
     if m.name_or_path.startswith("builtin:") and m.name_or_path[len("builtin:"):] not in MODEL_PRESETS:

@@ -61,11 +61,24 @@ def load_base(path: str, cfg: RunConfig, device):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+    quant = {}
+    if cfg.model.quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        # QLoRA's recipe: 4-bit weights in blocks, computing in the run's precision; the LM head stays as loaded
+        quant = {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=cfg.model.quantization, bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True), "device_map": {"": device}}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                     attn_implementation=cfg.model.attn_implementation)
+                                                     attn_implementation=cfg.model.attn_implementation, **quant)
     except Exception as exc:  # noqa: BLE001
-        raise TrainError(f"model.name_or_path: cannot load a causal LM from {path}: {exc}") from None
+        raise TrainError(f"model.name_or_path: cannot load a causal LM from {path}"
+                         + (f" in {cfg.model.quantization}" if quant else "") + f": {exc}") from None
+    if quant:  # a 4-bit model is placed by device_map (transformers refuses .to on it)
+        logger.info("model.quantization: %s base, %.1f MiB of weights", cfg.model.quantization,
+                    model.get_memory_footprint() / 2**20)
+        return tokenizer, model
     return tokenizer, model.to(device)
 
 
@@ -117,7 +130,10 @@ def build_adapter(model, cfg: RunConfig):
                       target_modules=_target_modules(model, l.target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)
     fused_info = {"fused": 0, "unfused": 0, "path": "peft"}
-    if l.fused:
+    if l.fused and cfg.model.quantization != "none":
+        logger.warning("lora.fused: the %s base keeps PEFT's bitsandbytes LoRA layers (the fused kernels read the "
+                       "base weight in 16 / 32 bits)", cfg.model.quantization)
+    elif l.fused:
         try:
             from lorafusion import patch_peft
         except ImportError as exc:
@@ -474,6 +490,9 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
                          "choose another output folder")
     if latest is not None:
         _check_resume_config(cfg, os.path.join(out, "config.yaml"))
+    if cfg.model.quantization != "none" and ds.kind == "deepspeed":
+        raise TrainError(f"model.quantization: {cfg.model.quantization} is not supported under deepspeed (ZeRO "
+                         "re-places and casts the base weights); use torchrun (DDP) or one process")
     if t.deepspeed_config is not None and ds.kind != "deepspeed":
         logger.warning("train.deepspeed_config %s is not used: this run is not under the deepspeed launcher "
                        "(train.distributed=%s)", t.deepspeed_config, ds.kind)
@@ -498,7 +517,9 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
         os.remove(os.path.join(out, "metrics.jsonl"))
     model, fused_info = build_adapter(base, cfg)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_total = sum(p.numel() for p in model.parameters())
+    # a 4-bit weight (bitsandbytes Params4bit) packs two values a byte; its quant_state has the logical shape
+    n_total = sum(math.prod(p.quant_state.shape) if getattr(p, "quant_state", None) is not None else p.numel()
+                  for p in model.parameters())
     logger.info("model %s: %d parameters, %d trainable (LoRA r=%d); %d train / %d eval samples; %d steps of %d "
                 "samples = %d process(es) x %d microbatches x %d samples", model_path, n_total, n_trainable,
                 cfg.lora.r, len(train), len(evals), total_steps, G, ds.world_size, accum, micro)

@@ -255,6 +255,20 @@ def test_bad_input_is_refused_with_the_argument_named(tmp_path):
         recover_adapter(str(tmp_path), plan, str(tmp_path / "out"))
 
 
+def test_cli_errors_name_the_argument(tmp_path, capsys):
+    from loram.cli import main
+
+    assert main(["estimate", "--model", str(tmp_path / "none"), "--keep-ratio", "0.5"]) == 2
+    assert "model: cannot read a config from" in capsys.readouterr().err
+    assert main(["prune", "--model", str(tmp_path), "--out", str(tmp_path / "p"), "--keep-ratio", "0.5"]) == 2
+    assert "is not a Hugging Face model folder" in capsys.readouterr().err
+    assert main(["recover", "--pruned", str(tmp_path), "--adapter", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "no LoRAM prune plan" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["prune", "--model", "builtin:tiny-llama", "--out", str(tmp_path / "p"), "--keep-ratio", "1.5"])
+    assert "--keep-ratio: must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
 def test_loram_run_recovers_a_working_adapter_to_the_full_model_and_reruns_resume(tmp_path, capsys):
     """The built-in default, MLP pruned to a quarter: the adapter trained on the pruned model, recovered, teaches
     the full model the task (measured: exact match 0% -> 100%, eval loss 9.45 -> 0.003)."""
@@ -278,6 +292,57 @@ def test_loram_run_recovers_a_working_adapter_to_the_full_model_and_reruns_resum
     assert main(args) == 0  # a rerun reuses the pruned model and the finished training
     assert os.path.getmtime(out / "pruned" / "model.safetensors") == mtime
     assert json.loads((out / "summary.json").read_text())["full_model_with_recovered_adapter"] == rec
+    # killed after the step-100 checkpoint: the rerun resumes training there and ends with the same adapter
+    import shutil
+
+    from safetensors.torch import load_file as load
+    before = load(str(out / "adapter" / "adapter_model.safetensors"))
+    ckpts = out / "train" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-0000200"
+    shutil.rmtree(ckpts / "step-0000200")
+    (ckpts / "latest").write_text("step-0000100\n")
+    for gone in ("train/adapter", "train/summary.json", "adapter", "summary.json"):
+        shutil.rmtree(out / gone) if (out / gone).is_dir() else (out / gone).unlink()
+    assert main(args) == 0
+    after = load(str(out / "adapter" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=1e-6, atol=1e-7)
     capsys.readouterr()
     assert main(args[:-6] + ["--keep-ratio", "0.5"]) == 2
     assert "pruned with other settings keep_ratio=0.25 (now 0.5)" in capsys.readouterr().err
+
+
+def test_memory_estimate_matches_the_pruned_model_and_bitsandbytes_nf4_storage():
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    from loram.memory import estimate
+
+    config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(16)
+    full = LlamaForCausalLM(config)
+    e = estimate(config, 0.25, attn_keep_ratio=0.5)
+    small = prune_model(full, make_plan(full, 0.25, attn_keep_ratio=0.5, importance="magnitude"))
+    assert e["full"]["parameters"] == sum(p.numel() for p in full.parameters())
+    assert e["pruned"]["parameters"] == sum(p.numel() for p in small.parameters())
+    assert (e["kept_kv_heads"], e["kept_channels"]) == (1, 128)
+    # NF4 bytes as bitsandbytes stores them: packed 4-bit weights, 8-bit block absmax, float32 second-level absmax
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        small.save_pretrained(d)
+        q = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, device_map="cpu",
+                                                 quantization_config=BitsAndBytesConfig(
+                                                     load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                     bnb_4bit_use_double_quant=True,
+                                                     bnb_4bit_compute_dtype=torch.bfloat16))
+    stored = 0
+    for p in q.parameters():
+        stored += p.numel() * p.element_size()
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            stored += qs.absmax.numel() * qs.absmax.element_size()
+            stored += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+    assert e["pruned"]["gib_nf4"] * 2**30 == pytest.approx(stored, rel=1e-3)
+    assert e["reduction_16bit_to_pruned_nf4"] > 4
+

@@ -64,6 +64,7 @@ def test_wrong_type_is_named(tmp_path, text, key):
     ({"lora": {"backend": "gpu"}}, "lora.backend"),
     ({"optimizer": {"galore": {"layerwise": True}}, "train": {"precision": "fp16"}}, "optimizer.galore.layerwise"),
     ({"lora": {"target_modules": []}}, "lora.target_modules"),
+    ({"model": {"quantization": "int4"}}, "model.quantization"),
 ])
 def test_impossible_value_is_named(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -99,7 +99,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     ["--optimizer.name", "galore_adamw", "--optimizer.galore.rank", "2", "--optimizer.galore.update_proj_gap", "2"],
     ["--optimizer.name", "galore_adamw", "--optimizer.galore.rank", "2", "--optimizer.galore.layerwise", "true"],
     ["--optimizer.name", "adamw8bit"],
-], ids=["adamw", "galore_adamw", "galore_adamw_layerwise", "adamw8bit"])
+    ["--optimizer.name", "adamw", "--model.quantization", "nf4"],
+], ids=["adamw", "galore_adamw", "galore_adamw_layerwise", "adamw8bit", "adamw_nf4_base"])
 def test_resume_from_a_checkpoint_equals_running_through(tmp_path, opt):
     """In one process: resuming from the step-4 checkpoint gives the adapter of the run that went straight on."""
     pytest.importorskip("galore")

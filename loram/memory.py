@@ -1,0 +1,56 @@
+"""What pruning (and 4-bit quantization) does to the base model's weight memory, from a config alone.
+
+Models are instantiated on the meta device, so a 70B config costs nothing. NF4 as ``lorafusion train
+--model.quantization nf4`` loads it (QLoRA's recipe, bitsandbytes): the decoder layers' linear weights take 4 bits
+each plus the double-quantized block constants (an 8-bit absmax per 64 weights and a float32 per 256 of those:
+4 + 8/64 + 32/(64*256) bits); embeddings, norms, biases and the LM head stay in 16 bits.
+"""
+from __future__ import annotations
+
+import torch
+
+from loram.prune import PruneError
+
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+
+
+def _counts(config) -> tuple[int, int]:
+    """(parameters in the decoder layers' linear weights, all other parameters)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}.")
+    return linear, sum(p.numel() for p in model.parameters()) - linear
+
+
+def pruned_sizes(config, keep_ratio: float, attn_keep_ratio: float | None = None,
+                 channel_multiple: int = 1) -> tuple[int, int]:
+    """(KV heads, MLP channels) per layer that :func:`loram.prune.make_plan` keeps for these ratios."""
+    from loram.prune import _check_ratios, kept_counts
+
+    _check_ratios(keep_ratio, attn_keep_ratio, channel_multiple)
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return kept_counts(kv, config.intermediate_size, keep_ratio, attn_keep_ratio, channel_multiple)
+
+
+def estimate(config, keep_ratio: float, attn_keep_ratio: float | None = None, channel_multiple: int = 1) -> dict:
+    """Parameters and weight memory (GiB) of the full and the pruned model, in 16 bits and in NF4."""
+    if not hasattr(config, "intermediate_size") or not hasattr(config, "num_attention_heads"):
+        raise PruneError(f"config: {type(config).__name__} is not a Llama-family config")
+    kv_kept, ch_kept = pruned_sizes(config, keep_ratio, attn_keep_ratio, channel_multiple)
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    small = config.__class__.from_dict(config.to_dict())
+    small.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    small.num_attention_heads, small.num_key_value_heads = kv_kept * (heads // kv), kv_kept
+    small.intermediate_size = ch_kept
+    out = {"kept_kv_heads": kv_kept, "kv_heads": kv, "kept_channels": ch_kept, "channels": config.intermediate_size}
+    for name, cfg in (("full", config), ("pruned", small)):
+        linear, other = _counts(cfg)
+        out[name] = {"parameters": linear + other,
+                     "gib_16bit": (linear + other) * 2 / 2**30,
+                     "gib_nf4": (linear * NF4_BITS / 8 + other * 2) / 2**30}
+    out["reduction_16bit_to_pruned_nf4"] = out["full"]["gib_16bit"] / out["pruned"]["gib_nf4"]
+    return out
