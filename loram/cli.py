@@ -52,6 +52,9 @@ def _prune_options(p: argparse.ArgumentParser, calibration_default: str | None) 
     p.add_argument("--calibration-samples", type=_positive, default=128)
     p.add_argument("--channel-multiple", type=_positive, default=1,
                    help="round the kept MLP channels to a multiple of this (e.g. 64 or 128 for GPU GEMMs)")
+    p.add_argument("--prune-dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="precision the full model is loaded, scored and the pruned one saved in (auto: as stored)")
+    p.add_argument("--prune-device", default="cpu", help="where the full model is scored (cpu, cuda, cuda:1, ...)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                                      attn_keep_ratio=args.attn_keep_ratio, importance=args.importance,
                                      calibration=args.calibration, calibration_samples=args.calibration_samples,
                                      max_length=args.max_length, channel_multiple=args.channel_multiple,
-                                     seed=args.seed)
+                                     seed=args.seed, dtype=args.prune_dtype, device=args.prune_device)
             print(json.dumps(record, indent=2))
         elif args.command == "estimate":
             from transformers import AutoConfig
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config, parse_overrides(rest))
             summary = run(cfg, args.out, keep_ratio=args.keep_ratio, attn_keep_ratio=args.attn_keep_ratio,
                           importance=args.importance, calibration=args.calibration,
-                          calibration_samples=args.calibration_samples, channel_multiple=args.channel_multiple)
+                          calibration_samples=args.calibration_samples, channel_multiple=args.channel_multiple,
+                          dtype=args.prune_dtype, device=args.prune_device)
             _print_summary(summary)
     except (PruneError, ConfigError, DataError, CheckpointError, TrainError, OSError) as exc:
         print(f"loram {args.command}: {exc}", file=sys.stderr)

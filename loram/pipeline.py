@@ -28,6 +28,7 @@ from loram.recover import recover_adapter
 
 logger = logging.getLogger("loram")
 PRUNE_META = "loram_prune.json"
+DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def calibration_batches(path: str, tokenizer, samples: int, max_length: int, batch_size: int = 16, seed: int = 0):
@@ -62,17 +63,26 @@ def _resolve_model(name_or_path: str) -> str:
 
 def prune_to_folder(model: str, out_dir: str, *, keep_ratio: float, attn_keep_ratio: float | None = None,
                     importance: str = "taylor", calibration: str | None = None, calibration_samples: int = 128,
-                    max_length: int = 32, channel_multiple: int = 1, seed: int = 0) -> dict:
+                    max_length: int = 32, channel_multiple: int = 1, seed: int = 0, dtype: str = "auto",
+                    device: str = "cpu") -> dict:
     """Prune the model folder (or ``builtin:`` model) ``model`` and write the pruned model, its tokenizer, the plan
     and ``loram_prune.json`` (settings, parameter counts, calibration loss before / after) to ``out_dir``, whole or
-    not at all. Returns the ``loram_prune.json`` record."""
+    not at all. Returns the ``loram_prune.json`` record.
+
+    ``dtype``: the precision the model is loaded, scored and saved in ("auto": as stored); ``device``: where."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importance not in IMPORTANCE:
         raise PruneError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
+    if dtype not in DTYPES:
+        raise PruneError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise PruneError(f"device: {device!r} is not a torch device ({exc})") from None
     path = _resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    full = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
     batches = None
     if calibration is not None:
         batches = calibration_batches(calibration, tokenizer, calibration_samples, max_length, seed=seed)
@@ -84,6 +94,7 @@ def prune_to_folder(model: str, out_dir: str, *, keep_ratio: float, attn_keep_ra
     record = {"full_model": os.path.abspath(path), "source": model, "keep_ratio": keep_ratio,
               "attn_keep_ratio": attn_keep_ratio, "importance": importance, "calibration": calibration,
               "calibration_samples": calibration_samples, "channel_multiple": channel_multiple, "seed": seed,
+              "dtype": dtype,
               "kept_kv_heads": plan.kept_kv_heads, "kv_heads": plan.num_key_value_heads,
               "kept_channels": plan.kept_channels, "channels": plan.intermediate_size,
               "parameters_full": parameter_count(full.config), "parameters_pruned": parameter_count(small.config),
@@ -114,9 +125,10 @@ def _mean_loss(model, batches) -> float:
     total, count = 0.0, 0
     was = model.training
     model.eval()
+    device = next(model.parameters()).device
     for b in batches:
-        logits = model(**{k: v for k, v in b.items() if k != "labels"}, use_cache=False).logits
-        tgt = b["labels"][:, 1:]
+        logits = model(**{k: v.to(device) for k, v in b.items() if k != "labels"}, use_cache=False).logits
+        tgt = b["labels"][:, 1:].to(device)
         total += torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                    tgt.reshape(-1), ignore_index=-100, reduction="sum").item()
         count += int((tgt != -100).sum())
@@ -124,14 +136,12 @@ def _mean_loss(model, batches) -> float:
     return total / max(count, 1)
 
 
-PRUNE_SETTINGS = ("source", "keep_ratio", "attn_keep_ratio", "importance", "calibration", "calibration_samples",
-                  "channel_multiple", "seed")
-
-
 def run(cfg, out_dir: str, *, keep_ratio: float, attn_keep_ratio: float | None = None, importance: str = "taylor",
-        calibration: str | None = "train", calibration_samples: int = 128, channel_multiple: int = 1) -> dict:
+        calibration: str | None = "train", calibration_samples: int = 128, channel_multiple: int = 1,
+        dtype: str = "auto", device: str = "cpu") -> dict:
     """Prune ``cfg.model.name_or_path``, train ``cfg`` (a ``lorafusion.train`` RunConfig) on the pruned model,
-    recover the adapter, and evaluate the full model with it. ``calibration="train"``: the run's training data."""
+    recover the adapter, and evaluate the full model with it. ``calibration="train"``: the run's training data;
+    ``dtype`` / ``device``: where the pruning loads and scores the full model (:func:`prune_to_folder`)."""
     from lorafusion.train import load_config, run_training
 
     os.makedirs(out_dir, exist_ok=True)
@@ -141,7 +151,7 @@ def run(cfg, out_dir: str, *, keep_ratio: float, attn_keep_ratio: float | None =
     pruned_dir = os.path.join(out_dir, "pruned")
     settings = {"source": model, "keep_ratio": keep_ratio, "attn_keep_ratio": attn_keep_ratio,
                 "importance": importance, "calibration": calibration, "calibration_samples": calibration_samples,
-                "channel_multiple": channel_multiple, "seed": cfg.train.seed}
+                "channel_multiple": channel_multiple, "seed": cfg.train.seed, "dtype": dtype}
     meta_path = os.path.join(pruned_dir, PRUNE_META)
     t0 = time.perf_counter()
     if os.path.isfile(meta_path) and os.path.isfile(os.path.join(pruned_dir, PLAN_FILE)):
@@ -157,7 +167,8 @@ def run(cfg, out_dir: str, *, keep_ratio: float, attn_keep_ratio: float | None =
         prune_record = prune_to_folder(model, pruned_dir, keep_ratio=keep_ratio, attn_keep_ratio=attn_keep_ratio,
                                        importance=importance, calibration=calibration,
                                        calibration_samples=calibration_samples, max_length=cfg.data.max_length,
-                                       channel_multiple=channel_multiple, seed=cfg.train.seed)
+                                       channel_multiple=channel_multiple, seed=cfg.train.seed, dtype=dtype,
+                                       device=device)
     logger.info("prune: %d -> %d parameters (KV heads %d/%d, channels %d/%d)", prune_record["parameters_full"],
                 prune_record["parameters_pruned"], prune_record["kept_kv_heads"], prune_record["kv_heads"],
                 prune_record["kept_channels"], prune_record["channels"])

@@ -227,9 +227,10 @@ def importance_scores(model, method: str = "taylor",
             p.requires_grad_(True)
             p.grad = None
         n = 0
+        device = params[0].device
         for batch in batches:
-            labels = batch["labels"]
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            labels = batch["labels"].to(device)
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             logits = model(**inputs, use_cache=False).logits
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                                      labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
@@ -314,7 +315,8 @@ def prune_model(model, plan: PrunePlan):
     check_plan_fits(model, plan)
     cfg = pruned_config(model.config, plan)
     param = next(model.parameters())
-    small = model.__class__(cfg).to(dtype=param.dtype, device=param.device)
+    with torch.device(param.device):  # built where and in the dtype it will live: no float32 CPU copy first
+        small = model.__class__._from_config(cfg, dtype=param.dtype)
     state = {}
     prefixes = {}
     for i in range(plan.num_layers):

@@ -255,6 +255,23 @@ def test_bad_input_is_refused_with_the_argument_named(tmp_path):
         recover_adapter(str(tmp_path), plan, str(tmp_path / "out"))
 
 
+def test_prune_command_writes_a_loadable_model_in_the_chosen_dtype(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from loram.cli import main
+
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", "builtin:tiny-llama", "--out", str(out), "--keep-ratio", "0.5",
+                 "--attn-keep-ratio", "1", "--importance", "magnitude", "--prune-dtype", "bf16"]) == 0
+    printed = capsys.readouterr().out  # deepspeed, when installed, logs a line to stdout as transformers imports it
+    record = json.loads(printed[printed.index("{\n"):])
+    assert record["kept_channels"] == 128 and record["dtype"] == "bf16"
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.dtype == torch.bfloat16 and model.config.intermediate_size == 128
+    assert PrunePlan.load(str(out)).kept_channels == 128
+    assert sum(p.numel() for p in model.parameters()) == record["parameters_pruned"]
+
+
 def test_cli_errors_name_the_argument(tmp_path, capsys):
     from loram.cli import main
 
