@@ -16,15 +16,13 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 
 import torch
 
-from loram.prune import IMPORTANCE, PLAN_FILE, PrunePlan, PruneError, make_plan, parameter_count, prune_model
+from loram.prune import IMPORTANCE, PLAN_FILE, PruneError, make_plan, parameter_count, prune_model
 from loram.memory import estimate
-from loram.recover import recover_adapter
+from loram.recover import recover_adapter, write_folder
 
 logger = logging.getLogger("loram")
 PRUNE_META = "loram_prune.json"
@@ -102,21 +100,14 @@ def prune_to_folder(model: str, out_dir: str, *, keep_ratio: float, attn_keep_ra
     if batches is not None:
         record["calibration_loss_full"] = _mean_loss(full, batches)
         record["calibration_loss_pruned"] = _mean_loss(small, batches)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out_dir)) + ".tmp", dir=parent)
-    try:
+    def build(tmp: str) -> None:
         small.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         plan.save(tmp)
         with open(os.path.join(tmp, PRUNE_META), "w") as fh:
             json.dump(record, fh, indent=2)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    write_folder(out_dir, build)
     return record
 
 

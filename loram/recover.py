@@ -65,6 +65,26 @@ def _scatter(value: torch.Tensor, index: torch.Tensor, dim: int, size: int, key:
     return full
 
 
+def write_folder(out_dir: str, build) -> None:
+    """Have ``build(tmp)`` fill a temporary folder beside ``out_dir``, then put it in place of ``out_dir``: a crash
+    leaves the old folder or the new one, never a half-written one."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(os.path.abspath(out_dir))
+    tmp = tempfile.mkdtemp(prefix=name + ".tmp", dir=parent)
+    old = None
+    try:
+        build(tmp)
+        if os.path.isdir(out_dir):
+            old = tempfile.mkdtemp(prefix=name + ".old", dir=parent)
+            os.rename(out_dir, os.path.join(old, name))
+        os.rename(tmp, out_dir)
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None and os.path.isdir(leftover):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
 def recover_adapter(adapter_dir: str, plan: PrunePlan | str, out_dir: str, *,
                     base_model_name_or_path: str | None = None) -> str:
     """Write the full-model PEFT adapter for the pruned model's adapter in ``adapter_dir`` to ``out_dir``.
@@ -97,20 +117,13 @@ def recover_adapter(adapter_dir: str, plan: PrunePlan | str, out_dir: str, *,
                 base_model_name_or_path = json.load(fh).get("full_model")
     if base_model_name_or_path is not None:
         config["base_model_name_or_path"] = base_model_name_or_path
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(os.path.abspath(out_dir)) + ".tmp", dir=parent)
-    try:
+    def build(tmp: str) -> None:
         save_file({k: v.contiguous() for k, v in full.items()}, os.path.join(tmp, ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as fh:
             json.dump(config, fh, indent=2)
         with open(os.path.join(tmp, RECOVERY_FILE), "w") as fh:
             json.dump({"source_adapter": os.path.abspath(adapter_dir), "plan": plan.to_dict()}, fh)
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    write_folder(out_dir, build)
     return out_dir

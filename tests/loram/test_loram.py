@@ -363,3 +363,22 @@ def test_memory_estimate_matches_the_pruned_model_and_bitsandbytes_nf4_storage()
     assert e["pruned"]["gib_nf4"] * 2**30 == pytest.approx(stored, rel=1e-3)
     assert e["reduction_16bit_to_pruned_nf4"] > 4
 
+
+
+def test_write_folder_replaces_whole_or_not_at_all(tmp_path):
+    from loram.recover import write_folder
+
+    out = tmp_path / "out"
+    write_folder(str(out), lambda d: open(os.path.join(d, "a"), "w").close())
+    assert sorted(os.listdir(out)) == ["a"]
+
+    def broken(d):
+        open(os.path.join(d, "b"), "w").close()
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_folder(str(out), broken)
+    assert sorted(os.listdir(out)) == ["a"]  # the old folder stands
+    write_folder(str(out), lambda d: open(os.path.join(d, "c"), "w").close())
+    assert sorted(os.listdir(out)) == ["c"]
+    assert os.listdir(tmp_path) == ["out"]  # no temporary folder left behind
