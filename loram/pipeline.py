@@ -135,6 +135,10 @@ def run(cfg, out_dir: str, *, keep_ratio: float, attn_keep_ratio: float | None =
     ``dtype`` / ``device``: where the pruning loads and scores the full model (:func:`prune_to_folder`)."""
     from lorafusion.train import load_config, run_training
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise PruneError("loram run is one process (WORLD_SIZE="
+                         f"{os.environ['WORLD_SIZE']}); for a distributed run, prune with 'loram prune', train the "
+                         "pruned folder with 'torchrun ... -m lorafusion train', then 'loram recover'")
     os.makedirs(out_dir, exist_ok=True)
     model = cfg.model.name_or_path
     if calibration == "train":

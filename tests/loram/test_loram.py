@@ -281,6 +281,12 @@ def test_cli_errors_name_the_argument(tmp_path, capsys):
     assert "is not a Hugging Face model folder" in capsys.readouterr().err
     assert main(["recover", "--pruned", str(tmp_path), "--adapter", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "no LoRAM prune plan" in capsys.readouterr().err
+    import unittest.mock
+
+    with unittest.mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):
+        assert main(["run", "--out", str(tmp_path / "r"), "--keep-ratio", "0.5"]) == 2
+    assert "loram run is one process (WORLD_SIZE=2)" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
     with pytest.raises(SystemExit):
         main(["prune", "--model", "builtin:tiny-llama", "--out", str(tmp_path / "p"), "--keep-ratio", "1.5"])
     assert "--keep-ratio: must be in (0, 1], got 1.5" in capsys.readouterr().err
