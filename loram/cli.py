@@ -13,8 +13,8 @@ Exit codes: 0 done, 2 bad arguments, config, data, model or adapter (one line on
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
 
 from loram.prune import IMPORTANCE, PruneError
@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p_est.add_argument("--keep-ratio", type=_ratio, required=True)
     p_est.add_argument("--attn-keep-ratio", type=_ratio, default=None)
     p_est.add_argument("--channel-multiple", type=_positive, default=1)
+    p_est.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="bf16",
+                       help="train.precision of the NF4 run: what the parameters NF4 leaves alone are kept in")
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -95,14 +97,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "prune":
-            from loram.pipeline import prune_to_folder
+            from loram.pipeline import PRUNE_META, prune_to_folder
 
             record = prune_to_folder(args.model, args.out, keep_ratio=args.keep_ratio,
                                      attn_keep_ratio=args.attn_keep_ratio, importance=args.importance,
                                      calibration=args.calibration, calibration_samples=args.calibration_samples,
                                      max_length=args.max_length, channel_multiple=args.channel_multiple,
                                      seed=args.seed, dtype=args.prune_dtype, device=args.prune_device)
-            print(json.dumps(record, indent=2))
+            print(f"pruned {record['parameters_full']:,} -> {record['parameters_pruned']:,} parameters (KV heads "
+                  f"{record['kept_kv_heads']}/{record['kv_heads']}, MLP channels {record['kept_channels']}/"
+                  f"{record['channels']}); the record is {os.path.join(args.out, PRUNE_META)}")
         elif args.command == "estimate":
             from transformers import AutoConfig
 
@@ -112,12 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                 config = AutoConfig.from_pretrained(args.model)
             except (OSError, ValueError) as exc:
                 raise PruneError(f"model: cannot read a config from {args.model}: {exc}") from None
-            e = estimate(config, args.keep_ratio, args.attn_keep_ratio, args.channel_multiple)
+            e = estimate(config, args.keep_ratio, args.attn_keep_ratio, args.channel_multiple, args.precision)
             print(f"KV heads {e['kept_kv_heads']}/{e['kv_heads']}, MLP channels {e['kept_channels']}/{e['channels']}")
             for name in ("full", "pruned"):
                 r = e[name]
                 print(f"{name:<7} {r['parameters'] / 1e9:8.2f} B parameters  {r['gib_16bit']:8.2f} GiB in 16 bits  "
-                      f"{r['gib_nf4']:8.2f} GiB in NF4")
+                      f"{r['gib_nf4']:8.2f} GiB in NF4 (the rest {e['precision']})")
             print(f"full 16-bit / pruned NF4: {e['reduction_16bit_to_pruned_nf4']:.2f}x")
         elif args.command == "recover":
             from loram.recover import recover_adapter

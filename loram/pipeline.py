@@ -13,6 +13,7 @@ where it stopped (training itself resumes from its last checkpoint); different p
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from loram.recover import recover_adapter, write_folder
 
 logger = logging.getLogger("loram")
 PRUNE_META = "loram_prune.json"
+TRAIN_PLAN_MARKER = "train_plan.sha256"  # which plan out/train was trained on
 DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -38,7 +40,12 @@ def calibration_batches(path: str, tokenizer, samples: int, max_length: int, bat
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise PruneError(f"calibration_samples must be a positive integer, got {samples!r}")
     if path.startswith("builtin:"):
-        path = data_preset_paths(path[len("builtin:"):])[0]
+        try:
+            path = data_preset_paths(path[len("builtin:"):])[0]
+        except ValueError as exc:
+            raise PruneError(f"calibration: {path!r} is not a built-in dataset ({exc})") from None
+    elif not os.path.isfile(path):
+        raise PruneError(f"calibration: {path!r} is not a file (a JSONL file or builtin:<task>)")
     records, _ = read_jsonl(path)
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(len(records), generator=gen)[:samples].tolist()
@@ -53,7 +60,10 @@ def _resolve_model(name_or_path: str) -> str:
     if name_or_path.startswith("builtin:"):
         from lorafusion.train.presets import model_preset_path
 
-        return model_preset_path(name_or_path[len("builtin:"):])
+        try:
+            return model_preset_path(name_or_path[len("builtin:"):])
+        except ValueError as exc:
+            raise PruneError(f"model: {name_or_path!r} is not a built-in model ({exc})") from None
     if not os.path.isfile(os.path.join(name_or_path, "config.json")):
         raise PruneError(f"model: {name_or_path} is not a Hugging Face model folder (no config.json)")
     return name_or_path
@@ -78,6 +88,8 @@ def prune_to_folder(model: str, out_dir: str, *, keep_ratio: float, attn_keep_ra
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise PruneError(f"device: {device!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PruneError(f"device: {str(device)!r}, but torch sees no CUDA device here")
     path = _resolve_model(model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     full = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
@@ -173,6 +185,21 @@ def run(cfg, out_dir: str, *, keep_ratio: float, attn_keep_ratio: float | None =
                                    "train": {**cfg.to_dict()["train"], "output_dir": os.path.join(out_dir, "train")}})
     from lorafusion.train import checkpoint as ckpt
 
+    # the training folder belongs to one pruned model: a re-pruned folder (other settings, or removed and made
+    # again) must not resume or reuse training done on another plan
+    with open(os.path.join(pruned_dir, PLAN_FILE), "rb") as fh:
+        plan_digest = hashlib.sha256(fh.read()).hexdigest()
+    marker = os.path.join(out_dir, TRAIN_PLAN_MARKER)
+    trained_on = None
+    if os.path.isfile(marker):
+        with open(marker) as fh:
+            trained_on = fh.read().strip()
+    if os.path.exists(train_cfg.train.output_dir) and trained_on != plan_digest:
+        raise PruneError(f"{train_cfg.train.output_dir} holds training on "
+                         + ("another pruned model" if trained_on else "a pruned model of unknown plan")
+                         + f" than {pruned_dir} now holds; remove it (or use another output folder) to train anew")
+    with open(marker, "w") as fh:
+        fh.write(plan_digest + "\n")
     resume = ckpt.latest(train_cfg.train.output_dir) is not None
     t0 = time.perf_counter()
     train_summary = run_training(train_cfg, resume=resume)

@@ -61,8 +61,14 @@ class PrunePlan:
         if self.num_attention_heads % self.num_key_value_heads:
             raise PruneError(f"plan num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
-        object.__setattr__(self, "kv_groups", tuple(tuple(int(i) for i in g) for g in self.kv_groups))
-        object.__setattr__(self, "channels", tuple(tuple(int(i) for i in c) for c in self.channels))
+        for name in ("kv_groups", "channels"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(
+                    isinstance(k, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in k)
+                    for k in value):
+                raise PruneError(f"plan {name} must be a list (one per layer) of lists of integer indices, "
+                                 f"got {value!r:.200}")
+            object.__setattr__(self, name, tuple(tuple(k) for k in value))
         for name, kept, full in (("kv_groups", self.kv_groups, self.num_key_value_heads),
                                  ("channels", self.channels, self.intermediate_size)):
             if len(kept) != self.num_layers:
@@ -143,7 +149,8 @@ class PrunePlan:
         if os.path.isdir(path):
             path = os.path.join(path, PLAN_FILE)
         if not os.path.isfile(path):
-            raise PruneError(f"no LoRAM prune plan at {folder_or_file} (expected {PLAN_FILE})")
+            raise PruneError(f"no LoRAM prune plan at {folder_or_file} (expected {PLAN_FILE}, which 'loram prune' "
+                             "writes into the pruned model's folder)")
         with open(path) as fh:
             try:
                 return cls.from_dict(json.load(fh))

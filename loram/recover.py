@@ -66,23 +66,29 @@ def _scatter(value: torch.Tensor, index: torch.Tensor, dim: int, size: int, key:
 
 
 def write_folder(out_dir: str, build) -> None:
-    """Have ``build(tmp)`` fill a temporary folder beside ``out_dir``, then put it in place of ``out_dir``: a crash
-    leaves the old folder or the new one, never a half-written one."""
+    """Have ``build(tmp)`` fill a temporary folder beside ``out_dir``, then put it in place of ``out_dir``: a
+    failure leaves the old folder (or, past the last rename, the new one), never a half-written one."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     name = os.path.basename(os.path.abspath(out_dir))
     tmp = tempfile.mkdtemp(prefix=name + ".tmp", dir=parent)
-    old = None
+    aside = None
     try:
         build(tmp)
         if os.path.isdir(out_dir):
-            old = tempfile.mkdtemp(prefix=name + ".old", dir=parent)
-            os.rename(out_dir, os.path.join(old, name))
-        os.rename(tmp, out_dir)
+            aside = os.path.join(tempfile.mkdtemp(prefix=name + ".old", dir=parent), name)
+            os.rename(out_dir, aside)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if aside is not None:  # put the old folder back
+                os.rename(aside, out_dir)
+            raise
     finally:
-        for leftover in (tmp, old):
-            if leftover is not None and os.path.isdir(leftover):
-                shutil.rmtree(leftover, ignore_errors=True)
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None and os.path.isdir(out_dir):  # the old folder is only dropped once one stands there
+            shutil.rmtree(os.path.dirname(aside), ignore_errors=True)
 
 
 def recover_adapter(adapter_dir: str, plan: PrunePlan | str, out_dir: str, *,
@@ -102,13 +108,24 @@ def recover_adapter(adapter_dir: str, plan: PrunePlan | str, out_dir: str, *,
     weights, config_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS), os.path.join(adapter_dir, ADAPTER_CONFIG)
     for path in (weights, config_path):
         if not os.path.isfile(path):
-            raise PruneError(f"adapter_dir: {adapter_dir} has no {os.path.basename(path)}; is it a PEFT adapter folder?")
-    with open(config_path) as fh:
-        config = json.load(fh)
+            raise PruneError(f"adapter folder {adapter_dir} has no {os.path.basename(path)}; is it a PEFT adapter "
+                             "folder?")
+    try:
+        with open(config_path) as fh:
+            config = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise PruneError(f"adapter folder {adapter_dir}: {ADAPTER_CONFIG} is not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise PruneError(f"adapter folder {adapter_dir}: {ADAPTER_CONFIG} must hold a JSON object")
     for flag in ("use_dora", "lora_bias"):
         if config.get(flag):
-            raise PruneError(f"adapter_dir: {adapter_dir} uses {flag}; LoRAM recovers plain LoRA adapters only")
-    full = recover_state_dict(load_file(weights), plan)
+            raise PruneError(f"adapter folder {adapter_dir} uses {flag}; LoRAM recovers plain LoRA adapters only")
+    try:
+        state = load_file(weights)
+    except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types)
+        raise PruneError(f"adapter folder {adapter_dir}: {ADAPTER_WEIGHTS} is not a readable safetensors file "
+                         f"({exc})") from None
+    full = recover_state_dict(state, plan)
     if base_model_name_or_path is None and plan_source is not None:
         meta = os.path.join(plan_source if os.path.isdir(plan_source) else os.path.dirname(plan_source),
                             "loram_prune.json")
