@@ -145,6 +145,7 @@ def run(cfg, out_dir: str, *, keep_ratio: float, attn_keep_ratio: float | None =
     """Prune ``cfg.model.name_or_path``, train ``cfg`` (a ``lorafusion.train`` RunConfig) on the pruned model,
     recover the adapter, and evaluate the full model with it. ``calibration="train"``: the run's training data;
     ``dtype`` / ``device``: where the pruning loads and scores the full model (:func:`prune_to_folder`)."""
+    from lorafusion.train import checkpoint as ckpt
     from lorafusion.train import load_config, run_training
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -181,9 +182,10 @@ def run(cfg, out_dir: str, *, keep_ratio: float, attn_keep_ratio: float | None =
                 prune_record["kept_channels"], prune_record["channels"])
     t_prune = time.perf_counter() - t0
 
-    train_cfg = load_config(None, {**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "name_or_path": pruned_dir},
-                                   "train": {**cfg.to_dict()["train"], "output_dir": os.path.join(out_dir, "train")}})
-    from lorafusion.train import checkpoint as ckpt
+    train_settings = cfg.to_dict()
+    train_settings["model"]["name_or_path"] = pruned_dir
+    train_settings["train"]["output_dir"] = os.path.join(out_dir, "train")
+    train_cfg = load_config(None, train_settings)
 
     # the training folder belongs to one pruned model: a re-pruned folder (other settings, or removed and made
     # again) must not resume or reuse training done on another plan
