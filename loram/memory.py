@@ -13,52 +13,37 @@ import torch
 from loram.prune import PruneError
 
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
-
-
 PRECISION_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def _counts(config) -> tuple[int, int]:
     """(parameters in the decoder layers' linear weights, all other parameters) of a model LoRAM can prune."""
-    from transformers import AutoModelForCausalLM
+    from loram.prune import _layers, meta_model
 
-    from loram.prune import _layers
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    model = meta_model(config)
     _layers(model)  # the estimate is for models loram prune takes
     linear = sum(m.weight.numel() for name, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}.")
     return linear, sum(p.numel() for p in model.parameters()) - linear
 
 
-def pruned_sizes(config, keep_ratio: float, attn_keep_ratio: float | None = None,
-                 channel_multiple: int = 1) -> tuple[int, int]:
-    """(KV heads, MLP channels) per layer that :func:`loram.prune.make_plan` keeps for these ratios."""
-    from loram.prune import _check_ratios, kept_counts
-
-    _check_ratios(keep_ratio, attn_keep_ratio, channel_multiple)
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return kept_counts(kv, config.intermediate_size, keep_ratio, attn_keep_ratio, channel_multiple)
-
-
 def estimate(config, keep_ratio: float, attn_keep_ratio: float | None = None, channel_multiple: int = 1,
              precision: str = "bf16") -> dict:
     """Parameters and weight memory (GiB) of the full and the pruned model, in 16 bits and in NF4 (the parameters
-    NF4 leaves alone in ``precision``)."""
+    NF4 leaves alone in ``precision``); the pruned model keeps what :func:`loram.prune.make_plan` keeps for these
+    ratios."""
+    from loram.prune import _check_ratios, kept_counts, pruned_config
+
     if precision not in PRECISION_BYTES:
         raise PruneError(f"precision must be one of {', '.join(PRECISION_BYTES)}, got {precision!r}")
     if not hasattr(config, "intermediate_size") or not hasattr(config, "num_attention_heads"):
         raise PruneError(f"config: {type(config).__name__} is not a Llama-family config")
-    kv_kept, ch_kept = pruned_sizes(config, keep_ratio, attn_keep_ratio, channel_multiple)
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    small = config.__class__.from_dict(config.to_dict())
-    small.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    small.num_attention_heads, small.num_key_value_heads = kv_kept * (heads // kv), kv_kept
-    small.intermediate_size = ch_kept
-    out = {"precision": precision, "kept_kv_heads": kv_kept, "kv_heads": kv, "kept_channels": ch_kept, "channels": config.intermediate_size}
-    for name, cfg in (("full", config), ("pruned", small)):
+    _check_ratios(keep_ratio, attn_keep_ratio, channel_multiple)
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    kv_kept, ch_kept = kept_counts(kv, config.intermediate_size, keep_ratio, attn_keep_ratio, channel_multiple)
+    out = {"precision": precision, "kept_kv_heads": kv_kept, "kv_heads": kv, "kept_channels": ch_kept,
+           "channels": config.intermediate_size}
+    for name, cfg in (("full", config), ("pruned", pruned_config(config, kv_kept, ch_kept))):
         linear, other = _counts(cfg)
         out[name] = {"parameters": linear + other,
                      "gib_16bit": (linear + other) * 2 / 2**30,

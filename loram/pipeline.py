@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from loram.prune import IMPORTANCE, PLAN_FILE, PruneError, make_plan, parameter_count, prune_model
+from loram.prune import IMPORTANCE, PLAN_FILE, PruneError, make_plan, prune_model
 from loram.memory import estimate
 from loram.recover import recover_adapter, write_folder
 
@@ -101,14 +101,15 @@ def prune_to_folder(model: str, out_dir: str, *, keep_ratio: float, attn_keep_ra
     plan = make_plan(full, keep_ratio, attn_keep_ratio=attn_keep_ratio, importance=importance, batches=batches,
                      channel_multiple=channel_multiple)
     small = prune_model(full, plan)
+    memory = estimate(full.config, keep_ratio, attn_keep_ratio, channel_multiple)
     record = {"full_model": os.path.abspath(path), "source": model, "keep_ratio": keep_ratio,
               "attn_keep_ratio": attn_keep_ratio, "importance": importance, "calibration": calibration,
               "calibration_samples": calibration_samples, "channel_multiple": channel_multiple, "seed": seed,
               "dtype": dtype,
               "kept_kv_heads": plan.kept_kv_heads, "kv_heads": plan.num_key_value_heads,
               "kept_channels": plan.kept_channels, "channels": plan.intermediate_size,
-              "parameters_full": parameter_count(full.config), "parameters_pruned": parameter_count(small.config),
-              "memory": estimate(full.config, keep_ratio, attn_keep_ratio, channel_multiple)}
+              "parameters_full": memory["full"]["parameters"], "parameters_pruned": memory["pruned"]["parameters"],
+              "memory": memory}
     if batches is not None:
         record["calibration_loss_full"] = _mean_loss(full, batches)
         record["calibration_loss_pruned"] = _mean_loss(small, batches)
@@ -125,16 +126,16 @@ def prune_to_folder(model: str, out_dir: str, *, keep_ratio: float, attn_keep_ra
 
 @torch.no_grad()
 def _mean_loss(model, batches) -> float:
+    from lorafusion.train.trainer import loss_sum
+
     total, count = 0.0, 0
     was = model.training
     model.eval()
     device = next(model.parameters()).device
     for b in batches:
-        logits = model(**{k: v.to(device) for k, v in b.items() if k != "labels"}, use_cache=False).logits
-        tgt = b["labels"][:, 1:].to(device)
-        total += torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                   tgt.reshape(-1), ignore_index=-100, reduction="sum").item()
-        count += int((tgt != -100).sum())
+        loss, n = loss_sum(model, b, device, contextlib.nullcontext)
+        total += loss.item()
+        count += n
     model.train(was)
     return total / max(count, 1)
 

@@ -18,6 +18,7 @@ Importance (which structures stay):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -112,12 +113,14 @@ class PrunePlan:
             return torch.tensor(self.channels[layer], dtype=torch.long)
         return None
 
-    def full_shape(self, module: str, hidden: int) -> tuple[int, int]:
-        """(out, in) of ``module`` in the full model."""
-        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
-        return {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
-                "gate_proj": (self.intermediate_size, hidden), "up_proj": (self.intermediate_size, hidden),
-                "down_proj": (hidden, self.intermediate_size)}[module]
+    def full_size(self, module: str) -> int:
+        """The full model's size of ``module``'s pruned dimension: its rows for q/k/v/gate/up_proj, its columns for
+        o/down_proj."""
+        if module in ("q_proj", "o_proj"):
+            return self.num_attention_heads * self.head_dim
+        if module in ("k_proj", "v_proj"):
+            return self.num_key_value_heads * self.head_dim
+        return self.intermediate_size
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -185,10 +188,10 @@ def _sizes(model) -> tuple[int, int, int, int, int]:
 def _group_terms(model, tensor_of) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer, a value per KV group and per MLP channel: the sum of ``tensor_of(param)`` over the structure's
     weights (and biases), where ``tensor_of`` maps a parameter to a same-shaped float64 tensor."""
-    layers, heads, kv, d, inter = _sizes(model)
+    _, heads, kv, d, _ = _sizes(model)
     n_rep = heads // kv
     groups, channels = [], []
-    for layer in _layers(model):
+    for layer in model.model.layers:  # checked by _sizes
         a, m = layer.self_attn, layer.mlp
         g = torch.zeros(kv, dtype=torch.float64)
         for name in ("q_proj", "k_proj", "v_proj"):
@@ -233,15 +236,12 @@ def importance_scores(model, method: str = "taylor",
         for p in params:
             p.requires_grad_(True)
             p.grad = None
+        from lorafusion.train.trainer import loss_sum  # the loss training minimises, summed over label tokens
+
         n = 0
         device = params[0].device
         for batch in batches:
-            labels = batch["labels"].to(device)
-            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            logits = model(**inputs, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                     labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
-            loss.backward()
+            loss_sum(model, batch, device, contextlib.nullcontext)[0].backward()
             n += 1
         if n == 0:
             raise PruneError("importance='taylor': the calibration data gave no batch")
@@ -304,14 +304,16 @@ def check_plan_fits(model, plan: PrunePlan) -> None:
         raise PruneError(f"the prune plan does not fit this model ({diff}: model vs plan)")
 
 
-def pruned_config(config, plan: PrunePlan):
-    """The full model's config with the pruned sizes (and ``head_dim`` written out, as it no longer follows from
-    hidden_size / heads)."""
+def pruned_config(config, kept_kv_heads: int, kept_channels: int):
+    """The full model's config with ``kept_kv_heads`` KV groups and ``kept_channels`` MLP channels per layer (and
+    ``head_dim`` written out, as it no longer follows from hidden_size / heads)."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
     cfg = config.__class__.from_dict(config.to_dict())
-    cfg.num_attention_heads = plan.kept_kv_heads * plan.n_rep
-    cfg.num_key_value_heads = plan.kept_kv_heads
-    cfg.head_dim = plan.head_dim
-    cfg.intermediate_size = plan.kept_channels
+    cfg.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    cfg.num_attention_heads = kept_kv_heads * (heads // kv)
+    cfg.num_key_value_heads = kept_kv_heads
+    cfg.intermediate_size = kept_channels
     cfg._attn_implementation = getattr(config, "_attn_implementation", None)  # not part of to_dict()
     return cfg
 
@@ -320,7 +322,7 @@ def pruned_config(config, plan: PrunePlan):
 def prune_model(model, plan: PrunePlan):
     """A new model of the same class with the structures ``plan`` keeps (weights copied; same dtype and device)."""
     check_plan_fits(model, plan)
-    cfg = pruned_config(model.config, plan)
+    cfg = pruned_config(model.config, plan.kept_kv_heads, plan.kept_channels)
     param = next(model.parameters())
     with torch.device(param.device):  # built where and in the dtype it will live: no float32 CPU copy first
         small = model.__class__._from_config(cfg, dtype=param.dtype)
@@ -351,11 +353,15 @@ def prune_model(model, plan: PrunePlan):
     return small
 
 
-def parameter_count(config) -> int:
-    """Parameters of the causal LM ``config`` describes (instantiated on the meta device: exact for any
-    architecture, and free even for a 70B config)."""
+def meta_model(config):
+    """The causal LM ``config`` describes, on the meta device: its parameters' shapes without their memory (free
+    even for a 70B config)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+        return AutoModelForCausalLM.from_config(config)
+
+
+def parameter_count(config) -> int:
+    """Parameters of the causal LM ``config`` describes (exact for any architecture)."""
+    return sum(p.numel() for p in meta_model(config).parameters())

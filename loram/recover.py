@@ -46,9 +46,9 @@ def recover_state_dict(state: dict[str, torch.Tensor], plan: PrunePlan) -> dict[
             raise PruneError(f"adapter key {key}: only lora_A / lora_B weights of a pruned module can be recovered "
                              f"(DoRA magnitudes, LoRA biases and modules_to_save of pruned modules cannot)")
         if lora.group(1) == "B" and rows is not None:
-            out[key] = _scatter(value, rows, 0, plan.full_shape(module, 0)[0], key)
+            out[key] = _scatter(value, rows, 0, plan.full_size(module), key)
         elif lora.group(1) == "A" and cols is not None:
-            out[key] = _scatter(value, cols, 1, plan.full_shape(module, 0)[1], key)
+            out[key] = _scatter(value, cols, 1, plan.full_size(module), key)
         else:
             out[key] = value
     return out
