@@ -63,7 +63,7 @@ profile_limit=${GPU_PROFILE_TIMEOUT:-150}
 if have_time "$profile_limit"; then
   stamp "layer profile: per-kernel time of base / eager / fused / multi, each backend and GEMM placement, p = 0, 0.1"
   bench layer_profile "$profile_limit" \
-    python3 benchmarks/layer_profile.py --device cuda --out "$OUT/layer_profile.json"
+    python3 benchmarks/layer_profile.py --device cuda --host-profile "fused:triton p=0.1" --out "$OUT/layer_profile.json"
   grep -A 22 '^| variant' "$LOGS/layer_profile.log"
 else stamp "layer profile skipped: ${profile_limit}s would overrun GPU_CHECK_BUDGET"; fi
 multi_limit=${GPU_MULTI_TIMEOUT:-150}

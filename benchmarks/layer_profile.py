@@ -133,6 +133,41 @@ def time_step(fn, x, dy, device, reps):
     return statistics.median(times) * 1e3
 
 
+def host_time(fn, x, dy, steps: int = 20, rounds: int = 3) -> float:
+    """Microseconds of host (Python + launch) time per step on a GPU: the time to enqueue ``steps`` steps back to
+    back without waiting for the GPU (best of ``rounds``). A step whose host time is above its GPU time is bound by
+    the host: the GPU idles between kernels."""
+    best = float("inf")
+    for _ in range(rounds):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            _step(fn, x, dy)
+        best = min(best, (time.perf_counter() - t0) / steps)
+        torch.cuda.synchronize()
+    return best * 1e6
+
+
+def host_profile(fn, x, dy, steps: int = 50, top: int = 25) -> str:
+    """cProfile of ``steps`` steps' host side, the ``top`` functions by own time (a GPU run: where the host time of
+    a step goes)."""
+    import cProfile
+    import io
+    import pstats
+
+    _step(fn, x, dy)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        _step(fn, x, dy)
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
+
+
 def kernel_split(fn, x, dy, device, steps):
     """[(kernel or op name, microseconds per step, calls per step)], largest first."""
     from torch.autograd import DeviceType
@@ -208,6 +243,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10, help="profiled steps per variant")
     ap.add_argument("--reps", type=int, default=10, help="timed steps per variant (CPU)")
     ap.add_argument("--top", type=int, default=8, help="kernels listed per variant")
+    ap.add_argument("--host-profile", default=None, metavar="VARIANT",
+                    help="on a GPU, also print a cProfile of this variant's host side (e.g. 'fused:triton p=0.1')")
     ap.add_argument("--out", default="benchmarks/results/layer_profile.json")
     args = ap.parse_args(argv)
     dev = args.device
@@ -231,6 +268,8 @@ def main(argv=None):
     if dev == "cuda":
         warm_gpu()
     variants = build_variants(T, fin, fout, args.r, args.ps, dtype, dev, backends, multi_backends)
+    if args.host_profile is not None and (dev != "cuda" or args.host_profile not in variants):
+        raise SystemExit(f"--host-profile {args.host_profile!r}: needs --device cuda and one of {list(variants)}")
     x = torch.randn(T, fin, device=dev, dtype=dtype, requires_grad=True)
     dy = torch.randn(T, fout, device=dev, dtype=dtype)
     name = torch.cuda.get_device_name() if dev == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -258,7 +297,11 @@ def main(argv=None):
             results[vname] = {"ms": ms}
             ratio = ms / results["base"]["ms"] if "ms" in results["base"] else float("nan")
             results[vname]["ratio"] = ratio
-            print(f"{vname}: {ms:.3f} ms ({ratio:.2f}x base)", flush=True)
+            host = ""
+            if dev == "cuda":
+                results[vname]["host_us"] = host_time(fn, x, dy)
+                host = f", host {results[vname]['host_us']:.0f} us/step"
+            print(f"{vname}: {ms:.3f} ms ({ratio:.2f}x base{host})", flush=True)
         save()
     for vname, fn in variants.items():
         if "error" in results[vname]:
@@ -276,9 +319,16 @@ def main(argv=None):
         for k, us, c in split[:args.top]:
             print(f"  {us:10.1f} us  x{c:<4g} {k[:110]}", flush=True)
         save()
-    print("\n| variant | ms | x base |\n|---|---|---|")
+    if args.host_profile is not None and "error" not in results[args.host_profile]:
+        text = host_profile(variants[args.host_profile], x, dy)
+        out["host_profile"] = {"variant": args.host_profile, "steps": 50, "top_by_own_time": text}
+        print(f"\nhost profile of {args.host_profile}, 50 steps:\n{text}", flush=True)
+        save()
+    print("\n| variant | ms | x base | host us/step |\n|---|---|---|---|")
     for vname, res in results.items():
-        print(f"| {vname} | " + (f"{res['ms']:.3f} | {res['ratio']:.2f}x |" if "ms" in res else "failed | |"))
+        host = f"{res['host_us']:.0f}" if "host_us" in res else ""
+        print(f"| {vname} | " + (f"{res['ms']:.3f} | {res['ratio']:.2f}x | {host} |" if "ms" in res
+                                 else "failed | | |"))
     print(f"wrote {args.out}")
     return out
 

@@ -77,6 +77,8 @@ class FusedLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         refuse_double_backward("the fused LoRA layer")
+        if not torch.is_autocast_enabled(dy.device.type):
+            return FusedLoRAFunction._backward(ctx, dy)
         with torch.autocast(dy.device.type, enabled=False):  # a backward run inside an autocast region
             return FusedLoRAFunction._backward(ctx, dy)
 

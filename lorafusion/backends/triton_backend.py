@@ -73,11 +73,11 @@ def _dropout_args(seed: int, p: float) -> tuple[int, int, int, float]:
 
 def _rank_block(r: int, cap: int) -> int:
     """Rank tile: next power of two >= r, at least 16 (tl.dot's minimum), at most ``cap`` (loop/grid over r)."""
-    return min(max(16, triton.next_power_of_2(r)), cap)
+    return min(max(16, tk.next_pow2(r)), cap)
 
 
 def _bucket(m: int) -> int:
-    return triton.next_power_of_2(max(m, 1))
+    return tk.next_pow2(m)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -135,23 +135,13 @@ def _descriptor(t: torch.Tensor):
     return TensorDescriptor.from_tensor(t, [16, 16])
 
 
-def _launch_accumulating(kernel, grid, buffers, *args, **kwargs) -> None:
-    """Launch a kernel that atomically accumulates into zeroed ``buffers``. A fresh autotune benchmarks the
-    configs on those buffers, so zero them and run once more after one."""
-    cache = getattr(kernel, "cache", None)
-    before = len(cache) if cache is not None else 0
-    kernel[grid](*args, **kwargs)
-    if cache is not None and len(cache) != before:
-        for b in buffers:
-            b.zero_()
-        kernel[grid](*args, **kwargs)
-
-
 class _on_device:
-    """Launch on the tensor's GPU (Triton uses the current device)."""
+    """Launch on the tensor's GPU (Triton uses the current device); nothing to do when it is the current one."""
 
     def __init__(self, t: torch.Tensor):
-        self.ctx = torch.cuda.device(t.device) if t.device.type == "cuda" else None
+        self.ctx = None
+        if t.is_cuda and t.get_device() != torch.cuda.current_device():
+            self.ctx = torch.cuda.device(t.device)
 
     def __enter__(self):
         if self.ctx is not None:
@@ -179,20 +169,20 @@ def lora_shrink(x2d, lora_A, seed: int, p: float) -> torch.Tensor:
         return S
     lo, hi, thr, keep_scale = _dropout_args(seed, p)
     BR = _rank_block(R, 64)
-    r_blocks = triton.cdiv(R, BR)
+    r_blocks = tk.cdiv(R, BR)
     sms = _num_sms(x2d.device)
 
     def grid(meta):
-        m_blocks = triton.cdiv(M, meta["BM"])
-        return m_blocks, r_blocks, tk.split_count(m_blocks * r_blocks, triton.cdiv(K, 2 * meta["BK"]), sms)
+        m_blocks = tk.cdiv(M, meta["BM"])
+        return m_blocks, r_blocks, tk.split_count(m_blocks * r_blocks, tk.cdiv(K, 2 * meta["BK"]), sms)
 
     with _on_device(x2d):
-        _launch_accumulating(
-            tk._shrink_kernel, grid, (S,),
+        tk.launch(
+            tk._shrink_kernel, grid,
             x2d, lora_A, S, M, K, R, _bucket(M),
             x2d.stride(0), x2d.stride(1), lora_A.stride(0), lora_A.stride(1), S.stride(0),
             lo, hi, thr, keep_scale,
-            HAS_DROPOUT=p > 0, DOT_FP32=x2d.dtype == torch.float32, BR=BR,
+            HAS_DROPOUT=p > 0, DOT_FP32=x2d.dtype == torch.float32, BR=BR, zero=(S,),
         )
     return S
 
@@ -200,6 +190,11 @@ def lora_shrink(x2d, lora_A, seed: int, p: float) -> torch.Tensor:
 def lora_expand_forward(x2d, weight, bias, S, lora_B, scale: float) -> torch.Tensor:
     """Y = X W^T + b + s * S B^T in x's dtype, one GEMM kernel."""
     _check("x2d", x2d)
+    return _expand_forward(x2d, weight, bias, S.to(torch.float32).contiguous(), lora_B, scale)
+
+
+def _expand_forward(x2d, weight, bias, S, lora_B, scale: float) -> torch.Tensor:
+    """``lora_expand_forward`` for a checked x2d and a contiguous float32 S (as ``lora_shrink`` returns it)."""
     _check("weight", weight)
     _check("lora_B", lora_B)
     M, K = x2d.shape
@@ -214,9 +209,8 @@ def lora_expand_forward(x2d, weight, bias, S, lora_B, scale: float) -> torch.Ten
     Y = torch.empty(M, N, dtype=x2d.dtype, device=x2d.device)
     if M == 0 or N == 0:
         return Y
-    S = S.to(torch.float32).contiguous()
     b = bias.contiguous() if bias is not None else S  # dummy pointer when HAS_BIAS is False
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)  # noqa: E731
+    grid = lambda meta: (tk.cdiv(M, meta["BM"]) * tk.cdiv(N, meta["BN"]),)  # noqa: E731
     if _use_tma(x2d, weight):
         with _on_device(x2d):
             tk._expand_forward_tma_kernel[grid](
@@ -226,8 +220,8 @@ def lora_expand_forward(x2d, weight, bias, S, lora_B, scale: float) -> torch.Ten
             )
         return Y
     with _on_device(x2d):
-        tk._expand_forward_kernel[grid](
-            x2d, weight, b, S, lora_B, Y, M, N, K, R, _bucket(M),
+        tk.launch(
+            tk._expand_forward_kernel, grid, x2d, weight, b, S, lora_B, Y, M, N, K, R, _bucket(M),
             x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), S.stride(0),
             lora_B.stride(0), lora_B.stride(1), Y.stride(0), float(scale),
             HAS_BIAS=bias is not None, DOT_FP32=x2d.dtype == torch.float32, BR=_rank_block(R, 64),
@@ -248,20 +242,20 @@ def _dy_shrink(dy2d, lora_B, S, scale: float) -> tuple[torch.Tensor, torch.Tenso
         f, inv = fp16_pow2(lora_B)
         lora_B = lora_B.to(torch.float32) * f
     BR = _rank_block(R, 64)
-    r_blocks = triton.cdiv(R, BR)
+    r_blocks = tk.cdiv(R, BR)
     sms = _num_sms(dy2d.device)
 
     def grid(meta):  # split the out-features when token blocks alone leave the GPU short of programs
-        m_blocks = triton.cdiv(M, meta["BM"])
-        return m_blocks, tk.split_count(m_blocks * r_blocks, triton.cdiv(N, 2 * meta["BN"]), sms), r_blocks
+        m_blocks = tk.cdiv(M, meta["BM"])
+        return m_blocks, tk.split_count(m_blocks * r_blocks, tk.cdiv(N, 2 * meta["BN"]), sms), r_blocks
 
     with _on_device(dy2d):
-        _launch_accumulating(
-            tk._dy_shrink_kernel, grid, (dS, dB),
+        tk.launch(
+            tk._dy_shrink_kernel, grid,
             dy2d, lora_B, S, dS, dB, M, N, R, _bucket(M),
             dy2d.stride(0), dy2d.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), dS.stride(0),
             dB.stride(0), float(scale),
-            DOT_FP32=dy2d.dtype == torch.float32, BR=BR,
+            DOT_FP32=dy2d.dtype == torch.float32, BR=BR, zero=(dS, dB),
         )
     if inv is not None:
         dS.mul_(inv)
@@ -294,20 +288,20 @@ def _grad_A(x2d, dS, seed: int, p: float, want_bits: bool = False):
         dS = dS * f
     lo, hi, thr, keep_scale = _dropout_args(seed, p)
     BR = _rank_block(R, 64)
-    r_blocks = triton.cdiv(R, BR)
+    r_blocks = tk.cdiv(R, BR)
     sms = _num_sms(x2d.device)
 
     def grid(meta):  # split the tokens: K blocks alone are too few programs for a memory-bound pass
-        k_blocks = triton.cdiv(K, meta["BK"])
-        return k_blocks, tk.split_count(k_blocks * r_blocks, triton.cdiv(M, 2 * meta["BM"]), sms), r_blocks
+        k_blocks = tk.cdiv(K, meta["BK"])
+        return k_blocks, tk.split_count(k_blocks * r_blocks, tk.cdiv(M, 2 * meta["BM"]), sms), r_blocks
 
     with _on_device(x2d):
-        _launch_accumulating(
-            tk._grad_A_kernel, grid, (dA,),
+        tk.launch(
+            tk._grad_A_kernel, grid,
             x2d, dS, dA, bits, M, K, R, _bucket(M),
             x2d.stride(0), x2d.stride(1), dS.stride(0), dA.stride(0), bits.stride(0),
             lo, hi, thr, keep_scale,
-            HAS_DROPOUT=p > 0, WRITE_BITS=write_bits, DOT_FP32=x2d.dtype == torch.float32, BR=BR,
+            HAS_DROPOUT=p > 0, WRITE_BITS=write_bits, DOT_FP32=x2d.dtype == torch.float32, BR=BR, zero=(dA,),
         )
     if inv is not None:
         dA.mul_(inv)
@@ -319,7 +313,7 @@ def _dropout_bits(M: int, K: int, seed: int, p: float, device, BK: int = 64) -> 
     share each Philox block among four columns, others draw one per element)."""
     bits = torch.empty(M, K, dtype=torch.int8, device=device)
     lo, hi, thr, _ = _dropout_args(seed, p)
-    grid = (triton.cdiv(M, 32), triton.cdiv(K, BK))
+    grid = (tk.cdiv(M, 32), tk.cdiv(K, BK))
     tk._dropout_bits_kernel[grid](bits, M, K, bits.stride(0), lo, hi, thr, BM=32, BK=BK)
     return bits
 
@@ -334,7 +328,7 @@ def _expand_backward(dy2d, weight, dS, lora_A, bits, p: float) -> torch.Tensor:
     dS = dS.to(torch.float32).contiguous()
     keep_scale = 1.0 / (1.0 - p) if p > 0 else 1.0
     bits_arg = bits if bits is not None else dS  # dummy pointer when HAS_DROPOUT is False
-    grid = lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(K, meta["BN"]),)  # noqa: E731
+    grid = lambda meta: (tk.cdiv(M, meta["BM"]) * tk.cdiv(K, meta["BN"]),)  # noqa: E731
     if _use_tma(dy2d, weight):
         tk._expand_backward_tma_kernel[grid](
             _descriptor(dy2d), _descriptor(weight), dS, lora_A, bits_arg, dX, M, N, K, R, _bucket(M),
@@ -342,8 +336,8 @@ def _expand_backward(dy2d, weight, dS, lora_A, bits, p: float) -> torch.Tensor:
             HAS_DROPOUT=p > 0, BR=_rank_block(R, 64),
         )
         return dX
-    tk._expand_backward_kernel[grid](
-        dy2d, weight, dS, lora_A, bits_arg, dX, M, N, K, R, _bucket(M),
+    tk.launch(
+        tk._expand_backward_kernel, grid, dy2d, weight, dS, lora_A, bits_arg, dX, M, N, K, R, _bucket(M),
         dy2d.stride(0), dy2d.stride(1), weight.stride(0), weight.stride(1), dS.stride(0),
         lora_A.stride(0), lora_A.stride(1), bits_arg.stride(0), dX.stride(0), keep_scale,
         HAS_DROPOUT=p > 0, DOT_FP32=dy2d.dtype == torch.float32, BR=_rank_block(R, 64),
@@ -382,7 +376,7 @@ def philox_uint32(seed: int, rows: int, cols: int, device) -> torch.Tensor:
     """The raw dropout draw per (row, col), from the Triton generator (int64; for tests)."""
     out = torch.empty(rows, cols, dtype=torch.int64, device=device)
     lo, hi, _, _ = _dropout_args(seed, 0.0)
-    grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 16))
+    grid = (tk.cdiv(rows, 16), tk.cdiv(cols, 16))
     tk._philox_kernel[grid](out, rows, cols, lo, hi, BM=16, BN=16)
     return out
 
@@ -393,7 +387,7 @@ def philox_uint32(seed: int, rows: int, cols: int, device) -> torch.Tensor:
 def forward(x2d, weight, bias, lora_A, lora_B, scale, seed, p):
     """(Y, S): Y = X W^T + b + s * D(X) A^T B^T in x's dtype, S = D(X) A^T in float32."""
     S = lora_shrink(x2d, lora_A, seed, p)
-    return lora_expand_forward(x2d, weight, bias, S, lora_B, scale), S
+    return _expand_forward(x2d, weight, bias, S, lora_B, scale), S
 
 
 def backward(dy2d, x2d, weight, lora_A, lora_B, S, scale, seed, p, need_dx):

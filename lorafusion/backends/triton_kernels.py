@@ -302,10 +302,79 @@ def _dx_tile_start(M, K, R, ds_ptr, stride_dsm, a_ptr, stride_ar, stride_ak, bit
     return pid_m, pid_n, offs_m, offs_c, rm, rc, acc
 
 
+# --------------------------------------------------------------------------------------------------------------
+# host side: launch arithmetic and the launcher
+# --------------------------------------------------------------------------------------------------------------
+# Host time bounds the layer at GPU sizes: the first H100 profile of this code (benchmarks/RESULTS.md, twelfth
+# session) had the single-adapter step's kernels at 920 us and the step at 1540 us, the GPU waiting on Python. So the
+# per-launch host work is kept small: plain-int arithmetic below (triton.cdiv and triton.next_power_of_2 are
+# constexpr_functions, each call unwrapping its arguments: a quarter of the layer's host time), and ``launch``.
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, on the host."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), on the host."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def split_count(blocks: int, work_blocks: int, num_sms: int) -> int:
     """How many ways to split a reduction so a memory-bound pass has about 4 programs per SM (at least 1,
     at most one split per ``work_blocks`` block of the reduced dimension)."""
-    return max(1, min(triton.cdiv(4 * num_sms, max(blocks, 1)), work_blocks))
+    return max(1, min(cdiv(4 * num_sms, max(blocks, 1)), work_blocks))
+
+
+# (autotuned kernel, autotune key) -> (its JIT function, the chosen config's launch keywords)
+_CHOSEN: dict = {}
+# (autotuned kernel, argument count) -> (positions of its key arguments, key arguments passed by keyword, positions
+# of the tensor arguments)
+_KEY_SPEC: dict = {}
+
+
+def _autotune_key(kernel, args, kwargs) -> tuple:
+    """The key ``kernel`` (a triton.autotune) files its choice under, as ``Autotuner.run`` builds it: its key
+    arguments' values, then the dtype of each tensor argument. A launch site passes its tensors at fixed positions
+    (dummy tensors, never None, where an operand is absent), so those positions are found once."""
+    spec = _KEY_SPEC.get((kernel, len(args)))
+    if spec is None:
+        names = list(kernel.arg_names)
+        spec = _KEY_SPEC[(kernel, len(args))] = (
+            tuple(names.index(k) for k in kernel.keys if names.index(k) < len(args)),
+            tuple(k for k in kernel.keys if names.index(k) >= len(args)),
+            tuple(i for i, a in enumerate(args) if hasattr(a, "dtype")))
+    pos, kw, tensors = spec
+    return (tuple(args[i] for i in pos) + tuple(kwargs.get(k) for k in kw)
+            + tuple(args[i].dtype for i in tensors))
+
+
+def launch(kernel, grid, *args, zero=(), **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` for a ``triton.autotune`` kernel, with less host work.
+
+    The first launch for an autotune key goes through the autotuner (which times the configs on a new key). Later
+    ones go straight to the JIT function with the config it chose, skipping ``Autotuner.run``'s per-call binding
+    of every argument into dicts and its key building. Configs with a pre-hook (the TMA descriptors' block shapes)
+    always take the autotuner's path.
+
+    ``zero``: buffers the kernel accumulates into (atomics) from zero. A fresh autotune runs the kernel once per
+    config on them, so they are zeroed and the kernel run once more after one."""
+    key = (kernel, _autotune_key(kernel, args, kwargs))
+    chosen = _CHOSEN.get(key)
+    if chosen is not None:
+        fn, meta = chosen
+        fn.run(*args, grid=grid, warmup=False, **kwargs, **meta)
+        return
+    tuned_before = len(kernel.cache)
+    kernel[grid](*args, **kwargs)
+    if zero and len(kernel.cache) != tuned_before:
+        for b in zero:
+            b.zero_()
+        kernel[grid](*args, **kwargs)
+    cfg = kernel.best_config
+    if cfg.pre_hook is None:
+        _CHOSEN[key] = (kernel.fn, cfg.all_kwargs())
 
 
 # --------------------------------------------------------------------------------------------------------------

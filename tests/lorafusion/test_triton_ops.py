@@ -296,3 +296,55 @@ def test_bad_placement_only_concerns_the_triton_backend(monkeypatch):
     with pytest.raises(ValueError, match="'gpu'"):
         with backends.use_gemm_placement("gpu"):
             pass
+
+
+def test_host_launch_arithmetic_matches_triton():
+    tk = sys.modules["lorafusion.backends.triton_kernels"]
+    import triton
+
+    for n in list(range(0, 300)) + [2**20 - 1, 2**20, 2**20 + 1, 8192, 14336]:
+        assert tk.next_pow2(n) == triton.next_power_of_2(max(n, 1)), n
+        for d in (1, 3, 16, 64, 128):
+            assert tk.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
+def test_launch_takes_the_autotuner_once_per_key_and_then_its_choice(monkeypatch):
+    """``triton_kernels.launch``: the first launch of a key goes through ``Autotuner.run``, later ones straight to the
+    JIT function with the chosen config; the key is the autotuner's own (key arguments, then tensor dtypes), so a
+    new token bucket or dtype goes back through the autotuner; the results stay the reference's."""
+    from triton.runtime.autotuner import Autotuner
+
+    tk = sys.modules["lorafusion.backends.triton_kernels"]
+    tuned = []
+    real_run = Autotuner.run
+
+    def counting_run(self, *args, **kwargs):
+        tuned.append(self)
+        # the autotuner's key, built independently, as Autotuner.run does (str of each tensor argument's dtype)
+        named = {**dict(zip(self.arg_names, args)), **kwargs}
+        theirs = [named[k] for k in self.keys if k in named]
+        theirs += [str(a.dtype) for a in args if hasattr(a, "dtype")]
+        ours = tk._autotune_key(self, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
+        assert [str(v) if isinstance(v, torch.dtype) else v for v in ours] == theirs
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Autotuner, "run", counting_run)
+    monkeypatch.setattr(tk, "_CHOSEN", {})
+    gen = torch.Generator().manual_seed(11)
+    A = torch.randn(8, 40, generator=gen)
+
+    def shrink(M, dtype):
+        x = torch.randn(M, 40, generator=gen).to(dtype)
+        S = tb.lora_shrink(x, A.to(dtype), SEED, 0.1)
+        want = ref.lora_shrink(x.double(), A.to(dtype).double(), SEED, 0.1)
+        assert rel_err(S, want) < TOL[dtype]
+
+    shrink(37, torch.float32)
+    assert tuned == [tk._shrink_kernel]
+    shrink(40, torch.float32)  # same bucket (64), same dtypes: the autotuner's choice, no Autotuner.run
+    shrink(33, torch.float32)
+    assert tuned == [tk._shrink_kernel]
+    shrink(300, torch.float32)  # a new bucket
+    shrink(37, torch.float16)  # a new dtype
+    assert tuned == [tk._shrink_kernel] * 3
+    assert len([k for k in tk._CHOSEN if k[0] is tk._shrink_kernel]) == 3
