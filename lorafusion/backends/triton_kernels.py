@@ -367,13 +367,14 @@ def launch(kernel, grid, *args, zero=(), **kwargs) -> None:
         fn.run(*args, grid=grid, warmup=False, **kwargs, **meta)
         return
     tuned_before = len(kernel.cache)
+    kernel.best_config = None  # set by Autotuner.run; a wrapped or patched run (triton_aot_check.py) may not
     kernel[grid](*args, **kwargs)
     if zero and len(kernel.cache) != tuned_before:
         for b in zero:
             b.zero_()
         kernel[grid](*args, **kwargs)
     cfg = kernel.best_config
-    if cfg.pre_hook is None:
+    if cfg is not None and cfg.pre_hook is None:
         _CHOSEN[key] = (kernel.fn, cfg.all_kwargs())
 
 

@@ -10,6 +10,11 @@ from lorafusion.multi.backends import get_multi_backend
 from lorafusion.multi.segments import AdapterSegments
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it already has it (host time: this runs per adapter, per layer)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class MultiLoRAFunction(torch.autograd.Function):
     """Y = X W^T + b + per row i of adapter a: s_a D_a(X)[i] A_a^T B_a^T. Saves X and the flat S, never D(X).
 
@@ -21,8 +26,8 @@ class MultiLoRAFunction(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         As, Bs = adapter_params[0::2], adapter_params[1::2]
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 input keeps float64 adapters
-        A_cat = torch.cat([a.to(acc) for a in As]) if As else x.new_zeros((0, x.shape[-1]), dtype=acc)
-        Bt_cat = (torch.cat([b.t().to(acc) for b in Bs]).contiguous() if Bs
+        A_cat = torch.cat([_as(a, acc) for a in As]) if As else x.new_zeros((0, x.shape[-1]), dtype=acc)
+        Bt_cat = (torch.cat([_as(b.t(), acc) for b in Bs]).contiguous() if Bs
                   else x.new_zeros((0, weight.shape[0]), dtype=acc))
         y2d, S = backend.forward(x2d, weight, bias, A_cat, Bt_cat, tables, seed, dropout)
         ctx.save_for_backward(x, weight, A_cat, Bt_cat, S)
@@ -34,6 +39,8 @@ class MultiLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         refuse_double_backward("the multi-adapter LoRA layer")
+        if not torch.is_autocast_enabled(dy.device.type):
+            return MultiLoRAFunction._backward(ctx, dy)
         with torch.autocast(dy.device.type, enabled=False):  # a backward run inside an autocast region
             return MultiLoRAFunction._backward(ctx, dy)
 
@@ -51,8 +58,8 @@ class MultiLoRAFunction(torch.autograd.Function):
             dX = dA = dBt = None
         grads = []
         for k, (r, w_off, *_rest) in enumerate(t.slot_info):
-            ga = dA[w_off:w_off + r].to(ctx.param_dtypes[2 * k]) if need_params[2 * k] else None
-            gb = dBt[w_off:w_off + r].t().to(ctx.param_dtypes[2 * k + 1]) if need_params[2 * k + 1] else None
+            ga = _as(dA[w_off:w_off + r], ctx.param_dtypes[2 * k]) if need_params[2 * k] else None
+            gb = _as(dBt[w_off:w_off + r].t(), ctx.param_dtypes[2 * k + 1]) if need_params[2 * k + 1] else None
             grads += [ga, gb]
         dx = dX.view(x.shape) if dX is not None else None
         dw = (dy2d.t() @ x2d).to(weight.dtype) if need_dw else None  # a trainable base stays correct

@@ -300,7 +300,7 @@ def shrink(x, w_cat, t, seed, dropout, scaled):
     tiles = t.tiles(BM)
     thr, inv = _tables_extra(t)
     lo, hi = _seed_words(seed)
-    grid = (tiles.shape[0], triton.cdiv(t.max_rank, BR))
+    grid = (tiles.shape[0], _tk.cdiv(t.max_rank, BR))
     _seg_shrink_kernel[grid](x, w_cat, out, tiles, t.seg, t.slot, thr, inv, t.slot_scale,
                              x.shape[1], x.stride(0), x.stride(1), lo, hi,
                              DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
@@ -328,7 +328,7 @@ def grad(l_flat, m, t, seed, dropout, scaled):
     BM, BR, BN = (16, 16, 64) if _small() else (32, 32, 64)
     thr, inv = _tables_extra(t)
     lo, hi = _seed_words(seed)
-    grid = (len(t.slot_info), triton.cdiv(N, BN), triton.cdiv(t.max_rank, BR))
+    grid = (len(t.slot_info), _tk.cdiv(N, BN), _tk.cdiv(t.max_rank, BR))
     _seg_grad_kernel[grid](l_flat, m, G, t.seg, t.slot, t.slot_seg_ptr, t.slot_seg_idx, thr, inv, t.slot_scale,
                            N, m.stride(0), m.stride(1), lo, hi,
                            DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
@@ -362,13 +362,13 @@ def segmented_gemm(a, weight, bias, l_flat, wc, t, seed, dropout, scaled, transp
     lo, hi = _seed_words(seed)
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+        return (_tk.cdiv(M, meta["BM"]) * _tk.cdiv(N, meta["BN"]),)
 
-    _seg_gemm_kernel[grid](a, weight, bias if bias is not None else out, l_flat, wc, out, blo, bhi,
-                           t.seg, t.slot, thr, inv, t.slot_scale,
-                           M, N, K, triton.next_power_of_2(M), a.stride(0), a.stride(1), swk, swn, out.stride(0),
-                           lo, hi, HAS_BIAS=bias is not None, DROPOUT=bool(dropout and t._segs.any_dropout),
-                           SCALED=bool(scaled), IEEE=a.dtype == torch.float32, LOOKUP=LOOKUP_M)
+    _tk.launch(_seg_gemm_kernel, grid, a, weight, bias if bias is not None else out, l_flat, wc, out, blo, bhi,
+               t.seg, t.slot, thr, inv, t.slot_scale,
+               M, N, K, _tk.next_pow2(M), a.stride(0), a.stride(1), swk, swn, out.stride(0),
+               lo, hi, HAS_BIAS=bias is not None, DROPOUT=bool(dropout and t._segs.any_dropout),
+               SCALED=bool(scaled), IEEE=a.dtype == torch.float32, LOOKUP=LOOKUP_M)
     return out
 
 
