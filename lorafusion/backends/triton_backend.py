@@ -190,11 +190,12 @@ def lora_shrink(x2d, lora_A, seed: int, p: float) -> torch.Tensor:
 def lora_expand_forward(x2d, weight, bias, S, lora_B, scale: float) -> torch.Tensor:
     """Y = X W^T + b + s * S B^T in x's dtype, one GEMM kernel."""
     _check("x2d", x2d)
-    return _expand_forward(x2d, weight, bias, S.to(torch.float32).contiguous(), lora_B, scale)
+    return _expand_forward(x2d, weight, bias, S, lora_B, scale, s_ready=False)
 
 
-def _expand_forward(x2d, weight, bias, S, lora_B, scale: float) -> torch.Tensor:
-    """``lora_expand_forward`` for a checked x2d and a contiguous float32 S (as ``lora_shrink`` returns it)."""
+def _expand_forward(x2d, weight, bias, S, lora_B, scale: float, s_ready: bool = True) -> torch.Tensor:
+    """``lora_expand_forward`` for a checked x2d; ``s_ready``: S is already contiguous float32 (as ``lora_shrink``
+    returns it)."""
     _check("weight", weight)
     _check("lora_B", lora_B)
     M, K = x2d.shape
@@ -209,6 +210,8 @@ def _expand_forward(x2d, weight, bias, S, lora_B, scale: float) -> torch.Tensor:
     Y = torch.empty(M, N, dtype=x2d.dtype, device=x2d.device)
     if M == 0 or N == 0:
         return Y
+    if not s_ready:
+        S = S.to(torch.float32).contiguous()
     b = bias.contiguous() if bias is not None else S  # dummy pointer when HAS_BIAS is False
     grid = lambda meta: (tk.cdiv(M, meta["BM"]) * tk.cdiv(N, meta["BN"]),)  # noqa: E731
     if _use_tma(x2d, weight):

@@ -327,53 +327,67 @@ def split_count(blocks: int, work_blocks: int, num_sms: int) -> int:
     return max(1, min(cdiv(4 * num_sms, max(blocks, 1)), work_blocks))
 
 
-# (autotuned kernel, autotune key) -> (its JIT function, the chosen config's launch keywords)
+# (autotuned kernel, launch key) -> (its JIT function, the chosen config's launch keywords)
 _CHOSEN: dict = {}
-# (autotuned kernel, argument count) -> (positions of its key arguments, key arguments passed by keyword, positions
-# of the tensor arguments)
-_KEY_SPEC: dict = {}
+# (autotuned kernel, argument count) -> (positions of its key arguments, key arguments passed by keyword)
+_KEY_POS: dict = {}
 
 
-def _autotune_key(kernel, args, kwargs) -> tuple:
-    """The key ``kernel`` (a triton.autotune) files its choice under, as ``Autotuner.run`` builds it: its key
-    arguments' values, then the dtype of each tensor argument. A launch site passes its tensors at fixed positions
-    (dummy tensors, never None, where an operand is absent), so those positions are found once."""
-    spec = _KEY_SPEC.get((kernel, len(args)))
-    if spec is None:
+def _launch_key(kernel, args, kwargs) -> tuple:
+    """A key at least as fine as the one ``kernel`` (a triton.autotune) files its choice under: its key arguments'
+    values, then the dtype (or None) of every argument, positional and keyword. ``Autotuner.run`` keys on the key
+    arguments and the ``str`` of each tensor argument's dtype, so two launches with equal keys here get the same
+    config from it."""
+    pos = _KEY_POS.get((kernel, len(args)))
+    if pos is None:
         names = list(kernel.arg_names)
-        spec = _KEY_SPEC[(kernel, len(args))] = (
-            tuple(names.index(k) for k in kernel.keys if names.index(k) < len(args)),
-            tuple(k for k in kernel.keys if names.index(k) >= len(args)),
-            tuple(i for i, a in enumerate(args) if hasattr(a, "dtype")))
-    pos, kw, tensors = spec
-    return (tuple(args[i] for i in pos) + tuple(kwargs.get(k) for k in kw)
-            + tuple(args[i].dtype for i in tensors))
+        at = {k: names.index(k) for k in kernel.keys}
+        pos = _KEY_POS[(kernel, len(args))] = (tuple(i for i in at.values() if i < len(args)),
+                                               tuple(k for k, i in at.items() if i >= len(args)))
+    key_pos, key_kw = pos
+    return (tuple([args[i] for i in key_pos]), tuple([kwargs.get(k, _ABSENT) for k in key_kw]),
+            tuple([getattr(a, "dtype", None) for a in args]),
+            tuple([(k, getattr(v, "dtype", None)) for k, v in kwargs.items()]))
+
+
+_ABSENT = object()  # a key argument not passed at all (the autotuner leaves it out of its key)
+
+
+def _chosen_config(kernel, args, kwargs):
+    """The config the autotuner uses for these arguments, read from its cache under its own key (not from
+    ``best_config``, which every launch of the kernel overwrites, from any thread); None when it has none (a
+    patched ``Autotuner.run``, as ``tests/lorafusion/triton_aot_check.py`` installs)."""
+    if len(kernel.configs) == 1:
+        return kernel.configs[0]
+    named = {**dict(zip(kernel.arg_names, args)), **{k: v for k, v in kwargs.items() if k in kernel.arg_names}}
+    key = [named[k] for k in kernel.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return kernel.cache.get(tuple(key))
 
 
 def launch(kernel, grid, *args, zero=(), **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` for a ``triton.autotune`` kernel, with less host work.
 
-    The first launch for an autotune key goes through the autotuner (which times the configs on a new key). Later
-    ones go straight to the JIT function with the config it chose, skipping ``Autotuner.run``'s per-call binding
-    of every argument into dicts and its key building. Configs with a pre-hook (the TMA descriptors' block shapes)
-    always take the autotuner's path.
+    The first launch for a key goes through the autotuner (which times the configs on a new key). Later ones go
+    straight to the JIT function with the config it chose, skipping ``Autotuner.run``'s per-call binding of every
+    argument into dicts and its key building. Configs with a pre-hook (the TMA descriptors' block shapes) always
+    take the autotuner's path.
 
     ``zero``: buffers the kernel accumulates into (atomics) from zero. A fresh autotune runs the kernel once per
     config on them, so they are zeroed and the kernel run once more after one."""
-    key = (kernel, _autotune_key(kernel, args, kwargs))
+    key = (kernel, _launch_key(kernel, args, kwargs))
     chosen = _CHOSEN.get(key)
     if chosen is not None:
         fn, meta = chosen
         fn.run(*args, grid=grid, warmup=False, **kwargs, **meta)
         return
     tuned_before = len(kernel.cache)
-    kernel.best_config = None  # set by Autotuner.run; a wrapped or patched run (triton_aot_check.py) may not
     kernel[grid](*args, **kwargs)
     if zero and len(kernel.cache) != tuned_before:
         for b in zero:
             b.zero_()
         kernel[grid](*args, **kwargs)
-    cfg = kernel.best_config
+    cfg = _chosen_config(kernel, args, kwargs)
     if cfg is not None and cfg.pre_hook is None:
         _CHOSEN[key] = (kernel.fn, cfg.all_kwargs())
 

@@ -310,22 +310,23 @@ def test_host_launch_arithmetic_matches_triton():
 
 def test_launch_takes_the_autotuner_once_per_key_and_then_its_choice(monkeypatch):
     """``triton_kernels.launch``: the first launch of a key goes through ``Autotuner.run``, later ones straight to the
-    JIT function with the chosen config; the key is the autotuner's own (key arguments, then tensor dtypes), so a
-    new token bucket or dtype goes back through the autotuner; the results stay the reference's."""
+    JIT function with the chosen config. Its key determines the autotuner's own (key arguments, then the str of
+    each tensor argument's dtype, as ``Autotuner.run`` builds it), so a new token bucket or dtype goes back through
+    the autotuner; the results stay the reference's."""
     from triton.runtime.autotuner import Autotuner
 
     tk = sys.modules["lorafusion.backends.triton_kernels"]
     tuned = []
+    theirs_of = {}  # our launch key -> the autotuner's key: must be a function
     real_run = Autotuner.run
 
     def counting_run(self, *args, **kwargs):
         tuned.append(self)
-        # the autotuner's key, built independently, as Autotuner.run does (str of each tensor argument's dtype)
-        named = {**dict(zip(self.arg_names, args)), **kwargs}
-        theirs = [named[k] for k in self.keys if k in named]
-        theirs += [str(a.dtype) for a in args if hasattr(a, "dtype")]
-        ours = tk._autotune_key(self, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
-        assert [str(v) if isinstance(v, torch.dtype) else v for v in ours] == theirs
+        named = {**dict(zip(self.arg_names, args)), **{k: v for k, v in kwargs.items() if k in self.arg_names}}
+        theirs = tuple([named[k] for k in self.keys if k in named]
+                       + [str(v.dtype) for v in named.values() if hasattr(v, "dtype")])
+        ours = tk._launch_key(self, args, {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")})
+        assert theirs_of.setdefault((self, ours), theirs) == theirs
         return real_run(self, *args, **kwargs)
 
     monkeypatch.setattr(Autotuner, "run", counting_run)
@@ -348,3 +349,22 @@ def test_launch_takes_the_autotuner_once_per_key_and_then_its_choice(monkeypatch
     shrink(37, torch.float16)  # a new dtype
     assert tuned == [tk._shrink_kernel] * 3
     assert len([k for k in tk._CHOSEN if k[0] is tk._shrink_kernel]) == 3
+
+
+def test_launch_key_is_finer_than_the_autotuners():
+    """Launches that differ in anything the autotuner keys on (a key argument by position or keyword, an absent
+    one, any argument's dtype, a tensor given where another launch gave a non-tensor) get different launch keys."""
+    tk = sys.modules["lorafusion.backends.triton_kernels"]
+
+    class Tuner:  # the attributes _launch_key reads from a triton.autotune kernel
+        arg_names = ["x_ptr", "y_ptr", "M_BUCKET", "N", "FLAG"]
+        keys = ["M_BUCKET", "FLAG"]
+
+    k = Tuner()
+    f32, f16 = torch.zeros(1), torch.zeros(1, dtype=torch.float16)
+    base = tk._launch_key(k, (f32, f32, 64, 100), {"FLAG": True})
+    assert tk._launch_key(k, (f32, f32, 64, 7), {"FLAG": True}) == base  # N is not a key argument
+    for args, kw in [((f32, f32, 128, 100), {"FLAG": True}), ((f32, f32, 64, 100), {"FLAG": False}),
+                     ((f32, f32, 64, 100), {}), ((f32, f16, 64, 100), {"FLAG": True}),
+                     ((f32, 0, 64, 100), {"FLAG": True}), ((f32, f32, 64, 100), {"FLAG": True, "extra": f16})]:
+        assert tk._launch_key(k, args, kw) != base, (args, kw)
