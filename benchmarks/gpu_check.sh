@@ -35,7 +35,7 @@ python3 -c "import lorafusion; print(lorafusion.available_backends())" | tee -a 
 stamp "GPU tests"
 # pytest-xdist (in the GPU image) spreads the tests over processes: most of their time is Triton compiling and
 # autotuning on the CPU. Per-test durations go to the log, so a slow test is named even when the stage is cut short.
-xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-8}")
+xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-14}")
 timeout "${GPU_TEST_TIMEOUT:-200}" python3 -m pytest -m gpu -p no:cacheprovider -v -rs $xdist --durations=25 \
   --maxfail=15 --timeout=150 tests/lorafusion tests/multi tests/galore 2>&1 | tee "$OUT/gpu_tests.log" \
   | grep -E "FAILED|ERROR|passed|failed|SKIPPED|^[0-9.]+s (call|setup)" | tail -45
@@ -66,7 +66,7 @@ if have_time "$profile_limit"; then
     python3 benchmarks/layer_profile.py --device cuda --host-profile "fused:triton p=0.1" --out "$OUT/layer_profile.json"
   grep -A 22 '^| variant' "$LOGS/layer_profile.log"
 else stamp "layer profile skipped: ${profile_limit}s would overrun GPU_CHECK_BUDGET"; fi
-multi_limit=${GPU_MULTI_TIMEOUT:-150}
+multi_limit=${GPU_MULTI_TIMEOUT:-120}
 if have_time "$multi_limit"; then
   stamp "multi-adapter benchmark (bf16)"
   bench multi_lora_layer "$multi_limit" \
