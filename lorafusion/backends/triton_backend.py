@@ -135,23 +135,6 @@ def _descriptor(t: torch.Tensor):
     return TensorDescriptor.from_tensor(t, [16, 16])
 
 
-class _on_device:
-    """Launch on the tensor's GPU (Triton uses the current device); nothing to do when it is the current one."""
-
-    def __init__(self, t: torch.Tensor):
-        self.ctx = None
-        if t.is_cuda and t.get_device() != torch.cuda.current_device():
-            self.ctx = torch.cuda.device(t.device)
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # the five ops (signatures of lorafusion.reference)
 # ------------------------------------------------------------------------------------------------------------
@@ -176,7 +159,7 @@ def lora_shrink(x2d, lora_A, seed: int, p: float) -> torch.Tensor:
         m_blocks = tk.cdiv(M, meta["BM"])
         return m_blocks, r_blocks, tk.split_count(m_blocks * r_blocks, tk.cdiv(K, 2 * meta["BK"]), sms)
 
-    with _on_device(x2d):
+    with tk.on_device(x2d):
         tk.launch(
             tk._shrink_kernel, grid,
             x2d, lora_A, S, M, K, R, _bucket(M),
@@ -215,14 +198,14 @@ def _expand_forward(x2d, weight, bias, S, lora_B, scale: float, s_ready: bool = 
     b = bias.contiguous() if bias is not None else S  # dummy pointer when HAS_BIAS is False
     grid = lambda meta: (tk.cdiv(M, meta["BM"]) * tk.cdiv(N, meta["BN"]),)  # noqa: E731
     if _use_tma(x2d, weight):
-        with _on_device(x2d):
+        with tk.on_device(x2d):
             tk._expand_forward_tma_kernel[grid](
                 _descriptor(x2d), _descriptor(weight), b, S, lora_B, Y, M, N, K, R, _bucket(M),
                 S.stride(0), lora_B.stride(0), lora_B.stride(1), Y.stride(0), float(scale),
                 HAS_BIAS=bias is not None, BR=_rank_block(R, 64),
             )
         return Y
-    with _on_device(x2d):
+    with tk.on_device(x2d):
         tk.launch(
             tk._expand_forward_kernel, grid, x2d, weight, b, S, lora_B, Y, M, N, K, R, _bucket(M),
             x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), S.stride(0),
@@ -252,7 +235,7 @@ def _dy_shrink(dy2d, lora_B, S, scale: float) -> tuple[torch.Tensor, torch.Tenso
         m_blocks = tk.cdiv(M, meta["BM"])
         return m_blocks, tk.split_count(m_blocks * r_blocks, tk.cdiv(N, 2 * meta["BN"]), sms), r_blocks
 
-    with _on_device(dy2d):
+    with tk.on_device(dy2d):
         tk.launch(
             tk._dy_shrink_kernel, grid,
             dy2d, lora_B, S, dS, dB, M, N, R, _bucket(M),
@@ -298,7 +281,7 @@ def _grad_A(x2d, dS, seed: int, p: float, want_bits: bool = False):
         k_blocks = tk.cdiv(K, meta["BK"])
         return k_blocks, tk.split_count(k_blocks * r_blocks, tk.cdiv(M, 2 * meta["BM"]), sms), r_blocks
 
-    with _on_device(x2d):
+    with tk.on_device(x2d):
         tk.launch(
             tk._grad_A_kernel, grid,
             x2d, dS, dA, bits, M, K, R, _bucket(M),
@@ -354,7 +337,7 @@ def lora_dropout_grad_A(x2d, dS, seed: int, p: float, a_dtype: torch.dtype) -> t
     _check_p(p)
     if dS.dim() != 2 or dS.shape[0] != x2d.shape[0]:
         raise ValueError(f"dS has shape {tuple(dS.shape)}; expected ({x2d.shape[0]}, r)")
-    with _on_device(x2d):
+    with tk.on_device(x2d):
         return _grad_A(x2d, dS, seed, p)[0].to(a_dtype)
 
 
@@ -370,7 +353,7 @@ def lora_expand_backward(dy2d, weight, dS, lora_A, seed: int, p: float) -> torch
     if weight.shape[0] != N or lora_A.shape[1] != K or tuple(dS.shape) != (M, R):
         raise ValueError(f"weight {tuple(weight.shape)} / lora_A {tuple(lora_A.shape)} / dS {tuple(dS.shape)} "
                          f"do not match dy {tuple(dy2d.shape)}")
-    with _on_device(dy2d):
+    with tk.on_device(dy2d):
         bits = _dropout_bits(M, K, seed, p, dy2d.device) if p > 0 and M > 0 and K > 0 else None
         return _expand_backward(dy2d, weight, dS, lora_A, bits, p)
 
@@ -404,7 +387,7 @@ def backward_with(dx_gemm, dy2d, x2d, weight, lora_A, lora_B, S, scale, seed, p,
     dS, dB = lora_dy_shrink(dy2d, lora_B, S, scale)
     _check("x2d", x2d)
     _check_p(p)
-    with _on_device(x2d):
+    with tk.on_device(x2d):
         # grad_A regenerates the mask anyway: it hands it to the dX GEMM, one byte per element
         dA, bits = _grad_A(x2d, dS, seed, p, want_bits=need_dx)
         if not need_dx:

@@ -327,6 +327,27 @@ def split_count(blocks: int, work_blocks: int, num_sms: int) -> int:
     return max(1, min(cdiv(4 * num_sms, max(blocks, 1)), work_blocks))
 
 
+class on_device:
+    """Launch on the tensor's GPU (Triton launches on the current device); nothing to do when it is the current one
+    (or the tensor is on the CPU, under the interpreter)."""
+
+    def __init__(self, t):
+        self.ctx = None
+        if t.is_cuda:
+            import torch
+
+            if t.get_device() != torch.cuda.current_device():
+                self.ctx = torch.cuda.device(t.device)
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
 # (autotuned kernel, launch key) -> (its JIT function, the chosen config's launch keywords)
 _CHOSEN: dict = {}
 # (autotuned kernel, argument count) -> (positions of its key arguments, key arguments passed by keyword)

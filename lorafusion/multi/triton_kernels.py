@@ -301,10 +301,11 @@ def shrink(x, w_cat, t, seed, dropout, scaled):
     thr, inv = _tables_extra(t)
     lo, hi = _seed_words(seed)
     grid = (tiles.shape[0], _tk.cdiv(t.max_rank, BR))
-    _seg_shrink_kernel[grid](x, w_cat, out, tiles, t.seg, t.slot, thr, inv, t.slot_scale,
-                             x.shape[1], x.stride(0), x.stride(1), lo, hi,
-                             DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
-                             TC=x.dtype != torch.float32, BM=BM, BR=BR, BK=BK)
+    with _tk.on_device(x):
+        _seg_shrink_kernel[grid](x, w_cat, out, tiles, t.seg, t.slot, thr, inv, t.slot_scale,
+                                 x.shape[1], x.stride(0), x.stride(1), lo, hi,
+                                 DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
+                                 TC=x.dtype != torch.float32, BM=BM, BR=BR, BK=BK)
     if unscale is not None:
         out.mul_(unscale)
     return out
@@ -329,10 +330,11 @@ def grad(l_flat, m, t, seed, dropout, scaled):
     thr, inv = _tables_extra(t)
     lo, hi = _seed_words(seed)
     grid = (len(t.slot_info), _tk.cdiv(N, BN), _tk.cdiv(t.max_rank, BR))
-    _seg_grad_kernel[grid](l_flat, m, G, t.seg, t.slot, t.slot_seg_ptr, t.slot_seg_idx, thr, inv, t.slot_scale,
-                           N, m.stride(0), m.stride(1), lo, hi,
-                           DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
-                           TC=m.dtype != torch.float32, BM=BM, BR=BR, BN=BN)
+    with _tk.on_device(m):
+        _seg_grad_kernel[grid](l_flat, m, G, t.seg, t.slot, t.slot_seg_ptr, t.slot_seg_idx, thr, inv, t.slot_scale,
+                               N, m.stride(0), m.stride(1), lo, hi,
+                               DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
+                               TC=m.dtype != torch.float32, BM=BM, BR=BR, BN=BN)
     if unscale is not None:
         G.mul_(unscale)
     return G
@@ -364,11 +366,12 @@ def segmented_gemm(a, weight, bias, l_flat, wc, t, seed, dropout, scaled, transp
     def grid(meta):
         return (_tk.cdiv(M, meta["BM"]) * _tk.cdiv(N, meta["BN"]),)
 
-    _tk.launch(_seg_gemm_kernel, grid, a, weight, bias if bias is not None else out, l_flat, wc, out, blo, bhi,
-               t.seg, t.slot, thr, inv, t.slot_scale,
-               M, N, K, _tk.next_pow2(M), a.stride(0), a.stride(1), swk, swn, out.stride(0),
-               lo, hi, HAS_BIAS=bias is not None, DROPOUT=bool(dropout and t._segs.any_dropout),
-               SCALED=bool(scaled), IEEE=a.dtype == torch.float32, LOOKUP=LOOKUP_M)
+    with _tk.on_device(out):
+        _tk.launch(_seg_gemm_kernel, grid, a, weight, bias if bias is not None else out, l_flat, wc, out, blo, bhi,
+                   t.seg, t.slot, thr, inv, t.slot_scale,
+                   M, N, K, _tk.next_pow2(M), a.stride(0), a.stride(1), swk, swn, out.stride(0),
+                   lo, hi, HAS_BIAS=bias is not None, DROPOUT=bool(dropout and t._segs.any_dropout),
+                   SCALED=bool(scaled), IEEE=a.dtype == torch.float32, LOOKUP=LOOKUP_M)
     return out
 
 
