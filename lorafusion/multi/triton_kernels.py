@@ -100,12 +100,13 @@ if _IMPORT_ERROR is None:
 
     @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
     def _seg_grad_kernel(l_ptr, m_ptr, g_ptr, seg_ptr, slot_ptr, sptr_ptr, sidx_ptr, thr_ptr, inv_ptr, scale_ptr,
-                         N, stride_mm, stride_mn, seed_lo, seed_hi,
-                         DROPOUT: tl.constexpr, SCALED: tl.constexpr, TC: tl.constexpr,
+                         N, stride_mm, stride_mn, seed_lo, seed_hi, SPLITS,
+                         DROPOUT: tl.constexpr, SCALED: tl.constexpr, TC: tl.constexpr, ATOMIC: tl.constexpr,
                          BM: tl.constexpr, BR: tl.constexpr, BN: tl.constexpr):
         k = tl.program_id(0)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        rb = tl.program_id(2) * BR
+        rb = (tl.program_id(2) // SPLITS) * BR
+        split = tl.program_id(2) % SPLITS  # this program's share of the slot's row blocks: every SPLITS-th one
         r, w_off, f_off = _slot(slot_ptr, k)
         if rb < r:
             cmask = cols < N
@@ -117,7 +118,7 @@ if _IMPORT_ERROR is None:
             for j in range(lo, hi):
                 si = tl.load(sidx_ptr + j)
                 start, end, _, srow = _segment(seg_ptr, si)
-                for r0 in range(start, end, BM):
+                for r0 in range(start + split * BM, end, BM * SPLITS):
                     rows = r0 + tl.arange(0, BM)
                     rmask = rows < end
                     m = tl.load(m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
@@ -136,7 +137,10 @@ if _IMPORT_ERROR is None:
             if SCALED:
                 acc = acc * tl.load(scale_ptr + k)
             gptr = g_ptr + (w_off + rr)[:, None].to(tl.int64) * N + cols[None, :]
-            tl.store(gptr, acc, mask=rrmask[:, None] & cmask[None, :])
+            if ATOMIC:  # the row splits add into the zeroed G
+                tl.atomic_add(gptr, acc, mask=rrmask[:, None] & cmask[None, :], sem="relaxed")
+            else:
+                tl.store(gptr, acc, mask=rrmask[:, None] & cmask[None, :])
 
     # The big GEMM's tiles, autotuned per (token bucket, N, K, dropout, dtype), with grouped (L2-friendly) program
     # order. 16-bit input: the first config is the one fixed config of earlier versions. In the sm_90 compile
@@ -311,6 +315,20 @@ def shrink(x, w_cat, t, seed, dropout, scaled):
     return out
 
 
+def _grad_splits(t, N, BM, BR, BN, device) -> int:
+    """Into how many parts ``_seg_grad_kernel`` splits each slot's row blocks. A program reduces a slot's rows for one
+    (column block, rank block); at 8192 x 4096 with ranks 8 / 16 / 32 / 64 that is 320 programs, under 3 per SM on
+    an H100, each walking 2,048 rows one 32-row block at a time. The H100 profile (benchmarks/RESULTS.md, twelfth
+    session) had the kernel at 82 us a call against ~22 us to read its 64 MiB operand: latency, not bandwidth. So,
+    as the single-adapter streaming kernels do (``split_count``), the rows are split until there are about 4
+    programs per SM (at most one split per row block of the longest slot), the parts adding into the zeroed G."""
+    from lorafusion.backends.triton_backend import _num_sms
+
+    programs = _tk.cdiv(N, BN) * sum(_tk.cdiv(info[0], BR) for info in t.slot_info)
+    row_blocks = max((_tk.cdiv(info[5], BM) for info in t.slot_info), default=1)
+    return _tk.split_count(programs, row_blocks, _num_sms(device))
+
+
 def grad(l_flat, m, t, seed, dropout, scaled):
     t.check_operands("multi-adapter grad", m.device, rows=m.shape[0], flat=l_flat.numel())
     l_flat = l_flat.contiguous()
@@ -329,12 +347,13 @@ def grad(l_flat, m, t, seed, dropout, scaled):
     BM, BR, BN = (16, 16, 64) if _small() else (32, 32, 64)
     thr, inv = _tables_extra(t)
     lo, hi = _seed_words(seed)
-    grid = (len(t.slot_info), _tk.cdiv(N, BN), _tk.cdiv(t.max_rank, BR))
+    splits = _grad_splits(t, N, BM, BR, BN, m.device)
+    grid = (len(t.slot_info), _tk.cdiv(N, BN), _tk.cdiv(t.max_rank, BR) * splits)
     with _tk.on_device(m):
         _seg_grad_kernel[grid](l_flat, m, G, t.seg, t.slot, t.slot_seg_ptr, t.slot_seg_idx, thr, inv, t.slot_scale,
-                               N, m.stride(0), m.stride(1), lo, hi,
+                               N, m.stride(0), m.stride(1), lo, hi, splits,
                                DROPOUT=bool(dropout and t._segs.any_dropout), SCALED=bool(scaled),
-                               TC=m.dtype != torch.float32, BM=BM, BR=BR, BN=BN)
+                               TC=m.dtype != torch.float32, ATOMIC=splits > 1, BM=BM, BR=BR, BN=BN)
     if unscale is not None:
         G.mul_(unscale)
     return G
