@@ -3,7 +3,10 @@
 * ``_seg_shrink_kernel``  flat[seg rows] = [s] D?(X[rows]) W_k^T     one program per (segment tile, rank block)
                           (S = D(X) A^T in forward; dS = s dY B in backward)
 * ``_seg_grad_kernel``    G_k = [s] L_k^T D?(M[rows of k])           one program per (slot, column block, rank
-                          block), looping over the slot's segments (dA = dS^T D(X); dB^T = s S^T dY)
+                          block, row split), looping over its share of the slot's rows (dA = dS^T D(X);
+                          dB^T = s S^T dY); with several splits the parts add into the zeroed G by fp32 atomics,
+                          so dA / dB are then order-dependent at fp32 rounding on a GPU, as the single-adapter
+                          kernels' are
 * ``_seg_gemm_kernel``    Out = A W' [+ b] + sum over the segments overlapping the row block of
                           [s] D'?(L_seg Wc_k)                        the big GEMM with the rank-r term in its
                           epilogue (Y = X W^T + b + s S B^T; dX = dY W + D'(dS A))
