@@ -31,6 +31,14 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+def autocast_off(device_type: str, on: bool | None = None):
+    """A context that switches autocast off on ``device_type`` where it is on (``on``: whether it is, when the caller
+    knows), else a no-op one: entering ``torch.autocast`` costs host time on every layer call."""
+    if on is None:
+        on = torch.is_autocast_enabled(device_type)
+    return torch.autocast(device_type, enabled=False) if on else contextlib.nullcontext()
+
+
 def cast_like_autocast(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """``x``, ``weight``, ``bias`` cast as ``torch.autocast`` casts ``nn.Linear``'s inputs (float64 left alone), and
     whether autocast is on. The fused Functions then run with autocast off, so every op inside them, and their
@@ -77,9 +85,7 @@ class FusedLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         refuse_double_backward("the fused LoRA layer")
-        if not torch.is_autocast_enabled(dy.device.type):
-            return FusedLoRAFunction._backward(ctx, dy)
-        with torch.autocast(dy.device.type, enabled=False):  # a backward run inside an autocast region
+        with autocast_off(dy.device.type):  # a backward run inside an autocast region
             return FusedLoRAFunction._backward(ctx, dy)
 
     @staticmethod
@@ -133,5 +139,5 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 
             seed = draw_dropout_seed(x.device)
         seed = int(seed or 0)
     x, weight, bias, autocast = cast_like_autocast(x, weight, bias)
-    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+    with autocast_off(x.device.type, autocast):
         return FusedLoRAFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), float(p), seed, mod)

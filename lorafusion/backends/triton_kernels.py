@@ -306,7 +306,7 @@ def _dx_tile_start(M, K, R, ds_ptr, stride_dsm, a_ptr, stride_ar, stride_ak, bit
 # host side: launch arithmetic and the launcher
 # --------------------------------------------------------------------------------------------------------------
 # Host time bounds the layer at GPU sizes: the first H100 profile of this code (benchmarks/RESULTS.md, twelfth
-# session) had the single-adapter step's kernels at 920 us and the step at 1540 us, the GPU waiting on Python. So the
+# session) had the single-adapter step's kernels at 915 us and the step at 1540 us, the GPU waiting on Python. So the
 # per-launch host work is kept small: plain-int arithmetic below (triton.cdiv and triton.next_power_of_2 are
 # constexpr_functions, each call unwrapping its arguments: a quarter of the layer's host time), and ``launch``.
 
@@ -352,6 +352,7 @@ class on_device:
 _CHOSEN: dict = {}
 # (autotuned kernel, argument count) -> (positions of its key arguments, key arguments passed by keyword)
 _KEY_POS: dict = {}
+_ABSENT = object()  # a key argument not passed at all (the autotuner leaves it out of its key)
 
 
 def _launch_key(kernel, args, kwargs) -> tuple:
@@ -370,8 +371,6 @@ def _launch_key(kernel, args, kwargs) -> tuple:
             tuple([getattr(a, "dtype", None) for a in args]),
             tuple([(k, getattr(v, "dtype", None)) for k, v in kwargs.items()]))
 
-
-_ABSENT = object()  # a key argument not passed at all (the autotuner leaves it out of its key)
 
 
 def _chosen_config(kernel, args, kwargs):

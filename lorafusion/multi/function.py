@@ -1,11 +1,9 @@
 """The multi-adapter LoRA linear as one autograd Function (math: ``lorafusion.multi.reference``)."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from lorafusion.function import cast_like_autocast, draw_dropout_seed, refuse_double_backward
+from lorafusion.function import autocast_off, cast_like_autocast, draw_dropout_seed, refuse_double_backward
 from lorafusion.multi.backends import get_multi_backend
 from lorafusion.multi.segments import AdapterSegments
 
@@ -39,9 +37,7 @@ class MultiLoRAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         refuse_double_backward("the multi-adapter LoRA layer")
-        if not torch.is_autocast_enabled(dy.device.type):
-            return MultiLoRAFunction._backward(ctx, dy)
-        with torch.autocast(dy.device.type, enabled=False):  # a backward run inside an autocast region
+        with autocast_off(dy.device.type):  # a backward run inside an autocast region
             return MultiLoRAFunction._backward(ctx, dy)
 
     @staticmethod
@@ -84,6 +80,6 @@ def multi_lora_linear(x, weight, bias, adapters: dict, segments: AdapterSegments
         if name not in adapters:
             raise ValueError(f"adapter {name!r} has rows in the layout but no weights here")
         params += list(adapters[name])
-    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+    with autocast_off(x.device.type, autocast):
         return MultiLoRAFunction.apply(x, weight, bias, segments.tables(x.device), int(seed or 0) & ((1 << 64) - 1),
                                        dropout, mod, *params)
