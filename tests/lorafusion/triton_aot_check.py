@@ -6,7 +6,8 @@ hardware path rejects, a bf16 lowering, a layout conversion), or compile to a pr
 fit the device, which fails only at launch. This check drives the real launch paths of the Triton backends
 (``lorafusion.backends.triton_backend`` and the multi-adapter ``lorafusion.multi.triton_kernels``) on CPU tensors,
 with Triton's driver replaced by a compile-only one that targets the chosen architecture: every kernel the launch
-would run, in every autotune config that survives the backend's own pruning, goes through Triton's full pipeline
+would run, in every autotune config that survives the backend's own pruning (the CI subset: every config at the
+issues' benchmark shapes in bf16, the largest-footprint config elsewhere), goes through Triton's full pipeline
 (TTIR, TTGIR, LLVM IR, PTX, and ptxas to a cubin) and is recorded with the shared memory it needs. Nothing is
 launched and no result is computed, so the outputs are not checked here: that is what the interpreter tests and,
 on a GPU, ``benchmarks/gpu_check.sh`` do.
@@ -69,15 +70,26 @@ class CompileOnlyDriver:
         raise RuntimeError("compile-only driver: nothing can be benchmarked")
 
 
+def _footprint(config) -> int:
+    """A config's tile volume times its pipeline depth: the order of its shared-memory and register needs."""
+    size = config.num_stages or 1
+    for k, v in config.kwargs.items():
+        if k.startswith("BLOCK") and isinstance(v, int):
+            size *= v
+    return size
+
+
 class Recorder:
     """Patches Triton so that a launch compiles (warmup) instead of running, and an autotuned launch compiles every
-    config that the kernel's pruning keeps; records each compiled kernel."""
+    config that the kernel's pruning keeps (or, with ``every_config`` off, only the one of the largest footprint, the
+    likeliest to overflow shared memory or spill); records each compiled kernel."""
 
     def __init__(self):
         self.compiled: list[dict] = []
         self.pending: list[tuple] = []  # (case, kernel name, constexprs, compiled or future kernel)
         self.failures: list[str] = []
         self.case = ""
+        self.every_config = True
         self._saved = None
 
     def __enter__(self):
@@ -93,6 +105,8 @@ class Recorder:
         def every_config(self, *args, **kwargs):
             self.nargs = dict(zip(self.arg_names, args))
             configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
+            if not rec.every_config:
+                configs = [max(configs, key=_footprint)]
             for config in configs:
                 if config.pre_hook is not None:  # e.g. the TMA kernels set their descriptors' tile shapes
                     config.pre_hook({**self.nargs, **kwargs, **config.all_kwargs()})
@@ -134,9 +148,10 @@ _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def ptxas_usage(entries: list[dict], arch: int, jobs: int) -> None:
+def ptxas_usage(entries: list[dict], arch: int, jobs: int, cases: str | None = None) -> None:
     """Registers per thread and spill bytes of each compiled kernel, from ``ptxas -v`` (the ptxas Triton uses) on its
-    PTX; added to the entries as ``registers`` / ``spill_stores`` / ``spill_loads``."""
+    PTX; added to the entries as ``registers`` / ``spill_stores`` / ``spill_loads``. ``cases``: a regular expression;
+    only the entries whose case name it matches are measured (ptxas runs even when Triton's cache is warm)."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
     exe, gpu = get_ptxas(arch).path, sm_arch_from_capability(arch)
@@ -156,13 +171,15 @@ def ptxas_usage(entries: list[dict], arch: int, jobs: int) -> None:
         entry["spill_stores"], entry["spill_loads"] = (int(spill.group(1)), int(spill.group(2))) if spill else (0, 0)
 
     with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(one, [e for e in entries if e.get("ptx")]))
+        list(pool.map(one, [e for e in entries if e.get("ptx") and (cases is None or re.search(cases, e["case"]))]))
 
 
 def _single_cases(full: bool):
     """(name, dtype, tokens, in, out, rank, p, bias, need_dx)"""
     dtypes = (torch.bfloat16, torch.float16, torch.float32)
-    cases = [(f"8192x4096->4096 r16 p0.1 {dt}", dt, 8192, 4096, 4096, 16, 0.1, True, True) for dt in dtypes]
+    # CI compiles fp16 on the two small cases only (its GEMM configs are bf16's); --full adds it at the big shape
+    big = dtypes if full else (torch.bfloat16, torch.float32)
+    cases = [(f"8192x4096->4096 r16 p0.1 {dt}", dt, 8192, 4096, 4096, 16, 0.1, True, True) for dt in big]
     cases += [
         ("8192x4096->14336 r64 p0 bf16 nobias", torch.bfloat16, 8192, 4096, 14336, 64, 0.0, False, True),
         ("133x100->300 r7 p0.1 bf16 (odd sizes)", torch.bfloat16, 133, 100, 300, 7, 0.1, True, True),
@@ -171,7 +188,7 @@ def _single_cases(full: bool):
     ]
     # the TMA GEMMs (LORAFUSION_TRITON_TMA=1): the benchmark shape and an edge-tile one
     cases += [(f"TMA 8192x4096->4096 r16 p0.1 {dt}", dt, 8192, 4096, 4096, 16, 0.1, True, True)
-              for dt in (torch.bfloat16, torch.float16)]
+              for dt in ((torch.bfloat16, torch.float16) if full else (torch.bfloat16,))]
     cases.append(("TMA 133x96->40 r16 p0.1 torch.float16", torch.float16, 133, 96, 40, 16, 0.1, True, True))
     if full:
         cases += [(f"{T}x{k}->{n} r{r} p{p} {dt}", dt, T, k, n, r, p, True, True)
@@ -182,7 +199,12 @@ def _single_cases(full: bool):
     return cases
 
 
-def run_single(cases, rec: Recorder) -> list[str]:
+# the issues' benchmark shapes in bf16 (not TMA, an opt-in path): every autotune config is compiled for these; the
+# other cases compile one config per launch unless --full
+EVERY_CONFIG = re.compile(r"^(single 8192x4096->4096 r16|multi 8192 tokens).*bfloat16$")
+
+
+def run_single(cases, rec: Recorder, full: bool = True) -> list[str]:
     from lorafusion.backends import triton_backend as tb
 
     failures = []
@@ -194,6 +216,7 @@ def run_single(cases, rec: Recorder) -> list[str]:
             failures.append(f"{rec.case}:\n{traceback.format_exc()}")
     for name, dtype, T, fin, fout, r, p, bias, need_dx in cases:
         rec.case = "single " + name
+        rec.every_config = full or bool(EVERY_CONFIG.search(rec.case))
         os.environ["LORAFUSION_TRITON_TMA"] = "1" if name.startswith("TMA ") else "0"
         x = torch.empty(T, fin, dtype=dtype)
         W = torch.empty(fout, fin, dtype=dtype)
@@ -229,7 +252,7 @@ def _multi_cases(full: bool):
     return cases
 
 
-def run_multi(cases, rec: Recorder) -> list[str]:
+def run_multi(cases, rec: Recorder, full: bool = True) -> list[str]:
     from lorafusion.multi import AdapterSegments, AdapterSpec
     from lorafusion.multi import triton_kernels as mt
     from lorafusion.multi.backends import SegmentedBackend
@@ -238,6 +261,7 @@ def run_multi(cases, rec: Recorder) -> list[str]:
     failures = []
     for name, dtype, T, fin, fout, ranks, p in cases:
         rec.case = "multi " + name
+        rec.every_config = full or bool(EVERY_CONFIG.search(rec.case))
         specs = {f"a{i}": AdapterSpec(r, 2.0 * r, p) for i, r in enumerate(ranks)}
         ids = [i * len(ranks) // T for i in range(T)] if T >= len(ranks) else list(range(T))
         try:
@@ -265,11 +289,13 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200, 80: A100)")
     ap.add_argument("--smem-optin", type=int, help="shared memory per block, opt-in, in bytes (default: the arch's)")
     ap.add_argument("--sms", type=int, help="SM count for the launchers' split heuristics (default: the arch's)")
-    ap.add_argument("--full", action="store_true", help="every case (slower), not only the CI subset")
+    ap.add_argument("--full", action="store_true", help="every case in every config (slower), not only the CI subset")
     ap.add_argument("--only", help="only the cases whose name contains this text")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compilations at a time")
     ap.add_argument("--ptxas-usage", action="store_true",
                     help="also report registers and spills per kernel config (ptxas -v on each kernel's PTX)")
+    ap.add_argument("--ptxas-cases", metavar="REGEX",
+                    help="with --ptxas-usage: only the cases whose name matches this regular expression")
     ap.add_argument("--json", help="write the compiled-kernel table here")
     args = ap.parse_args(argv)
     optin, sms = DEVICE_DEFAULTS.get(args.arch, (None, None))
@@ -299,7 +325,7 @@ def main(argv=None) -> int:
         multi = [c for c in _multi_cases(args.full) if args.only is None or args.only in "multi " + c[0]]
         if not single and not multi:
             ap.error(f"--only {args.only!r} matches no case")
-        failures = run_single(single, rec) + run_multi(multi, rec)
+        failures = run_single(single, rec, args.full) + run_multi(multi, rec, args.full)
         rec.collect()
     failures += rec.failures
     secs = time.perf_counter() - t0
@@ -309,7 +335,7 @@ def main(argv=None) -> int:
                  for c in too_big]
 
     if args.ptxas_usage:
-        ptxas_usage(rec.compiled, args.arch, args.jobs)
+        ptxas_usage(rec.compiled, args.arch, args.jobs, args.ptxas_cases)
     by_kernel: dict[str, list[dict]] = {}
     for c in rec.compiled:
         by_kernel.setdefault(c["kernel"], []).append(c)
@@ -319,8 +345,9 @@ def main(argv=None) -> int:
           f" {'ld/st.shared':>12}{usage}")
     for name, cs in sorted(by_kernel.items()):
         if args.ptxas_usage:
-            regs = max((c.get("registers") or 0) for c in cs)
-            spilling = sum(1 for c in cs if c.get("spill_stores") or c.get("spill_loads"))
+            measured = [c for c in cs if "registers" in c]
+            regs = max((c["registers"] or 0) for c in measured) if measured else "-"
+            spilling = sum(1 for c in measured if c["spill_stores"] or c["spill_loads"]) if measured else "-"
             usage = f" {regs:>8} {spilling:>16}"
         wgmma = sum(1 for c in cs if c["wgmma"])  # configs whose products run on each tensor-core path
         mma = sum(1 for c in cs if c["mma_sync"])
