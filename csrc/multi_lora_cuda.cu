@@ -1,18 +1,32 @@
 // CUDA kernels of the multi-adapter (segmented) LoRA ops; schemas, layout and math in multi_lora.cpp.
-// Memory-bound and simple: one block per row (shrink, expand_add_) or per (slot, column block) (grad). Each row
-// finds its segment by binary search over the segment table (sorted by start row); rows with no adapter do nothing.
+// Each op is the single-adapter ops' tiled skinny GEMM (lora_gemm.cuh) applied per row segment: a block takes a
+// range of token rows, finds the segments overlapping it by binary search over the segment table (sorted by start
+// row), and runs each one's tiles with that adapter's rank, offsets, scale and dropout. Rows with no adapter are in no
+// segment and cost nothing. grad splits the token rows over blocks and adds into G with float atomics, so dA / dB
+// may differ in the last bits run to run; S and the expand outputs are deterministic.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
+#include "lora_gemm.cuh"
 #include "philox.h"
 
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kRankChunk = 16;
+using lorafusion::gemm::GemmArgs;
+using lorafusion::gemm::kBK;
+using lorafusion::gemm::kBM;
+using lorafusion::gemm::kBN;
+using lorafusion::gemm::kMaskL;
+using lorafusion::gemm::kMaskNone;
+using lorafusion::gemm::kMaskOut;
+using lorafusion::gemm::kMaskR;
+using lorafusion::gemm::kThreads;
+namespace gemm = lorafusion::gemm;
 
 __device__ __forceinline__ uint32_t device_threshold(double p) {
   const double t = nearbyint(p * 4294967296.0);
@@ -43,101 +57,128 @@ __device__ __forceinline__ SlotParams load_slot(const int64_t* slot, const doubl
   return s;
 }
 
-// Index of the segment holding row, or -1.
-__device__ __forceinline__ int64_t find_segment(const int64_t* seg, int64_t n_seg, int64_t row) {
+// The first segment (sorted by start row) that ends after `row`; n_seg if none.
+__device__ __forceinline__ int64_t first_ending_after(const int64_t* seg, int64_t n_seg, int64_t row) {
   int64_t lo = 0, hi = n_seg;
-  while (lo < hi) {  // first segment whose end > row
+  while (lo < hi) {
     const int64_t mid = (lo + hi) / 2;
     if (seg[4 * mid + 1] <= row) lo = mid + 1; else hi = mid;
   }
-  return (lo < n_seg && seg[4 * lo] <= row) ? lo : -1;
+  return lo;
 }
 
+__device__ __forceinline__ GemmArgs slot_args(const SlotParams& sp, uint64_t seed, int mask_on) {
+  GemmArgs a{};
+  a.alpha = sp.scale;
+  a.mask_on = sp.drop ? mask_on : kMaskNone;
+  a.seed = seed;
+  a.threshold = sp.thr;
+  a.keep_scale = sp.inv;
+  return a;
+}
+
+// Rank blocks of shrink's grid: ranks up to 256 (AdapterSpec's limit) take one tile per block; larger ones loop.
+constexpr unsigned kShrinkRankBlocks = 4;
+
+// out[slot block rows] = scale * D(x[rows]) w_k^T: block (b, c) takes token rows [64 b, 64 b + 64) and, of each
+// segment overlapping them (usually one), the 64-rank tiles c, c + 4, ..., with the mask on x at absolute
+// (row, column). Blocks past a segment's rank skip it.
 template <typename T>
-__global__ void shrink_kernel(const T* __restrict__ x, int64_t ldx, int64_t K, const float* __restrict__ w,
-                              float* __restrict__ out, const int64_t* __restrict__ seg, int64_t n_seg,
-                              const int64_t* __restrict__ slot, const double* __restrict__ slot_p,
-                              const float* __restrict__ slot_scale, uint64_t seed, bool dropout, bool scaled) {
-  const int64_t row = blockIdx.x;
-  const int64_t si = find_segment(seg, n_seg, row);
-  if (si < 0) return;
-  const int64_t start = seg[4 * si], k = seg[4 * si + 2], srow = seg[4 * si + 3];
-  const SlotParams sp = load_slot(slot, slot_p, slot_scale, k, dropout, scaled);
-  const int64_t r = sp.r, w_off = sp.w_off, f_off = sp.f_off;
-  const bool drop = sp.drop;
-  const uint32_t thr = sp.thr;
-  const float inv = sp.inv, scale = sp.scale;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, n_warps = blockDim.x / 32;
-  const T* xr = x + row * ldx;
-  for (int64_t j = warp; j < r; j += n_warps) {
-    const float* wr = w + (w_off + j) * K;
-    float acc = 0.f;
-    for (int64_t c = lane; c < K; c += 32) {
-      float v = static_cast<float>(xr[c]);
-      if (drop) v = lorafusion::dropout_keep(seed, static_cast<uint32_t>(row), static_cast<uint32_t>(c), thr) ? v * inv : 0.f;
-      acc += v * wr[c];
-    }
-    for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
-    if (lane == 0) out[f_off + (srow + row - start) * r + j] = acc * scale;
+__global__ void __launch_bounds__(kThreads, 1) shrink_kernel(const T* __restrict__ x, int64_t ldx, int K, int rows,
+                                                          const float* __restrict__ w, float* __restrict__ out,
+                                                          const int64_t* __restrict__ seg, int64_t n_seg,
+                                                          const int64_t* __restrict__ slot,
+                                                          const double* __restrict__ slot_p,
+                                                          const float* __restrict__ slot_scale, uint64_t seed,
+                                                          bool dropout, bool scaled) {
+  __shared__ gemm::TileSmem sm;
+  const int m0 = blockIdx.x * kBM, m1 = min(m0 + kBM, rows);
+  for (int64_t si = first_ending_after(seg, n_seg, m0); si < n_seg && seg[4 * si] < m1; ++si) {
+    const int64_t start = seg[4 * si], end = seg[4 * si + 1], srow = seg[4 * si + 3];
+    const SlotParams sp = load_slot(slot, slot_p, slot_scale, seg[4 * si + 2], dropout, scaled);
+    GemmArgs a = slot_args(sp, seed, kMaskL);
+    // L = x (T x K); R(k, j) = w[(w_off + j) K + k]; C(m, j) = out[f_off + (srow + m - start) r + j]
+    a.lsm = ldx;
+    a.lsk = 1;
+    a.rsk = 1;
+    a.rsn = K;
+    a.csm = sp.r;
+    a.csn = 1;
+    a.c_m0 = start - srow;
+    a.N = static_cast<int>(sp.r);
+    const int lo = static_cast<int>(max(start, static_cast<int64_t>(m0)));
+    const int hi = static_cast<int>(min(end, static_cast<int64_t>(m1)));
+    for (int n0 = blockIdx.y * kBN; n0 < sp.r; n0 += gridDim.y * kBN)
+      gemm::gemm_tile<T, float, float>(x, w + sp.w_off * K, out + sp.f_off, a, m0, n0, lo, hi, 0, K, false, sm);
   }
 }
 
+// G[w_off + j, col] += scale * sum over slot k's rows of l[row, j] D(m[row, col]): block (c, b) takes the token rows
+// of chunk c (`chunk` rows, a multiple of 16) and columns [64 b, 64 b + 64); each segment part in the chunk adds its
+// 64-rank tiles into G with float atomics (G starts at zero).
 template <typename T>
-__global__ void grad_kernel(const float* __restrict__ l, const T* __restrict__ m, int64_t ldm, int64_t N,
-                            float* __restrict__ G, const int64_t* __restrict__ seg, int64_t n_seg,
-                            const int64_t* __restrict__ slot, const double* __restrict__ slot_p,
-                            const float* __restrict__ slot_scale, uint64_t seed, bool dropout, bool scaled) {
-  const int64_t k = blockIdx.x;
-  const int64_t col = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (col >= N) return;
-  const SlotParams sp = load_slot(slot, slot_p, slot_scale, k, dropout, scaled);
-  const int64_t r = sp.r, w_off = sp.w_off, f_off = sp.f_off;
-  const bool drop = sp.drop;
-  const uint32_t thr = sp.thr;
-  const float inv = sp.inv, scale = sp.scale;
-  for (int64_t rb = 0; rb < r; rb += kRankChunk) {
-    const int nr = static_cast<int>(r - rb < kRankChunk ? r - rb : kRankChunk);
-    float acc[kRankChunk];
-#pragma unroll
-    for (int j = 0; j < kRankChunk; ++j) acc[j] = 0.f;
-    for (int64_t si = 0; si < n_seg; ++si) {
-      if (seg[4 * si + 2] != k) continue;
-      const int64_t start = seg[4 * si], end = seg[4 * si + 1], srow = seg[4 * si + 3];
-      for (int64_t row = start; row < end; ++row) {
-        float v = static_cast<float>(m[row * ldm + col]);
-        if (drop) v = lorafusion::dropout_keep(seed, static_cast<uint32_t>(row), static_cast<uint32_t>(col), thr) ? v * inv : 0.f;
-        const float* lr = l + f_off + (srow + row - start) * r + rb;
-#pragma unroll
-        for (int j = 0; j < kRankChunk; ++j)
-          if (j < nr) acc[j] += lr[j] * v;
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kRankChunk; ++j)
-      if (j < nr) G[(w_off + rb + j) * N + col] = acc[j] * scale;
+__global__ void __launch_bounds__(kThreads, 1) grad_kernel(const float* __restrict__ l, const T* __restrict__ m,
+                                                        int64_t ldm, int N, int rows, int chunk,
+                                                        float* __restrict__ G, const int64_t* __restrict__ seg,
+                                                        int64_t n_seg, const int64_t* __restrict__ slot,
+                                                        const double* __restrict__ slot_p,
+                                                        const float* __restrict__ slot_scale, uint64_t seed,
+                                                        bool dropout, bool scaled) {
+  __shared__ gemm::TileSmem sm;
+  const int c0 = blockIdx.x * chunk, c1 = min(c0 + chunk, rows), n0 = blockIdx.y * kBN;
+  for (int64_t si = first_ending_after(seg, n_seg, c0); si < n_seg && seg[4 * si] < c1; ++si) {
+    const int64_t start = seg[4 * si], end = seg[4 * si + 1], srow = seg[4 * si + 3];
+    const SlotParams sp = load_slot(slot, slot_p, slot_scale, seg[4 * si + 2], dropout, scaled);
+    GemmArgs a = slot_args(sp, seed, kMaskR);
+    // L(j, row) = l[f_off + (srow + row - start) r + j]; R = m (T x N); C(j, col) = G[(w_off + j) N + col]
+    a.lsm = 1;
+    a.lsk = sp.r;
+    a.l_k0 = start - srow;
+    a.rsk = ldm;
+    a.rsn = 1;
+    a.csm = N;
+    a.csn = 1;
+    a.N = N;
+    const int lo = static_cast<int>(max(start, static_cast<int64_t>(c0)));
+    const int hi = static_cast<int>(min(end, static_cast<int64_t>(c1)));
+    for (int j0 = 0; j0 < sp.r; j0 += kBM)
+      gemm::gemm_tile<float, T, float>(l + sp.f_off, m, G + sp.w_off * N, a, j0, n0, 0, static_cast<int>(sp.r), lo,
+                                       hi, true, sm);
   }
 }
 
+// out[rows] += scale * D'(l[rows] w_k): block (b, c) takes token rows [64 b, 64 b + 64) and columns
+// [64 c, 64 c + 64), one tile per segment overlapping them, with the mask on the output at absolute (row, column).
 template <typename T>
-__global__ void expand_add_kernel(T* __restrict__ out, int64_t ldo, int64_t N, const float* __restrict__ l,
-                                  const float* __restrict__ w, const int64_t* __restrict__ seg, int64_t n_seg,
-                                  const int64_t* __restrict__ slot, const double* __restrict__ slot_p,
-                                  const float* __restrict__ slot_scale, uint64_t seed, bool dropout, bool scaled) {
-  const int64_t row = blockIdx.x;
-  const int64_t col = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
-  if (col >= N) return;
-  const int64_t si = find_segment(seg, n_seg, row);
-  if (si < 0) return;
-  const int64_t start = seg[4 * si], k = seg[4 * si + 2], srow = seg[4 * si + 3];
-  const SlotParams sp = load_slot(slot, slot_p, slot_scale, k, dropout, scaled);
-  if (sp.drop && !lorafusion::dropout_keep(seed, static_cast<uint32_t>(row), static_cast<uint32_t>(col), sp.thr))
-    return;
-  const float* lr = l + sp.f_off + (srow + row - start) * sp.r;
-  float acc = 0.f;
-  for (int64_t j = 0; j < sp.r; ++j) acc += lr[j] * w[(sp.w_off + j) * N + col];
-  const float mul = sp.scale * sp.inv;
-  T* o = out + row * ldo + col;
-  *o = static_cast<T>(static_cast<float>(*o) + mul * acc);
+__global__ void __launch_bounds__(kThreads, 1) expand_add_kernel(T* __restrict__ out, int64_t ldo, int N, int rows,
+                                                              const float* __restrict__ l,
+                                                              const float* __restrict__ w,
+                                                              const int64_t* __restrict__ seg, int64_t n_seg,
+                                                              const int64_t* __restrict__ slot,
+                                                              const double* __restrict__ slot_p,
+                                                              const float* __restrict__ slot_scale, uint64_t seed,
+                                                              bool dropout, bool scaled) {
+  __shared__ gemm::TileSmem sm;
+  const int m0 = blockIdx.x * kBM, m1 = min(m0 + kBM, rows), n0 = blockIdx.y * kBN;
+  for (int64_t si = first_ending_after(seg, n_seg, m0); si < n_seg && seg[4 * si] < m1; ++si) {
+    const int64_t start = seg[4 * si], end = seg[4 * si + 1], srow = seg[4 * si + 3];
+    const SlotParams sp = load_slot(slot, slot_p, slot_scale, seg[4 * si + 2], dropout, scaled);
+    GemmArgs a = slot_args(sp, seed, kMaskOut);
+    // L(row, j) = l[f_off + (srow + row - start) r + j]; R(j, col) = w[(w_off + j) N + col]; C = out (T x N)
+    a.lsm = sp.r;
+    a.lsk = 1;
+    a.l_m0 = start - srow;
+    a.rsk = N;
+    a.rsn = 1;
+    a.csm = ldo;
+    a.csn = 1;
+    a.N = N;
+    a.accumulate = true;
+    const int lo = static_cast<int>(max(start, static_cast<int64_t>(m0)));
+    const int hi = static_cast<int>(min(end, static_cast<int64_t>(m1)));
+    gemm::gemm_tile<float, float, T>(l + sp.f_off, w + sp.w_off * N, out, a, m0, n0, lo, hi, 0,
+                                     static_cast<int>(sp.r), false, sm);
+  }
 }
 
 at::Tensor rowmajor(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -155,8 +196,10 @@ at::Tensor multi_lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& w_ca
   const auto sc = slot_scale.to(at::kFloat).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_shrink_cuda", [&] {
-    shrink_kernel<scalar_t><<<T, 128, 0, stream>>>(
-        x.data_ptr<scalar_t>(), x.stride(0), x.size(1), w.data_ptr<float>(), out.data_ptr<float>(),
+    shrink_kernel<scalar_t><<<dim3(static_cast<unsigned>((T + kBM - 1) / kBM), kShrinkRankBlocks), kThreads, 0,
+                               stream>>>(
+        x.data_ptr<scalar_t>(), x.stride(0), static_cast<int>(x.size(1)), static_cast<int>(T), w.data_ptr<float>(),
+        out.data_ptr<float>(),
         seg.data_ptr<int64_t>(), n_seg, slot.data_ptr<int64_t>(), sp.data_ptr<double>(), sc.data_ptr<float>(),
         static_cast<uint64_t>(seed), dropout, scaled);
   });
@@ -170,17 +213,26 @@ at::Tensor multi_lora_grad_cuda(const at::Tensor& l_flat_in, const at::Tensor& m
   const c10::cuda::CUDAGuard guard(m_in.device());
   const auto m = rowmajor(m_in);
   const auto l = l_flat_in.to(at::kFloat).contiguous();
-  const int64_t N = m.size(1), n_slot = slot.size(0);
+  const int64_t T = m.size(0), N = m.size(1), n_seg = seg.size(0);
   auto G = at::zeros({total_rank, N}, m.options().dtype(at::kFloat));
-  if (n_slot == 0 || N == 0) return G;
+  if (T == 0 || n_seg == 0 || N == 0) return G;
   const auto sp = slot_p.to(at::kDouble).contiguous();
   const auto sc = slot_scale.to(at::kFloat).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(n_slot), static_cast<unsigned>((N + kThreads - 1) / kThreads));
+  // Token rows per block: about four blocks per SM over the column blocks, each still reducing several 16-row steps
+  // (fewer, longer chunks mean fewer atomics into G).
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t gn = (N + kBN - 1) / kBN;
+  const int64_t chunks = std::max<int64_t>(1, (4 * static_cast<int64_t>(sms) + gn - 1) / gn);
+  const int64_t chunk = std::max<int64_t>(4 * kBK, ((T + chunks - 1) / chunks + kBK - 1) / kBK * kBK);
+  const dim3 grid(static_cast<unsigned>((T + chunk - 1) / chunk), static_cast<unsigned>(gn));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "multi_lora_grad_cuda", [&] {
     grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        l.data_ptr<float>(), m.data_ptr<scalar_t>(), m.stride(0), N, G.data_ptr<float>(), seg.data_ptr<int64_t>(),
-        seg.size(0), slot.data_ptr<int64_t>(), sp.data_ptr<double>(), sc.data_ptr<float>(),
+        l.data_ptr<float>(), m.data_ptr<scalar_t>(), m.stride(0), static_cast<int>(N), static_cast<int>(T),
+        static_cast<int>(chunk), G.data_ptr<float>(), seg.data_ptr<int64_t>(), n_seg, slot.data_ptr<int64_t>(),
+        sp.data_ptr<double>(), sc.data_ptr<float>(),
         static_cast<uint64_t>(seed), dropout, scaled);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -199,10 +251,11 @@ void multi_lora_expand_add_cuda(at::Tensor& out, const at::Tensor& l_flat_in, co
   const auto sp = slot_p.to(at::kDouble).contiguous();
   const auto sc = slot_scale.to(at::kFloat).contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>((N + kThreads - 1) / kThreads));
+  const dim3 grid(static_cast<unsigned>((T + kBM - 1) / kBM), static_cast<unsigned>((N + kBN - 1) / kBN));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "multi_lora_expand_add_cuda", [&] {
     expand_add_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        out.data_ptr<scalar_t>(), out.stride(0), N, l.data_ptr<float>(), w.data_ptr<float>(),
+        out.data_ptr<scalar_t>(), out.stride(0), static_cast<int>(N), static_cast<int>(T), l.data_ptr<float>(),
+        w.data_ptr<float>(),
         seg.data_ptr<int64_t>(), n_seg, slot.data_ptr<int64_t>(), sp.data_ptr<double>(), sc.data_ptr<float>(),
         static_cast<uint64_t>(seed), dropout, scaled);
   });
