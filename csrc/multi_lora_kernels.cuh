@@ -1,0 +1,178 @@
+// Device code of the multi-adapter CUDA ops (host launchers in multi_lora_cuda.cu): each op is the single-adapter
+// ops' tiled skinny GEMM (lora_gemm.cuh) applied per row segment. A header so that
+// tests/lorafusion/cuda_emulation.cpp can run this very code on the CPU, one thread per CUDA thread.
+#pragma once
+
+#include <cstdint>
+
+#include "lora_gemm.cuh"
+#include "philox.h"
+
+namespace lorafusion {
+namespace multi_cuda {
+
+using gemm::GemmArgs;
+using gemm::kBK;
+using gemm::kBM;
+using gemm::kBN;
+using gemm::kMaskL;
+using gemm::kMaskNone;
+using gemm::kMaskOut;
+using gemm::kMaskR;
+using gemm::kThreads;
+
+__device__ __forceinline__ uint32_t device_threshold(double p) {
+  const double t = nearbyint(p * 4294967296.0);
+  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
+}
+
+// Slot k's rank, offsets and per-adapter factors, as each kernel reads them from the tables.
+struct SlotParams {
+  int64_t r, w_off, f_off;
+  double p;
+  bool drop;       // dropout requested and this adapter's p > 0
+  uint32_t thr;    // keep threshold of p
+  float inv;       // 1 / (1 - p) when dropping, else 1
+  float scale;     // the adapter's scale when requested, else 1
+};
+
+__device__ __forceinline__ SlotParams load_slot(const int64_t* slot, const double* slot_p, const float* slot_scale,
+                                                int64_t k, bool dropout, bool scaled) {
+  SlotParams s;
+  s.r = slot[3 * k];
+  s.w_off = slot[3 * k + 1];
+  s.f_off = slot[3 * k + 2];
+  s.p = slot_p[k];
+  s.drop = dropout && s.p > 0.0;
+  s.thr = device_threshold(s.p);
+  s.inv = s.drop ? static_cast<float>(1.0 / (1.0 - s.p)) : 1.0f;
+  s.scale = scaled ? slot_scale[k] : 1.0f;
+  return s;
+}
+
+// The first segment (sorted by start row) that ends after `row`; n_seg if none.
+__device__ __forceinline__ int64_t first_ending_after(const int64_t* seg, int64_t n_seg, int64_t row) {
+  int64_t lo = 0, hi = n_seg;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (seg[4 * mid + 1] <= row) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+__device__ __forceinline__ GemmArgs slot_args(const SlotParams& sp, uint64_t seed, int mask_on) {
+  GemmArgs a{};
+  a.alpha = sp.scale;
+  a.mask_on = sp.drop ? mask_on : kMaskNone;
+  a.seed = seed;
+  a.threshold = sp.thr;
+  a.keep_scale = sp.inv;
+  return a;
+}
+
+// Rank blocks of shrink's grid: ranks up to 256 (AdapterSpec's limit) take one tile per block; larger ones loop.
+constexpr unsigned kShrinkRankBlocks = 4;
+
+// out[slot block rows] = scale * D(x[rows]) w_k^T: block (b, c) takes token rows [64 b, 64 b + 64) and, of each
+// segment overlapping them (usually one), the 64-rank tiles c, c + 4, ..., with the mask on x at absolute
+// (row, column). Blocks past a segment's rank skip it.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) shrink_kernel(const T* __restrict__ x, int64_t ldx, int K, int rows,
+                                                          const float* __restrict__ w, float* __restrict__ out,
+                                                          const int64_t* __restrict__ seg, int64_t n_seg,
+                                                          const int64_t* __restrict__ slot,
+                                                          const double* __restrict__ slot_p,
+                                                          const float* __restrict__ slot_scale, uint64_t seed,
+                                                          bool dropout, bool scaled) {
+  __shared__ gemm::TileSmem sm;
+  const int m0 = blockIdx.x * kBM, m1 = min(m0 + kBM, rows);
+  for (int64_t si = first_ending_after(seg, n_seg, m0); si < n_seg && seg[4 * si] < m1; ++si) {
+    const int64_t start = seg[4 * si], end = seg[4 * si + 1], srow = seg[4 * si + 3];
+    const SlotParams sp = load_slot(slot, slot_p, slot_scale, seg[4 * si + 2], dropout, scaled);
+    GemmArgs a = slot_args(sp, seed, kMaskL);
+    // L = x (T x K); R(k, j) = w[(w_off + j) K + k]; C(m, j) = out[f_off + (srow + m - start) r + j]
+    a.lsm = ldx;
+    a.lsk = 1;
+    a.rsk = 1;
+    a.rsn = K;
+    a.csm = sp.r;
+    a.csn = 1;
+    a.c_m0 = start - srow;
+    a.N = static_cast<int>(sp.r);
+    const int lo = static_cast<int>(max(start, static_cast<int64_t>(m0)));
+    const int hi = static_cast<int>(min(end, static_cast<int64_t>(m1)));
+    for (int n0 = blockIdx.y * kBN; n0 < sp.r; n0 += gridDim.y * kBN)
+      gemm::gemm_tile<T, float, float>(x, w + sp.w_off * K, out + sp.f_off, a, m0, n0, lo, hi, 0, K, false, sm);
+  }
+}
+
+// G[w_off + j, col] += scale * sum over slot k's rows of l[row, j] D(m[row, col]): block (c, b) takes the token rows
+// of chunk c (`chunk` rows, a multiple of 16) and columns [64 b, 64 b + 64); each segment part in the chunk adds its
+// 64-rank tiles into G with float atomics (G starts at zero).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) grad_kernel(const float* __restrict__ l, const T* __restrict__ m,
+                                                        int64_t ldm, int N, int rows, int chunk,
+                                                        float* __restrict__ G, const int64_t* __restrict__ seg,
+                                                        int64_t n_seg, const int64_t* __restrict__ slot,
+                                                        const double* __restrict__ slot_p,
+                                                        const float* __restrict__ slot_scale, uint64_t seed,
+                                                        bool dropout, bool scaled) {
+  __shared__ gemm::TileSmem sm;
+  const int c0 = blockIdx.x * chunk, c1 = min(c0 + chunk, rows), n0 = blockIdx.y * kBN;
+  for (int64_t si = first_ending_after(seg, n_seg, c0); si < n_seg && seg[4 * si] < c1; ++si) {
+    const int64_t start = seg[4 * si], end = seg[4 * si + 1], srow = seg[4 * si + 3];
+    const SlotParams sp = load_slot(slot, slot_p, slot_scale, seg[4 * si + 2], dropout, scaled);
+    GemmArgs a = slot_args(sp, seed, kMaskR);
+    // L(j, row) = l[f_off + (srow + row - start) r + j]; R = m (T x N); C(j, col) = G[(w_off + j) N + col]
+    a.lsm = 1;
+    a.lsk = sp.r;
+    a.l_k0 = start - srow;
+    a.rsk = ldm;
+    a.rsn = 1;
+    a.csm = N;
+    a.csn = 1;
+    a.N = N;
+    const int lo = static_cast<int>(max(start, static_cast<int64_t>(c0)));
+    const int hi = static_cast<int>(min(end, static_cast<int64_t>(c1)));
+    for (int j0 = 0; j0 < sp.r; j0 += kBM)
+      gemm::gemm_tile<float, T, float>(l + sp.f_off, m, G + sp.w_off * N, a, j0, n0, 0, static_cast<int>(sp.r), lo,
+                                       hi, true, sm);
+  }
+}
+
+// out[rows] += scale * D'(l[rows] w_k): block (b, c) takes token rows [64 b, 64 b + 64) and columns
+// [64 c, 64 c + 64), one tile per segment overlapping them, with the mask on the output at absolute (row, column).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 1) expand_add_kernel(T* __restrict__ out, int64_t ldo, int N, int rows,
+                                                              const float* __restrict__ l,
+                                                              const float* __restrict__ w,
+                                                              const int64_t* __restrict__ seg, int64_t n_seg,
+                                                              const int64_t* __restrict__ slot,
+                                                              const double* __restrict__ slot_p,
+                                                              const float* __restrict__ slot_scale, uint64_t seed,
+                                                              bool dropout, bool scaled) {
+  __shared__ gemm::TileSmem sm;
+  const int m0 = blockIdx.x * kBM, m1 = min(m0 + kBM, rows), n0 = blockIdx.y * kBN;
+  for (int64_t si = first_ending_after(seg, n_seg, m0); si < n_seg && seg[4 * si] < m1; ++si) {
+    const int64_t start = seg[4 * si], end = seg[4 * si + 1], srow = seg[4 * si + 3];
+    const SlotParams sp = load_slot(slot, slot_p, slot_scale, seg[4 * si + 2], dropout, scaled);
+    GemmArgs a = slot_args(sp, seed, kMaskOut);
+    // L(row, j) = l[f_off + (srow + row - start) r + j]; R(j, col) = w[(w_off + j) N + col]; C = out (T x N)
+    a.lsm = sp.r;
+    a.lsk = 1;
+    a.l_m0 = start - srow;
+    a.rsk = N;
+    a.rsn = 1;
+    a.csm = ldo;
+    a.csn = 1;
+    a.N = N;
+    a.accumulate = true;
+    const int lo = static_cast<int>(max(start, static_cast<int64_t>(m0)));
+    const int hi = static_cast<int>(min(end, static_cast<int64_t>(m1)));
+    gemm::gemm_tile<float, float, T>(l + sp.f_off, w + sp.w_off * N, out, a, m0, n0, lo, hi, 0,
+                                     static_cast<int>(sp.r), false, sm);
+  }
+}
+
+}  // namespace multi_cuda
+}  // namespace lorafusion
