@@ -30,15 +30,7 @@ namespace {
 
 using at::Tensor;
 
-using gemm::GemmArgs;
-using gemm::kBK;
-using gemm::kBM;
-using gemm::kBN;
-using gemm::kMaskL;
-using gemm::kMaskNone;
-using gemm::kMaskOut;
-using gemm::kMaskR;
-using gemm::kThreads;
+using namespace gemm;  // GemmArgs, the mask modes and the tile constants
 
 // C (+)= alpha * L R, one 64 x 64 tile of C per block over blockIdx.z's share of K (lora_gemm.cuh).
 template <typename TL, typename TR, typename TC>

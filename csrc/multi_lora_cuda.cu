@@ -20,6 +20,18 @@ using namespace lorafusion::multi_cuda;  // the kernels, GemmArgs and the tile c
 
 at::Tensor rowmajor(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// The tables as the kernels take them, with the converted per-slot factors they point into kept alive.
+struct HostTables {
+  at::Tensor sp, sc;
+  Tables t;
+  HostTables(const at::Tensor& seg, const at::Tensor& slot, const at::Tensor& slot_p, const at::Tensor& slot_scale,
+             int64_t seed, bool dropout, bool scaled)
+      : sp(slot_p.to(at::kDouble).contiguous()),
+        sc(slot_scale.to(at::kFloat).contiguous()),
+        t{seg.data_ptr<int64_t>(), seg.size(0), slot.data_ptr<int64_t>(), sp.data_ptr<double>(), sc.data_ptr<float>(),
+          static_cast<uint64_t>(seed), dropout, scaled} {}
+};
+
 at::Tensor multi_lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& w_cat_in, const at::Tensor& seg,
                                   const at::Tensor& slot, const at::Tensor& slot_p, const at::Tensor& slot_scale,
                                   int64_t numel, int64_t seed, bool dropout, bool scaled) {
@@ -29,16 +41,13 @@ at::Tensor multi_lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& w_ca
   auto out = at::empty({numel}, x.options().dtype(at::kFloat));
   const int64_t T = x.size(0), n_seg = seg.size(0);
   if (T == 0 || n_seg == 0 || numel == 0) return out;
-  const auto sp = slot_p.to(at::kDouble).contiguous();
-  const auto sc = slot_scale.to(at::kFloat).contiguous();
+  const HostTables tables(seg, slot, slot_p, slot_scale, seed, dropout, scaled);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "multi_lora_shrink_cuda", [&] {
     shrink_kernel<scalar_t><<<dim3(static_cast<unsigned>((T + kBM - 1) / kBM), kShrinkRankBlocks), kThreads, 0,
                                stream>>>(
         x.data_ptr<scalar_t>(), x.stride(0), static_cast<int>(x.size(1)), static_cast<int>(T), w.data_ptr<float>(),
-        out.data_ptr<float>(),
-        seg.data_ptr<int64_t>(), n_seg, slot.data_ptr<int64_t>(), sp.data_ptr<double>(), sc.data_ptr<float>(),
-        static_cast<uint64_t>(seed), dropout, scaled);
+        out.data_ptr<float>(), tables.t);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -53,8 +62,7 @@ at::Tensor multi_lora_grad_cuda(const at::Tensor& l_flat_in, const at::Tensor& m
   const int64_t T = m.size(0), N = m.size(1), n_seg = seg.size(0);
   auto G = at::zeros({total_rank, N}, m.options().dtype(at::kFloat));
   if (T == 0 || n_seg == 0 || N == 0) return G;
-  const auto sp = slot_p.to(at::kDouble).contiguous();
-  const auto sc = slot_scale.to(at::kFloat).contiguous();
+  const HostTables tables(seg, slot, slot_p, slot_scale, seed, dropout, scaled);
   auto stream = c10::cuda::getCurrentCUDAStream();
   // Token rows per block: about four blocks per SM over the column blocks, each still reducing several 16-row steps
   // (fewer, longer chunks mean fewer atomics into G).
@@ -68,9 +76,7 @@ at::Tensor multi_lora_grad_cuda(const at::Tensor& l_flat_in, const at::Tensor& m
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "multi_lora_grad_cuda", [&] {
     grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         l.data_ptr<float>(), m.data_ptr<scalar_t>(), m.stride(0), static_cast<int>(N), static_cast<int>(T),
-        static_cast<int>(chunk), G.data_ptr<float>(), seg.data_ptr<int64_t>(), n_seg, slot.data_ptr<int64_t>(),
-        sp.data_ptr<double>(), sc.data_ptr<float>(),
-        static_cast<uint64_t>(seed), dropout, scaled);
+        static_cast<int>(chunk), G.data_ptr<float>(), tables.t);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return G;
@@ -85,16 +91,13 @@ void multi_lora_expand_add_cuda(at::Tensor& out, const at::Tensor& l_flat_in, co
   const auto w = w_cat_in.to(at::kFloat).contiguous();
   const int64_t T = out.size(0), N = out.size(1), n_seg = seg.size(0);
   if (T == 0 || N == 0 || n_seg == 0) return;
-  const auto sp = slot_p.to(at::kDouble).contiguous();
-  const auto sc = slot_scale.to(at::kFloat).contiguous();
+  const HostTables tables(seg, slot, slot_p, slot_scale, seed, dropout, scaled);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>((T + kBM - 1) / kBM), static_cast<unsigned>((N + kBN - 1) / kBN));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "multi_lora_expand_add_cuda", [&] {
     expand_add_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         out.data_ptr<scalar_t>(), out.stride(0), static_cast<int>(N), static_cast<int>(T), l.data_ptr<float>(),
-        w.data_ptr<float>(),
-        seg.data_ptr<int64_t>(), n_seg, slot.data_ptr<int64_t>(), sp.data_ptr<double>(), sc.data_ptr<float>(),
-        static_cast<uint64_t>(seed), dropout, scaled);
+        w.data_ptr<float>(), tables.t);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

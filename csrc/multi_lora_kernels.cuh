@@ -11,15 +11,7 @@
 namespace lorafusion {
 namespace multi_cuda {
 
-using gemm::GemmArgs;
-using gemm::kBK;
-using gemm::kBM;
-using gemm::kBN;
-using gemm::kMaskL;
-using gemm::kMaskNone;
-using gemm::kMaskOut;
-using gemm::kMaskR;
-using gemm::kThreads;
+using namespace gemm;  // GemmArgs, the mask modes and the tile constants
 
 __device__ __forceinline__ uint32_t device_threshold(double p) {
   const double t = nearbyint(p * 4294967296.0);
@@ -60,8 +52,52 @@ __device__ __forceinline__ int64_t first_ending_after(const int64_t* seg, int64_
   return lo;
 }
 
-__device__ __forceinline__ GemmArgs slot_args(const SlotParams& sp, uint64_t seed, int mask_on) {
+// The tables every kernel reads (multi_lora.cpp: seg rows [start, end, slot, row in the slot's S block], sorted by
+// start; slot rows [rank, row offset into the stacked weights, element offset into S_flat]).
+struct Tables {
+  const int64_t* seg;
+  int64_t n_seg;
+  const int64_t* slot;
+  const double* slot_p;
+  const float* slot_scale;
+  uint64_t seed;
+  bool dropout, scaled;
+};
+
+// A segment's part inside a block's token rows [r0, r1).
+struct SegPart {
+  int lo, hi;            // its token rows there
+  int64_t start, srow;   // its first token row, and that row's row in its slot's S block
+  SlotParams sp;
+};
+
+// Calls f(part) for each segment overlapping token rows [r0, r1), in row order: the same calls in every thread of
+// the block (f may synchronise it).
+template <typename F>
+__device__ __forceinline__ void for_each_segment(const Tables& t, int r0, int r1, F&& f) {
+  for (int64_t si = first_ending_after(t.seg, t.n_seg, r0); si < t.n_seg && t.seg[4 * si] < r1; ++si) {
+    SegPart part;
+    part.start = t.seg[4 * si];
+    part.srow = t.seg[4 * si + 3];
+    part.lo = static_cast<int>(max(part.start, static_cast<int64_t>(r0)));
+    part.hi = static_cast<int>(min(t.seg[4 * si + 1], static_cast<int64_t>(r1)));
+    part.sp = load_slot(t.slot, t.slot_p, t.slot_scale, t.seg[4 * si + 2], t.dropout, t.scaled);
+    f(part);
+  }
+}
+
+// A segment's GEMM arguments: its scale and its dropout on the op's operand (mask_on), the operands' strides
+// (L (m, k) at m lsm + k lsk, R (k, n) at k rsk + n rsn, C (m, n) at m csm + n) and C's column count N.
+__device__ __forceinline__ GemmArgs seg_args(const SlotParams& sp, uint64_t seed, int mask_on, int64_t lsm,
+                                             int64_t lsk, int64_t rsk, int64_t rsn, int64_t csm, int N) {
   GemmArgs a{};
+  a.lsm = lsm;
+  a.lsk = lsk;
+  a.rsk = rsk;
+  a.rsn = rsn;
+  a.csm = csm;
+  a.csn = 1;
+  a.N = N;
   a.alpha = sp.scale;
   a.mask_on = sp.drop ? mask_on : kMaskNone;
   a.seed = seed;
@@ -79,31 +115,17 @@ constexpr unsigned kShrinkRankBlocks = 4;
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) shrink_kernel(const T* __restrict__ x, int64_t ldx, int K, int rows,
                                                           const float* __restrict__ w, float* __restrict__ out,
-                                                          const int64_t* __restrict__ seg, int64_t n_seg,
-                                                          const int64_t* __restrict__ slot,
-                                                          const double* __restrict__ slot_p,
-                                                          const float* __restrict__ slot_scale, uint64_t seed,
-                                                          bool dropout, bool scaled) {
+                                                          const Tables t) {
   __shared__ gemm::TileSmem sm;
-  const int m0 = blockIdx.x * kBM, m1 = min(m0 + kBM, rows);
-  for (int64_t si = first_ending_after(seg, n_seg, m0); si < n_seg && seg[4 * si] < m1; ++si) {
-    const int64_t start = seg[4 * si], end = seg[4 * si + 1], srow = seg[4 * si + 3];
-    const SlotParams sp = load_slot(slot, slot_p, slot_scale, seg[4 * si + 2], dropout, scaled);
-    GemmArgs a = slot_args(sp, seed, kMaskL);
+  const int m0 = blockIdx.x * kBM;
+  for_each_segment(t, m0, min(m0 + kBM, rows), [&](const SegPart& s) {
     // L = x (T x K); R(k, j) = w[(w_off + j) K + k]; C(m, j) = out[f_off + (srow + m - start) r + j]
-    a.lsm = ldx;
-    a.lsk = 1;
-    a.rsk = 1;
-    a.rsn = K;
-    a.csm = sp.r;
-    a.csn = 1;
-    a.c_m0 = start - srow;
-    a.N = static_cast<int>(sp.r);
-    const int lo = static_cast<int>(max(start, static_cast<int64_t>(m0)));
-    const int hi = static_cast<int>(min(end, static_cast<int64_t>(m1)));
-    for (int n0 = blockIdx.y * kBN; n0 < sp.r; n0 += gridDim.y * kBN)
-      gemm::gemm_tile<T, float, float>(x, w + sp.w_off * K, out + sp.f_off, a, m0, n0, lo, hi, 0, K, false, sm);
-  }
+    GemmArgs a = seg_args(s.sp, t.seed, kMaskL, ldx, 1, 1, K, s.sp.r, static_cast<int>(s.sp.r));
+    a.c_m0 = s.start - s.srow;
+    for (int n0 = blockIdx.y * kBN; n0 < s.sp.r; n0 += gridDim.y * kBN)
+      gemm::gemm_tile<T, float, float>(x, w + s.sp.w_off * K, out + s.sp.f_off, a, m0, n0, s.lo, s.hi, 0, K, false,
+                                       sm);
+  });
 }
 
 // G[w_off + j, col] += scale * sum over slot k's rows of l[row, j] D(m[row, col]): block (c, b) takes the token rows
@@ -112,32 +134,17 @@ __global__ void __launch_bounds__(kThreads, 1) shrink_kernel(const T* __restrict
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) grad_kernel(const float* __restrict__ l, const T* __restrict__ m,
                                                         int64_t ldm, int N, int rows, int chunk,
-                                                        float* __restrict__ G, const int64_t* __restrict__ seg,
-                                                        int64_t n_seg, const int64_t* __restrict__ slot,
-                                                        const double* __restrict__ slot_p,
-                                                        const float* __restrict__ slot_scale, uint64_t seed,
-                                                        bool dropout, bool scaled) {
+                                                        float* __restrict__ G, const Tables t) {
   __shared__ gemm::TileSmem sm;
-  const int c0 = blockIdx.x * chunk, c1 = min(c0 + chunk, rows), n0 = blockIdx.y * kBN;
-  for (int64_t si = first_ending_after(seg, n_seg, c0); si < n_seg && seg[4 * si] < c1; ++si) {
-    const int64_t start = seg[4 * si], end = seg[4 * si + 1], srow = seg[4 * si + 3];
-    const SlotParams sp = load_slot(slot, slot_p, slot_scale, seg[4 * si + 2], dropout, scaled);
-    GemmArgs a = slot_args(sp, seed, kMaskR);
+  const int c0 = blockIdx.x * chunk, n0 = blockIdx.y * kBN;
+  for_each_segment(t, c0, min(c0 + chunk, rows), [&](const SegPart& s) {
     // L(j, row) = l[f_off + (srow + row - start) r + j]; R = m (T x N); C(j, col) = G[(w_off + j) N + col]
-    a.lsm = 1;
-    a.lsk = sp.r;
-    a.l_k0 = start - srow;
-    a.rsk = ldm;
-    a.rsn = 1;
-    a.csm = N;
-    a.csn = 1;
-    a.N = N;
-    const int lo = static_cast<int>(max(start, static_cast<int64_t>(c0)));
-    const int hi = static_cast<int>(min(end, static_cast<int64_t>(c1)));
-    for (int j0 = 0; j0 < sp.r; j0 += kBM)
-      gemm::gemm_tile<float, T, float>(l + sp.f_off, m, G + sp.w_off * N, a, j0, n0, 0, static_cast<int>(sp.r), lo,
-                                       hi, true, sm);
-  }
+    GemmArgs a = seg_args(s.sp, t.seed, kMaskR, 1, s.sp.r, ldm, 1, N, N);
+    a.l_k0 = s.start - s.srow;
+    for (int j0 = 0; j0 < s.sp.r; j0 += kBM)
+      gemm::gemm_tile<float, T, float>(l + s.sp.f_off, m, G + s.sp.w_off * N, a, j0, n0, 0,
+                                       static_cast<int>(s.sp.r), s.lo, s.hi, true, sm);
+  });
 }
 
 // out[rows] += scale * D'(l[rows] w_k): block (b, c) takes token rows [64 b, 64 b + 64) and columns
@@ -145,33 +152,17 @@ __global__ void __launch_bounds__(kThreads, 1) grad_kernel(const float* __restri
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) expand_add_kernel(T* __restrict__ out, int64_t ldo, int N, int rows,
                                                               const float* __restrict__ l,
-                                                              const float* __restrict__ w,
-                                                              const int64_t* __restrict__ seg, int64_t n_seg,
-                                                              const int64_t* __restrict__ slot,
-                                                              const double* __restrict__ slot_p,
-                                                              const float* __restrict__ slot_scale, uint64_t seed,
-                                                              bool dropout, bool scaled) {
+                                                              const float* __restrict__ w, const Tables t) {
   __shared__ gemm::TileSmem sm;
-  const int m0 = blockIdx.x * kBM, m1 = min(m0 + kBM, rows), n0 = blockIdx.y * kBN;
-  for (int64_t si = first_ending_after(seg, n_seg, m0); si < n_seg && seg[4 * si] < m1; ++si) {
-    const int64_t start = seg[4 * si], end = seg[4 * si + 1], srow = seg[4 * si + 3];
-    const SlotParams sp = load_slot(slot, slot_p, slot_scale, seg[4 * si + 2], dropout, scaled);
-    GemmArgs a = slot_args(sp, seed, kMaskOut);
+  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
+  for_each_segment(t, m0, min(m0 + kBM, rows), [&](const SegPart& s) {
     // L(row, j) = l[f_off + (srow + row - start) r + j]; R(j, col) = w[(w_off + j) N + col]; C = out (T x N)
-    a.lsm = sp.r;
-    a.lsk = 1;
-    a.l_m0 = start - srow;
-    a.rsk = N;
-    a.rsn = 1;
-    a.csm = ldo;
-    a.csn = 1;
-    a.N = N;
+    GemmArgs a = seg_args(s.sp, t.seed, kMaskOut, s.sp.r, 1, N, 1, ldo, N);
+    a.l_m0 = s.start - s.srow;
     a.accumulate = true;
-    const int lo = static_cast<int>(max(start, static_cast<int64_t>(m0)));
-    const int hi = static_cast<int>(min(end, static_cast<int64_t>(m1)));
-    gemm::gemm_tile<float, float, T>(l + sp.f_off, w + sp.w_off * N, out, a, m0, n0, lo, hi, 0,
-                                     static_cast<int>(sp.r), false, sm);
-  }
+    gemm::gemm_tile<float, float, T>(l + s.sp.f_off, w + s.sp.w_off * N, out, a, m0, n0, s.lo, s.hi, 0,
+                                     static_cast<int>(s.sp.r), false, sm);
+  });
 }
 
 }  // namespace multi_cuda

@@ -101,13 +101,13 @@ int main(int argc, char** argv) {
        lf = read<float>(d + "/lf"), sc = read<float>(d + "/sc");
   auto seg = read<int64_t>(d + "/seg"), slot = read<int64_t>(d + "/slot");
   auto sp = read<double>(d + "/sp");
-  const int64_t n_seg = static_cast<int64_t>(seg.size() / 4);
+  const Tables tables{seg.data(), static_cast<int64_t>(seg.size() / 4), slot.data(), sp.data(), sc.data(), seed,
+                      dropout, scaled};
 
   // shrink: the output starts as NaN, so an element no block writes shows
   std::vector<float> S(static_cast<size_t>(numel), NAN);
   launch(dim3(static_cast<unsigned>((T + kBM - 1) / kBM), kShrinkRankBlocks), kThreads, [&] {
-    shrink_kernel<float>(x.data(), K, static_cast<int>(K), static_cast<int>(T), wa.data(), S.data(), seg.data(), n_seg,
-                         slot.data(), sp.data(), sc.data(), seed, dropout, scaled);
+    shrink_kernel<float>(x.data(), K, static_cast<int>(K), static_cast<int>(T), wa.data(), S.data(), tables);
   });
   write(d + "/o_shrink", S);
 
@@ -118,14 +118,13 @@ int main(int argc, char** argv) {
   const int64_t chunk = std::max<int64_t>(4 * kBK, ((T + chunks - 1) / chunks + kBK - 1) / kBK * kBK);
   launch(dim3(static_cast<unsigned>((T + chunk - 1) / chunk), static_cast<unsigned>(gn)), kThreads, [&] {
     grad_kernel<float>(lf.data(), x.data(), K, static_cast<int>(K), static_cast<int>(T), static_cast<int>(chunk),
-                       G.data(), seg.data(), n_seg, slot.data(), sp.data(), sc.data(), seed, dropout, scaled);
+                       G.data(), tables);
   });
   write(d + "/o_grad", G);
 
   // expand_add onto dy
   launch(dim3(static_cast<unsigned>((T + kBM - 1) / kBM), static_cast<unsigned>((N + kBN - 1) / kBN)), kThreads, [&] {
-    expand_add_kernel<float>(dy.data(), N, static_cast<int>(N), static_cast<int>(T), lf.data(), wb.data(), seg.data(),
-                             n_seg, slot.data(), sp.data(), sc.data(), seed, dropout, scaled);
+    expand_add_kernel<float>(dy.data(), N, static_cast<int>(N), static_cast<int>(T), lf.data(), wb.data(), tables);
   });
   write(d + "/o_expand", dy);
   printf("grad chunk %lld\n", static_cast<long long>(chunk));
