@@ -13,15 +13,9 @@ namespace multi_cuda {
 
 using namespace gemm;  // GemmArgs, the mask modes and the tile constants
 
-__device__ __forceinline__ uint32_t device_threshold(double p) {
-  const double t = nearbyint(p * 4294967296.0);
-  return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
-}
-
 // Slot k's rank, offsets and per-adapter factors, as each kernel reads them from the tables.
 struct SlotParams {
   int64_t r, w_off, f_off;
-  double p;
   bool drop;       // dropout requested and this adapter's p > 0
   uint32_t thr;    // keep threshold of p
   float inv;       // 1 / (1 - p) when dropping, else 1
@@ -34,10 +28,10 @@ __device__ __forceinline__ SlotParams load_slot(const int64_t* slot, const doubl
   s.r = slot[3 * k];
   s.w_off = slot[3 * k + 1];
   s.f_off = slot[3 * k + 2];
-  s.p = slot_p[k];
-  s.drop = dropout && s.p > 0.0;
-  s.thr = device_threshold(s.p);
-  s.inv = s.drop ? static_cast<float>(1.0 / (1.0 - s.p)) : 1.0f;
+  const double p = slot_p[k];
+  s.drop = dropout && p > 0.0;
+  s.thr = dropout_threshold(p);
+  s.inv = s.drop ? static_cast<float>(1.0 / (1.0 - p)) : 1.0f;
   s.scale = scaled ? slot_scale[k] : 1.0f;
   return s;
 }

@@ -78,9 +78,10 @@ LORAFUSION_HD bool dropout_keep(uint64_t seed, uint32_t row, uint32_t col, uint3
   return dropout_draw(seed, row, col) >= threshold;
 }
 
-// Host only: the threshold of reference.dropout_threshold (Python's round() is round-half-to-even, as nearbyint).
-inline uint32_t dropout_threshold(double p) {
-  const double t = std::nearbyint(p * 4294967296.0);
+// The threshold of reference.dropout_threshold (Python's round() is round-half-to-even, as nearbyint).
+LORAFUSION_HD uint32_t dropout_threshold(double p) {
+  using std::nearbyint;  // the host's; CUDA's device overload where compiled for the device
+  const double t = nearbyint(p * 4294967296.0);
   return t >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(t);
 }
 

@@ -372,7 +372,6 @@ def _launch_key(kernel, args, kwargs) -> tuple:
             tuple([(k, getattr(v, "dtype", None)) for k, v in kwargs.items()]))
 
 
-
 def _chosen_config(kernel, args, kwargs):
     """The config the autotuner uses for these arguments, read from its cache under its own key (not from
     ``best_config``, which every launch of the kernel overwrites, from any thread); None when it has none (a
