@@ -87,8 +87,11 @@ def test_benchmark_plans_a_jobs_file_at_its_own_capacity(tmp_path):
                  "  - {adapter: b, lengths: [100, 900, 400], global_batch_size: 3}\n")
     rows = bench.run_file(str(f), None, 0.0, False)
     assert [r["capacity"] for r in rows] == [1024]
-    rows = bench.run_file(str(f), [2048], 0.0, False)
+    rows = bench.run_file(str(f), [2048], 0.0, True)
     assert [r["capacity"] for r in rows] == [2048]
+    ceiling, ideal = rows[0]["ceiling"], rows[0]["ideal"]  # the ideal with the padding no schedule avoids
+    assert ceiling["least_padding_proven"] and 0 < ceiling["least_padding"] <= ceiling["plan_padding"]
+    assert ceiling["time"] >= ideal["time"] and ceiling["vs_a"] <= ideal["vs_a"]
     f.write_text("jobs:\n  - {adapter: a, lengths: [300], global_batch_size: 1}\n")
     with pytest.raises(ValueError, match="sets no capacity: pass --capacities"):
         bench.run_file(str(f), None, 0.0, False)
