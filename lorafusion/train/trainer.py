@@ -452,12 +452,16 @@ def _check_resume_data(latest: str, fingerprint: str, stats: dict) -> None:
 
 
 def run_training(cfg: RunConfig, resume: bool = False) -> dict:
-    """Train, checkpoint, evaluate and save the adapter; returns the summary dict (every rank)."""
+    """Train, checkpoint, evaluate and save the adapter; returns the summary dict (every rank). ``train.num_threads``
+    holds for the run only: the caller's torch thread count is restored after it (a run inside a notebook or a test
+    process leaves that process as it found it)."""
+    threads = torch.get_num_threads()
     ds = dist_utils.setup(cfg.train.distributed, cfg.train.device)
     try:
         return _run(cfg, resume, ds)
     finally:
         dist_utils.cleanup(ds)
+        torch.set_num_threads(threads)
 
 
 def _run(cfg: RunConfig, resume: bool, ds) -> dict:

@@ -25,7 +25,13 @@ def _cfg(out, **sections):
 
 def test_default_model_eval_loss_falls_and_outputs_are_written(tmp_path):
     out = tmp_path / "run"
-    summary = run_training(_cfg(out))
+    caller_threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # the run asks for 1 and must hand the caller's 3 back
+    try:
+        summary = run_training(_cfg(out))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(caller_threads)
     assert summary["status"] == "completed" and summary["step"] == 12
     assert summary["eval_loss_after"] < 0.7 * summary["eval_loss_before"]
     assert summary["lora_path"] == "lorafusion" and summary["fused_layers"] > 0
