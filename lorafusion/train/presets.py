@@ -82,38 +82,40 @@ def _materialise_tiny_llama(folder: str) -> None:
     assert len(tok) <= cfg.vocab_size
     saved_rng, saved_threads = torch.random.get_rng_state(), torch.get_num_threads()
     torch.set_num_threads(1)  # the same weights whatever the caller's thread count (CPU reductions depend on it)
-    torch.manual_seed(1234)
-    model = LlamaForCausalLM(cfg)
-    rng = random.Random(1234)
-    steps, batch = 400, 64
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 40) * max(0.05, 1 - s / steps))
-    logger.info("materialising builtin:tiny-llama into %s (pre-training %d steps on the copy/upper-case corpus)",
-                folder, steps)
-    model.train()
-    for step in range(steps):
-        samples = [_pretrain_sample(rng) for _ in range(batch)]
-        seqs, starts = [], []
-        for p, c in samples:
-            pi = tok(p)["input_ids"]
-            seqs.append(pi + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-            starts.append(len(pi))
-        width = max(map(len, seqs))
-        ids = torch.full((batch, width), tok.pad_token_id)
-        labels = torch.full((batch, width), -100)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-            labels[i, starts[i]:len(s)] = torch.tensor(s[starts[i]:])
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            logger.info("  pre-train step %d loss %.4f", step, loss.item())
-    torch.random.set_rng_state(saved_rng)
-    torch.set_num_threads(saved_threads)
+    try:
+        torch.manual_seed(1234)
+        model = LlamaForCausalLM(cfg)
+        rng = random.Random(1234)
+        steps, batch = 400, 64
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 40) * max(0.05, 1 - s / steps))
+        logger.info("materialising builtin:tiny-llama into %s (pre-training %d steps on the copy/upper-case corpus)",
+                    folder, steps)
+        model.train()
+        for step in range(steps):
+            samples = [_pretrain_sample(rng) for _ in range(batch)]
+            seqs, starts = [], []
+            for p, c in samples:
+                pi = tok(p)["input_ids"]
+                seqs.append(pi + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+                starts.append(len(pi))
+            width = max(map(len, seqs))
+            ids = torch.full((batch, width), tok.pad_token_id)
+            labels = torch.full((batch, width), -100)
+            for i, s in enumerate(seqs):
+                ids[i, :len(s)] = torch.tensor(s)
+                labels[i, starts[i]:len(s)] = torch.tensor(s[starts[i]:])
+            loss = model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if step % 100 == 0 or step == steps - 1:
+                logger.info("  pre-train step %d loss %.4f", step, loss.item())
+    finally:  # the caller's generator and thread count, whatever happens
+        torch.random.set_rng_state(saved_rng)
+        torch.set_num_threads(saved_threads)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     with open(os.path.join(folder, "lorafusion_preset.json"), "w") as fh:
