@@ -19,7 +19,7 @@ def test_plan_writes_a_valid_schedule(tmp_path, capsys):
     out = tmp_path / "schedule.json"
     metrics = tmp_path / "metrics.json"
     rc = main(["plan", "--jobs", str(EXAMPLE), "-o", str(out), "--milp-time-limit", "0.05",
-               "--metrics-json", str(metrics)])
+               "--metrics-json", str(metrics), "--least-padding"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "a: sequential FFD" in text and "b: mLoRA-like" in text
@@ -30,6 +30,10 @@ def test_plan_writes_a_valid_schedule(tmp_path, capsys):
     m = json.loads(metrics.read_text())
     assert m["plan"]["time"] < m["a: sequential FFD"]["time"]
     assert m["plan"]["time"] < m["b: mLoRA-like"]["time"]
+    least = m["least_padding"]  # the bound, beside what the plan pays
+    assert 0 < least["tokens"] <= least["plan_tokens"] == m["plan"]["padded_tokens"] - m["plan"]["real_tokens"]
+    assert f"the plan pays {least['plan_tokens']} tokens (" in text
+    assert f"no schedule of these jobs pays fewer than {least['tokens']} (" in text
 
 
 def test_flags_override_the_file(tmp_path):
