@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .jobs import Job, PlanParams, validate_jobs
+from .jobs import Job, PlanParams, round_up, validate_jobs
 
 
 @dataclass(frozen=True)
@@ -41,18 +41,19 @@ def segment_padding_bound(lengths: Sequence[int], segment_cap: int, pad: int,
 
     if pad < 1 or segment_cap < pad:
         raise ValueError(f"need pad >= 1 and segment_cap >= pad, got pad={pad!r}, segment_cap={segment_cap!r}")
+    cap = segment_cap // pad * pad  # a padded segment is a whole number of blocks
     items = sorted((int(t) for t in lengths), reverse=True)
     if not items:
         return 0, True
-    if -(-items[0] // pad) * pad > segment_cap:
+    if round_up(items[0], pad) > cap:
         raise ValueError(f"a piece of {items[0]} tokens does not fit the segment capacity {segment_cap} once padded to "
                          f"a multiple of {pad}")
     total = sum(items)
     floor_pad = -total % pad  # one segment's round-up: no split does better
-    if total <= segment_cap or pad == 1:
+    if total <= cap or pad == 1:
         return floor_pad, True
     n = len(items)
-    bins = min(n, 2 * total // segment_cap + 1)
+    bins = min(n, 2 * total // cap + 1)
     # x[i, b] for b <= i only (symmetry: segment b is the one whose largest piece is piece b), y[b] blocks of pad
     xs = [(i, b) for i in range(n) for b in range(min(i, bins - 1) + 1)]
     col = {ib: k for k, ib in enumerate(xs)}
@@ -73,7 +74,7 @@ def segment_padding_bound(lengths: Sequence[int], segment_cap: int, pad: int,
         M[n + b, nx + b] = -pad
         lo[n + b], hi[n + b] = -np.inf, 0
     ub = np.ones(nv)
-    ub[nx:] = segment_cap // pad
+    ub[nx:] = cap // pad
     res = milp(c, constraints=LinearConstraint(M.tocsr(), lo, hi), integrality=np.ones(nv),
                bounds=Bounds(np.zeros(nv), ub),
                options={"time_limit": float(time_limit), "disp": False, "mip_rel_gap": 0.0})
@@ -93,7 +94,6 @@ def min_padding(jobs: Sequence[Job], params: PlanParams, time_limit: float = 10.
     ``time_limit``: seconds HiGHS may spend on one global batch."""
     validate_jobs(jobs, params)
     pad = params.pad_multiple
-    cap = params.capacity // pad * pad
     per, proven = {}, True
     for job in jobs:
         for g in range(job.num_global_batches):
@@ -101,7 +101,7 @@ def min_padding(jobs: Sequence[Job], params: PlanParams, time_limit: float = 10.
             if max(lengths) > params.max_piece:  # split: its pieces are the schedule's choice
                 v, ok = -sum(lengths) % pad, False
             else:
-                v, ok = segment_padding_bound(lengths, cap, pad, time_limit)
+                v, ok = segment_padding_bound(lengths, params.max_piece, pad, time_limit)
             per[(job.adapter, g)] = v
             proven &= ok
     return PaddingBound(sum(per.values()), proven, per)

@@ -48,6 +48,8 @@ def test_segment_bound_keeps_segments_within_the_capacity():
     lengths = [15, 16, 10, 35, 29, 6]
     assert segment_padding_bound(lengths, 48, 8) == (9, True)
     assert _brute_force(lengths, 48, 8) == 9 and _brute_force(lengths, 56, 8) == 1
+    # 280 tokens fit a 300-token capacity, but not once padded to 384: two segments, 232 padding (not 104)
+    assert segment_padding_bound([140, 140], 300, 128) == (232, True) == (_brute_force([140, 140], 300, 128), True)
 
 
 def test_segment_bound_gains_from_more_segments_than_the_fewest():
