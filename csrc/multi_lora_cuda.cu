@@ -10,8 +10,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include "multi_lora_kernels.cuh"
 
 namespace {
@@ -64,15 +62,11 @@ at::Tensor multi_lora_grad_cuda(const at::Tensor& l_flat_in, const at::Tensor& m
   if (T == 0 || n_seg == 0 || N == 0) return G;
   const HostTables tables(seg, slot, slot_p, slot_scale, seed, dropout, scaled);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  // Token rows per block: about four blocks per SM over the column blocks, each still reducing several 16-row steps
-  // (fewer, longer chunks mean fewer atomics into G).
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t gn = (N + kBN - 1) / kBN;
-  const int64_t chunks = std::max<int64_t>(1, (4 * static_cast<int64_t>(sms) + gn - 1) / gn);
-  const int64_t chunk = std::max<int64_t>(4 * kBK, ((T + chunks - 1) / chunks + kBK - 1) / kBK * kBK);
-  const dim3 grid(static_cast<unsigned>((T + chunk - 1) / chunk), static_cast<unsigned>(gn));
+  const int64_t chunk = grad_row_chunk(T, N, sms);
+  const dim3 grid(static_cast<unsigned>((T + chunk - 1) / chunk), static_cast<unsigned>((N + kBN - 1) / kBN));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, m.scalar_type(), "multi_lora_grad_cuda", [&] {
     grad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         l.data_ptr<float>(), m.data_ptr<scalar_t>(), m.stride(0), static_cast<int>(N), static_cast<int>(T),

@@ -3,6 +3,7 @@
 // tests/lorafusion/cuda_emulation.cpp can run this very code on the CPU, one thread per CUDA thread.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "lora_gemm.cuh"
@@ -102,6 +103,14 @@ __device__ __forceinline__ GemmArgs seg_args(const SlotParams& sp, uint64_t seed
 
 // Rank blocks of shrink's grid: ranks up to 256 (AdapterSpec's limit) take one tile per block; larger ones loop.
 constexpr unsigned kShrinkRankBlocks = 4;
+
+// grad's token rows per block for T rows, N columns and `sms` SMs: about four blocks per SM over the column blocks,
+// each still reducing several 16-row steps (fewer, longer chunks mean fewer atomics into G). Host code.
+inline int64_t grad_row_chunk(int64_t T, int64_t N, int64_t sms) {
+  const int64_t gn = (N + kBN - 1) / kBN;
+  const int64_t chunks = std::max<int64_t>(1, (4 * sms + gn - 1) / gn);
+  return std::max<int64_t>(4 * kBK, ((T + chunks - 1) / chunks + kBK - 1) / kBK * kBK);
+}
 
 // out[slot block rows] = scale * D(x[rows]) w_k^T: block (b, c) takes token rows [64 b, 64 b + 64) and, of each
 // segment overlapping them (usually one), the 64-rank tiles c, c + 4, ..., with the mask on x at absolute

@@ -1,9 +1,10 @@
 // Runs the multi-adapter CUDA kernels (csrc/multi_lora_kernels.cuh, with the tile of csrc/lora_gemm.cuh) on the CPU:
 // the kernel source itself, compiled by the host compiler, one std::thread per CUDA thread, blocks one after another,
 // __syncthreads as a std::barrier over the block's threads, atomicAdd as an atomic float add, __shared__ as one
-// static per kernel (blocks never run at once). The grids and the grad chunking repeat multi_lora_cuda.cu's host
-// code. This checks the kernels' indexing, masks, segment walk and barrier placement without a GPU (a missing barrier
-// races here too); it does not check the GPU memory model or the 16-bit conversions, which test_multi_gpu.py does.
+// static per kernel (blocks never run at once). The grids repeat multi_lora_cuda.cu's host code; the grad chunking is
+// the header's grad_row_chunk, which that code calls too. This checks the kernels' indexing, masks, segment walk and
+// barrier placement without a GPU (a missing barrier races here too); it does not check the GPU memory model or the
+// 16-bit conversions, which test_multi_gpu.py does.
 //
 //   cuda_emulation DIR T K N TOTAL_RANK NUMEL SEED DROPOUT SCALED SMS
 // reads DIR/{x,wa,wb,dy,lf} (float32), DIR/{seg,slot} (int64), DIR/sp (float64), DIR/sc (float32); writes
@@ -113,10 +114,9 @@ int main(int argc, char** argv) {
 
   // grad of x's columns (as dA): G zeroed, the row chunk as multi_lora_grad_cuda picks it for `sms` SMs
   std::vector<float> G(static_cast<size_t>(total * K), 0.f);
-  const int64_t gn = (K + kBN - 1) / kBN;
-  const int64_t chunks = std::max<int64_t>(1, (4 * sms + gn - 1) / gn);
-  const int64_t chunk = std::max<int64_t>(4 * kBK, ((T + chunks - 1) / chunks + kBK - 1) / kBK * kBK);
-  launch(dim3(static_cast<unsigned>((T + chunk - 1) / chunk), static_cast<unsigned>(gn)), kThreads, [&] {
+  const int64_t chunk = grad_row_chunk(T, K, sms);
+  const dim3 grad_grid(static_cast<unsigned>((T + chunk - 1) / chunk), static_cast<unsigned>((K + kBN - 1) / kBN));
+  launch(grad_grid, kThreads, [&] {
     grad_kernel<float>(lf.data(), x.data(), K, static_cast<int>(K), static_cast<int>(T), static_cast<int>(chunk),
                        G.data(), tables);
   });
