@@ -12,6 +12,7 @@ each adapter segment, and the number of pipeline stages.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -235,7 +236,7 @@ def jsonl_lengths(path: str | Path, *, text_field: str = "text", length_field: s
             raise ValueError(f"{where}: give either length_field or tokenizer")
         from transformers import AutoTokenizer  # lazy: only JSONL-through-tokenizer needs it
 
-        from lorafusion.train.data import check_eos, record_problem, record_tokens
+        from lorafusion.train.data import check_eos
 
         try:
             tok = AutoTokenizer.from_pretrained(tokenizer)
@@ -243,7 +244,14 @@ def jsonl_lengths(path: str | Path, *, text_field: str = "text", length_field: s
             tok.model_max_length = 2**62  # whole samples are counted (the trainer cuts them itself): no warning
         except Exception as e:  # a missing folder, no hub access, a broken tokenizer file, no EOS token
             raise ValueError(f"{where}: cannot load tokenizer {tokenizer!r}: {type(e).__name__}: {e}") from e
-    from lorafusion.train.data import jsonl_values
+    try:
+        return _jsonl_lengths(path, where, tok, text_field, length_field)
+    except OSError as e:  # no read permission, an I/O error
+        raise ValueError(f"{where} cannot be read: {e.strerror or e}") from e
+
+
+def _jsonl_lengths(path: Path, where: str, tok, text_field: str, length_field: str | None) -> list[int]:
+    from lorafusion.train.data import jsonl_values, record_problem, record_tokens
 
     out = []
     for lineno, rec, problem in jsonl_values(path):
@@ -260,14 +268,14 @@ def jsonl_lengths(path: str | Path, *, text_field: str = "text", length_field: s
                                  f"got {value!r}")
             out.append(value)
             continue
-        if not ("prompt" in rec or "completion" in rec):  # a text record, its text under text_field
-            if text_field not in rec:
-                raise ValueError(f"{where} line {lineno} has no field {text_field!r} (nor 'prompt' and "
-                                 f"'completion')")
-            rec = {"text": rec[text_field]}
-        problem = record_problem(rec)
+        if not ("prompt" in rec or "completion" in rec) and text_field not in rec:
+            raise ValueError(f"{where} line {lineno} has no field {text_field!r} (nor 'prompt' and "
+                             f"'completion')")
+        problem = record_problem(rec, text_field)
         if problem is not None:
             raise ValueError(f"{where} line {lineno}: {problem}")
+        if not ("prompt" in rec or "completion" in rec):  # a text record, its text under text_field
+            rec = {"text": rec[text_field]}
         out.append(len(record_tokens(rec, tok)[0]))
     if not out:
         raise ValueError(f"{where} has no records")
@@ -375,6 +383,44 @@ def _distribution_lengths(d: Any, job: str, adapter: str, gbs: int, num_gb: int 
         raise ValueError(f"{job} distribution: {e}") from e
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``json.loads`` object hook: a key written twice in one object is an error (JSON keeps the last silently)."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"key {k!r} is given twice in one object")
+        out[k] = v
+    return out
+
+
+@functools.cache
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` that refuses a mapping key given twice (PyYAML keeps the last silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    dup = key in seen
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    break
+                if dup:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found key {key!r} given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_jobs(path: str | Path, *, seed: int | None = None) -> tuple[list[Job], dict]:
     """Read a jobs file (YAML or JSON): ``{jobs: [...], capacity:, pad_multiple:, stages:, seed:}``.
 
@@ -383,19 +429,25 @@ def load_jobs(path: str | Path, *, seed: int | None = None) -> tuple[list[Job], 
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"jobs file {str(path)!r} is a folder, not a file")
     if not path.is_file():
         raise ValueError(f"jobs file {str(path)!r} does not exist")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"jobs file {str(path)!r} is not valid UTF-8: {e}") from e
+    except OSError as e:  # no read permission, an I/O error
+        raise ValueError(f"jobs file {str(path)!r} cannot be read: {e.strerror or e}") from e
     try:  # JSON first: YAML reads some valid JSON differently (1e3 as a string) or not at all (tab indents)
-        doc = json.loads(text)
+        doc = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError:
         try:
-            doc = yaml.safe_load(text)
+            doc = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
         except yaml.YAMLError as e:
             raise ValueError(f"jobs file {str(path)!r} is not valid YAML / JSON: {e}") from e
+    except _DuplicateKey as e:
+        raise ValueError(f"jobs file {str(path)!r}: {e}") from None
     if isinstance(doc, list):
         doc = {"jobs": doc}
     if not isinstance(doc, dict) or "jobs" not in doc:

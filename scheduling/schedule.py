@@ -47,10 +47,29 @@ class Segment:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Segment":
+        _exact_keys(d, SEGMENT_KEYS, "segment")
         if not isinstance(d.get("adapter"), str):
             raise TypeError(f"segment adapter must be a string, got {d.get('adapter')!r}")
         return cls(d["adapter"], _json_int(d["global_batch"], "global_batch"), _json_ints(d["samples"], "samples"),
                    _json_ints(d["tokens"], "tokens"), _json_int(d["padded_tokens"], "padded_tokens"))
+
+
+SEGMENT_KEYS = ("adapter", "global_batch", "samples", "tokens", "padded_tokens")
+SCHEDULE_KEYS = ("format", "capacity", "pad_multiple", "stages", "microbatches", "optimizer_steps", "meta")
+
+
+def _exact_keys(d: Any, keys: tuple[str, ...], what: str, optional: tuple[str, ...] = ()) -> None:
+    """``d`` is a dict with every one of ``keys`` (and maybe ``optional`` ones) and nothing else: a misspelt key
+    (``"segment"`` for ``"segments"``) would otherwise read as a missing one and change the schedule's meaning."""
+    if not isinstance(d, dict):
+        raise TypeError(f"a {what} must be a JSON object, got {d!r}")
+    unknown = sorted(set(d) - set(keys) - set(optional))
+    missing = [k for k in keys if k not in d]
+    if unknown or missing:
+        shown = repr(d) if len(repr(d)) <= 160 else repr(d)[:157] + "..."
+        raise ValueError(f"{what} {shown}: " + "; ".join(
+            ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else []))
+            + f" (a {what} has {list(keys) + list(optional)})")
 
 
 def _json_int(value: Any, name: str) -> int:
@@ -91,7 +110,8 @@ class Microbatch:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Microbatch":
-        segments = d.get("segments", [])
+        _exact_keys(d, ("segments",), "microbatch")  # a no-op slot is {"segments": []}
+        segments = d["segments"]
         if not isinstance(segments, list):
             raise TypeError(f"microbatch segments must be a list, got {segments!r}")
         return cls(tuple(Segment.from_dict(s) for s in segments))
@@ -128,12 +148,13 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Schedule":
-        """The schedule of ``to_dict``'s form; a missing field, a wrong type or a non-positive capacity / padding
-        multiple / stage count is a ``ValueError`` (rule violations are :func:`scheduling.verify`'s job)."""
+        """The schedule of ``to_dict``'s form; a missing or unknown field, a wrong type or a non-positive capacity /
+        padding multiple / stage count is a ``ValueError`` (rule violations are :func:`scheduling.verify`'s job)."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             got = d.get("format") if isinstance(d, dict) else d
             raise ValueError(f"schedule format must be {FORMAT!r}, got {got!r}")
         try:
+            _exact_keys(d, SCHEDULE_KEYS[:-1], "schedule", optional=("meta",))
             if not isinstance(d["microbatches"], list):
                 raise TypeError(f"microbatches must be a list, got {d['microbatches']!r}")
             out = cls([Microbatch.from_dict(m) for m in d["microbatches"]],

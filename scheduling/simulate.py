@@ -5,7 +5,10 @@ forward and ``backward_factor`` times that for its backward; a no-op slot takes 
 backward. Stage s runs ``min(S - s - 1, M)`` warm-up forwards, then alternates one forward and one backward, then
 drains the remaining backwards. F(s, i) needs F(s-1, i); B(s, i) needs B(s+1, i) (the last stage: its own F). A
 microbatch holding global batch g+1 of an adapter cannot start its first forward (stage 0) before the last backward
-(stage 0) of that adapter's global batch g has finished (the optimizer step sits in between).
+(stage 0) of that adapter's global batch g has finished (the optimizer step sits in between). Stage 0's order runs
+F(0, j) after B(0, j - S), so where the planner's rule holds (g+1 starts at least S positions after g's last
+microbatch) that backward has run first anyway: the rule costs no time of its own, and a schedule that breaks it
+deadlocks (a ``ValueError``) instead of getting a time.
 
 The busy time counted as useful is the forward and backward time of real microbatches; everything else (idle time
 and no-op slots) is bubble.

@@ -66,16 +66,19 @@ def read_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int
     if not os.path.isfile(path):
         raise DataError(f"data file not found: {path}")
     records, skipped = [], 0
-    for lineno, rec, problem in jsonl_values(path):
-        if problem is None:
-            problem = record_problem(rec)
-        if problem is not None:
-            if skip_bad_lines:
-                skipped += 1
-                logger.warning("%s:%d: skipped: %s", path, lineno, problem)
-                continue
-            raise DataError(f"{path}:{lineno}: {problem} (pass --skip-bad-lines to skip bad lines)")
-        records.append(rec)
+    try:
+        for lineno, rec, problem in jsonl_values(path):
+            if problem is None:
+                problem = record_problem(rec)
+            if problem is not None:
+                if skip_bad_lines:
+                    skipped += 1
+                    logger.warning("%s:%d: skipped: %s", path, lineno, problem)
+                    continue
+                raise DataError(f"{path}:{lineno}: {problem} (pass --skip-bad-lines to skip bad lines)")
+            records.append(rec)
+    except OSError as e:  # no read permission, an I/O error
+        raise DataError(f"data file {path} cannot be read: {e.strerror or e}") from e
     if skipped:
         logger.warning("%s: skipped %d bad line(s)", path, skipped)
     if not records:
@@ -84,7 +87,9 @@ def read_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int
     return records, skipped
 
 
-def record_problem(rec) -> str | None:
+def record_problem(rec, text_field: str = "text") -> str | None:
+    """Why ``rec`` is not a usable record (None when it is): a prompt / completion pair, or a text under
+    ``text_field``; the message names the field."""
     if not isinstance(rec, dict):
         return f"expected a JSON object, got {type(rec).__name__}"
     if "prompt" in rec or "completion" in rec:
@@ -96,13 +101,13 @@ def record_problem(rec) -> str | None:
         if not rec["completion"]:
             return "field 'completion' is empty"
         return None
-    if "text" in rec:
-        if not isinstance(rec["text"], str):
-            return f"field 'text' must be a string, got {type(rec['text']).__name__}"
-        if not rec["text"]:
-            return "field 'text' is empty"
+    if text_field in rec:
+        if not isinstance(rec[text_field], str):
+            return f"field {text_field!r} must be a string, got {type(rec[text_field]).__name__}"
+        if not rec[text_field]:
+            return f"field {text_field!r} is empty"
         return None
-    return f"missing fields: need 'prompt' and 'completion', or 'text' (got keys {sorted(rec)})"
+    return f"missing fields: need 'prompt' and 'completion', or {text_field!r} (got keys {sorted(rec)})"
 
 
 def check_eos(tokenizer) -> None:

@@ -254,3 +254,69 @@ def test_jobs_file_is_read_as_json_when_it_is_json(tmp_path):
     f.write_bytes(b"jobs:\n  - adapter: caf\xe9\n")
     with pytest.raises(ValueError, match=r"jobs file .*jobs.json' is not valid UTF-8"):
         load_jobs(f)
+
+
+def test_a_key_given_twice_in_a_jobs_file_is_an_error_not_the_last_one_wins(tmp_path):
+    """YAML and JSON parsers keep the last of two equal keys silently: a jobs file with `lengths` (or `capacity`)
+    written twice would plan on whichever came last."""
+    f = tmp_path / "dup.yaml"
+    f.write_text("capacity: 1024\njobs:\n  - adapter: a\n    global_batch_size: 1\n    lengths: [10, 20]\n"
+                 "    lengths: [30]\n")
+    with pytest.raises(ValueError, match=r"(?s)jobs file .*dup.yaml' is not valid YAML / JSON.*'lengths' given twice"):
+        load_jobs(f)
+    f.write_text("capacity: 1024\njobs: [{adapter: a, global_batch_size: 1, lengths: [10]}]\ncapacity: 64\n")
+    with pytest.raises(ValueError, match="'capacity' given twice"):
+        load_jobs(f)
+    j = tmp_path / "dup.json"
+    j.write_text('{"capacity": 1024, "jobs": [{"adapter": "a", "global_batch_size": 1, "lengths": [10], '
+                 '"adapter": "b"}]}')
+    with pytest.raises(ValueError, match=r"jobs file .*dup.json': key 'adapter' is given twice in one object"):
+        load_jobs(j)
+    j.write_text('{"capacity": 1024, "jobs": [{"adapter": "a", "global_batch_size": 1, "lengths": [10]}]}')
+    assert load_jobs(j)[0][0].lengths == (10,)  # the same file without the repeat loads
+
+
+def test_unreadable_jobs_file_or_dataset_is_a_clear_error(tmp_path, monkeypatch):
+    """A jobs file or dataset that exists but cannot be read (no permission: root reads anything, so the error is
+    injected) is a ValueError naming the file (and the job), not a traceback; a folder is named as one."""
+    from pathlib import Path
+
+    f = tmp_path / "jobs.yaml"
+    f.write_text("jobs: [{adapter: a, global_batch_size: 1, dataset: d.jsonl, length_field: n}]\n")
+    (tmp_path / "d.jsonl").write_text('{"n": 5}\n')
+    assert load_jobs(f)[0][0].lengths == (5,)
+    with pytest.raises(ValueError, match=r"jobs file .* is a folder, not a file"):
+        load_jobs(tmp_path)
+    real_open = open
+
+    def no_dataset(path, *a, **k):
+        if str(path).endswith("d.jsonl"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", no_dataset)
+    with pytest.raises(ValueError, match=r"job 'a' dataset .*d.jsonl' cannot be read: Permission denied"):
+        load_jobs(f)
+    monkeypatch.undo()
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ValueError, match=r"jobs file .*jobs.yaml' cannot be read: Permission denied"):
+        load_jobs(f)
+
+
+def test_a_bad_text_field_is_named_by_its_own_name(tmp_path):
+    pytest.importorskip("transformers")
+    from lorafusion.train.presets import build_tokenizer
+
+    tok_dir = tmp_path / "tok"
+    build_tokenizer().save_pretrained(tok_dir)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"body": "ab"}\n{"body": 5}\n')
+    with pytest.raises(ValueError, match=r"line 2: field 'body' must be a string, got int"):
+        jsonl_lengths(data, tokenizer=str(tok_dir), text_field="body")
+    data.write_text('{"body": ""}\n')
+    with pytest.raises(ValueError, match=r"line 1: field 'body' is empty"):
+        jsonl_lengths(data, tokenizer=str(tok_dir), text_field="body")

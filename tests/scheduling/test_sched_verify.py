@@ -183,10 +183,33 @@ def test_nonsense_schedule_params_are_reported_not_crashed_on(field, value):
 def test_malformed_schedule_json_is_a_clear_error():
     d = sched(valid_mbs()).to_dict()
     del d["stages"]
-    with pytest.raises(ValueError, match="schedule JSON is malformed: KeyError"):
+    with pytest.raises(ValueError, match=r"schedule JSON is malformed: .*missing key\(s\) \['stages'\]"):
         Schedule.from_dict(d)
     with pytest.raises(ValueError, match="schedule format must be"):
         Schedule.from_dict([1, 2])
+
+
+@pytest.mark.parametrize("path, key", [
+    (("microbatches", 1), "segment"),  # a misspelt "segments" must not read as a no-op slot
+    (("microbatches", 0, "segments", 0), "padded"),
+    ((), "optimiser_steps"),
+])
+def test_schedule_json_with_a_misspelt_key_is_refused(path, key):
+    import json
+
+    d = json.loads(sched(valid_mbs()).to_json())
+    target = d
+    for k in path:
+        target = target[k]
+    real = {"segment": "segments", "padded": "padded_tokens", "optimiser_steps": "optimizer_steps"}[key]
+    target[key] = target.pop(real)
+    with pytest.raises(ValueError, match=rf"unknown key\(s\) \['{key}'\].*missing key\(s\) \['{real}'\]"):
+        Schedule.from_json(json.dumps(d))
+    # meta is optional; a no-op slot is written {"segments": []}
+    d = json.loads(sched(valid_mbs()).to_json())
+    del d["meta"]
+    d["microbatches"].append({"segments": []})
+    assert Schedule.from_dict(d).microbatches[-1].is_noop
 
 
 @pytest.mark.parametrize("path, value", [

@@ -142,3 +142,20 @@ def test_a_byte_order_mark_is_skipped(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "AB=", "completion": "ab"}\n{"text": "cd"}\n')
     recs, skipped = read_jsonl(str(path))
     assert recs == [{"prompt": "AB=", "completion": "ab"}, {"text": "cd"}] and skipped == 0
+
+
+def test_unreadable_data_file_is_a_data_error_naming_it(tmp_path, monkeypatch):
+    """A data file that exists but cannot be opened (no permission; root reads anything, so the error is injected)
+    is a DataError naming the file, as a missing one is, not a PermissionError traceback."""
+    path = _write(tmp_path, ['{"text": "ab"}'])
+    assert len(read_jsonl(path)[0]) == 1
+    real_open = open
+
+    def denied(p, *a, **k):
+        if str(p) == str(path):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(DataError, match=r"data file .* cannot be read: Permission denied"):
+        read_jsonl(path)
