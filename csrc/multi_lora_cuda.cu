@@ -33,6 +33,14 @@ struct HostTables {
 at::Tensor multi_lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& w_cat_in, const at::Tensor& seg,
                                   const at::Tensor& slot, const at::Tensor& slot_p, const at::Tensor& slot_scale,
                                   int64_t numel, int64_t seed, bool dropout, bool scaled) {
+  // host-side shape checks (the layout's own numbers live on the device; the Python wrapper checks them against
+  // the tensors before the launch)
+  TORCH_CHECK(x_in.dim() == 2 && w_cat_in.dim() == 2 && x_in.size(1) == w_cat_in.size(1),
+              "multi_lora_shrink: x (T x K) and w_cat (R x K) must agree on K, got ", x_in.sizes(), " and ",
+              w_cat_in.sizes());
+  TORCH_CHECK(numel >= 0, "multi_lora_shrink: numel must be >= 0, got ", numel);
+  TORCH_CHECK(w_cat_in.device() == x_in.device() && seg.device() == x_in.device() && slot.device() == x_in.device(),
+              "multi_lora_shrink: x, w_cat and the layout tables must be on one device");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = rowmajor(x_in);
   const auto w = w_cat_in.to(at::kFloat).contiguous();
@@ -54,6 +62,11 @@ at::Tensor multi_lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& w_ca
 at::Tensor multi_lora_grad_cuda(const at::Tensor& l_flat_in, const at::Tensor& m_in, const at::Tensor& seg,
                                 const at::Tensor& slot, const at::Tensor& slot_p, const at::Tensor& slot_scale,
                                 int64_t total_rank, int64_t seed, bool dropout, bool scaled) {
+  TORCH_CHECK(m_in.dim() == 2 && l_flat_in.dim() == 1, "multi_lora_grad: m must be 2-D and l_flat 1-D, got ",
+              m_in.sizes(), " and ", l_flat_in.sizes());
+  TORCH_CHECK(total_rank >= 0, "multi_lora_grad: total_rank must be >= 0, got ", total_rank);
+  TORCH_CHECK(l_flat_in.device() == m_in.device() && seg.device() == m_in.device() && slot.device() == m_in.device(),
+              "multi_lora_grad: m, l_flat and the layout tables must be on one device");
   const c10::cuda::CUDAGuard guard(m_in.device());
   const auto m = rowmajor(m_in);
   const auto l = l_flat_in.to(at::kFloat).contiguous();
@@ -80,6 +93,12 @@ void multi_lora_expand_add_cuda(at::Tensor& out, const at::Tensor& l_flat_in, co
                                 const at::Tensor& seg, const at::Tensor& slot, const at::Tensor& slot_p,
                                 const at::Tensor& slot_scale, int64_t seed, bool dropout, bool scaled) {
   TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1, "multi_lora_expand_add_: out must be 2-D with unit col stride");
+  TORCH_CHECK(w_cat_in.dim() == 2 && w_cat_in.size(1) == out.size(1) && l_flat_in.dim() == 1,
+              "multi_lora_expand_add_: w_cat must be (R x N) for out (T x N) and l_flat 1-D, got ", w_cat_in.sizes(),
+              ", ", out.sizes(), " and ", l_flat_in.sizes());
+  TORCH_CHECK(w_cat_in.device() == out.device() && l_flat_in.device() == out.device() && seg.device() == out.device()
+                  && slot.device() == out.device(),
+              "multi_lora_expand_add_: out, l_flat, w_cat and the layout tables must be on one device");
   const c10::cuda::CUDAGuard guard(out.device());
   const auto l = l_flat_in.to(at::kFloat).contiguous();
   const auto w = w_cat_in.to(at::kFloat).contiguous();

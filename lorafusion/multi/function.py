@@ -76,10 +76,20 @@ def multi_lora_linear(x, weight, bias, adapters: dict, segments: AdapterSegments
     if dropout and seed is None:
         seed = draw_dropout_seed(x.device)
     params = []
+    n_out, n_in = weight.shape
     for name in segments.present_names:
         if name not in adapters:
             raise ValueError(f"adapter {name!r} has rows in the layout but no weights here")
-        params += list(adapters[name])
+        pair = adapters[name]
+        r = segments.specs[segments.names.index(name)].r
+        # the kernels slice the stacked factors by the layout's ranks: a factor of another rank would hand this
+        # adapter's rows another adapter's weights
+        if (len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair)
+                or tuple(pair[0].shape) != (r, n_in) or tuple(pair[1].shape) != (n_out, r)):
+            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in pair]
+            raise ValueError(f"adapter {name!r} (rank {r} in the layout, on a {n_in} -> {n_out} linear) needs "
+                             f"(lora_A, lora_B) of shapes {(r, n_in)} and {(n_out, r)}, got {got}")
+        params += list(pair)
     with autocast_off(x.device.type, autocast):
         return MultiLoRAFunction.apply(x, weight, bias, segments.tables(x.device), int(seed or 0) & ((1 << 64) - 1),
                                        dropout, mod, *params)

@@ -114,6 +114,10 @@ class MultiLoRALinear(nn.Module):
                 raise ValueError(f"MultiLoRALinear(in={self.in_features}, out={self.out_features}): {err}") from None
         if not isinstance(seg, AdapterSegments):
             raise TypeError(f"segments must be an AdapterSegments or SequenceLayouts, got {type(seg).__name__}")
+        if seg.sequences is not None and x.dim() == 3:  # a per-sequence layout on a time-first input
+            n, per = seg.sequences
+            if n != per and x.shape[0] == per and x.shape[1] == n:
+                seg = seg.time_major()
         check_input("MultiLoRALinear", x, self.base.weight)
         rows = x.numel() // x.shape[-1]
         if rows != seg.num_rows:

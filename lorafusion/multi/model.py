@@ -9,7 +9,10 @@
     mm.eval().generate(prompt_ids, adapter_names=["job_b", "job_a"], max_new_tokens=20)  # each its own adapter
 
 The layout is handed to the wrapped layers for the duration of one forward (the backward needs nothing more); it
-is never stored globally. Rows are the flattened (batch, sequence) tokens, in the order the linears see them.
+is never stored globally. Rows are the flattened tokens in the order the linears see them. A layout from
+``make_segments(names, seq_len=L)`` is per sequence: a layer whose input is (B, L, features) or B·L rows sequence by
+sequence reads it as built, and one whose input is time-first, (L, B, features) as FSMT's are, gets it in time-major
+order. Where B == L the two cannot be told apart by shape, and the input is read as (B, L, features).
 With ``transformers`` gradient checkpointing on, each checkpointed block is handed the layout of the forward that
 checkpointed it, so its recomputation in backward sees that layout too (several microbatches may run forward before
 one backward). Other recomputation schemes must run the backward inside ``use_segments`` of the same layout.
@@ -159,11 +162,16 @@ class MultiLoRAModel(nn.Module):
     def make_segments(self, row_adapters, seq_len: int | None = None) -> AdapterSegments:
         """The layout for one microbatch. ``row_adapters``: one entry per token row, or with ``seq_len`` one entry
         per sequence of a (batch x seq_len) input (names, indices into the adapter order, or None / -1)."""
-        if seq_len is not None:
-            if isinstance(row_adapters, torch.Tensor):
-                row_adapters = row_adapters.tolist()
-            row_adapters = [v for v in row_adapters for _ in range(int(seq_len))]
-        return AdapterSegments(row_adapters, self.adapter_specs)
+        if seq_len is None:
+            return AdapterSegments(row_adapters, self.adapter_specs)
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+        if isinstance(row_adapters, torch.Tensor):
+            row_adapters = row_adapters.tolist()
+        row_adapters = list(row_adapters)
+        seg = AdapterSegments([v for v in row_adapters for _ in range(seq_len)], self.adapter_specs)
+        seg.sequences = (len(row_adapters), seq_len)
+        return seg
 
     @contextlib.contextmanager
     def use_segments(self, segments: AdapterSegments):

@@ -116,6 +116,9 @@ def _register_fakes() -> None:
 
 def shrink(x, w_cat, t, seed, dropout, scaled):
     t.check_operands("multi_lora_shrink", x.device, rows=x.shape[0], w_rows=w_cat.shape[0])
+    if x.dim() != 2 or w_cat.dim() != 2 or x.shape[1] != w_cat.shape[1]:
+        raise ValueError(f"multi_lora_shrink: x {tuple(x.shape)} and stacked A {tuple(w_cat.shape)} must be "
+                         "(T x K) and (R x K)")
     return torch.ops.lorafusion.multi_lora_shrink(x, w_cat, t.seg, t.slot, t.slot_p, t.slot_scale, t.s_numel,
                                                   op_seed(seed), dropout, scaled)
 
@@ -129,6 +132,9 @@ def grad(l_flat, m, t, seed, dropout, scaled):
 def expand_add_(out, l_flat, w_cat, t, seed, dropout, scaled):
     t.check_operands("multi_lora_expand_add_", out.device, rows=out.shape[0], w_rows=w_cat.shape[0],
                      flat=l_flat.numel())
+    if out.dim() != 2 or w_cat.dim() != 2 or out.shape[1] != w_cat.shape[1]:
+        raise ValueError(f"multi_lora_expand_add_: out {tuple(out.shape)} and stacked B^T {tuple(w_cat.shape)} "
+                         "must be (T x N) and (R x N)")
     torch.ops.lorafusion.multi_lora_expand_add_(out, l_flat, w_cat, t.seg, t.slot, t.slot_p, t.slot_scale,
                                                 op_seed(seed), dropout, scaled)
     return out
@@ -139,8 +145,9 @@ def grad_a_expand_dx_(dx, ds_flat, x, a_cat, t, seed, dropout, accumulate=True):
     stores the term instead (rows of no adapter zeroed)."""
     t.check_operands("multi_lora_grad_a_expand_dx_", x.device, rows=x.shape[0], w_rows=a_cat.shape[0],
                      flat=ds_flat.numel())
-    if dx.shape[0] != x.shape[0]:
-        raise ValueError(f"multi_lora_grad_a_expand_dx_: dx has {dx.shape[0]} rows, x has {x.shape[0]}")
+    if dx.shape != x.shape or a_cat.dim() != 2 or a_cat.shape[1] != x.shape[1]:
+        raise ValueError(f"multi_lora_grad_a_expand_dx_: dx {tuple(dx.shape)}, x {tuple(x.shape)} and stacked A "
+                         f"{tuple(a_cat.shape)} must be (T x K), (T x K) and (R x K)")
     return torch.ops.lorafusion.multi_lora_grad_a_expand_dx_(dx, ds_flat, x, a_cat, t.seg, t.slot, t.slot_p,
                                                              t.slot_scale, t.total_rank, op_seed(seed), dropout,
                                                              accumulate)

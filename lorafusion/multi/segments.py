@@ -200,6 +200,22 @@ class AdapterSegments:
         self.any_dropout = any(p > 0 for p in self.slot_p)
         self._tables: dict[torch.device, SegmentTables] = {}
         self._restricted: dict[frozenset, AdapterSegments] = {}
+        # (sequences, tokens each) when the rows are whole sequences one after another (MultiLoRAModel.make_segments
+        # with seq_len): a layer that sees them time-first then takes the same layout in time-major order
+        self.sequences: tuple[int, int] | None = None
+        self._time_major: AdapterSegments | None = None
+
+    def time_major(self) -> AdapterSegments:
+        """This per-sequence layout (``sequences`` set) with its rows in time-major order, for a layer whose input
+        is (tokens, sequences, features), as FSMT's are; built once and cached."""
+        if self.sequences is None:
+            raise ValueError("time_major() needs a per-sequence layout (MultiLoRAModel.make_segments with seq_len)")
+        if self._time_major is None:
+            n, per = self.sequences
+            ids = self.row_ids.reshape(n, per).T.reshape(-1)
+            self._time_major = AdapterSegments(torch.from_numpy(np.ascontiguousarray(ids)),
+                                               list(zip(self.names, self.specs)))
+        return self._time_major
 
     def restricted(self, held) -> AdapterSegments:
         """This layout for a layer that holds only the adapters named in ``held``: the registry narrowed to them
@@ -213,8 +229,10 @@ class AdapterSegments:
             keep = [i for i, n in enumerate(self.names) if n in held]
             remap = np.full(len(self.names) + 1, -1, dtype=np.int64)  # index -1 (no adapter) stays -1
             remap[keep] = np.arange(len(keep))
-            self._restricted[held] = AdapterSegments(torch.from_numpy(remap[self.row_ids]),  # the vectorised path
-                                                     [(self.names[i], self.specs[i]) for i in keep])
+            narrowed = AdapterSegments(torch.from_numpy(remap[self.row_ids]),  # the vectorised path
+                                       [(self.names[i], self.specs[i]) for i in keep])
+            narrowed.sequences = self.sequences
+            self._restricted[held] = narrowed
         return self._restricted[held]
 
     @staticmethod

@@ -182,3 +182,28 @@ def test_ranks_above_the_layer_width_as_peft_allows(backend, dtype):
     assert layer.lora_B["a"].shape == (1, 8)
     with pytest.raises(ValueError, match=r"r=300 out of range: must be an int in \[1, 256\]"):
         layer.add_adapter("big", 300, 16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_functional_api_refuses_factors_whose_rank_differs_from_the_layout(backend):
+    """The kernels slice the stacked factors by the layout's ranks: rank-8 tensors for an adapter the layout calls
+    rank 4 would hand the next adapter's rows the first one's weights (silently; seen before this check). Every
+    backend refuses them, naming the adapter and both shapes; the right shapes run."""
+    from lorafusion.multi import AdapterSegments, AdapterSpec, multi_lora_linear
+    from lorafusion.multi import ops
+
+    if backend == "cpu" and ops.cpp_ops_reason() is not None:
+        pytest.skip(f"C++ ops not built: {ops.cpp_ops_reason()}")
+    seg = AdapterSegments(["a"] * 3 + ["b"] * 4, {"a": AdapterSpec(4, 8.0), "b": AdapterSpec(2, 4.0)})
+    x, W = torch.randn(7, 16), torch.randn(12, 16)
+    good = {"a": (torch.randn(4, 16), torch.randn(12, 4)), "b": (torch.randn(2, 16), torch.randn(12, 2))}
+    y = multi_lora_linear(x, W, None, good, seg, backend=backend)
+    ref = multi_lora_reference(x.double(), W.double(), None,
+                               {n: (A.double(), B.double()) for n, (A, B) in good.items()}, seg)
+    assert (y.double() - ref).norm() / ref.norm() < 1e-5
+    for bad in ({"a": (torch.randn(8, 16), torch.randn(12, 8)), "b": good["b"]},   # rank 8 for a rank-4 adapter
+                {"a": good["a"], "b": (torch.randn(2, 15), torch.randn(12, 2))},   # A of another in-width
+                {"a": good["a"], "b": (torch.randn(2, 16), torch.randn(11, 2))},   # B of another out-width
+                {"a": good["a"], "b": (torch.randn(2, 16),)}):                     # not a pair
+        with pytest.raises(ValueError, match=r"adapter '[ab]' \(rank [42] in the layout, on a 16 -> 12 linear\)"):
+            multi_lora_linear(x, W, None, bad, seg, backend=backend)

@@ -428,12 +428,16 @@ def test_adapter_names_on_models_whose_linears_see_flattened_or_time_first_rows(
         names = ["a", None] * (B // 2)
         ids = torch.randint(3, 64, (B, T))
         extra = {"decoder_input_ids": torch.randint(3, 64, (B, T))} if arch == "fsmt" else {}
-        with torch.no_grad():
-            ours = mm(input_ids=ids, adapter_names=names, **extra).logits
-            for i, name in enumerate(names):
-                one = {k: v[i:i + 1] for k, v in extra.items()}
-                ref = (pm if name else base)(input_ids=ids[i:i + 1], **one).logits[0]
-                assert torch.allclose(ours[i], ref, atol=1e-5), f"{arch} B={B} row {i}: {(ours[i] - ref).abs().max()}"
+        # per sequence by name, and by a row layout built per sequence (make_segments(seq_len=T)): FSMT's
+        # time-first layers take the latter in time-major order (it once gave their tokens other sequences' adapters)
+        for how in ({"adapter_names": names}, {"segments": mm.make_segments(names, seq_len=T)}):
+            with torch.no_grad():
+                ours = mm(input_ids=ids, **how, **extra).logits
+                for i, name in enumerate(names):
+                    one = {k: v[i:i + 1] for k, v in extra.items()}
+                    ref = (pm if name else base)(input_ids=ids[i:i + 1], **one).logits[0]
+                    assert torch.allclose(ours[i], ref, atol=1e-5), \
+                        f"{arch} {list(how)} B={B} row {i}: {(ours[i] - ref).abs().max()}"
     # beam search: the decoder's stack runs on the expanded batch (its own embedding tells the layers so)
     g = torch.Generator().manual_seed(5)  # fixed prompts: beam choices must not sit on a near tie
     ids = torch.randint(3, 64, (2, 5), generator=g)

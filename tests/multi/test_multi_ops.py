@@ -47,6 +47,37 @@ def test_multi_reference_is_single_reference_per_adapter(p):
     assert torch.allclose(y[idx == -1], (x @ W.t() + b)[idx == -1])
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_multi_reference_gradients_are_single_reference_gradients_per_adapter(p):
+    """The multi reference's gradients (the spec every multi backend is checked against) against the single-adapter
+    reference's, float64: adapter a's dA / dB are the single reference's with dY kept on a's rows only (the same
+    masks: both draw them by global row); dX on a's rows is the single reference's; rows of no adapter get dY W."""
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    T, K, N = 29, 13, 9
+    sp = {"a": AdapterSpec(3, 6.0, p), "b": AdapterSpec(4, 5.0, p / 2, True), "c": AdapterSpec(2, 2.0)}
+    ids = [0] * 6 + [1] * 4 + [-1] * 3 + [0] * 7 + [1] * 5 + [-1] * 4  # c: no rows
+    seg = AdapterSegments(ids, sp)
+    x = torch.randn(T, K, generator=g, dtype=torch.float64, requires_grad=True)
+    W, b = torch.randn(N, K, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64)
+    ad = {n: (torch.randn(s.r, K, generator=g, dtype=torch.float64).requires_grad_(),
+              torch.randn(N, s.r, generator=g, dtype=torch.float64).requires_grad_()) for n, s in sp.items()}
+    dy = torch.randn(T, N, generator=g, dtype=torch.float64)
+    multi_lora_reference(x, W, b, {n: ad[n] for n in ("a", "b")}, seg, seed=11).backward(dy)
+    idx = torch.tensor(ids)
+    for i, (n, s) in enumerate(list(sp.items())[:2]):
+        rows = (idx == i).unsqueeze(1)
+        xs = x.detach().clone().requires_grad_()
+        A, B = (t.detach().clone().requires_grad_() for t in ad[n])
+        ref.lora_linear_reference(xs, W, b, A, B, s.scale, s.dropout, 11).backward(dy * rows)
+        assert torch.allclose(ad[n][0].grad, A.grad, rtol=1e-12, atol=1e-12), n
+        assert torch.allclose(ad[n][1].grad, B.grad, rtol=1e-12, atol=1e-12), n
+        xs.grad = None
+        ref.lora_linear_reference(xs, W, b, A, B, s.scale, s.dropout, 11).backward(dy)
+        assert torch.allclose(x.grad[idx == i], xs.grad[idx == i], rtol=1e-12, atol=1e-12), n
+        assert A.grad.abs().max() > 0
+    assert torch.allclose(x.grad[idx == -1], (dy @ W)[idx == -1], rtol=1e-12, atol=1e-12)
+
+
 def _case_id(c):
     return "-".join(str(v) for v in c)
 
