@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -131,7 +132,10 @@ void check_cpu(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "lorafusion: ", name, " must be a CPU tensor, got ", t.device());
 }
 
+// Scratch outlives the call: made under torch.inference_mode() it would be an inference tensor, which a later call
+// outside that mode may not write to. Allocated with the mode off, it is a normal tensor, writable in both.
 Tensor scratch(int64_t rows, int64_t cols, at::ScalarType dt) {
+  c10::InferenceMode normal(false);
   return at::empty({rows, cols}, at::TensorOptions().dtype(dt));
 }
 

@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -209,10 +210,15 @@ std::vector<float>& scratch_floats(int which) {
   return bufs[which];
 }
 
-// A (rows x cols) float32 view of a scratch tensor kept across calls, grown when too small.
+// A (rows x cols) float32 view of a scratch tensor kept across calls, grown when too small. Allocated with
+// inference mode off: made under torch.inference_mode() it would be an inference tensor, which a later call outside
+// that mode may not write to.
 at::Tensor scratch_tensor(int64_t rows, int64_t cols) {
   thread_local at::Tensor b;
-  if (!b.defined() || b.numel() < rows * cols) b = at::empty({rows * cols}, at::TensorOptions().dtype(at::kFloat));
+  if (!b.defined() || b.numel() < rows * cols) {
+    c10::InferenceMode normal(false);
+    b = at::empty({rows * cols}, at::TensorOptions().dtype(at::kFloat));
+  }
   return b.narrow(0, 0, rows * cols).view({rows, cols});
 }
 

@@ -6,8 +6,6 @@
 """
 from __future__ import annotations
 
-import logging
-
 from lorafusion.backends import available_backends, get_backend
 from lorafusion.function import FusedLoRAFunction, fused_lora_linear
 from lorafusion.layer import FusedLoRALinear
@@ -18,7 +16,9 @@ __all__ = [
     "patch_peft", "unpatch_peft", "fused_lora_config", "FusedPeftLoraLinear",
 ]
 
-logging.getLogger("lorafusion").addHandler(logging.NullHandler())
+# No NullHandler on the "lorafusion" logger: with no logging set up, Python's last-resort handler prints its
+# warnings (a fallback to a slower backend, a missing extension, truncated training samples) to stderr, once each;
+# info lines (which backend runs and why) show with logging.basicConfig(level=logging.INFO).
 
 
 def __getattr__(name):  # PEFT is imported only when its integration is used

@@ -24,7 +24,8 @@ try:
     EXTENSION_AVAILABLE = True
 except Exception as exc:  # not built (pure-Python install) or built against another torch
     EXTENSION_ERROR = f"lorafusion._C could not be loaded ({type(exc).__name__}: {exc}); build it with `pip install -e .`"
-    logger.info("lorafusion: C++/CUDA extension unavailable: %s", EXTENSION_ERROR)
+    logger.warning("lorafusion: C++/CUDA extension unavailable, the cpu and cuda backends are off: %s",
+                   EXTENSION_ERROR)
 
 
 if EXTENSION_AVAILABLE:

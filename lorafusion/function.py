@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 
 import torch
 
@@ -119,6 +121,15 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 
     and the backend, chosen when the compiled code runs as in eager, runs inside opaque ops
     (``lorafusion.compile_ops``), so nothing breaks the graph. The Triton GEMM placement (``gemm_placement``) is
     read when the graph is traced and stays fixed in it."""
+    # the backends disagreed on a bad p (the reference scaled by 1 / (1 - p) for p < 0 and returned the base alone
+    # for p >= 1; the C++ ops raised): every backend now gets the same clear error (a symbolic float, traced
+    # unspecialised, is checked by no one here: its value is not known until the graph runs)
+    if not isinstance(p, torch.SymFloat) and (isinstance(p, bool) or not isinstance(p, numbers.Real)
+                                              or not 0.0 <= p < 1.0):
+        raise ValueError(f"fused_lora_linear: dropout p must be a number in [0, 1), got {p!r}")
+    if not isinstance(scale, torch.SymFloat) and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                                                  or not math.isfinite(scale)):
+        raise ValueError(f"fused_lora_linear: scale must be a finite number, got {scale!r}")
     if torch.compiler.is_compiling():
         # "name:placement": the requested backend ('' for the default choice) and the Triton GEMM placement, read
         # once here so the forward and backward ops resolve the same one

@@ -34,6 +34,16 @@ def check_lora_args(name: str, in_features: int, out_features: int, r, alpha, dr
         raise ValueError(f"{name}: dropout={dropout!r} must be in [0, 1)")
 
 
+def check_float_base(name: str, base: nn.Linear) -> None:
+    """A quantized ``nn.Linear`` subclass (bitsandbytes' Linear8bitLt / Linear4bit) passes ``isinstance`` but holds
+    an integer weight the fused kernels cannot read: a TypeError naming it, not a failure deep in ``__init__``."""
+    if not isinstance(base.weight, torch.Tensor) or not base.weight.is_floating_point():
+        dtype = getattr(base.weight, "dtype", type(base.weight).__name__)
+        raise TypeError(f"{name}: base {type(base).__name__} holds a {dtype} weight (a quantized layer?); the fused "
+                        "layer needs a floating-point nn.Linear (on a quantized base, PEFT's own LoRA forward runs: "
+                        "see lorafusion.patch_peft)")
+
+
 def check_input(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
@@ -51,6 +61,7 @@ class FusedLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"FusedLoRALinear: base must be an nn.Linear, got {type(base).__name__}")
+        check_float_base("FusedLoRALinear", base)
         check_lora_args("FusedLoRALinear", base.in_features, base.out_features, r, alpha, dropout)
         self.base = base
         base.requires_grad_(False)

@@ -21,6 +21,7 @@ from torch import nn
 
 from lorafusion.backends import BACKENDS, resolve_backend_name
 from lorafusion.function import fused_lora_linear
+from lorafusion.layer import check_input
 
 logger = logging.getLogger("lorafusion")
 
@@ -91,6 +92,7 @@ class FusedPeftLoraLinear(PeftLoraLinear):
         kwargs.pop("adapter_names", None)
         name = active[0]
         base = self.get_base_layer()
+        check_input(self._lorafusion_name or f"LoRA Linear({self.in_features}->{self.out_features})", x, base.weight)
         drop = self.lora_dropout[name]
         p = drop.p if (isinstance(drop, nn.Dropout) and drop.training) else 0.0
         return fused_lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
@@ -101,12 +103,14 @@ def patch_peft(model: nn.Module, backend: str | None = None) -> dict:
     """Convert every LoRA ``Linear`` of a PEFT model to the fused implementation, in place.
 
     It converts the layers there are now: a later ``add_adapter`` that puts LoRA on modules that had none (PEFT
-    builds them as plain ``lora.Linear``) needs another ``patch_peft`` call (already fused layers are kept), or
-    build the model with :func:`fused_lora_config` so PEFT builds fused layers itself.
+    builds them as plain ``lora.Linear``) needs another ``patch_peft`` call (already fused layers are kept, with
+    the backend they were built or patched with unless ``backend`` is given), or build the model with
+    :func:`fused_lora_config` so PEFT builds fused layers itself.
 
     Returns ``{"fused": [layer names], "unfused": {layer name: reason}}``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_peft: model must be an nn.Module, got {type(model).__name__}")
+    requested = backend
     backend = resolve_backend_name(backend)
     fused, unfused = [], {}
     for name, module in model.named_modules():
@@ -117,9 +121,11 @@ def patch_peft(model: nn.Module, backend: str | None = None) -> dict:
             unfused[name] = reason
             warnings.warn(f"lorafusion: layer {name} keeps PEFT's unfused forward: {reason}", stacklevel=2)
             continue
+        already = isinstance(module, FusedPeftLoraLinear)
         if type(module) is PeftLoraLinear:
             module.__class__ = FusedPeftLoraLinear
-        module._lorafusion_backend = backend
+        if requested is not None or not already:  # a fused layer keeps the backend it was built or patched with
+            module._lorafusion_backend = backend
         module._lorafusion_name = name
         fused.append(name)
     if not fused and not unfused:

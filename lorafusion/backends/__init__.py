@@ -116,10 +116,10 @@ def _supports(mod: ModuleType, device_type: str) -> bool:
     return device_type in getattr(mod, "DEVICE_TYPES", ())
 
 
-def _log_once(key: tuple, msg: str, *args) -> None:
+def _log_once(key: tuple, msg: str, *args, level: int = logging.INFO) -> None:
     if key not in _logged:
         _logged.add(key)
-        logger.info(msg, *args)
+        logger.log(level, msg, *args)
 
 
 def resolve_backend_name(requested: str | None) -> str:
@@ -156,7 +156,9 @@ def get_backend(device_type: str, requested: str | None = None, placement: str |
         mod = _load_key(key)
         if isinstance(mod, ModuleType) and _supports(mod, device_type):
             why = "fastest available" if not skipped else "; ".join(skipped)
-            _log_once((device_type, key, why), "lorafusion: %s backend on %s (%s)", _label(key), device_type, why)
+            # a fallback to a slower backend is a warning (shown without any logging set up), the usual choice info
+            _log_once((device_type, key, why), "lorafusion: %s backend on %s (%s)", _label(key), device_type, why,
+                      level=logging.WARNING if skipped else logging.INFO)
             return mod
         skipped.append(f"{cand} skipped: {mod if not isinstance(mod, ModuleType) else 'not for ' + device_type}")
     raise RuntimeError(f"no lorafusion backend runs on device type {device_type!r}: {'; '.join(skipped)}")

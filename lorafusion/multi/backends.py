@@ -12,6 +12,7 @@ triton / cuda / cpu / reference; auto = fastest available), logged once per choi
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -145,7 +146,7 @@ def get_multi_backend(device_type: str, requested: str | None = None, dtype: tor
             why = "fastest available" if not skipped else "; ".join(skipped)
             label = _label(_module_key(cand))
             _log_once(("multi", device_type, label, why), "lorafusion.multi: %s backend on %s (%s)", label,
-                      device_type, why)
+                      device_type, why, level=logging.WARNING if skipped else logging.INFO)  # a fallback: loud
             return mod
         skipped.append(f"{cand} skipped: {mod}")
     raise RuntimeError(f"no multi-adapter backend runs on {device_type!r}: {'; '.join(skipped)}")

@@ -19,7 +19,7 @@ import re
 import torch
 from torch import nn
 
-from lorafusion.layer import check_input, check_lora_args
+from lorafusion.layer import check_float_base, check_input, check_lora_args
 from lorafusion.multi.function import multi_lora_linear
 from lorafusion.multi.segments import AdapterSegments, AdapterSpec, SequenceLayouts
 
@@ -44,6 +44,7 @@ class MultiLoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"MultiLoRALinear: base must be an nn.Linear, got {type(base).__name__}")
+        check_float_base("MultiLoRALinear", base)
         self.base = base
         self.base.weight.requires_grad_(False)
         if self.base.bias is not None:

@@ -333,3 +333,42 @@ def test_torch_compile_fullgraph_traces_composites():
     got, got_dx2 = compiled(x, W, b, A, B)
     want, want_dx2 = step(x, W, b, A, B)
     assert torch.allclose(got, want, rtol=1e-5) and torch.equal(got_dx2, want_dx2)
+
+
+@pytest.mark.parametrize("dtype, layout", [(torch.bfloat16, "contiguous"), (torch.float16, "contiguous"),
+                                           (torch.float32, "column-major")])
+def test_a_call_under_inference_mode_leaves_the_layer_trainable(dtype, layout):
+    """The ops keep per-thread scratch between calls. Made during a call under torch.inference_mode() (an eval
+    pass), it was an inference tensor, and the next training step failed writing to it ("Inplace update to
+    inference tensor outside InferenceMode"). Widths new to the scratch force it to be made in the inference call;
+    the training step after it must run and match the float64 reference."""
+    from torch import nn
+
+    import lorafusion
+
+    fin, fout = 150 + int(torch.randint(0, 40, ())), 90 + int(torch.randint(0, 40, ()))
+    layer = lorafusion.FusedLoRALinear(nn.Linear(fin, fout).to(dtype), 4, 8, dropout=0.1, backend="cpu")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    with torch.no_grad():  # a call at other widths first: the scratch then has to be made again below
+        lorafusion.FusedLoRALinear(nn.Linear(fin + 1, fout + 1).to(dtype), 4, 8, dropout=0.1, backend="cpu")(
+            torch.randn(33, fin + 1).to(dtype))
+    x, *_ = make(37, fin, fout, 4, dtype, layout=layout)
+    with torch.inference_mode():
+        layer(x)
+    xg = x.detach().clone().requires_grad_()
+    torch.manual_seed(3)
+    y = layer(xg)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = x.double().requires_grad_()
+    A, B = (t.detach().double().requires_grad_() for t in (layer.lora_A, layer.lora_B))
+    torch.manual_seed(3)
+    seed = lorafusion.function.draw_dropout_seed(x.device)
+    want = ref.lora_linear_reference(x64, layer.base.weight.double(), layer.base.bias.double(), A, B, layer.scale,
+                                     0.1, seed)
+    want.backward(dy.double())
+    assert_close(y, want.detach(), dtype, "Y")
+    assert_close(xg.grad, x64.grad, dtype, "dX")
+    assert_close(layer.lora_A.grad, A.grad, dtype, "dA")
+    assert_close(layer.lora_B.grad, B.grad, dtype, "dB")

@@ -256,3 +256,64 @@ def test_double_backward_is_a_clear_error(backend):
         torch.autograd.grad(layer(x).pow(2).sum(), [x, layer.lora_B], create_graph=True)
     gx, = torch.autograd.grad(layer(x).pow(2).sum(), [x])  # first order stays fine
     assert torch.isfinite(gx).all()
+
+
+def test_a_quantized_linear_subclass_as_base_is_a_clear_type_error():
+    """bitsandbytes' Linear8bitLt / Linear4bit are nn.Linear subclasses holding integer weights: a TypeError naming
+    the class and dtype (it failed deep in __init__ creating the adapter parameters)."""
+    class Int8Linear(nn.Linear):
+        def __init__(self, fin, fout):
+            super().__init__(fin, fout)
+            self.weight = nn.Parameter(torch.randint(-8, 8, (fout, fin), dtype=torch.int8), requires_grad=False)
+
+    bases = [Int8Linear(16, 12)]
+    try:
+        import bitsandbytes as bnb
+
+        bases += [bnb.nn.Linear8bitLt(16, 12, has_fp16_weights=False).to("cpu"),
+                  bnb.nn.Linear4bit(16, 12, compute_dtype=torch.float32).to("cpu")]
+    except Exception:  # bitsandbytes is optional here; the stand-in is the same case
+        pass
+    for base in bases:
+        if base.weight.is_floating_point():  # a bitsandbytes build that keeps float weights on the CPU
+            continue
+        with pytest.raises(TypeError, match=rf"FusedLoRALinear: base {type(base).__name__} holds a .* weight"):
+            FusedLoRALinear(base, r=2, alpha=4)
+        with pytest.raises(TypeError, match=rf"MultiLoRALinear: base {type(base).__name__} holds a"):
+            lorafusion.MultiLoRALinear(base)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_api_refuses_a_bad_dropout_or_scale_on_every_backend(backend):
+    """The backends disagreed on a bad p: the reference scaled by 1 / (1 - p) for p < 0 and gave the base alone for
+    p >= 1, the C++ ops raised. Now every backend raises the same ValueError, naming the value."""
+    x, w, b, a, bb, _ = _make(5, 8, 6, 2, torch.float32)
+    for p in (-0.1, 1.0, 1.5, float("nan"), "0.1", True):
+        with pytest.raises(ValueError, match=rf"dropout p must be a number in \[0, 1\), got {p!r}"):
+            fused_lora_linear(x, w, b, a, bb, 2.0, p, backend=backend)
+    for scale in (float("inf"), float("nan"), "2", None):
+        with pytest.raises(ValueError, match=rf"scale must be a finite number, got {scale!r}"):
+            fused_lora_linear(x, w, b, a, bb, scale, 0.0, backend=backend)
+    y = fused_lora_linear(x, w, b, a, bb, 2.0, 0.0, backend=backend)  # the good call runs
+    assert torch.allclose(y, lora_linear_reference(x, w, b, a, bb, 2.0), rtol=1e-5, atol=1e-5)
+
+
+def test_a_fallback_to_a_slower_backend_is_printed_without_any_logging_setup(tmp_path):
+    """With the extension missing, importing the package and running a layer prints (stderr, no logging set up)
+    that the extension is unavailable and that the reference backend runs instead of the cpu one, once each; the
+    usual choice (no fallback) prints nothing."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['lorafusion._C'] = None\n"
+            "import torch, lorafusion\n"
+            "l = lorafusion.FusedLoRALinear(torch.nn.Linear(8, 8), 2, 4)\n"
+            "l(torch.randn(3, 8)); l(torch.randn(3, 8))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("C++/CUDA extension unavailable") == 1, out.stderr
+    assert out.stderr.count("lorafusion: reference backend on cpu (cpu skipped:") == 1, out.stderr
+    if lorafusion._ext.EXTENSION_AVAILABLE:
+        code = "import torch, lorafusion\nlorafusion.FusedLoRALinear(torch.nn.Linear(8, 8), 2, 4)(torch.randn(3, 8))\n"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert out.returncode == 0 and "lorafusion" not in out.stderr, out.stderr

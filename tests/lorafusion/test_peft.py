@@ -111,7 +111,13 @@ def test_dora_and_multi_adapter_fall_back_with_one_warning():
         out2 = layer(x)
     msgs = [str(w.message) for w in rec if "2 active adapters" in str(w.message)]
     assert len(msgs) == 1 and "q_proj" in msgs[0]
-    torch.testing.assert_close(out1, out2)
+    # the fallback runs PEFT's math: the base plus each active adapter's term
+    with torch.no_grad():
+        want = layer.get_base_layer()(x) + sum(layer.scaling[a] * (x @ layer.lora_A[a].weight.t())
+                                               @ layer.lora_B[a].weight.t() for a in ("default", "second"))
+    assert all(not isinstance(layer.lora_dropout[a], torch.nn.Dropout) for a in ("default", "second"))
+    torch.testing.assert_close(out1, want)
+    torch.testing.assert_close(out2, want)
     del ids
 
 
@@ -188,3 +194,40 @@ def test_config_leaves_a_subclassed_or_quantized_base_to_peft():
     assert fused_kinds["plain"] is FusedPeftLoraLinear
     assert fused_kinds["q8"] is peft_kinds["q8"] and not issubclass(fused_kinds["q8"], FusedPeftLoraLinear)
     assert issubclass(peft_kinds["q8"], PeftLinear) or peft_kinds["q8"].__module__.startswith("peft.")
+
+
+def test_patched_layer_checks_its_input_like_the_fused_layer():
+    """A patched PEFT layer names itself and the value on bad input (it raised the ops' RuntimeError, which names
+    no layer, for a wrong width, and 'no backend runs on meta' for weights on another device)."""
+    model = peft_model(seed=8)
+    lorafusion.patch_peft(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with pytest.raises(ValueError, match=r"q_proj.*input's last dimension is \(41,\), expected in_features=48"):
+        layer(torch.randn(3, 41))
+    meta = peft_model(seed=8).to("meta")
+    lorafusion.patch_peft(meta)
+    with pytest.raises(ValueError, match=r"q_proj.*input is on cpu but the weights are on meta"):
+        meta.base_model.model.model.layers[0].self_attn.q_proj(torch.randn(3, 48))
+    x = torch.randn(3, 48)
+    with torch.no_grad():  # the good input still runs fused and right
+        want = layer.get_base_layer()(x) + layer.scaling["default"] * (
+            x @ layer.lora_A["default"].weight.t()) @ layer.lora_B["default"].weight.t()
+        torch.testing.assert_close(layer(x), want)
+
+
+def test_patch_peft_keeps_the_backend_a_fused_layer_was_built_with(monkeypatch):
+    """A model built fused with fused_lora_config(backend=...) and patched again (say after add_adapter) keeps that
+    backend unless patch_peft is given one (it was reset to 'auto')."""
+    monkeypatch.delenv("LORAFUSION_BACKEND", raising=False)
+    base = tiny_llama(3)
+    model = get_peft_model(base, lorafusion.fused_lora_config(backend="reference", r=4, lora_alpha=8,
+                                                              target_modules=TARGETS))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer._lorafusion_backend == "reference"
+    lorafusion.patch_peft(model)
+    assert layer._lorafusion_backend == "reference"
+    lorafusion.patch_peft(model, backend="cpu")
+    assert layer._lorafusion_backend == "cpu"
+    lorafusion.unpatch_peft(model)
+    lorafusion.patch_peft(model)  # unpatched then patched: a new fused layer, the default backend
+    assert layer._lorafusion_backend == "auto"

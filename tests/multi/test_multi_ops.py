@@ -312,3 +312,46 @@ def test_cpu_long_segments_split_across_worker_threads(dtype, threads):
             assert torch.equal(a, b)
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_call_under_inference_mode_leaves_the_multi_layer_trainable(dtype):
+    """The C++ ops keep a per-thread float32 scratch tensor between calls, grown when too small. Grown during a call
+    under torch.inference_mode() (an eval pass), it was an inference tensor, and the next training step failed
+    writing to it. A width above any the tests use forces it to grow in the inference call; the training step
+    after it must run and match the float64 reference. The layout's device tables, first made in that call, are
+    reused by it too."""
+    _cpu_ops_or_skip()
+    from torch import nn
+
+    from lorafusion.multi import MultiLoRALinear
+
+    K, N = 37, 6000 + int(torch.randint(0, 200, ()))
+    layer = MultiLoRALinear(nn.Linear(K, N).to(dtype), backend="cpu")
+    layer.add_adapter("a", 4, 8.0, 0.1)
+    layer.add_adapter("b", 2, 4.0)
+    with torch.no_grad():
+        for n in "ab":
+            layer.lora_B[n].normal_()
+    seg = layer.make_segments(["a"] * 70 + [None] * 5 + ["b"] * 60)
+    x = torch.randn(135, K).to(dtype)
+    with torch.inference_mode():
+        layer(x, segments=seg)
+    xg = x.clone().requires_grad_()
+    torch.manual_seed(5)
+    y = layer(xg, segments=seg)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64 = x.double().requires_grad_()
+    ad = {n: (layer.lora_A[n].detach().double().requires_grad_(), layer.lora_B[n].detach().double().requires_grad_())
+          for n in "ab"}
+    torch.manual_seed(5)
+    from lorafusion.function import draw_dropout_seed
+
+    want = multi_lora_reference(x64, layer.base.weight.double(), layer.base.bias.double(), ad, seg,
+                                seed=draw_dropout_seed(x.device))
+    want.backward(dy.double())
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    for got, ref64 in [(y, want.detach()), (xg.grad, x64.grad)] + [
+            (getattr(layer, f"lora_{w}")[n].grad, ad[n][i].grad) for n in "ab" for i, w in enumerate("AB")]:
+        assert ((got.double() - ref64).norm() / ref64.norm()).item() < tol
