@@ -1,5 +1,6 @@
 """``lorafusion plan --jobs jobs.yaml -o schedule.json``: plan, verify, and print the plan's metrics beside the
-baselines (``python -m scheduling plan ...`` does the same)."""
+baselines (``python -m scheduling plan ...`` does the same). ``--verify schedule.json`` checks a schedule instead
+(one written by -o, or edited by hand) and prints its violations, or its metrics."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from .bounds import min_padding
 from .jobs import PlanParams, load_jobs
 from .planner import plan
 from .simulate import SimResult, simulate, simulate_flushed
-from .verify import check
+from .schedule import Schedule
+from .verify import check, verify
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "into segments in the best way, found by HiGHS; scheduling.bounds.min_padding), beside the "
                         "plan's")
     p.add_argument("--metrics-json", help="also write the metrics table as JSON here")
+    p.add_argument("--verify", metavar="SCHEDULE_JSON",
+                   help="instead of planning, check this schedule (written by -o, or by hand) against the jobs and "
+                        "every packing rule: print each violation and exit 1, or print its metrics beside the "
+                        "baselines; capacity / padding multiple / stages default to the schedule's own where "
+                        "neither the flags nor the jobs file set them")
     return p
 
 
@@ -62,18 +69,40 @@ def main(argv: Sequence[str] | None = None) -> int:
                     raise ValueError(f"{flag} {path!r} is a folder, not a file")
         if args.seed is not None and args.seed < 0:
             raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
+        given = None
+        if args.verify:
+            if args.output:
+                raise ValueError("--verify checks a schedule and writes none: drop -o/--output")
+            try:
+                given = Schedule.load(args.verify)
+            except OSError as e:
+                raise ValueError(f"--verify {args.verify!r}: cannot read it: {e.strerror or e}") from e
+            except ValueError as e:  # not JSON, or not a schedule
+                raise ValueError(f"--verify {args.verify!r}: {e}") from e
         jobs, settings = load_jobs(args.jobs, seed=args.seed)
-        capacity = args.capacity if args.capacity is not None else settings.get("capacity")
+        own = {"capacity": given.capacity, "pad_multiple": given.pad_multiple, "stages": given.stages} if given \
+            else {"pad_multiple": 1, "stages": 4}
+        capacity = args.capacity if args.capacity is not None else settings.get("capacity", own.get("capacity"))
         if capacity is None:
             raise ValueError("capacity is not set: pass --capacity or put 'capacity:' in the jobs file")
-        pad = args.pad_multiple if args.pad_multiple is not None else settings.get("pad_multiple", 1)
-        stages = args.stages if args.stages is not None else settings.get("stages", 4)
+        pad = args.pad_multiple if args.pad_multiple is not None else settings.get("pad_multiple",
+                                                                                   own["pad_multiple"])
+        stages = args.stages if args.stages is not None else settings.get("stages", own["stages"])
         seed = args.seed if args.seed is not None else settings.get("seed", 0)
         params = PlanParams(capacity, pad, stages)
         t0 = time.perf_counter()
-        schedule = plan(jobs, params, seed=seed, milp_time_limit=args.milp_time_limit)
+        if given is not None:
+            violations = verify(given, jobs, params)
+            if violations:
+                print(f"{args.verify}: {len(violations)} violation(s) of the packing rules:")
+                for v in violations:
+                    print(f"  {v}")
+                return 1
+            schedule = given
+        else:
+            schedule = plan(jobs, params, seed=seed, milp_time_limit=args.milp_time_limit)
+            check(schedule, jobs, params)
         seconds = time.perf_counter() - t0
-        check(schedule, jobs, params)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -84,17 +113,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: cannot write the schedule to {args.output!r}: {e}", file=sys.stderr)
             return 2
     ours = simulate(schedule)
-    rows = {"plan": ours}
+    rows = {"plan" if given is None else "schedule": ours}
     if not args.no_baselines:
         rows["a: sequential FFD"] = simulate_flushed(sequential_ffd(jobs, params))
         rows["b: mLoRA-like"] = simulate(mlora_like(jobs, params))
-    print(f"{len(jobs)} jobs, capacity {params.capacity}, padding multiple {params.pad_multiple}, "
-          f"{params.stages} stages; planned in {seconds:.2f} s "
-          f"(groups {schedule.meta['groups']}, target {schedule.meta['target_tokens']} tokens)")
+    head = f"{len(jobs)} jobs, capacity {params.capacity}, padding multiple {params.pad_multiple}, {params.stages} stages; "
+    if given is None:
+        print(head + f"planned in {seconds:.2f} s (groups {schedule.meta['groups']}, target "
+                     f"{schedule.meta['target_tokens']} tokens)")
+    else:
+        print(head + f"{args.verify} verifies: every sample once, capacity, padding, dependencies, optimizer steps")
     print(f"{'schedule':<22} {'sim time':>12} {'speedup':>8} {'bubble':>8} {'padding':>8} {'mbs':>6} "
           f"{'no-ops':>6} {'tok cv':>7}")
-    for name, r in rows.items():
-        print(_row(name, r, ours.time if name != "plan" and ours.time else None))
+    for i, (name, r) in enumerate(rows.items()):
+        print(_row(name, r, ours.time if i and ours.time else None))
     extra = {}
     if args.least_padding:
         least = min_padding(jobs, params)
@@ -108,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.metrics_json:
         try:
             with open(args.metrics_json, "w") as f:
-                json.dump({"planning_seconds": seconds, **{k: v.to_dict() for k, v in rows.items()}, **extra}, f,
+                json.dump({**({"planning_seconds": seconds} if given is None else {"verified": args.verify}),
+                           **{k: v.to_dict() for k, v in rows.items()}, **extra}, f,
                           indent=2)
         except OSError as e:
             print(f"error: cannot write the metrics to {args.metrics_json!r}: {e}", file=sys.stderr)

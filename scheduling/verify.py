@@ -3,7 +3,9 @@
 Violation kinds:
 
 - ``params``: the schedule's capacity / padding multiple / stages differ from the ones given, or are not positive
-  integers (nothing else is checked then).
+  integers. The other rules are checked against the parameters given (a schedule that claims a larger capacity is
+  still held to the real one), or, with none given, against the schedule's own; with none given and the schedule's
+  unusable, nothing else is checked.
 - ``unknown``: a segment names an adapter with no job, or a global batch index out of range.
 - ``capacity``: a microbatch's padded tokens exceed the capacity.
 - ``padding``: a segment's padded token count is not its real tokens rounded up to the padding multiple, or a
@@ -57,13 +59,19 @@ def verify(schedule: Schedule, jobs: Sequence[Job], params: PlanParams | None = 
         for name in ("capacity", "pad_multiple", "stages"):
             if getattr(schedule, name) != getattr(params, name):
                 bad("params", f"schedule {name} {getattr(schedule, name)} != expected {getattr(params, name)}")
-    cap, pad, S = schedule.capacity, schedule.pad_multiple, schedule.stages
-    broken = [(name, v) for name, v in (("capacity", cap), ("pad_multiple", pad), ("stages", S))
+    own = (schedule.capacity, schedule.pad_multiple, schedule.stages)
+    broken = [(name, v) for name, v in zip(("capacity", "pad_multiple", "stages"), own)
               if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     for name, v in broken:
         bad("params", f"schedule {name} must be a positive integer, got {v!r}")
-    if broken:  # no rule can be checked against a capacity, padding or stage count that makes no sense
+    # the rules hold against the parameters the caller plans for (a schedule claiming a larger capacity still may
+    # not exceed the real one), else against the schedule's own
+    if params is not None:
+        cap, pad, S = params.capacity, params.pad_multiple, params.stages
+    elif broken:  # no rule can be checked against a capacity, padding or stage count that makes no sense
         return out
+    else:
+        cap, pad, S = own
     max_piece = cap // pad * pad
     by_id = {j.adapter: j for j in jobs}
     got: dict[tuple[str, int], Counter] = defaultdict(Counter)

@@ -99,3 +99,42 @@ def test_benchmark_plans_a_jobs_file_at_its_own_capacity(tmp_path):
     f.write_text("jobs:\n  - {adapter: a, lengths: [300], global_batch_size: 1}\n")
     with pytest.raises(ValueError, match="sets no capacity: pass --capacities"):
         bench.run_file(str(f), None, 0.0, False)
+
+
+def test_verify_checks_a_written_or_hand_edited_schedule(tmp_path, capsys):
+    """--verify: a schedule the planner wrote verifies and gets the same simulated metrics as when it was planned;
+    one edited by hand (a sample swapped for another, a microbatch over the capacity) prints each violation and
+    exits 1; an unreadable or malformed file, or -o with --verify, exits 2 naming it."""
+    jobs_file = tmp_path / "jobs.yaml"
+    jobs_file.write_text("capacity: 1024\npad_multiple: 128\nstages: 2\njobs:\n"
+                         "  - {adapter: a, global_batch_size: 3, num_global_batches: 2,"
+                         " distribution: {median: 200, sigma: 0.5, max: 1024}}\n"
+                         "  - {adapter: b, global_batch_size: 2, lengths: [300, 500, 120, 90]}\n")
+    out, m1, m2 = tmp_path / "s.json", tmp_path / "m1.json", tmp_path / "m2.json"
+    assert main(["plan", "--jobs", str(jobs_file), "-o", str(out), "--metrics-json", str(m1)]) == 0
+    capsys.readouterr()
+    assert main(["plan", "--jobs", str(jobs_file), "--verify", str(out), "--metrics-json", str(m2)]) == 0
+    text = capsys.readouterr().out
+    assert f"{out} verifies" in text
+    planned, verified = json.loads(m1.read_text()), json.loads(m2.read_text())
+    assert verified["schedule"] == planned["plan"] and verified["verified"] == str(out)
+    assert verified["a: sequential FFD"] == planned["a: sequential FFD"]
+
+    d = json.loads(out.read_text())
+    first = d["microbatches"][0]["segments"][0]
+    first["samples"][0] = 99  # a sample the job does not have
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    assert main(["plan", "--jobs", str(jobs_file), "--verify", str(bad)]) == 1
+    text = capsys.readouterr().out
+    assert "violation(s) of the packing rules" in text and "[coverage]" in text and "foreign samples [99]" in text
+    # checked against the capacity given, not the one the schedule claims
+    assert main(["plan", "--jobs", str(jobs_file), "--verify", str(out), "--capacity", "256"]) == 1
+    text = capsys.readouterr().out
+    assert "[params] schedule capacity 1024 != expected 256" in text and "[capacity]" in text
+
+    for argv, msg in [(["--verify", str(tmp_path / "none.json")], "cannot read it"),
+                      (["--verify", str(jobs_file)], "--verify"),
+                      (["--verify", str(out), "-o", str(tmp_path / "x.json")], "drop -o/--output")]:
+        assert main(["plan", "--jobs", str(jobs_file), *argv]) == 2
+        assert msg in capsys.readouterr().err

@@ -42,7 +42,15 @@ def test_valid_schedule_passes():
 
 def test_params_mismatch():
     assert kinds(sched(valid_mbs(), capacity=2048)) == ["params"]
-    assert kinds(sched(valid_mbs(), stages=3)) == ["dependency", "params"]  # the gap of 2 is too small for 3
+    # the rules hold against the parameters given: a gap of 2 is enough for the real 2 stages
+    assert kinds(sched(valid_mbs(), stages=3)) == ["params"]
+    mbs = valid_mbs()
+    mbs[1] = Microbatch((seg("b", 0, [0, 1], [900, 200]),))  # 1152 padded: fits the 2048 it claims, not the 1024
+    wide = Job.from_batches("b", [[900, 200]])
+    assert sorted({v.kind for v in verify(sched(mbs, capacity=2048), [A, wide], PARAMS)}) == ["capacity", "params"]
+    # with no parameters given, the schedule's own are the yardstick
+    assert verify(sched(mbs, capacity=2048), [A, wide]) == []
+    assert {v.kind for v in verify(sched(valid_mbs(), stages=3), JOBS)} == {"dependency"}
 
 
 def test_unknown_adapter_and_global_batch():
