@@ -76,7 +76,10 @@ void launch_gemm(const Tensor& L, const Tensor& R, const Tensor& C, float alpha,
     a.k_per_split = ((K + splits - 1) / splits + kBK - 1) / kBK * kBK;
     splits = (K + a.k_per_split - 1) / a.k_per_split;
   }
-  if (K == 0) return;  // C already holds its initial value
+  if (K == 0) {  // an empty sum: C keeps its initial value when accumulating, else is zero (it may be at::empty)
+    if (!accumulate) C.zero_();
+    return;
+  }
   dim3 grid(gm, gn, splits);
   lora_gemm_kernel<TL, TR, TC><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       L.data_ptr<TL>(), R.data_ptr<TR>(), C.data_ptr<TC>(), a);
@@ -88,6 +91,14 @@ void check_2d_cuda(const Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "lorafusion: ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
               "lorafusion: ", name, " must be float32, float16 or bfloat16 on CUDA, got ", t.scalar_type());
+}
+
+// t on the device of the op's first operand: the kernels launch there (its guard), and a tensor on another GPU would
+// hand them a pointer into another device's memory.
+void check_2d_cuda(const Tensor& t, const char* name, const Tensor& first) {
+  check_2d_cuda(t, name);
+  TORCH_CHECK(t.device() == first.device(), "lorafusion: ", name, " is on ", t.device(), " but the op runs on ",
+              first.device());
 }
 
 #define LORAFUSION_DISPATCH(TYPE, NAME, ...)                                                      \
@@ -111,7 +122,7 @@ Tensor dropout_keep_mask_cuda(const Tensor& x, int64_t seed, double p) {
 
 Tensor lora_shrink_cuda(const Tensor& x, const Tensor& A, int64_t seed, double p) {
   check_2d_cuda(x, "x");
-  check_2d_cuda(A, "A");
+  check_2d_cuda(A, "A", x);
   TORCH_CHECK(A.size(1) == x.size(1), "lorafusion: A must be (r, ", x.size(1), "), got ", A.sizes());
   c10::cuda::CUDAGuard guard(x.device());
   const Dropout d = make_dropout(seed, p);
@@ -125,8 +136,8 @@ Tensor lora_shrink_cuda(const Tensor& x, const Tensor& A, int64_t seed, double p
 
 std::tuple<Tensor, Tensor> lora_dy_shrink_cuda(const Tensor& dy, const Tensor& B, const Tensor& S, double scale) {
   check_2d_cuda(dy, "dy");
-  check_2d_cuda(B, "B");
-  check_2d_cuda(S, "S");
+  check_2d_cuda(B, "B", dy);
+  check_2d_cuda(S, "S", dy);
   TORCH_CHECK(B.size(0) == dy.size(1) && S.size(0) == dy.size(0) && S.size(1) == B.size(1), "lorafusion: dy ",
               dy.sizes(), ", B ", B.sizes(), ", S ", S.sizes(), " do not chain");
   c10::cuda::CUDAGuard guard(dy.device());
@@ -143,7 +154,7 @@ std::tuple<Tensor, Tensor> lora_dy_shrink_cuda(const Tensor& dy, const Tensor& B
 
 Tensor lora_dropout_grad_A_cuda(const Tensor& x, const Tensor& dS, int64_t seed, double p) {
   check_2d_cuda(x, "x");
-  check_2d_cuda(dS, "dS");
+  check_2d_cuda(dS, "dS", x);
   TORCH_CHECK(dS.size(0) == x.size(0), "lorafusion: dS must have ", x.size(0), " rows, got ", dS.sizes());
   c10::cuda::CUDAGuard guard(x.device());
   const Dropout d = make_dropout(seed, p);
@@ -157,8 +168,8 @@ Tensor lora_dropout_grad_A_cuda(const Tensor& x, const Tensor& dS, int64_t seed,
 
 void lora_dropout_expand_add_cuda(const Tensor& dx, const Tensor& dS, const Tensor& A, int64_t seed, double p) {
   check_2d_cuda(dx, "dx");
-  check_2d_cuda(dS, "dS");
-  check_2d_cuda(A, "A");
+  check_2d_cuda(dS, "dS", dx);
+  check_2d_cuda(A, "A", dx);
   TORCH_CHECK(dS.size(0) == dx.size(0) && A.size(0) == dS.size(1) && A.size(1) == dx.size(1), "lorafusion: dx ",
               dx.sizes(), ", dS ", dS.sizes(), ", A ", A.sizes(), " do not chain");
   c10::cuda::CUDAGuard guard(dx.device());
@@ -173,10 +184,19 @@ std::tuple<Tensor, Tensor> lora_linear_forward_cuda(const Tensor& x, const Tenso
                                                     const Tensor& A, const Tensor& B, double scale, int64_t seed,
                                                     double p) {
   check_2d_cuda(x, "x");
-  check_2d_cuda(W, "W");
-  TORCH_CHECK(W.scalar_type() == x.scalar_type() && W.size(1) == x.size(1) && B.size(0) == W.size(0),
-              "lorafusion: x ", x.sizes(), " ", x.scalar_type(), ", W ", W.sizes(), " ", W.scalar_type(), ", B ",
-              B.sizes(), " do not match");
+  check_2d_cuda(W, "W", x);
+  check_2d_cuda(A, "A", x);
+  check_2d_cuda(B, "B", x);
+  TORCH_CHECK(W.scalar_type() == x.scalar_type() && W.size(1) == x.size(1) && A.size(1) == x.size(1) &&
+                  B.size(0) == W.size(0) && B.size(1) == A.size(0),
+              "lorafusion: x ", x.sizes(), " ", x.scalar_type(), ", W ", W.sizes(), " ", W.scalar_type(), ", A ",
+              A.sizes(), ", B ", B.sizes(), " do not chain");
+  if (b.has_value() && b->defined()) {
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == W.size(0) && b->scalar_type() == x.scalar_type() &&
+                    b->device() == x.device(),
+                "lorafusion: bias must be (", W.size(0), ") of x's dtype and device, got ", b->sizes(), " ",
+                b->scalar_type(), " on ", b->device());
+  }
   c10::cuda::CUDAGuard guard(x.device());
   Tensor Y = (b.has_value() && b->defined()) ? at::addmm(*b, x, W.t()) : at::mm(x, W.t());
   Tensor S = lora_shrink_cuda(x, A, seed, p);
@@ -193,8 +213,8 @@ std::tuple<std::optional<Tensor>, Tensor, Tensor> lora_linear_backward_cuda(
     const Tensor& dy, const Tensor& x, const Tensor& W, const Tensor& A, const Tensor& B, const Tensor& S,
     double scale, int64_t seed, double p, bool need_dx) {
   check_2d_cuda(dy, "dy");
-  check_2d_cuda(x, "x");
-  check_2d_cuda(W, "W");
+  check_2d_cuda(x, "x", dy);
+  check_2d_cuda(W, "W", dy);
   TORCH_CHECK(W.scalar_type() == dy.scalar_type() && dy.size(0) == x.size(0) && W.size(0) == dy.size(1) &&
                   W.size(1) == x.size(1),
               "lorafusion: dy ", dy.sizes(), ", x ", x.sizes(), ", W ", W.sizes(), " do not match");

@@ -18,6 +18,22 @@ using namespace lorafusion::multi_cuda;  // the kernels, GemmArgs and the tile c
 
 at::Tensor rowmajor(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
+// The layout tables as the kernels read them: (n_seg x 4) and (n_slot x 3) contiguous int64, one p and scale per
+// slot, all on the operands' device (the kernels dereference them there). Their numbers are checked against the
+// tensors on the host, before the launch, by the Python wrapper (SegmentTables.check_operands).
+void check_tables_cuda(const at::Tensor& seg, const at::Tensor& slot, const at::Tensor& slot_p,
+                       const at::Tensor& slot_scale, const at::Tensor& like, const char* op) {
+  TORCH_CHECK(seg.dim() == 2 && seg.size(1) == 4 && seg.scalar_type() == at::kLong && seg.is_contiguous(), op,
+              ": seg must be a contiguous (n_seg x 4) int64 tensor, got ", seg.sizes(), " ", seg.scalar_type());
+  TORCH_CHECK(slot.dim() == 2 && slot.size(1) == 3 && slot.scalar_type() == at::kLong && slot.is_contiguous(), op,
+              ": slot must be a contiguous (n_slot x 3) int64 tensor, got ", slot.sizes(), " ", slot.scalar_type());
+  TORCH_CHECK(slot_p.numel() == slot.size(0) && slot_scale.numel() == slot.size(0), op,
+              ": slot_p / slot_scale need one entry per slot");
+  for (const at::Tensor* t : {&seg, &slot, &slot_p, &slot_scale})
+    TORCH_CHECK(t->device() == like.device(), op, ": the layout tables must be on ", like.device(), ", got ",
+                t->device());
+}
+
 // The tables as the kernels take them, with the converted per-slot factors they point into kept alive.
 struct HostTables {
   at::Tensor sp, sc;
@@ -39,8 +55,8 @@ at::Tensor multi_lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& w_ca
               "multi_lora_shrink: x (T x K) and w_cat (R x K) must agree on K, got ", x_in.sizes(), " and ",
               w_cat_in.sizes());
   TORCH_CHECK(numel >= 0, "multi_lora_shrink: numel must be >= 0, got ", numel);
-  TORCH_CHECK(w_cat_in.device() == x_in.device() && seg.device() == x_in.device() && slot.device() == x_in.device(),
-              "multi_lora_shrink: x, w_cat and the layout tables must be on one device");
+  TORCH_CHECK(w_cat_in.device() == x_in.device(), "multi_lora_shrink: x and w_cat must be on one device");
+  check_tables_cuda(seg, slot, slot_p, slot_scale, x_in, "multi_lora_shrink");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = rowmajor(x_in);
   const auto w = w_cat_in.to(at::kFloat).contiguous();
@@ -65,8 +81,8 @@ at::Tensor multi_lora_grad_cuda(const at::Tensor& l_flat_in, const at::Tensor& m
   TORCH_CHECK(m_in.dim() == 2 && l_flat_in.dim() == 1, "multi_lora_grad: m must be 2-D and l_flat 1-D, got ",
               m_in.sizes(), " and ", l_flat_in.sizes());
   TORCH_CHECK(total_rank >= 0, "multi_lora_grad: total_rank must be >= 0, got ", total_rank);
-  TORCH_CHECK(l_flat_in.device() == m_in.device() && seg.device() == m_in.device() && slot.device() == m_in.device(),
-              "multi_lora_grad: m, l_flat and the layout tables must be on one device");
+  TORCH_CHECK(l_flat_in.device() == m_in.device(), "multi_lora_grad: m and l_flat must be on one device");
+  check_tables_cuda(seg, slot, slot_p, slot_scale, m_in, "multi_lora_grad");
   const c10::cuda::CUDAGuard guard(m_in.device());
   const auto m = rowmajor(m_in);
   const auto l = l_flat_in.to(at::kFloat).contiguous();
@@ -96,9 +112,9 @@ void multi_lora_expand_add_cuda(at::Tensor& out, const at::Tensor& l_flat_in, co
   TORCH_CHECK(w_cat_in.dim() == 2 && w_cat_in.size(1) == out.size(1) && l_flat_in.dim() == 1,
               "multi_lora_expand_add_: w_cat must be (R x N) for out (T x N) and l_flat 1-D, got ", w_cat_in.sizes(),
               ", ", out.sizes(), " and ", l_flat_in.sizes());
-  TORCH_CHECK(w_cat_in.device() == out.device() && l_flat_in.device() == out.device() && seg.device() == out.device()
-                  && slot.device() == out.device(),
-              "multi_lora_expand_add_: out, l_flat, w_cat and the layout tables must be on one device");
+  TORCH_CHECK(w_cat_in.device() == out.device() && l_flat_in.device() == out.device(),
+              "multi_lora_expand_add_: out, l_flat and w_cat must be on one device");
+  check_tables_cuda(seg, slot, slot_p, slot_scale, out, "multi_lora_expand_add_");
   const c10::cuda::CUDAGuard guard(out.device());
   const auto l = l_flat_in.to(at::kFloat).contiguous();
   const auto w = w_cat_in.to(at::kFloat).contiguous();

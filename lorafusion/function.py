@@ -113,6 +113,27 @@ class FusedLoRAFunction(torch.autograd.Function):
         return dx, dw, db, da, dbb, None, None, None, None
 
 
+def _check_operands(x, weight, bias, lora_A, lora_B) -> None:
+    """Shapes and devices, from host metadata only: the ops index raw pointers (and a tensor on another device
+    reached the kernels of the input's device, or none: a meta A gave no error and no result on the cpu backend)."""
+    named = (("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B))
+    for name, t in named:
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"fused_lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x is None or weight is None or lora_A is None or lora_B is None:
+        raise TypeError("fused_lora_linear: x, weight, lora_A and lora_B are required (bias may be None)")
+    for name, t in named[1:]:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"fused_lora_linear: {name} is on {t.device} but the input is on {x.device}")
+    n_out, n_in = (weight.shape if weight.dim() == 2 else (None, None))
+    r = lora_A.shape[0] if lora_A.dim() == 2 else None
+    if (x.dim() < 1 or weight.dim() != 2 or x.shape[-1] != n_in or lora_A.dim() != 2 or lora_A.shape[1] != n_in
+            or tuple(lora_B.shape) != (n_out, r) or (bias is not None and tuple(bias.shape) != (n_out,))):
+        raise ValueError(f"fused_lora_linear: shapes do not chain: x {tuple(x.shape)}, weight {tuple(weight.shape)} "
+                         f"(out x in), bias {None if bias is None else tuple(bias.shape)}, lora_A "
+                         f"{tuple(lora_A.shape)} (r x in), lora_B {tuple(lora_B.shape)} (out x r)")
+
+
 def fused_lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 0.0, backend: str | None = None,
                       seed: int | None = None):
     """Functional fused LoRA linear. ``p`` is the dropout probability to apply now (0 in eval).
@@ -130,6 +151,7 @@ def fused_lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 
     if not isinstance(scale, torch.SymFloat) and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
                                                   or not math.isfinite(scale)):
         raise ValueError(f"fused_lora_linear: scale must be a finite number, got {scale!r}")
+    _check_operands(x, weight, bias, lora_A, lora_B)
     if torch.compiler.is_compiling():
         # "name:placement": the requested backend ('' for the default choice) and the Triton GEMM placement, read
         # once here so the forward and backward ops resolve the same one

@@ -67,6 +67,13 @@ def multi_lora_linear(x, weight, bias, adapters: dict, segments: AdapterSegments
                       backend: str | None = None, seed: int | None = None):
     """Functional multi-adapter LoRA linear. ``adapters``: name -> (lora_A, lora_B) for (at least) every adapter
     present in ``segments``; ``training`` enables each adapter's dropout."""
+    for what, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"multi_lora_linear: {what} is on {t.device} but the input is on {x.device}")
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1] or (
+            bias is not None and tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"multi_lora_linear: shapes do not chain: x {tuple(x.shape)}, weight {tuple(weight.shape)} "
+                         f"(out x in), bias {None if bias is None else tuple(bias.shape)}")
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     if rows != segments.num_rows:
         raise ValueError(f"input has {rows} rows but the segment layout has {segments.num_rows}")
@@ -89,6 +96,9 @@ def multi_lora_linear(x, weight, bias, adapters: dict, segments: AdapterSegments
             got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in pair]
             raise ValueError(f"adapter {name!r} (rank {r} in the layout, on a {n_in} -> {n_out} linear) needs "
                              f"(lora_A, lora_B) of shapes {(r, n_in)} and {(n_out, r)}, got {got}")
+        for t in pair:
+            if t.device != x.device:
+                raise ValueError(f"adapter {name!r}: its weights are on {t.device} but the input is on {x.device}")
         params += list(pair)
     with autocast_off(x.device.type, autocast):
         return MultiLoRAFunction.apply(x, weight, bias, segments.tables(x.device), int(seed or 0) & ((1 << 64) - 1),

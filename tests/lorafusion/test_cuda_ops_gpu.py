@@ -143,3 +143,36 @@ if __name__ == "__main__":  # quick timing of the CUDA ops (bf16, r=16, p=0.1); 
         }
         print(f"{T}x{fin}->{fout} bf16: base {tb:.3f} ms, fused {tf:.3f} ms, ratio {tf / tb:.3f}; "
               + ", ".join(f"{k} {v:.3f} ms" for k, v in parts.items()), flush=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_zero_width_input_gives_zero_rank_terms_not_uninitialised_memory(dtype, p):
+    """An empty sum (in_features = 0, or dy of 0 columns) left S / dS as at::empty gave them (the GEMM launcher
+    returned before the kernel); they must be zeros, and Y the bias alone, as on the CPU."""
+    x = torch.randn(9, 0, device="cuda").to(dtype)
+    A = torch.randn(4, 0, device="cuda")
+    torch.cuda.empty_cache()
+    junk = torch.full((4096,), float("nan"), device="cuda")  # leave NaNs where the next allocations may land
+    del junk
+    S = ops.lora_shrink(x, A, 3, p)
+    assert S.shape == (9, 4) and torch.equal(S, torch.zeros_like(S))
+    W, b, B = torch.randn(5, 0, device="cuda").to(dtype), torch.randn(5, device="cuda").to(dtype), torch.randn(5, 4)
+    Y, S2 = ops.lora_linear_forward(x, W, b, A, B.cuda(), 2.0, 3, p)
+    assert torch.equal(S2, torch.zeros_like(S2)) and torch.equal(Y, b.expand(9, 5))
+    dy = torch.randn(9, 0, device="cuda").to(dtype)
+    dS, dB = ops.lora_dy_shrink(dy, torch.randn(0, 4, device="cuda"), torch.randn(9, 4, device="cuda"), 2.0)
+    assert torch.equal(dS, torch.zeros_like(dS)) and dB.shape == (0, 4)
+
+
+def test_operands_on_another_device_or_not_chaining_are_refused_by_the_op():
+    """The CUDA ops check what the CPU ops check: B's rank against A's (a narrower B was read past its end), the
+    bias, and every operand on the first one's device."""
+    x, W, b, A, B, dy = make(7, 16, 12, 4, torch.float32)
+    with pytest.raises(RuntimeError, match="do not chain"):
+        ops.lora_linear_forward(x, W, b, A, B[:, :3].contiguous(), 2.0, 1, 0.0)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ops.lora_linear_forward(x, W, b[:5], A, B, 2.0, 1, 0.0)
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(RuntimeError, match="is on cuda:1 but the op runs on cuda:0"):
+            ops.lora_shrink(x, A.to("cuda:1"), 1, 0.0)

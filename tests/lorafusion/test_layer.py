@@ -317,3 +317,20 @@ def test_a_fallback_to_a_slower_backend_is_printed_without_any_logging_setup(tmp
         code = "import torch, lorafusion\nlorafusion.FusedLoRALinear(torch.nn.Linear(8, 8), 2, 4)(torch.randn(3, 8))\n"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert out.returncode == 0 and "lorafusion" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_api_refuses_operands_on_another_device_or_of_wrong_shapes(backend):
+    """Host-side checks before any kernel: a meta lora_A beside CPU tensors gave no error and no result on the cpu
+    backend; shapes that do not chain were the ops' RuntimeError. Both are ValueErrors naming the operand."""
+    x, w, b, a, bb, _ = _make(5, 8, 6, 2, torch.float32)
+    for name, args in [("lora_A", (x, w, b, a.to("meta"), bb)), ("lora_B", (x, w, b, a, bb.to("meta"))),
+                       ("weight", (x, w.to("meta"), b, a, bb)), ("bias", (x, w, b.to("meta"), a, bb))]:
+        with pytest.raises(ValueError, match=rf"fused_lora_linear: {name} is on meta but the input is on cpu"):
+            fused_lora_linear(*args, 2.0, 0.0, backend=backend)
+    for args in [(x[:, :7], w, b, a, bb), (x, w, b, a[:, :7], bb), (x, w, b, a, bb[:5]), (x, w, b, a, bb[:, :1]),
+                 (x, w, b[:5], a, bb), (x, w.t(), b, a, bb)]:
+        with pytest.raises(ValueError, match="fused_lora_linear: shapes do not chain"):
+            fused_lora_linear(*args, 2.0, 0.0, backend=backend)
+    with pytest.raises(TypeError, match="lora_B must be a torch.Tensor, got list"):
+        fused_lora_linear(x, w, b, a, bb.tolist(), 2.0, 0.0, backend=backend)

@@ -207,3 +207,19 @@ def test_functional_api_refuses_factors_whose_rank_differs_from_the_layout(backe
                 {"a": good["a"], "b": (torch.randn(2, 16),)}):                     # not a pair
         with pytest.raises(ValueError, match=r"adapter '[ab]' \(rank [42] in the layout, on a 16 -> 12 linear\)"):
             multi_lora_linear(x, W, None, bad, seg, backend=backend)
+
+
+def test_functional_api_refuses_weights_on_another_device_or_of_wrong_shapes():
+    from lorafusion.multi import AdapterSegments, AdapterSpec, multi_lora_linear
+
+    seg = AdapterSegments(["a"] * 3 + [None] * 2, {"a": AdapterSpec(2, 4.0)})
+    x, W, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
+    ad = {"a": (torch.randn(2, 8), torch.randn(6, 2))}
+    with pytest.raises(ValueError, match="adapter 'a': its weights are on meta but the input is on cpu"):
+        multi_lora_linear(x, W, b, {"a": (ad["a"][0].to("meta"), ad["a"][1])}, seg, backend="reference")
+    with pytest.raises(ValueError, match="multi_lora_linear: weight is on meta but the input is on cpu"):
+        multi_lora_linear(x, W.to("meta"), b, ad, seg, backend="reference")
+    with pytest.raises(ValueError, match="multi_lora_linear: shapes do not chain"):
+        multi_lora_linear(x, W, b[:5], ad, seg, backend="reference")
+    with pytest.raises(ValueError, match="multi_lora_linear: shapes do not chain"):
+        multi_lora_linear(x[:, :7], W, b, ad, seg, backend="reference")
