@@ -74,6 +74,11 @@ class FusedLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.merged = False
         self.disabled = False
+        # the state dict always holds the unmerged base weight: a merged layer's file loads right into a fresh layer
+        # (it held W + s B A beside A and B, and a fresh layer added the term a second time), and a merged layer
+        # that loads one merges it again
+        self.register_state_dict_post_hook(FusedLoRALinear._unmerged_state)
+        self.register_load_state_dict_post_hook(FusedLoRALinear._merge_loaded)
 
     def adapter_params(self) -> list[str]:
         """Names of the trainable adapter parameters."""
@@ -106,6 +111,20 @@ class FusedLoRALinear(nn.Module):
         if self.merged:
             self.base.weight.copy_((self.base.weight.float() - self._delta_weight()).to(self.base.weight.dtype))
             self.merged = False
+
+    @staticmethod
+    @torch.no_grad()
+    def _unmerged_state(module, state_dict, prefix, local_metadata) -> None:
+        if module.merged:
+            w = module.base.weight
+            state_dict[prefix + "base.weight"] = (w.float() - module._delta_weight()).to(w.dtype)
+
+    @staticmethod
+    @torch.no_grad()
+    def _merge_loaded(module, incompatible_keys) -> None:
+        if module.merged:  # the file's weight is unmerged (see _unmerged_state): fold the loaded term in again
+            w = module.base.weight
+            w.copy_((w.float() + module._delta_weight()).to(w.dtype))
 
     @contextmanager
     def adapter_disabled(self):

@@ -334,3 +334,31 @@ def test_functional_api_refuses_operands_on_another_device_or_of_wrong_shapes(ba
             fused_lora_linear(*args, 2.0, 0.0, backend=backend)
     with pytest.raises(TypeError, match="lora_B must be a torch.Tensor, got list"):
         fused_lora_linear(x, w, b, a, bb.tolist(), 2.0, 0.0, backend=backend)
+
+
+def test_a_merged_layers_state_dict_loads_right_into_fresh_and_merged_layers():
+    """A merged layer's state dict held W + s B A beside A and B: a fresh layer loading it added the term twice.
+    It now holds the unmerged weight (same keys, tensors only), a merged layer loading it merges it again, and an
+    unmerged layer's state dict is its live weight, untouched."""
+    torch.manual_seed(int(torch.randint(1 << 30, ())))
+    layer = FusedLoRALinear(nn.Linear(24, 20), r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(6, 24)
+    want = layer(x).detach()
+    assert layer.state_dict()["base.weight"].data_ptr() == layer.base.weight.data_ptr()
+    plain = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.merge()
+    sd = layer.state_dict()
+    assert list(sd) == list(plain) and all(isinstance(v, torch.Tensor) for v in sd.values())
+    assert rel_err(sd["base.weight"], plain["base.weight"]) < 1e-6  # the unmerged weight, not W + s B A
+    assert rel_err(layer.base.weight, plain["base.weight"]) > 1e-2  # while the live one stays merged
+    fresh = FusedLoRALinear(nn.Linear(24, 20), r=4, alpha=8)
+    fresh.load_state_dict(sd)
+    assert not fresh.merged and rel_err(fresh(x), want) < 1e-6
+    merged = FusedLoRALinear(nn.Linear(24, 20), r=4, alpha=8)
+    merged.merge()
+    merged.load_state_dict(sd)
+    assert merged.merged and rel_err(merged(x), want) < 1e-6
+    merged.unmerge()
+    assert rel_err(merged.base.weight, plain["base.weight"]) < 1e-6 and rel_err(merged(x), want) < 1e-6
