@@ -84,22 +84,26 @@ def multi_lora_linear(x, weight, bias, adapters: dict, segments: AdapterSegments
         seed = draw_dropout_seed(x.device)
     params = []
     n_out, n_in = weight.shape
-    for name in segments.present_names:
-        if name not in adapters:
+    dev = x.device
+    for (r, *_), name in zip(segments.slot_host, segments.present_names):  # slot order: present adapters
+        pair = adapters.get(name)
+        if pair is None:
             raise ValueError(f"adapter {name!r} has rows in the layout but no weights here")
-        pair = adapters[name]
-        r = segments.specs[segments.names.index(name)].r
         # the kernels slice the stacked factors by the layout's ranks: a factor of another rank would hand this
         # adapter's rows another adapter's weights
-        if (len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair)
-                or tuple(pair[0].shape) != (r, n_in) or tuple(pair[1].shape) != (n_out, r)):
+        try:
+            A, B = pair
+            ok = A.shape == (r, n_in) and B.shape == (n_out, r)
+        except (TypeError, ValueError, AttributeError):
+            ok = False
+        if not ok:
             got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in pair]
             raise ValueError(f"adapter {name!r} (rank {r} in the layout, on a {n_in} -> {n_out} linear) needs "
                              f"(lora_A, lora_B) of shapes {(r, n_in)} and {(n_out, r)}, got {got}")
-        for t in pair:
-            if t.device != x.device:
-                raise ValueError(f"adapter {name!r}: its weights are on {t.device} but the input is on {x.device}")
-        params += list(pair)
+        if A.device != dev or B.device != dev:
+            raise ValueError(f"adapter {name!r}: its weights are on {A.device if A.device != dev else B.device} but "
+                             f"the input is on {dev}")
+        params += (A, B)
     with autocast_off(x.device.type, autocast):
         return MultiLoRAFunction.apply(x, weight, bias, segments.tables(x.device), int(seed or 0) & ((1 << 64) - 1),
                                        dropout, mod, *params)
