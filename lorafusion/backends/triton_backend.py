@@ -108,10 +108,12 @@ def _use_tma(*tensors: torch.Tensor) -> bool:
 
 def pow2_from_amax(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(f, 1 / f) for each max |value| in ``amax`` (float32 tensors, elementwise): exact powers of two that bring a
-    finite, non-zero amax into [2**13, 2**14). The exponent is clamped to [-100, 100] (an all-zero group gets
-    2**100 and stays zero); a non-finite amax (inf, NaN) gets 1, so an overflow is passed on as it was."""
+    finite, non-zero amax into [2**13, 2**14). The exponent is clamped to [-126, 100] (an all-zero group gets
+    2**100 and stays zero; down to 2**-126, a normal float32, any finite float32 amax is brought under fp16's
+    65504: at -100, an amax above 2**114 stayed above it and became inf); a non-finite amax (inf, NaN) gets 1, so an
+    overflow is passed on as it was."""
     amax = amax.to(torch.float32)
-    e = torch.clamp(13.0 - torch.floor(torch.log2(amax)), -100.0, 100.0)
+    e = torch.clamp(13.0 - torch.floor(torch.log2(amax)), -126.0, 100.0)
     e = torch.where(torch.isfinite(amax), e, torch.zeros_like(e)).to(torch.int32)
     return ((e + 127) << 23).view(torch.float32), ((127 - e) << 23).view(torch.float32)
 

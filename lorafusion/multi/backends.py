@@ -115,10 +115,18 @@ def _load(name):
     return _cache[key]
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def get_multi_backend(device_type: str, requested: str | None = None, dtype: torch.dtype | None = None):
     """The multi-adapter backend for ``device_type``; an explicit request that cannot run raises. The Triton
     backend's GEMM placement follows ``lorafusion.backends.gemm_placement()`` ($LORAFUSION_TRITON_GEMM)."""
     name = resolve_backend_name(requested)
+    if name == "triton" and dtype is not None and dtype not in _KERNEL_DTYPES:
+        # the kernels take 16/32-bit operands (float64 took their tensor-core path and came back uninitialised), as
+        # the single-adapter Triton backend does; float64 is the reference backend's (what 'auto' picks for it)
+        raise TypeError(f"multi-adapter backend 'triton' takes float32, float16 or bfloat16 input, got {dtype} "
+                        "(float64 runs on the reference backend: backend='reference' or 'auto')")
     if name == "triton" and device_type == "cpu":
         # Triton on CPU tensors only runs under the interpreter (tests): allowed when TRITON_INTERPRET=1.
         if os.environ.get("TRITON_INTERPRET") == "1":

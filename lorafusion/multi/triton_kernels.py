@@ -84,7 +84,7 @@ if _IMPORT_ERROR is None:
             for k0 in range(0, K, BK):
                 ks = k0 + tl.arange(0, BK)
                 kmask = ks < K
-                x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :].to(tl.int64) * stride_xk,
                             mask=rmask[:, None] & kmask[None, :], other=0.0)
                 if DROPOUT:  # k0 is a multiple of BK
                     x = zero_dropped(x, philox_keep_tile(rows, k0, seed_lo, seed_hi, tl.load(thr_ptr + k), BK))
@@ -124,7 +124,7 @@ if _IMPORT_ERROR is None:
                 for r0 in range(start + split * BM, end, BM * SPLITS):
                     rows = r0 + tl.arange(0, BM)
                     rmask = rows < end
-                    m = tl.load(m_ptr + rows[:, None] * stride_mm + cols[None, :] * stride_mn,
+                    m = tl.load(m_ptr + rows[:, None] * stride_mm + cols[None, :].to(tl.int64) * stride_mn,
                                 mask=rmask[:, None] & cmask[None, :], other=0.0)
                     if DROPOUT:
                         m = zero_dropped(m, philox_keep_tile(rows, tl.program_id(1) * BN, seed_lo, seed_hi,

@@ -97,13 +97,15 @@ def test_fp16_keeps_the_bits_of_tiny_rank_factors(b_scale, p):
 def test_pow2_scale_factors():
     """Exact powers of two bringing max |t| into [2**13, 2**14); 1 for a non-finite max (an overflow passes on as
     it was) and for an empty tensor; 2**100 for zeros."""
-    amax = torch.tensor([1e-25, 1e-9, 3e-5, 1.0, 8192.0, 1e5, 65504.0, 0.0, float("inf"), float("nan")])
+    # 2**118 and 3e38 (near float32's top): a clamp of the exponent at -100 left them above fp16's 65504 (inf)
+    amax = torch.tensor([1e-25, 1e-9, 3e-5, 1.0, 8192.0, 1e5, 65504.0, 2.0 ** 118, 3e38,
+                         0.0, float("inf"), float("nan")])
     f, inv = tb.pow2_from_amax(amax)
     assert torch.equal(f * inv, torch.ones_like(f))
     assert torch.equal(torch.frexp(f).mantissa, torch.full_like(f, 0.5))  # powers of two
-    scaled = amax[:7] * f[:7]
+    scaled = amax[:9] * f[:9]
     assert bool(((scaled >= 2 ** 13) & (scaled < 2 ** 14)).all()), scaled
-    assert f[7] == 2.0 ** 100 and f[8] == 1.0 and f[9] == 1.0
+    assert f[9] == 2.0 ** 100 and f[10] == 1.0 and f[11] == 1.0
     f0, inv0 = tb.fp16_pow2(torch.empty(0, 16))
     assert f0 == 1.0 and inv0 == 1.0
 

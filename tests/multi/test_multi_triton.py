@@ -235,3 +235,16 @@ def test_use_gemm_placement_scopes_the_choice(monkeypatch):
     with pytest.raises(ValueError, match="'gpu'"):
         with backends.use_gemm_placement("gpu"):
             pass
+
+
+def test_explicit_triton_backend_refuses_float64_instead_of_returning_garbage():
+    """float64 took the kernels' tensor-core path and came back as uninitialised memory (no error); the backend now
+    refuses it, as the single-adapter Triton backend does, and 'auto' sends float64 to the reference."""
+    layer = MultiLoRALinear(torch.nn.Linear(20, 7).double(), backend="triton")
+    layer.add_adapter("a", 4, 8.0)
+    seg = layer.make_segments(["a"] * 5)
+    with pytest.raises(TypeError, match="multi-adapter backend 'triton' takes float32, float16 or bfloat16 input"):
+        layer(torch.randn(5, 20, dtype=torch.float64), segments=seg)
+    auto = MultiLoRALinear(torch.nn.Linear(20, 7).double())
+    auto.add_adapter("a", 4, 8.0)
+    assert auto(torch.randn(5, 20, dtype=torch.float64), segments=seg).dtype == torch.float64
