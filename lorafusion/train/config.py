@@ -357,6 +357,10 @@ def validate(cfg: RunConfig, world_size: int = 1) -> RunConfig:
         _fail("lora.backend", l.backend, f"must be one of auto, {', '.join(BACKENDS)} (or null: automatic)")
     if t.num_threads is not None and t.num_threads < 1:
         _fail("train.num_threads", t.num_threads, "must be at least 1")
+    most = max(64, 4 * (os.cpu_count() or 1))
+    if t.num_threads is not None and t.num_threads > most:  # thousands of threads hung or crashed the process
+        _fail("train.num_threads", t.num_threads, f"must be at most {most} (4x this machine's {os.cpu_count()} CPUs, "
+              "at least 64)")
     if not t.output_dir:
         _fail("train.output_dir", t.output_dir, "must not be empty")
     if os.path.exists(t.output_dir) and not os.path.isdir(t.output_dir):

@@ -347,7 +347,7 @@ def _plot(output_dir: str, history: list[dict]) -> str | None:
 # optimizer's state layout (``--resume`` with any of them changed would continue a different run under the same
 # name). Others (lr, schedule, steps, eval / checkpoint cadence, backend, threads) may change on resume.
 RESUME_FIXED_KEYS = (
-    "model.name_or_path", "data.train", "data.eval", "data.eval_fraction", "data.max_eval_samples",
+    "model.name_or_path", "model.quantization", "data.train", "data.eval", "data.eval_fraction", "data.max_eval_samples",
     "data.max_length", "data.packing",
     "lora.r", "lora.alpha", "lora.dropout", "lora.rslora", "lora.target_modules", "optimizer.name",
     "optimizer.galore.rank", "optimizer.galore.proj_type", "optimizer.galore.layerwise",
@@ -513,6 +513,16 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
     if done is not None:
         logger.info("--resume: %s already completed its %d steps; nothing to do (summary.json kept)", out, total_steps)
         return done
+    if latest is not None:  # a run past the steps now asked for would be marked "completed" at step 12 of 8
+        try:
+            with open(os.path.join(latest, "trainer_state.json")) as fh:
+                at = json.load(fh)["step"]
+        except (OSError, ValueError, KeyError, TypeError):
+            at = None  # the checkpoint loader reports a corrupt state with its recovery hint
+        if isinstance(at, int) and at > total_steps:
+            raise ConfigError(f"--resume: the run in {out} is at step {at}, past the {total_steps} steps asked for "
+                              f"(train.max_steps / train.epochs); ask for at least {at}, or start a new "
+                              "train.output_dir")
     fingerprint = _data_fingerprint(train, evals)
     if latest is not None:
         _check_resume_data(latest, fingerprint, stats)

@@ -65,6 +65,7 @@ def test_wrong_type_is_named(tmp_path, text, key):
     ({"optimizer": {"galore": {"layerwise": True}}, "train": {"precision": "fp16"}}, "optimizer.galore.layerwise"),
     ({"lora": {"target_modules": []}}, "lora.target_modules"),
     ({"model": {"quantization": "int4"}}, "model.quantization"),
+    ({"train": {"num_threads": 100000}}, "train.num_threads"),  # thousands of threads hung or crashed the run
 ])
 def test_impossible_value_is_named(tmp_path, overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -58,6 +58,20 @@ def test_resume_on_a_finished_run_keeps_its_config(tmp_path):
     assert (out / "config.yaml").read_text() == before
 
 
+def test_resume_asking_for_fewer_steps_than_the_run_took_is_refused(tmp_path, capsys):
+    """A run at step 4 resumed with train.max_steps 2 was marked "completed" at step 4 of 2 and its config rewritten;
+    now refused, the run's files untouched. A changed model.quantization is refused like the other fixed keys."""
+    out = tmp_path / "run"
+    assert main(_args(out, "--train.max_steps", "4", "--train.save_every", "2")) == 0
+    before = {f: (out / f).read_text() for f in ("config.yaml", "summary.json", "metrics.jsonl")}
+    assert main(_args(out, "--train.max_steps", "2", "--train.save_every", "2", "--resume")) == 2
+    assert "is at step 4, past the 2 steps asked for" in capsys.readouterr().err
+    assert {f: (out / f).read_text() for f in before} == before
+    assert main(_args(out, "--train.max_steps", "6", "--train.save_every", "2", "--resume",
+                      "--model.quantization", "nf4")) == 2
+    assert "model.quantization: 'none' in the run, 'nf4' now" in capsys.readouterr().err
+
+
 def test_checkpoints_without_the_latest_pointer_are_found_not_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_args(out, "--train.max_steps", "4", "--train.save_every", "2", "--train.keep_checkpoints",
