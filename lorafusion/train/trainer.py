@@ -139,6 +139,16 @@ def build_adapter(model, cfg: RunConfig):
         except ImportError as exc:
             logger.warning("lora.fused: lorafusion.patch_peft is unavailable (%s); running PEFT's own layers", exc)
         else:
+            if l.backend not in (None, "auto"):  # a backend that cannot run here: a config error before training,
+                # not a RuntimeError from the first forward after the model has loaded
+                from lorafusion.backends import get_backend
+
+                device_type = next(model.parameters()).device.type
+                try:
+                    get_backend(device_type, l.backend)
+                except (RuntimeError, ValueError) as exc:
+                    raise ConfigError(f"lora.backend: {exc} (got {l.backend!r}; 'auto' picks one that runs)") \
+                        from None
             info = patch_peft(model, backend=l.backend)
             fused_info = {"fused": len(info["fused"]), "unfused": len(info["unfused"]), "path": "lorafusion"}
             logger.info("lora: %d LoRA Linear layers fused (%d unfused)", fused_info["fused"], fused_info["unfused"])

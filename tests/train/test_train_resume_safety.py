@@ -161,3 +161,15 @@ def test_throughput_of_a_resumed_run_covers_every_segment(tmp_path):
     assert summary["tokens"] == sum(r["tokens"] for r in steps) > first["tokens"]
     assert summary["train_time_s"] == pytest.approx(sum(r["time_s"] for r in steps), rel=1e-9)
     assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["train_time_s"])
+
+
+def test_a_lora_backend_that_cannot_run_here_is_a_config_error(tmp_path, capsys):
+    """lora.backend cuda on a machine without the CUDA kernels passed validation and crashed with a traceback in
+    the first forward; now a config error naming the key, before training."""
+    from lorafusion.backends import available_backends
+
+    if available_backends()["cuda"] == "available":
+        pytest.skip("the cuda backend runs here")
+    assert main(_args(tmp_path / "run", "--train.max_steps", "1", "--lora.backend", "cuda")) == 2
+    err = capsys.readouterr().err
+    assert "lora.backend: backend 'cuda' was requested but is unavailable" in err and "Traceback" not in err
