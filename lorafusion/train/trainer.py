@@ -584,7 +584,10 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
         save_config(cfg, os.path.join(out, "config.yaml"))
     if latest is not None:
         if ds.is_main:
-            _truncate_metrics(os.path.join(out, "metrics.jsonl"), step)
+            # resumed at the last step, the run goes straight to its final eval: a killed attempt's final-eval line
+            # goes (it was logged after the last checkpoint), else every resume there added one more
+            _truncate_metrics(os.path.join(out, "metrics.jsonl"), step,
+                              drop_eval_at=step if step == total_steps else None)
             history = _read_metrics(os.path.join(out, "metrics.jsonl"))
 
     pad_id = tokenizer.pad_token_id
@@ -794,9 +797,11 @@ def _read_metrics(path: str) -> list[dict]:
     return out
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metric lines past the resumed step (they came from work the kill threw away)."""
-    recs = [r for r in _read_metrics(path) if r["step"] <= step]
+def _truncate_metrics(path: str, step: int, drop_eval_at: int | None = None) -> None:
+    """Drop metric lines past the resumed step (they came from work the kill threw away), and eval lines (no training
+    loss) at step ``drop_eval_at``."""
+    recs = [r for r in _read_metrics(path) if r["step"] <= step
+            and not (drop_eval_at is not None and r["step"] == drop_eval_at and "loss" not in r)]
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         for r in recs:

@@ -173,3 +173,18 @@ def test_a_lora_backend_that_cannot_run_here_is_a_config_error(tmp_path, capsys)
     assert main(_args(tmp_path / "run", "--train.max_steps", "1", "--lora.backend", "cuda")) == 2
     err = capsys.readouterr().err
     assert "lora.backend: backend 'cuda' was requested but is unavailable" in err and "Traceback" not in err
+
+
+def test_a_kill_after_the_final_checkpoint_does_not_repeat_the_final_eval_line(tmp_path):
+    """Killed after the final checkpoint and its eval line but before summary.json, each --resume logged the final
+    eval again (a reviewer's kill loop piled up 30 identical lines)."""
+    out = tmp_path / "run"
+    args = ["--train.max_steps", "2", "--train.save_every", "2", "--train.eval_every", "1"]
+    assert main(_args(out, *args)) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    finals = [x for x in lines if json.loads(x)["step"] == 2 and "loss" not in json.loads(x)]
+    assert len(finals) == 1
+    for _ in range(2):  # as if killed after the final eval line, before the summary
+        (out / "summary.json").unlink()
+        assert main(_args(out, *args, "--resume")) == 0
+        assert (out / "metrics.jsonl").read_text().splitlines() == lines
