@@ -259,19 +259,19 @@ def test_jobs_file_is_read_as_json_when_it_is_json(tmp_path):
 def test_a_key_given_twice_in_a_jobs_file_is_an_error_not_the_last_one_wins(tmp_path):
     """YAML and JSON parsers keep the last of two equal keys silently: a jobs file with `lengths` (or `capacity`)
     written twice would plan on whichever came last."""
-    f = tmp_path / "dup.yaml"
-    f.write_text("capacity: 1024\njobs:\n  - adapter: a\n    global_batch_size: 1\n    lengths: [10, 20]\n"
-                 "    lengths: [30]\n")
-    with pytest.raises(ValueError, match=r"(?s)jobs file .*dup.yaml' is not valid YAML / JSON.*'lengths' given twice"):
-        load_jobs(f)
-    f.write_text("capacity: 1024\njobs: [{adapter: a, global_batch_size: 1, lengths: [10]}]\ncapacity: 64\n")
-    with pytest.raises(ValueError, match="'capacity' given twice"):
-        load_jobs(f)
+    cases = [("dup.yaml", "capacity: 1024\njobs:\n  - adapter: a\n    global_batch_size: 1\n    lengths: [10, 20]\n"
+                          "    lengths: [30]\n",
+              r"(?s)jobs file .*dup.yaml' is not valid YAML / JSON.*'lengths' given twice"),
+             ("top.yaml", "capacity: 1024\njobs: [{adapter: a, global_batch_size: 1, lengths: [10]}]\ncapacity: 64\n",
+              "'capacity' given twice"),
+             ("dup.json", '{"capacity": 1024, "jobs": [{"adapter": "a", "global_batch_size": 1, "lengths": [10], '
+                          '"adapter": "b"}]}',
+              r"jobs file .*dup.json': key 'adapter' is given twice in one object")]
+    for name, text, match in cases:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=match):
+            load_jobs(tmp_path / name)
     j = tmp_path / "dup.json"
-    j.write_text('{"capacity": 1024, "jobs": [{"adapter": "a", "global_batch_size": 1, "lengths": [10], '
-                 '"adapter": "b"}]}')
-    with pytest.raises(ValueError, match=r"jobs file .*dup.json': key 'adapter' is given twice in one object"):
-        load_jobs(j)
     j.write_text('{"capacity": 1024, "jobs": [{"adapter": "a", "global_batch_size": 1, "lengths": [10]}]}')
     assert load_jobs(j)[0][0].lengths == (10,)  # the same file without the repeat loads
 
