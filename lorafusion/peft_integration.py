@@ -60,12 +60,15 @@ class FusedPeftLoraLinear(PeftLoraLinear):
         if kwargs.get("target_name"):  # built by get_peft_model (fused_lora_config): PEFT passes the module path
             self._lorafusion_name = kwargs["target_name"]
 
+    def _lorafusion_label(self) -> str:
+        """The layer's name in messages: its module path where known."""
+        return self._lorafusion_name or f"LoRA Linear({self.in_features}->{self.out_features})"
+
     def _lorafusion_warn(self, reason: str) -> None:
         warned = self.__dict__.setdefault("_lorafusion_warned", set())
         if reason not in warned:
             warned.add(reason)
-            name = self._lorafusion_name or f"LoRA Linear({self.in_features}->{self.out_features})"
-            warnings.warn(f"lorafusion: layer {name} runs PEFT's unfused forward: {reason}", stacklevel=3)
+            warnings.warn(f"lorafusion: layer {self._lorafusion_label()} runs PEFT's unfused forward: {reason}", stacklevel=3)
 
     def _dynamic_reason(self, x: torch.Tensor, args, kwargs, active: list[str]) -> str | None:
         reason = _static_reason(self)
@@ -92,7 +95,7 @@ class FusedPeftLoraLinear(PeftLoraLinear):
         kwargs.pop("adapter_names", None)
         name = active[0]
         base = self.get_base_layer()
-        check_input(self._lorafusion_name or f"LoRA Linear({self.in_features}->{self.out_features})", x, base.weight)
+        check_input(self._lorafusion_label(), x, base.weight)
         drop = self.lora_dropout[name]
         p = drop.p if (isinstance(drop, nn.Dropout) and drop.training) else 0.0
         return fused_lora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,

@@ -12,7 +12,6 @@ each adapter segment, and the number of pipeline stages.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -397,36 +396,14 @@ def _unique_keys(pairs: list) -> dict:
     return out
 
 
-@functools.cache
-def _unique_key_loader():
-    """A ``yaml.SafeLoader`` that refuses a mapping key given twice (PyYAML keeps the last silently)."""
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    dup = key in seen
-                except TypeError:  # an unhashable key: SafeLoader's own error follows
-                    break
-                if dup:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
-                        f"found key {key!r} given twice", key_node.start_mark)
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    return UniqueKeyLoader
-
-
 def load_jobs(path: str | Path, *, seed: int | None = None) -> tuple[list[Job], dict]:
     """Read a jobs file (YAML or JSON): ``{jobs: [...], capacity:, pad_multiple:, stages:, seed:}``.
 
     Returns the jobs and the file's top-level planner settings (everything but ``jobs``). A file that does not parse,
     an unknown key or a wrongly typed value is a ``ValueError`` naming the file (and the job)."""
     import yaml
+
+    from lorafusion.train.config import UniqueKeyLoader  # refuses a key given twice, as run configs do
 
     path = Path(path)
     if path.is_dir():
@@ -443,7 +420,7 @@ def load_jobs(path: str | Path, *, seed: int | None = None) -> tuple[list[Job], 
         doc = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError:
         try:
-            doc = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 (a SafeLoader subclass)
+            doc = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
         except yaml.YAMLError as e:
             raise ValueError(f"jobs file {str(path)!r} is not valid YAML / JSON: {e}") from e
     except _DuplicateKey as e:

@@ -431,8 +431,9 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (plain YAML keeps the last silently); also
+    read by the planner's jobs files (``scheduling.jobs.load_jobs``)."""
 
     def construct_mapping(self, node, deep=False):
         seen = {}
@@ -462,7 +463,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, wo
             raise ConfigError(f"config file not found: {path}")
         with open(path, encoding="utf-8-sig") as fh:
             try:
-                loaded = yaml.load(fh, Loader=_UniqueKeyLoader)
+                loaded = yaml.load(fh, Loader=UniqueKeyLoader)
             except yaml.YAMLError as exc:
                 raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
             except UnicodeDecodeError as exc:

@@ -261,9 +261,9 @@ def test_a_key_given_twice_in_a_jobs_file_is_an_error_not_the_last_one_wins(tmp_
     written twice would plan on whichever came last."""
     cases = [("dup.yaml", "capacity: 1024\njobs:\n  - adapter: a\n    global_batch_size: 1\n    lengths: [10, 20]\n"
                           "    lengths: [30]\n",
-              r"(?s)jobs file .*dup.yaml' is not valid YAML / JSON.*'lengths' given twice"),
+              r"(?s)jobs file .*dup.yaml' is not valid YAML / JSON.*found the key 'lengths' twice"),
              ("top.yaml", "capacity: 1024\njobs: [{adapter: a, global_batch_size: 1, lengths: [10]}]\ncapacity: 64\n",
-              "'capacity' given twice"),
+              "found the key 'capacity' twice"),
              ("dup.json", '{"capacity": 1024, "jobs": [{"adapter": "a", "global_batch_size": 1, "lengths": [10], '
                           '"adapter": "b"}]}',
               r"jobs file .*dup.json': key 'adapter' is given twice in one object")]
