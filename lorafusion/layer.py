@@ -99,32 +99,35 @@ class FusedLoRALinear(nn.Module):
     def _delta_weight(self) -> torch.Tensor:
         return self.scale * (self.lora_B.float() @ self.lora_A.float())
 
+    def _base_plus_delta(self, sign: int) -> torch.Tensor:
+        """The base weight with ``sign`` * s B A added, in float32, rounded once to the weight's dtype."""
+        w = self.base.weight
+        return (w.float() + sign * self._delta_weight()).to(w.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold scale * B A into the base weight; forward then runs the base GEMM alone."""
         if not self.merged:
-            self.base.weight.copy_((self.base.weight.float() + self._delta_weight()).to(self.base.weight.dtype))
+            self.base.weight.copy_(self._base_plus_delta(+1))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight.copy_((self.base.weight.float() - self._delta_weight()).to(self.base.weight.dtype))
+            self.base.weight.copy_(self._base_plus_delta(-1))
             self.merged = False
 
     @staticmethod
     @torch.no_grad()
     def _unmerged_state(module, state_dict, prefix, local_metadata) -> None:
         if module.merged:
-            w = module.base.weight
-            state_dict[prefix + "base.weight"] = (w.float() - module._delta_weight()).to(w.dtype)
+            state_dict[prefix + "base.weight"] = module._base_plus_delta(-1)
 
     @staticmethod
     @torch.no_grad()
     def _merge_loaded(module, incompatible_keys) -> None:
         if module.merged:  # the file's weight is unmerged (see _unmerged_state): fold the loaded term in again
-            w = module.base.weight
-            w.copy_((w.float() + module._delta_weight()).to(w.dtype))
+            module.base.weight.copy_(module._base_plus_delta(+1))
 
     @contextmanager
     def adapter_disabled(self):
