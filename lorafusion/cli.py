@@ -4,7 +4,8 @@
     lorafusion plan ...            (see ``lorafusion plan --help``)
 
 Exit codes of ``train``: 0 done (or stopped cleanly by SIGINT / SIGTERM after a checkpoint), 2 a bad config, data,
-model folder or checkpoint (one line on stderr naming the problem).
+model folder or checkpoint, or an output that cannot be written (one line on stderr naming the problem and where
+``--resume`` continues), 130 interrupted before training began or by a second SIGINT (no checkpoint written then).
 """
 from __future__ import annotations
 
@@ -61,6 +62,11 @@ def _train(argv: list[str]) -> int:
     except OSError as exc:  # an output folder that cannot be made or written, a file named like a folder
         print(f"lorafusion train: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training began (loading the model), or a second one during it
+        from lorafusion.train.checkpoint import resume_hint
+
+        print(f"lorafusion train: interrupted; {resume_hint(cfg.train.output_dir)}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -93,6 +93,20 @@ class PlanParams:
         return self.capacity // self.pad_multiple * self.pad_multiple
 
 
+# A job runs at most this many samples (global_batch_size x num_global_batches): a bound far above a real run's
+# plan (a few thousand global batches take an hour to plan on 2 cores), so that a typo such as 1000000000 global
+# batches is an error naming it rather than an out-of-memory crash or a plan that never ends.
+MAX_PLANNED_SAMPLES = 1_000_000
+
+
+def _check_planned(where: str, global_batch_size: int, num_global_batches: int) -> None:
+    total = global_batch_size * num_global_batches
+    if total > MAX_PLANNED_SAMPLES:
+        raise ValueError(f"{where}: global_batch_size {global_batch_size} x num_global_batches {num_global_batches} "
+                         f"= {total:,} samples to plan, more than the planner's limit of {MAX_PLANNED_SAMPLES:,} "
+                         "per job; ask for fewer global batches (or epochs)")
+
+
 @dataclass(frozen=True)
 class Job:
     """One adapter's fine-tuning job.
@@ -125,6 +139,7 @@ class Job:
             object.__setattr__(self, "num_global_batches", math.ceil(len(self.lengths) / self.global_batch_size))
         object.__setattr__(self, "num_global_batches",
                            _positive_int(self.num_global_batches, f"job {self.adapter!r} num_global_batches"))
+        _check_planned(f"job {self.adapter!r}", self.global_batch_size, self.num_global_batches)
         object.__setattr__(self, "allow_split", _flag(self.allow_split, f"job {self.adapter!r} allow_split"))
 
     @classmethod
@@ -365,6 +380,7 @@ def _distribution_lengths(d: Any, job: str, adapter: str, gbs: int, num_gb: int 
         raise ValueError(f"{job} distribution kind {kind!r} is not supported (only 'lognormal')")
     if num_gb is None:
         raise ValueError(f"{job} with a length distribution needs num_global_batches")
+    _check_planned(job, gbs, num_gb)  # before drawing that many lengths
     if "median" not in d:
         raise ValueError(f"{job} distribution needs a median (tokens)")
     median = _real(d["median"], f"{job} distribution median")

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger("lorafusion.train")
+STATE_FILE = "trainer_state.json"
 
 
 class CheckpointError(RuntimeError):
@@ -99,7 +100,7 @@ def write_main_files(tmp: str, model, optimizer, scheduler, state: dict, write_o
     if write_optimizer:
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-    with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
+    with open(os.path.join(tmp, STATE_FILE), "w") as fh:
         json.dump(state, fh, indent=1)
 
 
@@ -123,6 +124,30 @@ def commit(output_dir: str, step: int, keep: int) -> str:
     for old in older[:max(0, len(names) - keep)]:
         shutil.rmtree(os.path.join(checkpoints_dir(output_dir), old), ignore_errors=True)
     return final
+
+
+def resume_hint(output_dir: str) -> str:
+    """Where a rerun with ``--resume`` continues from, for the message of a run that stops on an error."""
+    try:
+        path = latest(output_dir)
+    except CheckpointError as exc:
+        return f"the latest checkpoint is unusable ({exc})"
+    if path is None:
+        return "no checkpoint was written yet, so a rerun starts from step 0"
+    return f"rerun with --resume to continue from {path}"
+
+
+def write_failed(output_dir: str, step: int, exc: BaseException) -> CheckpointError:
+    """Rank 0, once writing the checkpoint of ``step`` failed (a full disk, a lost mount): its temp folder goes (a
+    full disk gets the space back) and the error to raise says why, the free space, and where ``--resume`` goes on."""
+    shutil.rmtree(tmp_path(output_dir, step), ignore_errors=True)
+    try:
+        free = f" ({shutil.disk_usage(checkpoints_dir(output_dir)).free / 2**20:.1f} MiB free there)"
+    except OSError:
+        free = ""
+    return CheckpointError(f"could not write the checkpoint of step {step} in {checkpoints_dir(output_dir)}{free}: "
+                           f"{type(exc).__name__}: {exc}; the earlier checkpoints are intact: fix the cause, then "
+                           f"{resume_hint(output_dir)}")
 
 
 def _step_folders(output_dir: str) -> list[str]:
@@ -167,11 +192,54 @@ def latest(output_dir: str) -> str | None:
     return path
 
 
+def _corrupt(path: str, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} is corrupt or unreadable: {what}; "
+                           f"{_recovery_hint(os.path.dirname(os.path.dirname(path)), path)}")
+
+
+def _state_problem(state) -> str | None:
+    """What is wrong with a loaded ``trainer_state.json`` (None when it has the shape a run writes)."""
+    if not isinstance(state, dict):
+        return f"must hold a JSON object, got {type(state).__name__} {state!r:.60}"
+
+    def bad(key: str, value, kinds, what: str) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
+            return f"{key!r} must be {what}, got {value!r:.60}"
+        return None
+
+    problem = bad("step", state.get("step"), int, "a non-negative integer")
+    for key, kinds, what in (("total_steps", int, "a non-negative integer"),
+                             ("world_size", int, "a non-negative integer"),
+                             ("tokens_done", int, "a non-negative integer"),
+                             ("train_time_s", (int, float), "a non-negative number"),
+                             ("eval_loss_before", (int, float), "a number or null"),
+                             ("eval_exact_match_before", (int, float), "a number or null")):
+        if problem is None and state.get(key) is not None:
+            problem = bad(key, state[key], kinds, what)
+    fingerprint = state.get("data_fingerprint")
+    if problem is None and fingerprint is not None and not isinstance(fingerprint, str):
+        problem = f"'data_fingerprint' must be a string, got {fingerprint!r:.60}"
+    return problem
+
+
+def read_state(path: str) -> dict:
+    """The ``trainer_state.json`` of checkpoint ``path``; a ``CheckpointError`` naming the file and the earlier
+    complete checkpoints when it is missing, not JSON, or not the shape a run writes (edited by hand, say)."""
+    try:
+        with open(os.path.join(path, STATE_FILE)) as fh:
+            state = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise _corrupt(path, f"{STATE_FILE}: {type(exc).__name__}: {exc}") from None
+    problem = _state_problem(state)
+    if problem is not None:
+        raise _corrupt(path, f"{STATE_FILE}: {problem}")
+    return state
+
+
 def load(path: str, model, optimizer, scheduler, rank: int, load_optimizer: bool = True) -> dict:
     """Restore a checkpoint into ``model`` / ``optimizer`` / ``scheduler`` and this rank's RNG; returns its state."""
+    state = read_state(path)
     try:
-        with open(os.path.join(path, "trainer_state.json")) as fh:
-            state = json.load(fh)
         adapter = load_file(os.path.join(path, "adapter.safetensors"))
         params = dict(model.named_parameters())
         missing = [n for n, p in params.items() if p.requires_grad and n not in adapter]
@@ -194,6 +262,5 @@ def load(path: str, model, optimizer, scheduler, rank: int, load_optimizer: bool
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file means a corrupt checkpoint
-        raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: {type(exc).__name__}: {exc}; "
-                              f"{_recovery_hint(os.path.dirname(os.path.dirname(path)), path)}") from None
+        raise _corrupt(path, f"{type(exc).__name__}: {exc}") from None
     return state

@@ -61,10 +61,31 @@ def jsonl_values(path):
             yield lineno, value, None
 
 
-def read_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int]:
-    """Records of a JSONL file and how many bad lines were skipped; a bad line fails with its number by default."""
+def _named(key: str | None) -> str:
+    return f"{key}: " if key else ""
+
+
+def check_data_file(path: str, key: str | None = None) -> None:
+    """A ``DataError`` naming ``path`` (and the config ``key`` it came from) unless it is a file this process may
+    read."""
+    if not os.path.exists(path):
+        raise DataError(f"{_named(key)}data file not found: {path}")
     if not os.path.isfile(path):
-        raise DataError(f"data file not found: {path}")
+        raise DataError(f"{_named(key)}data file {path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{_named(key)}data file {path} cannot be read: Permission denied")
+
+
+def data_files(cfg_data) -> list[tuple[str, str]]:
+    """The (config key, path) of each JSONL file the data config names (built-in datasets are made, not read)."""
+    return [(key, path) for key, path in (("data.train", cfg_data.train), ("data.eval", cfg_data.eval))
+            if path is not None and not path.startswith("builtin:")]
+
+
+def read_jsonl(path: str, skip_bad_lines: bool = False, key: str | None = None) -> tuple[list[dict], int]:
+    """Records of a JSONL file and how many bad lines were skipped; a bad line fails with its number by default.
+    ``key`` names the file in errors about the file itself (the config key it came from)."""
+    check_data_file(path, key)
     records, skipped = [], 0
     try:
         for lineno, rec, problem in jsonl_values(path):
@@ -78,7 +99,7 @@ def read_jsonl(path: str, skip_bad_lines: bool = False) -> tuple[list[dict], int
                 raise DataError(f"{path}:{lineno}: {problem} (pass --skip-bad-lines to skip bad lines)")
             records.append(rec)
     except OSError as e:  # no read permission, an I/O error
-        raise DataError(f"data file {path} cannot be read: {e.strerror or e}") from e
+        raise DataError(f"{_named(key)}data file {path} cannot be read: {e.strerror or e}") from e
     if skipped:
         logger.warning("%s: skipped %d bad line(s)", path, skipped)
     if not records:
@@ -226,9 +247,10 @@ def load_split(cfg_data, tokenizer, seed: int) -> tuple[list[Sample], list[Sampl
         train_path, builtin_eval = data_preset_paths(train_path[len("builtin:"):])
         if eval_path is None:
             eval_path = builtin_eval
-    train_recs, skipped = read_jsonl(train_path, cfg_data.skip_bad_lines)
+    train_recs, skipped = read_jsonl(train_path, cfg_data.skip_bad_lines, "data.train")
     if eval_path is not None:
-        eval_recs, skipped_eval = read_jsonl(eval_path, cfg_data.skip_bad_lines)
+        eval_recs, skipped_eval = read_jsonl(eval_path, cfg_data.skip_bad_lines,
+                                             "data.eval" if cfg_data.eval is not None else "data.train's eval split")
         skipped += skipped_eval
     elif cfg_data.eval_fraction > 0:
         gen = torch.Generator().manual_seed(seed)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from lorafusion.train import checkpoint as ckpt
 from lorafusion.train import distributed as dist_utils
 from lorafusion.train.config import DEFAULT_MAX_STEPS, ConfigError, RunConfig, save_config
-from lorafusion.train.data import Sample, StepBatches, collate, load_split
+from lorafusion.train.data import Sample, StepBatches, check_data_file, collate, data_files, load_split
 
 logger = logging.getLogger("lorafusion.train")
 
@@ -388,19 +388,16 @@ def _check_resume_config(cfg: RunConfig, saved_path: str) -> None:
                           f"keep ({'; '.join(diffs)}); use the run's values or start a new train.output_dir")
 
 
-def _completed_summary(out: str, latest: str, total_steps: int) -> dict | None:
-    """The summary of a run that already finished its ``total_steps`` at its latest checkpoint, else None (a
-    larger ``train.max_steps`` on resume extends the run instead)."""
+def _completed_summary(out: str, step: int, total_steps: int) -> dict | None:
+    """The summary of a run that already finished its ``total_steps`` at its latest checkpoint (at ``step``), else
+    None (a larger ``train.max_steps`` on resume extends the run instead)."""
     path = os.path.join(out, "summary.json")
     try:
         with open(path) as fh:
             summary = json.load(fh)
     except (OSError, ValueError):
         return None
-    try:
-        with open(os.path.join(latest, "trainer_state.json")) as fh:
-            step = json.load(fh)["step"]
-    except (OSError, ValueError, KeyError):
+    if not isinstance(summary, dict):
         return None
     if summary.get("status") == "completed" and summary.get("step") == summary.get("total_steps") == step \
             == total_steps:
@@ -446,14 +443,9 @@ def _data_fingerprint(train, evals) -> str:
     return h.hexdigest()
 
 
-def _check_resume_data(latest: str, fingerprint: str, stats: dict) -> None:
-    """Refuse ``--resume`` when the data differs from the run's: the data order and the eval split would change,
-    and records already trained on could land in the eval set."""
-    try:
-        with open(os.path.join(latest, "trainer_state.json")) as fh:
-            saved = json.load(fh).get("data_fingerprint")
-    except (OSError, ValueError):
-        return  # unreadable state: ckpt.load reports it
+def _check_resume_data(latest: str, saved: str | None, fingerprint: str, stats: dict) -> None:
+    """Refuse ``--resume`` when the data differs from the run's (its fingerprint ``saved``): the data order and the
+    eval split would change, and records already trained on could land in the eval set."""
     if saved is not None and saved != fingerprint:
         raise ConfigError(f"--resume: the data ({stats['train_path']}: {stats['train_samples']} train / "
                           f"{stats['eval_samples']} eval samples now) differs from the data the run in {latest} "
@@ -502,7 +494,9 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
     elif os.path.isdir(ckpt.checkpoints_dir(out)) and ckpt.latest(out) is not None:  # every rank: no hang
         raise TrainError(f"train.output_dir {out} already holds checkpoints; pass --resume to continue it or "
                          "choose another output folder")
+    saved_state = None
     if latest is not None:
+        saved_state = ckpt.read_state(latest)  # a corrupt checkpoint is reported before the model loads
         _check_resume_config(cfg, os.path.join(out, "config.yaml"))
     if cfg.model.quantization != "none" and ds.kind == "deepspeed":
         raise TrainError(f"model.quantization: {cfg.model.quantization} is not supported under deepspeed (ZeRO "
@@ -511,6 +505,8 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
         logger.warning("train.deepspeed_config %s is not used: this run is not under the deepspeed launcher "
                        "(train.distributed=%s)", t.deepspeed_config, ds.kind)
 
+    for key, path in data_files(cfg.data):  # before the model load, which can take minutes
+        check_data_file(path, key)
     model_path = resolve_model_path(cfg.model.name_or_path, ds)
     tokenizer, base = load_base(model_path, cfg, ds.device)
     train, evals, stats, gen_records = load_split(cfg.data, tokenizer, t.seed)
@@ -519,23 +515,19 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
     G = cfg.batch.global_batch_size
     total_steps = (t.max_steps if t.max_steps is not None else DEFAULT_MAX_STEPS if t.epochs is None
                    else max(1, math.ceil(t.epochs * len(train) / G)))
-    done = _completed_summary(out, latest, total_steps) if latest is not None else None
+    done = _completed_summary(out, saved_state["step"], total_steps) if latest is not None else None
     if done is not None:
         logger.info("--resume: %s already completed its %d steps; nothing to do (summary.json kept)", out, total_steps)
         return done
     if latest is not None:  # a run past the steps now asked for would be marked "completed" at step 12 of 8
-        try:
-            with open(os.path.join(latest, "trainer_state.json")) as fh:
-                at = json.load(fh)["step"]
-        except (OSError, ValueError, KeyError, TypeError):
-            at = None  # the checkpoint loader reports a corrupt state with its recovery hint
-        if isinstance(at, int) and at > total_steps:
+        at = saved_state["step"]
+        if at > total_steps:
             raise ConfigError(f"--resume: the run in {out} is at step {at}, past the {total_steps} steps asked for "
                               f"(train.max_steps / train.epochs); ask for at least {at}, or start a new "
                               "train.output_dir")
     fingerprint = _data_fingerprint(train, evals)
     if latest is not None:
-        _check_resume_data(latest, fingerprint, stats)
+        _check_resume_data(latest, saved_state.get("data_fingerprint"), fingerprint, stats)
     if ds.is_main and latest is None and os.path.exists(os.path.join(out, "metrics.jsonl")):
         # a run killed before its first checkpoint: it starts again from step 0, so its lines go
         os.remove(os.path.join(out, "metrics.jsonl"))
@@ -596,11 +588,21 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
               if (gen_records and t.generate_eval) else None)
     metrics_path = os.path.join(out, "metrics.jsonl")
 
+    def written(what: str, write):
+        """``write()``'s result; its failure (a full disk) a TrainError naming the file and where --resume goes on."""
+        try:
+            return write()
+        except Exception as exc:  # noqa: BLE001
+            raise TrainError(f"could not write {what}: {type(exc).__name__}: {exc}; fix the cause, then "
+                             f"{ckpt.resume_hint(out)}") from None
+
     def log_metrics(rec: dict) -> None:
         history.append(rec)
         if ds.is_main:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            def append():
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+            written(metrics_path, append)
 
     def run_eval(at: int) -> dict:
         rec = {"step": at}
@@ -621,24 +623,38 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
 
     def save_checkpoint(at: int) -> None:
         tmp = ckpt.tmp_path(out, at)
+
+        def write_rank_files():
+            ckpt.write_rank_files(tmp, ds.rank)
+            if engine is not None:
+                engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", exclude_frozen_parameters=True)
+            if ds.is_main:
+                ckpt.write_main_files(tmp, peft_model, optimizer, scheduler,
+                                      {"step": at, "total_steps": total_steps, "world_size": ds.world_size,
+                                       "eval_exact_match_before": metric_before, "eval_loss_before": eval_before,
+                                       "data_fingerprint": fingerprint, "tokens_done": tokens_done,
+                                       "train_time_s": train_time},
+                                      write_optimizer=engine is None)
+
+        # each phase's failure (a full disk, a lost mount) stops every rank together with the reason: the earlier
+        # checkpoints stay intact, and the half-written one is removed
+        for phase in ((lambda: ckpt.begin(out, at)) if ds.is_main else None, write_rank_files,
+                      (lambda: ckpt.commit(out, at, t.keep_checkpoints)) if ds.is_main else None):
+            error = None
+            if phase is not None:
+                try:
+                    phase()
+                except Exception as exc:  # noqa: BLE001 - whatever the cause, this checkpoint is lost
+                    error = exc
+            if dist_utils.any_flag(ds, error is not None):
+                if ds.is_main:
+                    raise ckpt.write_failed(out, at, error if error is not None else
+                                            RuntimeError("it failed on another rank"))
+                raise ckpt.CheckpointError(f"rank {ds.rank}: the checkpoint of step {at} failed"
+                                           + (f": {type(error).__name__}: {error}" if error is not None
+                                              else " on another rank (rank 0 reports why)"))
         if ds.is_main:
-            ckpt.begin(out, at)
-        dist_utils.barrier(ds)
-        ckpt.write_rank_files(tmp, ds.rank)
-        if engine is not None:
-            engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="state", exclude_frozen_parameters=True)
-        if ds.is_main:
-            ckpt.write_main_files(tmp, peft_model, optimizer, scheduler,
-                                  {"step": at, "total_steps": total_steps, "world_size": ds.world_size,
-                                   "eval_exact_match_before": metric_before, "eval_loss_before": eval_before,
-                                   "data_fingerprint": fingerprint, "tokens_done": tokens_done,
-                                   "train_time_s": train_time},
-                                  write_optimizer=engine is None)
-        dist_utils.barrier(ds)
-        if ds.is_main:
-            path = ckpt.commit(out, at, t.keep_checkpoints)
-            logger.info("checkpoint %s", path)
-        dist_utils.barrier(ds)
+            logger.info("checkpoint %s", ckpt.final_path(out, at))
 
     batches = StepBatches(len(train), G, micro, ds.world_size, ds.rank, t.seed)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
@@ -736,7 +752,7 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
     final = run_eval(step) if (eval_fn or gen_fn) else {}
     if ds.is_main:
         adapter_dir = os.path.join(out, "adapter")
-        peft_model.save_pretrained(adapter_dir)
+        written(f"the adapter to {adapter_dir}", lambda: peft_model.save_pretrained(adapter_dir))
         summary["adapter_dir"] = adapter_dir
     train_losses = [h["loss"] for h in history if "loss" in h]
     summary.update({
@@ -750,9 +766,12 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
     })
     if ds.is_main:
         if t.plot:
-            summary["loss_curve"] = _plot(out, history)
-        with open(os.path.join(out, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=1)
+            summary["loss_curve"] = written(f"the loss curve to {out}", lambda: _plot(out, history))
+
+        def write_summary():
+            with open(os.path.join(out, "summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=1)
+        written(os.path.join(out, "summary.json"), write_summary)
         _print_summary(summary)
     return summary
 

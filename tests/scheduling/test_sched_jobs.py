@@ -147,10 +147,26 @@ def test_bad_spec(spec, match):
     ({"adapter": "x", "batches": [[1, 2], [3]], "global_batch_size": 7},
      "job 'x': global_batch_size 7 differs from the 2 samples of its first listed batch"),
     ({"adapter": "x", "global_batch_size": 2, "lengths": [1], "epochs": 0}, "job 'x' epochs must be a positive"),
+    # sizes no run has: an error, not a 119 GiB allocation for the lengths or a plan that never ends
+    ({"adapter": "x", "global_batch_size": 16, "num_global_batches": 10**9, "distribution": {"median": 300}},
+     "job 'x': global_batch_size 16 x num_global_batches 1000000000 = 16,000,000,000 samples to plan, more than "
+     "the planner's limit of 1,000,000 per job"),
+    ({"adapter": "x", "global_batch_size": 2, "lengths": [5, 6, 7], "num_global_batches": 500_001},
+     "job 'x': global_batch_size 2 x num_global_batches 500001 = 1,000,002 samples"),
+    ({"adapter": "x", "global_batch_size": 4, "lengths": [5, 6, 7], "epochs": 10**6},
+     "job 'x': global_batch_size 4 x num_global_batches 1000000 = 4,000,000 samples"),
 ])
 def test_bad_spec_types_and_keys_name_the_job(spec, match):
     with pytest.raises(ValueError, match=match):
         job_from_spec(spec)
+
+
+def test_the_planned_size_limit_is_inclusive():
+    from scheduling.jobs import MAX_PLANNED_SAMPLES
+
+    job = job_from_spec({"adapter": "x", "global_batch_size": 2, "lengths": [5, 6, 7],
+                         "num_global_batches": MAX_PLANNED_SAMPLES // 2})
+    assert job.num_global_batches * job.global_batch_size == MAX_PLANNED_SAMPLES
 
 
 def test_batches_job_honours_epochs_and_num_global_batches():
