@@ -24,6 +24,7 @@
 
 #include "philox.h"
 #include "philox_simd.h"
+#include "multi_tables.h"
 #include "row_kernels.h"
 
 namespace {
@@ -42,15 +43,6 @@ struct Slot {
   float scale;
   uint32_t threshold;
 };
-
-void check_tables(const at::Tensor& seg, const at::Tensor& slot, const at::Tensor& slot_p,
-                  const at::Tensor& slot_scale) {
-  TORCH_CHECK(seg.dim() == 2 && seg.size(1) == 4 && seg.scalar_type() == at::kLong, "seg must be (n_seg x 4) int64");
-  TORCH_CHECK(slot.dim() == 2 && slot.size(1) == 3 && slot.scalar_type() == at::kLong,
-              "slot must be (n_slot x 3) int64");
-  TORCH_CHECK(slot_p.numel() == slot.size(0) && slot_scale.numel() == slot.size(0),
-              "slot_p / slot_scale need one entry per slot");
-}
 
 std::vector<Seg> read_segs(const at::Tensor& seg) {
   auto s = seg.contiguous();
@@ -249,7 +241,7 @@ at::Tensor flat_block(const at::Tensor& flat, const Seg& sg, const Slot& sl, int
 at::Tensor multi_lora_shrink_cpu(const at::Tensor& x_in, const at::Tensor& w_cat_in, const at::Tensor& seg,
                                  const at::Tensor& slot, const at::Tensor& slot_p, const at::Tensor& slot_scale,
                                  int64_t numel, int64_t seed, bool dropout, bool scaled) {
-  check_tables(seg, slot, slot_p, slot_scale);
+  lorafusion::check_table_shapes(seg, slot, slot_p, slot_scale, "multi_lora_shrink");
   TORCH_CHECK(x_in.dim() == 2 && w_cat_in.dim() == 2 && x_in.size(1) == w_cat_in.size(1),
               "multi_lora_shrink: x (T x K) and w_cat (R x K) must agree on K");
   const auto x = rowmajor(x_in);
@@ -283,7 +275,7 @@ at::Tensor multi_lora_shrink_cpu(const at::Tensor& x_in, const at::Tensor& w_cat
 at::Tensor multi_lora_grad_cpu(const at::Tensor& l_flat_in, const at::Tensor& m_in, const at::Tensor& seg,
                                const at::Tensor& slot, const at::Tensor& slot_p, const at::Tensor& slot_scale,
                                int64_t total_rank, int64_t seed, bool dropout, bool scaled) {
-  check_tables(seg, slot, slot_p, slot_scale);
+  lorafusion::check_table_shapes(seg, slot, slot_p, slot_scale, "multi_lora_grad");
   TORCH_CHECK(m_in.dim() == 2, "multi_lora_grad: m must be 2-D");
   const auto m = rowmajor(m_in);
   const auto l_flat = l_flat_in.to(at::kFloat).contiguous();
@@ -320,7 +312,7 @@ at::Tensor multi_lora_grad_cpu(const at::Tensor& l_flat_in, const at::Tensor& m_
 void multi_lora_expand_add_cpu(at::Tensor& out, const at::Tensor& l_flat_in, const at::Tensor& w_cat_in,
                                const at::Tensor& seg, const at::Tensor& slot, const at::Tensor& slot_p,
                                const at::Tensor& slot_scale, int64_t seed, bool dropout, bool scaled) {
-  check_tables(seg, slot, slot_p, slot_scale);
+  lorafusion::check_table_shapes(seg, slot, slot_p, slot_scale, "multi_lora_expand_add_");
   TORCH_CHECK(out.dim() == 2 && out.stride(1) == 1, "multi_lora_expand_add_: out must be 2-D with unit col stride");
   TORCH_CHECK(w_cat_in.dim() == 2 && w_cat_in.size(1) == out.size(1), "multi_lora_expand_add_: w_cat is R x N");
   const auto l_flat = l_flat_in.to(at::kFloat).contiguous();
@@ -381,7 +373,7 @@ at::Tensor multi_lora_grad_a_expand_dx_cpu(at::Tensor& dx, const at::Tensor& ds_
                                            const at::Tensor& a_cat_in, const at::Tensor& seg, const at::Tensor& slot,
                                            const at::Tensor& slot_p, const at::Tensor& slot_scale, int64_t total_rank,
                                            int64_t seed, bool dropout, bool accumulate) {
-  check_tables(seg, slot, slot_p, slot_scale);
+  lorafusion::check_table_shapes(seg, slot, slot_p, slot_scale, "multi_lora_grad_a_expand_dx_");
   TORCH_CHECK(dx.dim() == 2 && dx.stride(1) == 1 && x_in.dim() == 2 && dx.sizes() == x_in.sizes(),
               "multi_lora_grad_a_expand_dx_: dx and x must be T x K (dx with unit col stride)");
   const auto x = rowmajor(x_in);

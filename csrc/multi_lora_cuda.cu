@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "multi_lora_kernels.cuh"
+#include "multi_tables.h"
 
 namespace {
 
@@ -23,12 +24,9 @@ at::Tensor rowmajor(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.cont
 // tensors on the host, before the launch, by the Python wrapper (SegmentTables.check_operands).
 void check_tables_cuda(const at::Tensor& seg, const at::Tensor& slot, const at::Tensor& slot_p,
                        const at::Tensor& slot_scale, const at::Tensor& like, const char* op) {
-  TORCH_CHECK(seg.dim() == 2 && seg.size(1) == 4 && seg.scalar_type() == at::kLong && seg.is_contiguous(), op,
-              ": seg must be a contiguous (n_seg x 4) int64 tensor, got ", seg.sizes(), " ", seg.scalar_type());
-  TORCH_CHECK(slot.dim() == 2 && slot.size(1) == 3 && slot.scalar_type() == at::kLong && slot.is_contiguous(), op,
-              ": slot must be a contiguous (n_slot x 3) int64 tensor, got ", slot.sizes(), " ", slot.scalar_type());
-  TORCH_CHECK(slot_p.numel() == slot.size(0) && slot_scale.numel() == slot.size(0), op,
-              ": slot_p / slot_scale need one entry per slot");
+  lorafusion::check_table_shapes(seg, slot, slot_p, slot_scale, op);
+  TORCH_CHECK(seg.is_contiguous() && slot.is_contiguous(), op, ": seg and slot must be contiguous (the kernels "
+              "index them as raw arrays)");
   for (const at::Tensor* t : {&seg, &slot, &slot_p, &slot_scale})
     TORCH_CHECK(t->device() == like.device(), op, ": the layout tables must be on ", like.device(), ", got ",
                 t->device());

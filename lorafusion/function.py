@@ -128,16 +128,27 @@ def _check_operands(x, weight, bias, lora_A, lora_B) -> None:
         ok_dev = ok_shape = False
     if ok_dev and ok_shape:
         return
-    named = (("x", x), ("weight", weight), ("bias", bias), ("lora_A", lora_A), ("lora_B", lora_B))
-    for name, t in named:
-        if (t is not None or name != "bias") and not isinstance(t, torch.Tensor):
-            raise TypeError(f"fused_lora_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in named[1:]:
-        if t is not None and t.device != x.device:
-            raise ValueError(f"fused_lora_linear: {name} is on {t.device} but the input is on {x.device}")
+    check_operands("fused_lora_linear", x, weight, bias, {"lora_A": lora_A, "lora_B": lora_B})
     raise ValueError(f"fused_lora_linear: shapes do not chain: x {tuple(x.shape)}, weight {tuple(weight.shape)} "
                      f"(out x in), bias {None if bias is None else tuple(bias.shape)}, lora_A "
                      f"{tuple(lora_A.shape)} (r x in), lora_B {tuple(lora_B.shape)} (out x r)")
+
+
+def check_operands(op: str, x, weight, bias, others: dict | None = None) -> None:
+    """The checks shared by the single- and multi-adapter ops: ``x``, ``weight``, ``bias`` (optional) and the
+    ``others`` (name -> tensor) are tensors on the input's device, and x (..., in) / weight (out, in) / bias (out,)
+    chain. A TypeError / ValueError naming ``op``, the operand and its device or shape."""
+    named = (("x", x), ("weight", weight), ("bias", bias), *(others or {}).items())
+    for name, t in named:
+        if (t is not None or name != "bias") and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in named[1:]:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but the input is on {x.device}")
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1] or (
+            bias is not None and tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"{op}: shapes do not chain: x {tuple(x.shape)}, weight {tuple(weight.shape)} "
+                         f"(out x in), bias {None if bias is None else tuple(bias.shape)}")
 
 
 def fused_lora_linear(x, weight, bias, lora_A, lora_B, scale: float, p: float = 0.0, backend: str | None = None,

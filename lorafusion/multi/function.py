@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from lorafusion.function import autocast_off, cast_like_autocast, draw_dropout_seed, refuse_double_backward
+from lorafusion.function import (autocast_off, cast_like_autocast, check_operands, draw_dropout_seed,
+                                 refuse_double_backward)
 from lorafusion.multi.backends import get_multi_backend
 from lorafusion.multi.segments import AdapterSegments
 
@@ -67,13 +68,7 @@ def multi_lora_linear(x, weight, bias, adapters: dict, segments: AdapterSegments
                       backend: str | None = None, seed: int | None = None):
     """Functional multi-adapter LoRA linear. ``adapters``: name -> (lora_A, lora_B) for (at least) every adapter
     present in ``segments``; ``training`` enables each adapter's dropout."""
-    for what, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"multi_lora_linear: {what} is on {t.device} but the input is on {x.device}")
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1] or (
-            bias is not None and tuple(bias.shape) != (weight.shape[0],)):
-        raise ValueError(f"multi_lora_linear: shapes do not chain: x {tuple(x.shape)}, weight {tuple(weight.shape)} "
-                         f"(out x in), bias {None if bias is None else tuple(bias.shape)}")
+    check_operands("multi_lora_linear", x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.dim() else 0
     if rows != segments.num_rows:
         raise ValueError(f"input has {rows} rows but the segment layout has {segments.num_rows}")

@@ -223,3 +223,7 @@ def test_functional_api_refuses_weights_on_another_device_or_of_wrong_shapes():
         multi_lora_linear(x, W, b[:5], ad, seg, backend="reference")
     with pytest.raises(ValueError, match="multi_lora_linear: shapes do not chain"):
         multi_lora_linear(x[:, :7], W, b, ad, seg, backend="reference")
+    with pytest.raises(TypeError, match="multi_lora_linear: weight must be a torch.Tensor, got list"):
+        multi_lora_linear(x, W.tolist(), b, ad, seg, backend="reference")
+    with pytest.raises(TypeError, match="multi_lora_linear: x must be a torch.Tensor, got ndarray"):
+        multi_lora_linear(x.numpy(), W, b, ad, seg, backend="reference")

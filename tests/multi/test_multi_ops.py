@@ -221,6 +221,16 @@ def test_cpu_ops_reject_a_layout_that_does_not_fit_the_tensors():
         lf.multi_lora_shrink(x64, w[:2], *tabs, t.s_numel, 1, True, False)
     with pytest.raises(RuntimeError, match="of a flat buffer of 10"):
         lf.multi_lora_grad(torch.randn(10), x64, *tabs, t.total_rank, 1, True, False)
+    # tables of the wrong shape or type, named by the op (the same header check the CUDA ops make)
+    for bad, match in (((t.seg[:, :3], t.slot, t.slot_p, t.slot_scale), r"seg must be an \(n_seg x 4\) int64"),
+                       ((t.seg, t.slot.int(), t.slot_p, t.slot_scale), r"slot must be an \(n_slot x 3\) int64"),
+                       ((t.seg, t.slot, t.slot_p.repeat(2), t.slot_scale),
+                        r"slot_p / slot_scale need one entry per slot \(1\), got 2 and 1")):
+        with pytest.raises(RuntimeError, match="multi_lora_shrink: " + match):
+            lf.multi_lora_shrink(x64, w, *bad, t.s_numel, 1, True, False)
+        with pytest.raises(RuntimeError, match="multi_lora_grad_a_expand_dx_: " + match):
+            lf.multi_lora_grad_a_expand_dx_(torch.zeros(64, 16), torch.randn(t.s_numel), x64, w, *bad, t.total_rank,
+                                            1, True, True)
 
 
 def test_primitives_reject_a_layout_of_another_microbatch():
