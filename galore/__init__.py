@@ -17,9 +17,9 @@ post-accumulate-grad hook per parameter: each projected parameter projects its g
 accumulated and frees the full gradient, summing projected gradients over the k backward passes of one step, and
 is updated on the k-th. The object returned is still the optimizer: keep calling ``step()`` once per optimizer
 step (it finishes anything the hooks left, and does all the work when ``max_grad_norm`` is set or under
-distributed training) and ``zero_grad()`` (harmless); ``state_dict()`` / ``load_state_dict()`` work as usual
-(call them between steps); ``set_accumulation_steps(k)`` changes k; ``disable_layerwise()`` removes the hooks.
-Clipping is by the global norm of the projected gradients (``max_grad_norm``), not by an external
+distributed training) and ``zero_grad()`` (which also drops what the hooks accumulated since the last update);
+``state_dict()`` / ``load_state_dict()`` work as usual (call them between steps); ``set_accumulation_steps(k)``
+changes k; ``disable_layerwise()`` removes the hooks. Clipping is by the global norm of the projected gradients (``max_grad_norm``), not by an external
 ``clip_grad_norm_`` (the full gradients are gone by then). Under DDP run backward inside ``model.no_sync()``; the
 optimizer averages the accumulated gradients across ranks itself.
 

@@ -133,19 +133,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         gi = len(self.param_groups) - 1
         try:
             self._name_params(group, gi)
-            try:
-                self._validate_hyperparameters(group)
-            except (TypeError, ValueError) as err:
-                if str(err).startswith("param group"):
-                    raise
-                raise type(err)(f"param group {gi}: {err}") from None
-            if group.get("rank") is not None:
-                if not self._allows_projection:
-                    raise ValueError(
-                        f"{type(self).__name__} does not project; param group {gi} has rank={group['rank']!r} "
-                        "(use the GaLore variant)"
-                    )
-                self._validate_projected_group(group, gi)
+            self._check_group(group, gi)
             if self._layerwise is not None:  # a group added in layer-wise mode steps from its hooks like the others
                 for p in group["params"]:
                     self._layerwise_hook_param(p)
@@ -156,6 +144,23 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 if self._layerwise is not None and q in self._layerwise["handles"]:
                     self._layerwise_unhook(q, self._layerwise["handles"].pop(q))
             raise
+
+    def _check_group(self, group: dict, gi: int) -> None:
+        """The checks every param group passes, added or loaded: hyperparameters, and for a projected group that
+        this optimizer projects and its parameters are matrices the rank fits."""
+        try:
+            self._validate_hyperparameters(group)
+        except (TypeError, ValueError) as err:
+            if str(err).startswith("param group"):
+                raise
+            raise type(err)(f"param group {gi}: {err}") from None
+        if group.get("rank") is not None:
+            if not self._allows_projection:
+                raise ValueError(
+                    f"{type(self).__name__} does not project; param group {gi} has rank={group['rank']!r} "
+                    "(use the GaLore variant)"
+                )
+            self._validate_projected_group(group, gi)
 
     def _validate_hyperparameters(self, group: dict) -> None:
         """Subclasses check their own hyperparameters (lr, betas, ...) here."""
@@ -209,6 +214,12 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             state["step"] = 0
         if not self._is_projected(group):
             return grad
+        if p not in self._param_names or p.dim() < 2:
+            raise ValueError(
+                f"{type(self).__name__}: a projected param group (rank={group['rank']}) holds a tensor of shape "
+                f"{tuple(p.shape)} that is not one of the matrices it was built with: a wrapper replaced its "
+                "parameters (DeepSpeed ZeRO flattens them into 1-D partitions); GaLore cannot project those"
+            )
         if self._needs_refresh(group, state):
             self._refresh_basis(p, group, state, grad)
         return project(grad, state["basis"], _side(state))
@@ -265,7 +276,14 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"state_dict param group {gi} lists parameters {list(names)[:4]}... in another "
                                  f"order or set than this optimizer ({here[:4]}...): its state for {bad[0]!r} would "
                                  f"land on {bad[1]!r}; build the optimizer with the same named parameters")
+        before = {"state": self.state, "param_groups": self.param_groups}
         super().load_state_dict(state_dict)
+        try:  # the saved groups replace the live ones: they pass the checks add_param_group makes
+            for gi, group in enumerate(self.param_groups):
+                self._check_group(group, gi)
+        except (TypeError, ValueError) as err:
+            self.__setstate__(before)  # refused: the optimizer stays as it was
+            raise type(err)(f"state_dict: {err}") from None
         index_to_param = {}
         for saved, group in zip(saved_groups, self.param_groups):
             for index, p in zip(saved["params"], group["params"]):
@@ -275,6 +293,15 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             for key, value in values.items():
                 if torch.is_tensor(value):
                     self.state[p][key] = value.to(device=p.device, copy=True)
+        if self._layerwise is not None:
+            self._layerwise["pending"].clear()
+            self._layerwise["count"].clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients; in layer-wise mode also what the hooks accumulated since the last update (projected
+        sums and backward counts), as a plain optimizer's accumulated ``.grad`` is cleared: a microbatch thrown away
+        with ``zero_grad()`` must not reach the update, nor count toward ``accumulation_steps``."""
+        super().zero_grad(set_to_none)
         if self._layerwise is not None:
             self._layerwise["pending"].clear()
             self._layerwise["count"].clear()
@@ -300,7 +327,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         otherwise (exact, the basis is identical on every rank). Run every backward under ``DDP.no_sync()`` (or do
         not wrap the model in DDP) so DDP does not reduce as well.
 
-        ``step()`` must still be called once per optimizer step; ``zero_grad()`` is harmless.
+        ``step()`` must still be called once per optimizer step; ``zero_grad()`` drops what was accumulated since the
+        last update, as it does a plain optimizer's gradients.
         """
         _check_int("accumulation_steps", accumulation_steps, low=1)
         if max_grad_norm is not None:

@@ -20,7 +20,11 @@ def _counts(config) -> tuple[int, int]:
     """(parameters in the decoder layers' linear weights, all other parameters) of a model LoRAM can prune."""
     from loram.prune import _layers, meta_model
 
-    model = meta_model(config)
+    try:
+        model = meta_model(config)
+    except ValueError as exc:  # transformers: no causal LM class for this config
+        raise PruneError(f"model: a {type(config).__name__} is not a causal LM config LoRAM prunes "
+                         f"({str(exc).splitlines()[0]})") from None
     _layers(model)  # the estimate is for models loram prune takes
     linear = sum(m.weight.numel() for name, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}.")

@@ -23,10 +23,9 @@ import torch
 
 from loram.prune import IMPORTANCE, PLAN_FILE, PruneError, make_plan, prune_model
 from loram.memory import estimate
-from loram.recover import recover_adapter, write_folder
+from loram.recover import PRUNE_META, read_prune_record, recover_adapter, refuse_overwriting, write_folder
 
 logger = logging.getLogger("loram")
-PRUNE_META = "loram_prune.json"
 TRAIN_PLAN_MARKER = "train_plan.sha256"  # which plan out/train was trained on
 DTYPES = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,14 +83,27 @@ def prune_to_folder(model: str, out_dir: str, *, keep_ratio: float, attn_keep_ra
         raise PruneError(f"importance must be one of {IMPORTANCE}, got {importance!r}")
     if dtype not in DTYPES:
         raise PruneError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise PruneError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise PruneError(f"device: {device!r} is not a torch device ({exc})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PruneError(f"device: {str(device)!r}, but torch sees no CUDA device here")
+    if device.type == "meta":
+        raise PruneError("device: 'meta' holds no values; importance needs the weights (use cpu or cuda)")
+    try:  # a device type this torch build has no backend for (mps, xpu, ...)
+        torch.empty(1, device=device).add_(1)
+    except (RuntimeError, AssertionError) as exc:
+        raise PruneError(f"device: {str(device)!r} cannot run here ({type(exc).__name__}: {exc})") from None
     path = _resolve_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    refuse_overwriting(out_dir, {"model folder": path})
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:  # no tokenizer files, or ones that cannot be loaded
+        raise PruneError(f"model: {path} has no loadable tokenizer (the pruned folder carries the full model's; "
+                         f"{type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     full = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
     batches = None
     if calibration is not None:
@@ -164,8 +176,7 @@ def run(cfg, out_dir: str, *, keep_ratio: float, attn_keep_ratio: float | None =
     meta_path = os.path.join(pruned_dir, PRUNE_META)
     t0 = time.perf_counter()
     if os.path.isfile(meta_path) and os.path.isfile(os.path.join(pruned_dir, PLAN_FILE)):
-        with open(meta_path) as fh:
-            prune_record = json.load(fh)
+        prune_record = read_prune_record(pruned_dir)
         differ = {k: (prune_record.get(k), v) for k, v in settings.items() if prune_record.get(k) != v}
         if differ:
             raise PruneError(f"{pruned_dir} was pruned with other settings "

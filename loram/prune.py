@@ -168,6 +168,8 @@ def _layers(model):
     if layers is None:
         raise PruneError(f"model: {type(model).__name__} has no model.layers; LoRAM prunes Llama-family causal LMs "
                          "(Llama, Mistral, Qwen2)")
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     for i, layer in enumerate(layers):
         for part, names in (("self_attn", ATTN), ("mlp", MLP)):
             block = getattr(layer, part, None)
@@ -175,6 +177,17 @@ def _layers(model):
                 if not isinstance(getattr(block, n, None), torch.nn.Linear):
                     raise PruneError(f"model: layer {i} has no {part}.{n} nn.Linear; LoRAM prunes Llama-family "
                                      f"causal LMs (got {type(model).__name__})")
+            # any other weight of the block must not span the heads or channels pruning removes: a per-head norm
+            # of head_dim (Qwen3's q_norm) is shared by every head and stays; OLMo2's q_norm over all heads, or
+            # Cohere's (heads x head_dim) one, would need pruning too
+            for name, param in block.named_parameters():
+                if name.split(".")[0] in names:
+                    continue
+                if part == "mlp" or tuple(param.shape) != (head_dim,):
+                    raise PruneError(f"model: layer {i} {part}.{name} has shape {tuple(param.shape)}, which spans "
+                                     f"the {'channels' if part == 'mlp' else 'attention heads'} pruning removes; "
+                                     f"LoRAM prunes Llama-family blocks whose only such weights are "
+                                     f"{', '.join(names)} (got {type(model).__name__})")
     return layers
 
 
@@ -342,7 +355,11 @@ def prune_model(model, plan: PrunePlan):
             if cols is not None and leaf == "weight":
                 value = value.index_select(1, cols.to(value.device))
         state[key] = value
-    missing, unexpected = small.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = small.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a weight whose shape the pruned config changes and this plan does not prune
+        raise PruneError(f"model: {type(model).__name__} cannot be pruned by rows and columns of "
+                         f"{', '.join(ATTN + MLP)} alone ({str(exc).splitlines()[-1].strip()})") from None
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
         raise PruneError(f"pruned model state does not match its class: missing {missing[:4]}, "

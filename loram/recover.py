@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from loram.prune import ATTN, MLP, PrunePlan, PruneError
+from loram.prune import ATTN, MLP, PLAN_FILE, PrunePlan, PruneError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -65,6 +65,39 @@ def _scatter(value: torch.Tensor, index: torch.Tensor, dim: int, size: int, key:
     return full
 
 
+PRUNE_META = "loram_prune.json"
+
+
+def read_prune_record(folder: str) -> dict | None:
+    """The ``loram_prune.json`` record of a pruned model's folder (None where there is none); a ``PruneError``
+    naming it when it is not the JSON object ``loram prune`` writes."""
+    path = os.path.join(folder, PRUNE_META)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            record = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise PruneError(f"{path}: not a readable LoRAM prune record ({type(exc).__name__}: {exc})") from None
+    if not isinstance(record, dict):
+        raise PruneError(f"{path}: a LoRAM prune record is a JSON object, got {type(record).__name__}")
+    return record
+
+
+def refuse_overwriting(out_dir: str, inputs: dict) -> None:
+    """A ``PruneError`` when writing ``out_dir`` would replace an input folder (``inputs``: what -> path): ``out_dir``
+    is one of them, or holds one."""
+    out = os.path.realpath(out_dir)
+    for what, path in inputs.items():
+        if path is None or not os.path.exists(path):
+            continue
+        src = os.path.realpath(path)
+        if src == out or os.path.commonpath([src, out]) == out:
+            where = "is" if src == out else "holds"
+            raise PruneError(f"out: {out_dir} {where} the {what} {path}; writing it would replace that; choose "
+                             "another folder")
+
+
 def write_folder(out_dir: str, build) -> None:
     """Have ``build(tmp)`` fill a temporary folder beside ``out_dir``, then put it in place of ``out_dir``: a
     failure leaves the old folder (or, past the last rename, the new one), never a half-written one."""
@@ -91,6 +124,24 @@ def write_folder(out_dir: str, build) -> None:
             shutil.rmtree(os.path.dirname(aside), ignore_errors=True)
 
 
+def _check_trained_on(config: dict, adapter_dir: str, plan: PrunePlan) -> None:
+    """Where the adapter's own config names a pruned model folder that is still here, its plan must be ``plan``:
+    two pruned models of the same ratios have the same shapes but keep other channels, and recovering with the other
+    plan scatters the update onto channels the adapter never saw."""
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        return
+    here = base if os.path.isabs(base) else os.path.join(adapter_dir, base)
+    for folder in dict.fromkeys((base, here)):  # relative: to the working folder, or to the adapter's
+        if not os.path.isfile(os.path.join(folder, PLAN_FILE)):
+            continue
+        kept = lambda p: {k: v for k, v in p.to_dict().items() if k != "importance"}  # noqa: E731
+        if kept(PrunePlan.load(folder)) != kept(plan):
+            raise PruneError(f"adapter folder {adapter_dir} was trained on the pruned model {base}, whose plan keeps "
+                             "other heads / channels than the plan given; recover it with that pruned folder")
+        return
+
+
 def recover_adapter(adapter_dir: str, plan: PrunePlan | str, out_dir: str, *,
                     base_model_name_or_path: str | None = None) -> str:
     """Write the full-model PEFT adapter for the pruned model's adapter in ``adapter_dir`` to ``out_dir``.
@@ -105,6 +156,9 @@ def recover_adapter(adapter_dir: str, plan: PrunePlan | str, out_dir: str, *,
     if not isinstance(plan, PrunePlan):
         plan_source = plan
         plan = PrunePlan.load(plan)
+    refuse_overwriting(out_dir, {"adapter folder": adapter_dir, "pruned model folder":
+                                 plan_source if plan_source is None or os.path.isdir(plan_source)
+                                 else os.path.dirname(plan_source)})
     weights, config_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS), os.path.join(adapter_dir, ADAPTER_CONFIG)
     for path in (weights, config_path):
         if not os.path.isfile(path):
@@ -125,13 +179,12 @@ def recover_adapter(adapter_dir: str, plan: PrunePlan | str, out_dir: str, *,
     except Exception as exc:  # noqa: BLE001 (safetensors raises its own error types)
         raise PruneError(f"adapter folder {adapter_dir}: {ADAPTER_WEIGHTS} is not a readable safetensors file "
                          f"({exc})") from None
+    _check_trained_on(config, adapter_dir, plan)
     full = recover_state_dict(state, plan)
     if base_model_name_or_path is None and plan_source is not None:
-        meta = os.path.join(plan_source if os.path.isdir(plan_source) else os.path.dirname(plan_source),
-                            "loram_prune.json")
-        if os.path.isfile(meta):
-            with open(meta) as fh:
-                base_model_name_or_path = json.load(fh).get("full_model")
+        record = read_prune_record(plan_source if os.path.isdir(plan_source) else os.path.dirname(plan_source))
+        if record is not None:
+            base_model_name_or_path = record.get("full_model")
     if base_model_name_or_path is not None:
         config["base_model_name_or_path"] = base_model_name_or_path
     def build(tmp: str) -> None:

@@ -471,6 +471,19 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
 
     t = cfg.train
     validate(cfg, ds.world_size)  # the batch arithmetic depends on the number of processes
+    # what cannot run under this launcher, on every rank alike, before anything is made or loaded
+    if cfg.model.quantization != "none" and ds.kind == "deepspeed":
+        raise TrainError(f"model.quantization: {cfg.model.quantization} is not supported under deepspeed (ZeRO "
+                         "re-places and casts the base weights); use torchrun (DDP) or one process")
+    if ds.kind == "deepspeed":  # ZeRO replaces the parameters with flat 1-D partitions after the optimizer is built
+        if cfg.optimizer.name.startswith("galore"):
+            raise ConfigError(f"optimizer.name: {cfg.optimizer.name} cannot run under deepspeed (ZeRO flattens the "
+                              "parameters into 1-D partitions, which GaLore cannot project); use torchrun (DDP) or "
+                              "one process, or optimizer.name adamw / adamw8bit")
+        if cfg.optimizer.galore.layerwise:
+            raise ConfigError("optimizer.galore.layerwise: true cannot run under deepspeed (its per-parameter "
+                              "hooks are on the parameters ZeRO replaces with flat partitions); use torchrun (DDP) "
+                              "or one process")
     out = t.output_dir
     if ds.is_main:
         os.makedirs(out, exist_ok=True)
@@ -498,9 +511,6 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
     if latest is not None:
         saved_state = ckpt.read_state(latest)  # a corrupt checkpoint is reported before the model loads
         _check_resume_config(cfg, os.path.join(out, "config.yaml"))
-    if cfg.model.quantization != "none" and ds.kind == "deepspeed":
-        raise TrainError(f"model.quantization: {cfg.model.quantization} is not supported under deepspeed (ZeRO "
-                         "re-places and casts the base weights); use torchrun (DDP) or one process")
     if t.deepspeed_config is not None and ds.kind != "deepspeed":
         logger.warning("train.deepspeed_config %s is not used: this run is not under the deepspeed launcher "
                        "(train.distributed=%s)", t.deepspeed_config, ds.kind)

@@ -140,3 +140,39 @@ def test_adafactor_lr_options_are_checked():
     with pytest.raises(ValueError, match="param group 1: warmup_init=True requires relative_step=True"):
         galore.GaLoreAdafactor([{"params": [_param(4, 4)], "lr": 1e-3, "relative_step": False},
                                 {"params": [_param(3, 3)], "warmup_init": True, "lr": 1e-3, "relative_step": False}])
+
+
+def test_load_state_dict_checks_the_groups_it_brings_and_keeps_the_optimizer_on_refusal():
+    """The saved groups replace the live ones: a GaLore state loaded into AdamW8bit made it project, and rank=0 loaded
+    and then never updated (a reviewer's repro). Both are refused, and the optimizer is left as it was."""
+    w = _param(8, 6)
+    w.grad = torch.randn(8, 6)
+    plain = galore.AdamW8bit([w], lr=1e-2)
+    before = plain.state_dict()
+    projecting = galore.GaLoreAdamW8bit([{"params": [w], "rank": 2}], lr=1e-2)
+    with pytest.raises(ValueError, match=r"state_dict: AdamW8bit does not project; param group 0 has rank=2"):
+        plain.load_state_dict(projecting.state_dict())
+    assert plain.state_dict() == before and "rank" not in plain.param_groups[0]
+    assert plain.param_groups[0]["params"][0] is w
+    bad = galore.GaLoreAdamW([{"params": [w], "rank": 2}], lr=1e-2)
+    sd = bad.state_dict()
+    sd["param_groups"][0]["rank"] = 0
+    with pytest.raises(ValueError, match=r"state_dict: param group 0: rank must be >= 1, got 0"):
+        bad.load_state_dict(sd)
+    assert bad.param_groups[0]["rank"] == 2
+    start = w.detach().clone()
+    bad.step()  # still the working optimizer it was
+    assert bad.state[w]["step"] == 1 and not torch.equal(w.detach(), start)
+
+
+def test_a_projected_group_whose_parameters_were_replaced_is_named_not_a_key_error():
+    """DeepSpeed ZeRO swaps a group's matrices for one flat 1-D partition after the optimizer is built (the trainer
+    refuses galore under deepspeed; this is the optimizer's own guard)."""
+    w = _param(8, 6)
+    opt = galore.GaLoreAdamW([{"params": [w], "rank": 2}], lr=1e-2)
+    flat = torch.nn.Parameter(w.detach().reshape(-1).clone())
+    flat.grad = torch.randn(48)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(ValueError, match=r"GaLoreAdamW: a projected param group \(rank=2\) holds a tensor of shape "
+                                         r"\(48,\) that is not one of the matrices it was built with"):
+        opt.step()

@@ -12,7 +12,8 @@ os.environ.setdefault("LORAFUSION_NO_PROGRESS", "1")
 
 
 def _model(kind: str = "llama", seed: int = 0, layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     common = dict(vocab_size=40, hidden_size=48, intermediate_size=56, num_hidden_layers=layers,
                   num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=64,
@@ -20,6 +21,10 @@ def _model(kind: str = "llama", seed: int = 0, layers: int = 2):
     torch.manual_seed(seed)
     if kind == "qwen2":  # q / k / v biases
         model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif kind == "qwen3":  # q_norm / k_norm of head_dim, shared by every head
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=10))
+    elif kind == "olmo2":  # q_norm / k_norm over all heads: not prunable by heads
+        model = Olmo2ForCausalLM(Olmo2Config(**common, pad_token_id=0, eos_token_id=1, bos_token_id=2))
     else:
         model = LlamaForCausalLM(LlamaConfig(**common, head_dim=10))  # head_dim not hidden / heads
     model = model.double().eval()
@@ -65,7 +70,7 @@ def _rel(a, b):
 EXACT = 1e-6
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_pruned_model_computes_the_full_model_with_removed_structures_zeroed(kind):
     full = _model(kind, seed=1)
     plan = _random_plan(full, 2, 23, seed=2)
@@ -264,6 +269,68 @@ def test_bad_input_is_refused_with_the_argument_named(tmp_path):
     (tmp_path / "other" / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(PruneError, match="not a readable safetensors file"):
         recover_adapter(str(tmp_path / "other"), plan, str(tmp_path / "out"))
+
+
+def test_models_inputs_and_outputs_loram_cannot_take_are_refused_by_name(tmp_path, capsys):
+    """A reviewer's cases, each a traceback (exit 1) or a silent wrong or destructive result before."""
+    from transformers import ViTConfig
+
+    from loram.cli import main
+    from loram.memory import estimate
+
+    # OLMo2's q_norm spans every head: pruning heads crashed in load_state_dict, and estimate gave figures for it
+    olmo2 = _model("olmo2", seed=20)
+    with pytest.raises(PruneError, match=r"layer 0 self_attn.q_norm.weight has shape \(48,\), which spans the "
+                                         "attention heads pruning removes"):
+        make_plan(olmo2, 0.5, importance="magnitude")
+    with pytest.raises(PruneError, match="q_norm"):
+        estimate(olmo2.config, 0.5)
+    with pytest.raises(PruneError, match="model: a ViTConfig is not a causal LM config LoRAM prunes"):
+        estimate(ViTConfig(), 0.5)
+
+    model_dir, pruned_dir = tmp_path / "model", tmp_path / "pruned"
+    full = _model(seed=21)
+    full.save_pretrained(str(model_dir))  # no tokenizer in it
+    prune = ["prune", "--model", str(model_dir), "--keep-ratio", "0.5", "--importance", "magnitude"]
+    assert main(prune + ["--out", str(pruned_dir)]) == 2
+    assert f"model: {model_dir} has no loadable tokenizer" in capsys.readouterr().err
+    from lorafusion.train.presets import model_preset_path
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(model_preset_path("tiny-llama")).save_pretrained(str(model_dir))
+    for extra, message in ((["--out", str(model_dir)], f"out: {model_dir} is the model folder {model_dir}"),
+                           (["--out", str(tmp_path)], f"out: {tmp_path} holds the model folder {model_dir}"),
+                           (["--out", str(pruned_dir), "--prune-device", "meta"], "device: 'meta' holds no values"),
+                           (["--out", str(pruned_dir), "--seed", str(2**64)], "seed must be an integer in [0, 2**63)")):
+        assert main(prune + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert (model_dir / "config.json").is_file() and not pruned_dir.exists()  # nothing replaced, nothing written
+    assert main(prune + ["--out", str(pruned_dir)]) == 0
+
+    # recover: out naming an input, an adapter trained on another pruned model of the same shapes, a broken record
+    _adapter_on(prune_model(full, PrunePlan.load(str(pruned_dir))), 22, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(pruned_dir)  # what training on the pruned folder writes
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    recover = ["recover", "--adapter", str(tmp_path / "adapter")]
+    for out in (pruned_dir, tmp_path / "adapter"):
+        assert main(recover + ["--pruned", str(pruned_dir), "--out", str(out)]) == 2
+        assert f"out: {out} is the " in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    plan = PrunePlan.load(str(pruned_dir))
+    swapped = PrunePlan.from_dict({**plan.to_dict(), "channels": [[c for c in range(56) if c not in kept][:len(kept)]
+                                                                  for kept in plan.channels]})
+    assert swapped.kept_channels == plan.kept_channels and swapped.channels != plan.channels
+    swapped.save(str(other))
+    assert main(recover + ["--pruned", str(other), "--out", str(tmp_path / "rec")]) == 2
+    assert (f"was trained on the pruned model {pruned_dir}, whose plan keeps other heads / channels"
+            in capsys.readouterr().err) and not (tmp_path / "rec").exists()
+    for record in ("{broken", "[1]"):
+        (pruned_dir / "loram_prune.json").write_text(record)
+        assert main(recover + ["--pruned", str(pruned_dir), "--out", str(tmp_path / "rec")]) == 2
+        assert f"{pruned_dir / 'loram_prune.json'}: " in capsys.readouterr().err
+    (pruned_dir / "loram_prune.json").unlink()
+    assert main(recover + ["--pruned", str(pruned_dir), "--out", str(tmp_path / "rec")]) == 0
 
 
 def test_prune_command_writes_a_loadable_model_in_the_chosen_dtype(tmp_path, capsys):

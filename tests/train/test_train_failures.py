@@ -195,3 +195,21 @@ def test_a_real_full_disk(tmp_path, capsys, through):
         _same_adapter(out, through)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--optimizer.name", "galore_adamw"], "config error: optimizer.name: galore_adamw cannot run under deepspeed"),
+    (["--optimizer.galore.layerwise", "true"],
+     "config error: optimizer.galore.layerwise: true cannot run under deepspeed"),
+])
+def test_galore_and_layerwise_hooks_are_refused_under_deepspeed_before_the_model_loads(tmp_path, monkeypatch, capsys,
+                                                                                        extra, message):
+    """ZeRO replaces the parameters with flat 1-D partitions after the optimizer is built: GaLore's first step was a
+    KeyError on a tensor, the layer-wise hooks' one inside engine.backward (a reviewer ran both under ZeRO-2)."""
+    from lorafusion.train.distributed import DistState
+
+    monkeypatch.setattr("lorafusion.train.distributed.setup", lambda *_a, **_k: DistState("deepspeed"))
+    _no_model_load(monkeypatch)
+    assert main(_args(tmp_path / "run", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "use torchrun (DDP) or" in err and "Traceback" not in err
