@@ -74,14 +74,19 @@ def read_prune_record(folder: str) -> dict | None:
     path = os.path.join(folder, PRUNE_META)
     if not os.path.isfile(path):
         return None
+    return _json_object(path, f"{path}: the LoRAM prune record")
+
+
+def _json_object(path: str, what: str) -> dict:
+    """The JSON object in ``path``; a ``PruneError`` naming ``what`` when it is unreadable or not an object."""
     try:
         with open(path) as fh:
-            record = json.load(fh)
+            value = json.load(fh)
     except (OSError, ValueError) as exc:
-        raise PruneError(f"{path}: not a readable LoRAM prune record ({type(exc).__name__}: {exc})") from None
-    if not isinstance(record, dict):
-        raise PruneError(f"{path}: a LoRAM prune record is a JSON object, got {type(record).__name__}")
-    return record
+        raise PruneError(f"{what} is not readable JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(value, dict):
+        raise PruneError(f"{what} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 def refuse_overwriting(out_dir: str, inputs: dict) -> None:
@@ -164,13 +169,7 @@ def recover_adapter(adapter_dir: str, plan: PrunePlan | str, out_dir: str, *,
         if not os.path.isfile(path):
             raise PruneError(f"adapter folder {adapter_dir} has no {os.path.basename(path)}; is it a PEFT adapter "
                              "folder?")
-    try:
-        with open(config_path) as fh:
-            config = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise PruneError(f"adapter folder {adapter_dir}: {ADAPTER_CONFIG} is not readable JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise PruneError(f"adapter folder {adapter_dir}: {ADAPTER_CONFIG} must hold a JSON object")
+    config = _json_object(config_path, f"adapter folder {adapter_dir}: {ADAPTER_CONFIG}")
     for flag in ("use_dora", "lora_bias"):
         if config.get(flag):
             raise PruneError(f"adapter folder {adapter_dir} uses {flag}; LoRAM recovers plain LoRA adapters only")
