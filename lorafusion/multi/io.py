@@ -65,9 +65,15 @@ def load_adapter(model: MultiLoRAModel, folder: str, name: str, dtype: torch.dty
         cfg = json.load(f)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{folder}: peft_type={cfg.get('peft_type')!r} is not LORA")
-    for key in ("use_dora", "rank_pattern", "alpha_pattern", "alora_invocation_tokens"):
+    for key in ("use_dora", "rank_pattern", "alpha_pattern", "alora_invocation_tokens", "layer_replication"):
         if cfg.get(key):
             raise ValueError(f"{folder}: {key}={cfg[key]!r} is not supported by MultiLoRAModel")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        # PEFT re-runs these inits on load, changing the base weights the adapter is only right on top of
+        raise ValueError(f"{folder}: init_lora_weights={init!r} adapters change the base model on load, which "
+                         "MultiLoRAModel shares between adapters; convert it to a plain LoRA adapter first (PEFT's "
+                         "save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     weights = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.isfile(weights):
         found = [f for f in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(os.path.join(folder, f))]

@@ -13,6 +13,7 @@ in a microbatch is not part of its graph: no compute, no gradient.
 """
 from __future__ import annotations
 
+import contextvars
 import math
 import re
 
@@ -24,6 +25,17 @@ from lorafusion.multi.function import multi_lora_linear
 from lorafusion.multi.segments import AdapterSegments, AdapterSpec, SequenceLayouts
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+# The layouts of the forwards running in this context (thread, or asyncio task): layer -> layout, set by
+# MultiLoRAModel for the duration of one forward. A context variable rather than an attribute of the layers, which
+# are shared: two threads running forwards on one model (a serving loop) each see their own layouts.
+ACTIVE_LAYOUTS: contextvars.ContextVar = contextvars.ContextVar("lorafusion_multi_layouts", default=None)
+
+
+def active_layout(layer: nn.Module):
+    """The layout ``layer`` uses in the forwards of this context, or None outside ``MultiLoRAModel`` ones."""
+    layouts = ACTIVE_LAYOUTS.get()
+    return None if layouts is None else layouts.get(layer)
 
 
 # Adapter names become keys of nn.ParameterDict, which stores each entry as an attribute: a name that is already
@@ -53,8 +65,6 @@ class MultiLoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.adapter_specs: dict[str, AdapterSpec] = {}
         self.backend = backend
-        # set by MultiLoRAModel.use_segments / use_sequence_adapters for one forward
-        self._segments: AdapterSegments | SequenceLayouts | None = None
 
     @property
     def in_features(self) -> int:
@@ -104,7 +114,7 @@ class MultiLoRALinear(nn.Module):
         return AdapterSegments(row_adapters, self.adapter_specs)
 
     def forward(self, x: torch.Tensor, segments: AdapterSegments | SequenceLayouts | None = None) -> torch.Tensor:
-        seg = segments if segments is not None else self._segments
+        seg = segments if segments is not None else active_layout(self)
         if seg is None:
             raise ValueError("MultiLoRALinear: no segment layout; pass segments= or run inside "
                              "MultiLoRAModel.use_segments(...) / use_sequence_adapters(...)")
@@ -115,9 +125,13 @@ class MultiLoRALinear(nn.Module):
                 raise ValueError(f"MultiLoRALinear(in={self.in_features}, out={self.out_features}): {err}") from None
         if not isinstance(seg, AdapterSegments):
             raise TypeError(f"segments must be an AdapterSegments or SequenceLayouts, got {type(seg).__name__}")
-        if seg.sequences is not None and x.dim() == 3:  # a per-sequence layout on a time-first input
+        if seg.sequences is not None and x.dim() == 3:
             n, per = seg.sequences
-            if n != per and x.shape[0] == per and x.shape[1] == n:
+            if tuple(x.shape[:2]) not in ((n, per), (per, n)):  # as many rows, cut into other sequences
+                raise ValueError(f"MultiLoRALinear(in={self.in_features}, out={self.out_features}): the layout is "
+                                 f"per sequence, {n} sequences x {per} tokens, but the input is "
+                                 f"{tuple(x.shape[:2])} (sequences x tokens, or tokens x sequences time-first)")
+            if n != per and x.shape[0] == per and x.shape[1] == n:  # a per-sequence layout on a time-first input
                 seg = seg.time_major()
         check_input("MultiLoRALinear", x, self.base.weight)
         rows = x.numel() // x.shape[-1]

@@ -8,8 +8,9 @@
     out = mm(input_ids=ids, adapter_names=["job_a", "job_b", None, "job_a"])  # the same, one adapter per sequence
     mm.eval().generate(prompt_ids, adapter_names=["job_b", "job_a"], max_new_tokens=20)  # each its own adapter
 
-The layout is handed to the wrapped layers for the duration of one forward (the backward needs nothing more); it
-is never stored globally. Rows are the flattened tokens in the order the linears see them. A layout from
+The layout is handed to the wrapped layers for the duration of one forward (the backward needs nothing more),
+through a context variable: it is never stored on the shared layers or globally, so threads (or asyncio tasks)
+running forwards on one model each use their own. Rows are the flattened tokens in the order the linears see them. A layout from
 ``make_segments(names, seq_len=L)`` is per sequence: a layer whose input is (B, L, features) or B·L rows sequence by
 sequence reads it as built, and one whose input is time-first, (L, B, features) as FSMT's are, gets it in time-major
 order. Where B == L the two cannot be told apart by shape, and the input is read as (B, L, features).
@@ -20,38 +21,69 @@ one backward). Other recomputation schemes must run the backward inside ``use_se
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 from torch import nn
 
-from lorafusion.multi.layer import MultiLoRALinear, check_adapter_name
+from lorafusion.multi.layer import ACTIVE_LAYOUTS, MultiLoRALinear, check_adapter_name
 from lorafusion.multi.segments import AdapterSegments, AdapterSpec, SequenceLayouts
 
 
 @contextlib.contextmanager
 def _layouts(assignment):
-    """Each layer of ``assignment`` ((layer, layout) pairs) uses its layout inside the block; the layouts they had
-    before (an enclosing block's, or none) come back on exit."""
-    prev = [layer._segments for layer, _ in assignment]
-    for layer, seg in assignment:
-        layer._segments = seg
+    """Each layer of ``assignment`` ((layer, layout) pairs) uses its layout inside the block, in this context (thread
+    or task) only; the layouts before (an enclosing block's, or none) come back on exit."""
+    layouts = dict(ACTIVE_LAYOUTS.get() or {})
+    layouts.update(assignment)
+    token = ACTIVE_LAYOUTS.set(layouts)
     try:
         yield
     finally:
-        for (layer, _), seg in zip(assignment, prev):
-            layer._segments = seg
+        ACTIVE_LAYOUTS.reset(token)
 
 
-def _checkpoint_with_layout(func, assignment):
-    """``func`` (a ``transformers`` block's checkpoint function) with the function it checkpoints run under the
-    per-layer layouts of ``assignment``: the recomputation in backward, after the forward's ``use_segments`` has
-    exited, sees the layouts of the forward that checkpointed it."""
-    def checkpoint(fn, *args, **kwargs):
+@contextlib.contextmanager
+def _restored(layouts):
+    token = ACTIVE_LAYOUTS.set(layouts)
+    try:
+        yield
+    finally:
+        ACTIVE_LAYOUTS.reset(token)
+
+
+# the SequenceLayouts of the use_sequence_adapters block running in this context (thread or task)
+_SEQUENCE_LAYOUTS: contextvars.ContextVar = contextvars.ContextVar("lorafusion_multi_sequence_layouts", default=None)
+
+
+def _capture_batch(_module, args, kwargs) -> None:
+    """Forward pre-hook of the token embeddings: each forward's batch size, for the SequenceLayouts of this context
+    (it reads inputs that are not sequence-first)."""
+    layouts = _SEQUENCE_LAYOUTS.get()
+    if layouts is None:
+        return
+    ids = args[0] if args else kwargs.get("input")
+    layouts.batch = int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else None
+
+
+class _LayoutCheckpoint:
+    """A ``transformers`` block's checkpoint function, installed once in its place, that runs the function it
+    checkpoints under the layouts active when the forward checkpointed it: the recomputation in backward, after the
+    forward's ``use_segments`` has exited (or in autograd's own thread), sees that forward's layouts. Several
+    microbatches may run forward before one backward."""
+
+    def __init__(self, func):
+        self.func = func
+
+    def __call__(self, fn, *args, **kwargs):
+        layouts = ACTIVE_LAYOUTS.get()
+        if not layouts:
+            return self.func(fn, *args, **kwargs)
+
         def run(*a, **k):
-            with _layouts(assignment):
+            with _restored(layouts):
                 return fn(*a, **k)
-        return func(run, *args, **kwargs)
-    return checkpoint
+        return self.func(run, *args, **kwargs)
 
 
 def _matches(name: str, targets) -> bool:
@@ -66,6 +98,8 @@ class MultiLoRAModel(nn.Module):
         super().__init__()
         if isinstance(target_modules, str) and target_modules != "all-linear":
             target_modules = [target_modules]
+        # one name, as for target_modules (a bare string was matched character by character), or none at all
+        exclude_modules = [exclude_modules] if isinstance(exclude_modules, str) else list(exclude_modules or ())
         self.model = model
         for p in model.parameters():
             p.requires_grad_(False)
@@ -190,18 +224,16 @@ class MultiLoRAModel(nn.Module):
         None for the base model alone), whatever the forward's length: each layer builds the layout of its input's
         shape (``SequenceLayouts``). For ``generate`` and other loops whose forwards change length."""
         layouts = SequenceLayouts(adapter_names, self.adapter_specs)
-
-        def capture(_module, args, kwargs):  # each forward's batch size, for inputs that are not sequence-first
-            ids = args[0] if args else kwargs.get("input")
-            layouts.batch = int(ids.shape[0]) if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else None
-
-        handles = [emb.register_forward_pre_hook(capture, with_kwargs=True) for emb in self._token_embeddings()]
+        for emb in self._token_embeddings():  # installed once: hooks added per call would race between threads
+            if not getattr(emb, "_lorafusion_batch_hook", False):
+                emb.register_forward_pre_hook(_capture_batch, with_kwargs=True)
+                emb._lorafusion_batch_hook = True
+        token = _SEQUENCE_LAYOUTS.set(layouts)
         try:
             with self._bound([(layer, layouts) for layer in self.layers().values()]):
                 yield
         finally:
-            for handle in handles:
-                handle.remove()
+            _SEQUENCE_LAYOUTS.reset(token)
 
     def _token_embeddings(self) -> list[nn.Module]:
         """The token-embedding modules of the model (encoder and decoder ones for an encoder-decoder model): each
@@ -224,21 +256,16 @@ class MultiLoRAModel(nn.Module):
 
     @contextlib.contextmanager
     def _bound(self, assignment):
-        """The layers use their layouts of ``assignment`` inside the block; ``transformers`` blocks with gradient
-        checkpointing on get a checkpoint function bound to them, so their recomputation in backward, after the
-        block has exited, uses them too."""
-        blocks = [m for m in self.model.modules()
-                  if getattr(m, "gradient_checkpointing", False) is True
-                  and callable(m.__dict__.get("_gradient_checkpointing_func"))]
-        funcs = [m.__dict__["_gradient_checkpointing_func"] for m in blocks]
-        for m, f in zip(blocks, funcs):
-            m._gradient_checkpointing_func = _checkpoint_with_layout(f, assignment)
-        try:
-            with _layouts(assignment):
-                yield
-        finally:
-            for m, f in zip(blocks, funcs):
-                m._gradient_checkpointing_func = f
+        """The layers use their layouts of ``assignment`` inside the block (in this thread or task only);
+        ``transformers`` blocks with gradient checkpointing on get, once, a checkpoint function that hands their
+        recomputation in backward, after the block has exited, the layouts of the forward that checkpointed them."""
+        for m in self.model.modules():
+            f = m.__dict__.get("_gradient_checkpointing_func")
+            if getattr(m, "gradient_checkpointing", False) is True and callable(f) \
+                    and not isinstance(f, _LayoutCheckpoint):
+                m._gradient_checkpointing_func = _LayoutCheckpoint(f)
+        with _layouts(assignment):
+            yield
 
     def forward(self, *args, segments: AdapterSegments | None = None, adapter_names=None, **kwargs):
         """The wrapped model's forward with a row layout (``segments``) or one adapter per sequence

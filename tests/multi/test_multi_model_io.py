@@ -17,6 +17,7 @@ def _peft():
 from lorafusion.multi import (  # noqa: E402
     AdapterSegments, AdapterSpec, MultiLoRAModel, SequenceLayouts, load_adapter, save_adapter,
 )
+from lorafusion.multi.layer import active_layout  # noqa: E402
 
 
 def _base():
@@ -48,7 +49,7 @@ def test_wrap_and_per_sequence_segments():
     assert torch.allclose(out.logits[1], ref_base, atol=1e-5)  # rows without adapter: the base model
     assert torch.allclose(out.logits[0], ref_base * 0 + base(input_ids=ids[0:1]).logits[0], atol=1e-5)  # y's B = 0
     # the layout is not left behind on the layers
-    assert all(layer._segments is None for layer in mm.layers().values())
+    assert all(active_layout(layer) is None for layer in mm.layers().values())
     with pytest.raises(ValueError, match="another adapter set"):
         with mm.use_segments(AdapterSegments([0] * 15, {"x": AdapterSpec(2, 8)})):
             pass
@@ -262,7 +263,7 @@ def test_adapters_with_their_own_target_modules(tmp_path):
         first = mm.model(input_ids=ids).logits
         mm(input_ids=ids[:1], segments=mm.make_segments(["y"], seq_len=6))
         assert torch.equal(mm.model(input_ids=ids).logits, first)
-    assert all(layer._segments is None for layer in mm.layers().values())
+    assert all(active_layout(layer) is None for layer in mm.layers().values())
     removed = mm.remove_adapter("y")
     assert len(removed) == 8 and "y" not in mm.adapter_layers
     with pytest.raises(ValueError, match="match none of the wrapped linears"):
@@ -335,7 +336,7 @@ def test_adapter_names_forward_equals_the_row_layout():
     assert torch.equal(outs[0], outs[1])
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * (14 + 6)
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
-    assert all(layer._segments is None for layer in mm.layers().values())
+    assert all(active_layout(layer) is None for layer in mm.layers().values())
 
 
 def test_adapter_names_bad_input_is_a_clear_error():
@@ -355,7 +356,7 @@ def test_adapter_names_bad_input_is_a_clear_error():
         SequenceLayouts([], mm.adapter_specs)
     with pytest.raises(ValueError, match="input of 3 sequences does not match the 2 per-sequence adapters"):
         SequenceLayouts(["x", "y"], mm.adapter_specs).layout((3, 5, 32))
-    assert all(layer._segments is None for layer in mm.layers().values())
+    assert all(active_layout(layer) is None for layer in mm.layers().values())
 
 
 @pytest.mark.parametrize("beams", [1, 2], ids=["greedy", "beams2_return2"])
@@ -379,7 +380,7 @@ def test_generate_continues_each_sequence_with_its_own_adapter_as_plain_peft_doe
               output_scores=True, return_dict_in_generate=True)
     ours = mm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **kw)
     assert ours.sequences.shape[0] == 4 * beams
-    assert all(layer._segments is None for layer in mm.layers().values())
+    assert all(active_layout(layer) is None for layer in mm.layers().values())
     models = {None: copy.deepcopy(base).eval()}
     for name in ("x", "y"):
         models[name] = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / name)).eval()
@@ -499,3 +500,87 @@ def test_adapter_names_on_a_model_whose_encoder_has_no_token_embedding():
     out = mm(x, adapter_names=["a", None])
     seg = mm(x, segments=mm.make_segments(["a", None], seq_len=3))
     assert torch.equal(out, seg) and not torch.allclose(out[0], mm.model.proj.base(x[0]))
+
+
+def test_threads_running_forwards_on_one_model_each_use_their_own_layout():
+    """A serving loop: the layout lived on the shared layers, so two threads' forwards used each other's layouts (317
+    of 400 outputs wrong in a reviewer's run), and a stale one could stay behind for later forwards."""
+    import threading
+
+    mm = MultiLoRAModel(_base(), backend="reference").eval()
+    mm.add_adapter("a", 4, 8)
+    mm.add_adapter("b", 4, 8)
+    _randomize_B(mm, "a")
+    _randomize_B(mm, "b")
+    g = torch.Generator().manual_seed(1)
+    ids_a, ids_b = torch.randint(0, 64, (2, 6), generator=g), torch.randint(0, 64, (3, 6), generator=g)
+    with torch.no_grad():
+        want_a = mm(input_ids=ids_a, segments=mm.make_segments(["a", "a"], seq_len=6)).logits
+        want_b = mm(input_ids=ids_b, adapter_names=["b", None, "b"]).logits
+    assert not torch.allclose(want_a[0], mm(input_ids=ids_a, adapter_names=["b", "b"]).logits[0])
+    problems = []
+
+    def worker(kind):
+        for _ in range(60):
+            try:
+                with torch.no_grad():
+                    if kind == "a":
+                        out = mm(input_ids=ids_a, segments=mm.make_segments(["a", "a"], seq_len=6)).logits
+                        ok = torch.equal(out, want_a)
+                    else:  # the per-sequence path, with its embedding hook
+                        out = mm(input_ids=ids_b, adapter_names=["b", None, "b"]).logits
+                        ok = torch.equal(out, want_b)
+                if not ok:
+                    problems.append(f"{kind}: wrong output")
+            except Exception as exc:  # noqa: BLE001
+                problems.append(f"{kind}: {type(exc).__name__}: {exc}")
+
+    torch.set_num_threads(1)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in ("a", "b", "a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert problems == [], problems[:3]
+    assert all(active_layout(layer) is None for layer in mm.layers().values())
+    with pytest.raises(ValueError, match="no segment layout"):
+        mm.model(input_ids=ids_a)
+
+
+def test_a_per_sequence_layout_on_a_batch_cut_otherwise_is_refused():
+    mm = MultiLoRAModel(_base(), backend="reference")
+    mm.add_adapter("a", 4, 8)
+    mm.add_adapter("b", 4, 8)
+    seg = mm.make_segments(["a", "b"], seq_len=6)  # 2 x 6 = 12 rows
+    with pytest.raises(ValueError, match=r"the layout is per sequence, 2 sequences x 6 tokens, but the input is "
+                                         r"\(3, 4\)"):
+        mm(input_ids=torch.randint(0, 64, (3, 4)), segments=seg)  # 12 rows too, other sequences
+    mm(input_ids=torch.randint(0, 64, (2, 6)), segments=seg)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("use_dora", True), ("rank_pattern", {"q_proj": 8}), ("alpha_pattern", {"q_proj": 4}),
+    # a reviewer's two: loaded silently, with outputs 0.47 (replication) and 0.06-0.23 (pissa / olora) off PEFT's
+    ("layer_replication", [[0, 2], [1, 2]]), ("init_lora_weights", "pissa"), ("init_lora_weights", "pissa_niter_4"),
+    ("init_lora_weights", "olora"), ("init_lora_weights", "corda"), ("init_lora_weights", "loftq"),
+])
+def test_peft_adapters_it_cannot_reproduce_are_refused(tmp_path, key, value):
+    peft = _peft()
+    pm = peft.get_peft_model(_base(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    pm.save_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    mm = MultiLoRAModel(_base(), backend="reference")
+    load_adapter(mm, str(tmp_path), "plain")  # as saved: loads
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ValueError, match=rf"{key}={value!r}"[:40].replace("[", r"\[").replace("{", r"\{")):
+        load_adapter(mm, str(tmp_path), "other")
+    assert list(mm.adapter_specs) == ["plain"]
+
+
+def test_exclude_modules_takes_one_name_or_none():
+    """A bare string was matched character by character, so it excluded nothing; None was a TypeError."""
+    mm = MultiLoRAModel(_base(), exclude_modules="o_proj")
+    assert mm.layer_names and not any(n.endswith("o_proj") for n in mm.layer_names)
+    assert "lm_head" in mm.layer_names  # the default exclusion is replaced, as a tuple would replace it
+    assert "lm_head" in MultiLoRAModel(_base(), exclude_modules=None).layer_names
+    assert "lm_head" not in MultiLoRAModel(_base()).layer_names
