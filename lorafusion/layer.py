@@ -78,6 +78,7 @@ class FusedLoRALinear(nn.Module):
         # (it held W + s B A beside A and B, and a fresh layer added the term a second time), and a merged layer
         # that loads one merges it again
         self.register_state_dict_post_hook(FusedLoRALinear._unmerged_state)
+        self.register_load_state_dict_pre_hook(FusedLoRALinear._unmerge_before_load)
         self.register_load_state_dict_post_hook(FusedLoRALinear._merge_loaded)
 
     def adapter_params(self) -> list[str]:
@@ -96,13 +97,13 @@ class FusedLoRALinear(nn.Module):
         p = self.dropout if self.training else 0.0
         return fused_lora_linear(x, w, self.base.bias, self.lora_A, self.lora_B, self.scale, p, self.backend)
 
-    def _delta_weight(self) -> torch.Tensor:
-        return self.scale * (self.lora_B.float() @ self.lora_A.float())
-
     def _base_plus_delta(self, sign: int) -> torch.Tensor:
-        """The base weight with ``sign`` * s B A added, in float32, rounded once to the weight's dtype."""
+        """The base weight with ``sign`` * s B A added, in float32 (float64 for a float64 layer), rounded once to the
+        weight's dtype."""
         w = self.base.weight
-        return (w.float() + sign * self._delta_weight()).to(w.dtype)
+        acc = torch.promote_types(w.dtype, torch.float32)
+        delta = self.scale * (self.lora_B.to(acc) @ self.lora_A.to(acc))
+        return (w.to(acc) + sign * delta).to(w.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -122,6 +123,15 @@ class FusedLoRALinear(nn.Module):
     def _unmerged_state(module, state_dict, prefix, local_metadata) -> None:
         if module.merged:
             state_dict[prefix + "base.weight"] = module._base_plus_delta(-1)
+
+    @staticmethod
+    @torch.no_grad()
+    def _unmerge_before_load(module, *_args) -> None:
+        """A merged layer loading a file that lacks the base weight (an adapter-only checkpoint, strict=False) kept the
+        old term in it and added the loaded one too: the term in the weight now goes before anything loads, and
+        ``_merge_loaded`` folds in the loaded one."""
+        if module.merged:
+            module.base.weight.copy_(module._base_plus_delta(-1))
 
     @staticmethod
     @torch.no_grad()

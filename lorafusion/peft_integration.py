@@ -78,6 +78,17 @@ class FusedPeftLoraLinear(PeftLoraLinear):
             return f"extra forward arguments {sorted(kwargs)}"
         if len(active) > 1:
             return f"{len(active)} active adapters at once ({active})"
+        name = active[0]
+        # the fused path reads the modules' weights without calling them: hooks on them (accelerate's offloading,
+        # which brings the weights from meta, or a user's) would be skipped
+        hooked = [m for m in (self.get_base_layer(), self.lora_A[name], self.lora_B[name])
+                  if m.__dict__.get("_hf_hook") is not None or m._forward_hooks or m._forward_pre_hooks]
+        if hooked:
+            return f"forward hooks on {', '.join(type(m).__name__ for m in hooked)} (accelerate offloading, ...)"
+        if isinstance(self.scaling[name], torch.Tensor):
+            return "a tensor scaling (PEFT's compiled hotswap)"
+        if torch._C._are_functorch_transforms_active():
+            return "a torch.func transform (vmap / grad) is active"
         if x.dtype != self.get_base_layer().weight.dtype and not torch.is_autocast_enabled(x.device.type):
             return f"input dtype {x.dtype} differs from the base weight dtype {self.get_base_layer().weight.dtype}"
         return None
@@ -166,6 +177,15 @@ class _FusedDispatch:
         base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
         if type(base) is not nn.Linear:
             return None
+        config = kwargs.get("config")
+        if kwargs.get("fan_in_fan_out") or getattr(config, "fan_in_fan_out", False):
+            # what PEFT's own dispatch does for an nn.Linear (its weight is never transposed); a layer left with it
+            # fell back, and merging it added a transposed delta
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting "
+                          "fan_in_fan_out to False.", stacklevel=2)
+            kwargs["fan_in_fan_out"] = False
+            if config is not None:
+                config.fan_in_fan_out = False
         cls = FusedPeftLoraLinear if self.backend is None else _BACKEND_CLASSES[self.backend]
         return cls(target, adapter_name, **kwargs)
 

@@ -231,3 +231,90 @@ def test_patch_peft_keeps_the_backend_a_fused_layer_was_built_with(monkeypatch):
     lorafusion.unpatch_peft(model)
     lorafusion.patch_peft(model)  # unpatched then patched: a new fused layer, the default backend
     assert layer._lorafusion_backend == "auto"
+
+
+def _ids(seed=123, b=2, t=9):
+    return torch.randint(0, 97, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_an_offloaded_model_falls_back_to_peft_and_matches_it():
+    """accelerate's offloading keeps the weights on meta and brings them in hooks on each leaf module; the fused path
+    read base_layer.weight without calling it: 'input is on cpu but the weights are on meta' (a reviewer's repro)."""
+    from accelerate import cpu_offload
+
+    ref, fus = peft_model(seed=3), peft_model(seed=3)
+    lorafusion.patch_peft(fus, backend="cpu")
+    with torch.no_grad():
+        want = ref(input_ids=_ids()).logits
+    for m in (ref, fus):
+        cpu_offload(m, execution_device=torch.device("cpu"))
+    assert fus.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.device.type == "meta"
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        got = fus(input_ids=_ids()).logits
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)
+    assert any("forward hooks on Linear" in str(w.message) for w in caught)
+
+
+def test_peft_compiled_hotswap_tensor_scaling_matches_peft(tmp_path):
+    """prepare_model_for_compiled_hotswap makes each scaling a 0-d tensor: fused_lora_linear refused it."""
+    from peft.utils.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+
+    torch.manual_seed(9)
+    other = get_peft_model(tiny_llama(2), LoraConfig(r=4, lora_alpha=3, target_modules=TARGETS,
+                                                      init_lora_weights=False))
+    other.save_pretrained(str(tmp_path))
+    outs = []
+    for patched in (False, True):
+        m = peft_model(seed=2).eval()
+        if patched:
+            lorafusion.patch_peft(m, backend="cpu")
+        prepare_model_for_compiled_hotswap(m, target_rank=8)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            before = m(input_ids=_ids()).logits
+            hotswap_adapter(m, str(tmp_path), adapter_name="default")
+            outs.append((before, m(input_ids=_ids()).logits))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_a_fused_config_with_fan_in_fan_out_resets_it_as_peft_does():
+    """PEFT's own dispatch resets fan_in_fan_out for nn.Linear; the fused one kept it, so the layers fell back and
+    merge_adapter added a transposed delta (0.52 off PEFT in a reviewer's run)."""
+    ref = peft_model(seed=4, fan_in_fan_out=True)
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True"):
+        fus = get_peft_model(tiny_llama(4), lorafusion.fused_lora_config(
+            backend="cpu", r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False, fan_in_fan_out=True))
+    fus.load_state_dict(ref.state_dict())
+    layers = [m for m in fus.modules() if isinstance(m, FusedPeftLoraLinear)]
+    assert len(layers) == 14 and not any(m.fan_in_fan_out for m in layers)
+    for m in (ref, fus):
+        m.merge_adapter()
+    with torch.no_grad():
+        assert torch.allclose(fus(input_ids=_ids()).logits, ref(input_ids=_ids()).logits, rtol=0, atol=1e-5)
+
+
+def test_torch_func_per_sample_gradients_match_peft():
+    """vmap(grad(...)) (per-sample gradients, as DP-LoRA takes them) failed inside the fused autograd Function."""
+    from torch.func import functional_call, grad, vmap
+
+    def make():
+        torch.manual_seed(0)
+        return get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 6)).double(),
+                              LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights=False))
+
+    ref, fus = make(), make()
+    lorafusion.patch_peft(fus, backend="cpu")
+    x = torch.randn(4, 8, dtype=torch.float64)
+    grads = []
+    for m in (ref, fus):
+        params = {k: v.detach() for k, v in m.named_parameters() if v.requires_grad}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            grads.append(vmap(grad(lambda p, xi: functional_call(m, p, (xi[None],)).pow(2).sum()),
+                              in_dims=(None, 0))(params, x))
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        assert grads[0][k].shape[0] == 4 and torch.allclose(grads[0][k], grads[1][k], rtol=1e-12, atol=1e-14), k
