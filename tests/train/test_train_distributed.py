@@ -38,20 +38,27 @@ def _close(a, b):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def _single(tmp_path):
+def _single(tmp_path, *extra):
     out = tmp_path / "single"
-    _run([sys.executable, "-m", "lorafusion", "train", *ARGS, "--train.output_dir", str(out)])
+    _run([sys.executable, "-m", "lorafusion", "train", *ARGS, *extra, "--train.output_dir", str(out)])
     return out
 
 
-def test_torchrun_two_processes_equal_one_process(tmp_path):
+# layer-wise GaLore averages its accumulated (projected, or full before an SVD) gradients across ranks itself:
+# rank 2 refreshed every 2 steps crosses both paths in 4 steps
+GALORE_LAYERWISE = ("--optimizer.name", "galore_adamw", "--optimizer.galore.layerwise", "true",
+                    "--optimizer.galore.rank", "2", "--optimizer.galore.update_proj_gap", "2")
+
+
+@pytest.mark.parametrize("extra", [(), GALORE_LAYERWISE], ids=["adamw", "galore_adamw_layerwise"])
+def test_torchrun_two_processes_equal_one_process(tmp_path, extra):
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not on PATH")
-    one = _single(tmp_path)
+    one = _single(tmp_path, *extra)
     out = tmp_path / "ddp"
-    _run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "lorafusion", "train", *ARGS,
-          "--train.output_dir", str(out)])
+    _run([torchrun, "--nproc_per_node", "2", "--master_port", "29517" if not extra else "29518", "-m", "lorafusion",
+          "train", *ARGS, *extra, "--train.output_dir", str(out)])
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["distributed"], summary["world_size"]) == ("ddp", 2)
     _close(_adapter(one), _adapter(out))
