@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: build the CUDA extension, run the GPU-marked tests (bf16 included), run the
 # benchmarks (the layer, a per-kernel profile of the layer and the multi-adapter layer, the multi-adapter benchmark,
-# then the opt-in TMA GEMMs against the pointer ones), print a short table last, write JSON and logs under $OUT (or ./gpu_out). Budget: GPU_CHECK_BUDGET seconds (560); the optional
-# steps are skipped when they would not fit.
+# then the opt-in TMA GEMMs against the pointer ones), print a short table last, write JSON and logs under $OUT (or
+# ./gpu_out). Budget: GPU_CHECK_BUDGET seconds (560); the optional steps are skipped when they would not fit, and
+# the required ones (probes, build, tests, layer benchmark) are cut to what is left of it.
 # Targets the GPU image: torch 2.11 (CUDA 13), triton 3.6, transformers, peft; no network, so nothing is pip-installed:
 # the extension is built in place and the repository is put on PYTHONPATH.
 set -uo pipefail
@@ -19,24 +20,27 @@ BUDGET="${GPU_CHECK_BUDGET:-560}"  # seconds: the device tool's per-call limit i
 stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
 # room for a step of $1 s more? (a step given 0 s is skipped: `timeout 0` would mean no limit at all)
 have_time() { [ "$1" -gt 0 ] && [ $(( $(date +%s) - t0 + $1 )) -le "$BUDGET" ]; }
+# the limit for a required step: $1 s, or what is left of the budget when that is less (at least 1 s), so the
+# required steps cannot overrun the budget either
+left() { local l=$(( BUDGET - ($(date +%s) - t0) )); [ "$l" -lt 1 ] && l=1; [ "$1" -lt "$l" ] && l=$1; echo "$l"; }
 
 stamp "device"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/summary.txt"
+timeout "$(left 30)" nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
+timeout "$(left 60)" python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/summary.txt"
 
 stamp "build the extension (CPU + CUDA sources)"
-cap=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+cap=$(timeout "$(left 60)" python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$cap}" MAX_JOBS="${MAX_JOBS:-16}"
-if ! timeout 240 python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+if ! timeout "$(left 240)" python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
   stamp "BUILD FAILED (tail of $OUT/build.log):"; tail -40 "$OUT/build.log"
 fi
-python3 -c "import lorafusion; print(lorafusion.available_backends())" | tee -a "$OUT/summary.txt"
+timeout "$(left 60)" python3 -c "import lorafusion; print(lorafusion.available_backends())" | tee -a "$OUT/summary.txt"
 
 stamp "GPU tests"
 # pytest-xdist (in the GPU image) spreads the tests over processes: most of their time is Triton compiling and
 # autotuning on the CPU. Per-test durations go to the log, so a slow test is named even when the stage is cut short.
-xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-14}")
-timeout "${GPU_TEST_TIMEOUT:-200}" python3 -m pytest -m gpu -p no:cacheprovider -v -rs $xdist --durations=25 \
+xdist=$(timeout "$(left 30)" python3 -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-14}")
+timeout "$(left "${GPU_TEST_TIMEOUT:-200}")" python3 -m pytest -m gpu -p no:cacheprovider -v -rs $xdist --durations=25 \
   --maxfail=15 --timeout=150 tests/lorafusion tests/multi tests/galore 2>&1 | tee "$OUT/gpu_tests.log" \
   | grep -E "FAILED|ERROR|passed|failed|SKIPPED|^[0-9.]+s (call|setup)" | tail -45
 
@@ -55,7 +59,7 @@ bench() {  # bench NAME TIMEOUT_S CMD...: run one benchmark step, log it, say ho
 }
 if [ -n "${GPU_SKIP_LAYER:-}" ]; then stamp "layer benchmark skipped (GPU_SKIP_LAYER)"; else
   stamp "layer benchmark (bf16)"
-  bench lora_layer 150 python3 benchmarks/lora_layer.py --device cuda --out "$OUT/lora_layer.json"
+  bench lora_layer "$(left 150)" python3 benchmarks/lora_layer.py --device cuda --out "$OUT/lora_layer.json"
 fi
 # Each optional step starts only when its whole time limit fits the budget. The profile goes first: it times
 # every backend and GEMM placement (fused and multi-adapter, p = 0 and 0.1) against the base, kernel by kernel.

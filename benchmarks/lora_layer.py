@@ -159,6 +159,7 @@ def run(device, dtype, shapes, ranks, p, reps, backend):
                 res[name]["saved_bytes"] = saved_bytes(fn, x, dy, param_ptrs)
             rows.append({"tokens": T, "in": fin, "out": fout, "r": r, "p": p, "dtype": str(dtype).split(".")[-1],
                          "device": device, "results": res})
+            # on CPU "ms" is the median time and the ratio the median of per-round ratios: the two need not divide
             line = "  ".join(f"{n} {v['ms']:8.3f} ms {v['ratio']:5.2f}x" for n, v in res.items())
             print(f"{T:6d} {fin:5d}->{fout:<5d} r={r:<3d} {line}", flush=True)
     return rows
@@ -166,7 +167,9 @@ def run(device, dtype, shapes, ranks, p, reps, backend):
 
 def print_table(rows):
     names = list(rows[0]["results"])
-    print("\n| shape (tokens, in -> out) | r | " + " | ".join(f"{n} (x base)" for n in names)
+    # GPU: ratio of median times; CPU: median of the per-round ratios (times interleaved round by round)
+    what = "x base, median per-round ratio" if rows[0]["device"] == "cpu" else "x base"
+    print("\n| shape (tokens, in -> out) | r | " + " | ".join(f"{n} ({what})" for n in names)
           + " | saved MiB " + "/".join(names) + " |")
     print("|---|---|" + "---|" * (len(names) + 1))
     for row in rows:
@@ -185,7 +188,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--shapes", default=None, help="e.g. 2048x1024x1024,512x64x64")
     ap.add_argument("--backend", default=None)
-    ap.add_argument("--multi", action="store_true", help="also run the multi-adapter benchmark")
+    ap.add_argument("--multi", action="store_true",
+                    help="also run the multi-adapter benchmark (with this --backend and --reps as its rounds; its "
+                         "own file is --out with _multi before the extension; its dtype is its own default)")
     ap.add_argument("--out", default="benchmarks/results/lora_layer.json")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -205,7 +210,12 @@ def main(argv=None):
     if args.multi:
         from benchmarks import multi_lora_layer
 
-        out["multi"] = multi_lora_layer.main(["--device", args.device])
+        multi_args = ["--device", args.device, "--out", os.path.splitext(args.out)[0] + "_multi.json"]
+        if args.backend is not None:
+            multi_args += ["--backend", args.backend]
+        if args.reps is not None:
+            multi_args += ["--rounds", str(args.reps)]
+        out["multi"] = multi_lora_layer.main(multi_args)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)

@@ -66,7 +66,9 @@ def build(T, fin, fout, dtype, device, backend):
 
         fused = []
         for n, r in zip(names, RANKS):
-            f = lorafusion.FusedLoRALinear(base, r=r, alpha=2 * r, dropout=P).train()
+            # the same backend as the multi layer; its adapters are in the base dtype (FusedLoRALinear's), where the
+            # multi layer's are fp32 over a half-precision base
+            f = lorafusion.FusedLoRALinear(base, r=r, alpha=2 * r, dropout=P, backend=backend).train()
             f.lora_A.data.copy_(multi.lora_A[n].data)
             f.lora_B.data.copy_(multi.lora_B[n].data)
             fused.append(f)
@@ -101,6 +103,9 @@ def build(T, fin, fout, dtype, device, backend):
             outs = []
             for n, (a, b) in zip(names, bounds):
                 pm.base_model.set_adapter(n)
+                for name, q in pm.named_parameters():  # set_adapter freezes the other adapters: every adapter
+                    if "lora_" in name:                 # trains, as in "multi" and "sequential"
+                        q.requires_grad_(True)
                 outs.append(pm(x[a:b]))
             return torch.cat(outs)
 
