@@ -56,7 +56,11 @@ def _extensions():
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
-    if cu and torch.version.cuda and _nvcc_available():
+    # a CUDA torch with nvcc but no GPU visible and no TORCH_CUDA_ARCH_LIST: torch cannot pick the arch to build
+    # for (an IndexError in _get_cuda_arch_flags), so that machine gets the CPU extension, said below
+    arch_known = bool(os.environ.get("TORCH_CUDA_ARCH_LIST")) or (bool(torch.version.cuda)
+                                                                 and torch.cuda.device_count() > 0)
+    if cu and torch.version.cuda and _nvcc_available() and arch_known:
         # No --use_fast_math: the rank-r path and the dropout scale must match the float64 reference closely.
         nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         print(f"lorafusion: building CUDA extension from {len(cpp)} .cpp and {len(cu)} .cu files")
@@ -65,7 +69,9 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags}, extra_link_args=link_flags,
         )
     else:
-        why = "no .cu files" if not cu else ("torch is a CPU build" if not torch.version.cuda else "nvcc not found")
+        why = ("no .cu files" if not cu else "torch is a CPU build" if not torch.version.cuda
+               else "nvcc not found" if not _nvcc_available()
+               else "no GPU visible and TORCH_CUDA_ARCH_LIST unset: set it, e.g. 9.0, to build the CUDA kernels")
         print(f"lorafusion: building CPU-only extension from {len(cpp)} .cpp files ({why})")
         ext = CppExtension("lorafusion._C", cpp, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags},
                            extra_link_args=link_flags)

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 exec "${PYTHON:-python3}" -m lorafusion train --config configs/default.yaml \
-  --train.output_dir "runs/main-$(date +%Y%m%d-%H%M%S)" "$@"
+  --train.output_dir "runs/main-$(date +%Y%m%d-%H%M%S)-$$" "$@"

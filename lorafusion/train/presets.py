@@ -32,6 +32,15 @@ import torch
 logger = logging.getLogger("lorafusion.train")
 
 PRESET_VERSION = "v1"
+
+
+def _recipe_key() -> str:
+    """A digest of this module's source: the presets' recipes (model config, pre-training, data generation) live
+    here, so a changed recipe makes new cache folders instead of silently reusing the old model or data."""
+    import hashlib
+
+    with open(__file__, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()[:12]
 LOWER = "abcdefghijkl"
 UPPER = LOWER.upper()
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -130,6 +139,14 @@ def _atomic_folder(final: str, build) -> str:
     tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp", dir=os.path.dirname(final))
     try:
         build(tmp)
+        # mkdtemp makes the folder 0700: a cache filled by one user (an image built as root) must be readable by
+        # the users who run it, as a folder made with the umask would be
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        for name in os.listdir(tmp):
+            path = os.path.join(tmp, name)
+            os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
         try:
             os.rename(tmp, final)
         except OSError:  # another process finished first
@@ -146,7 +163,8 @@ def model_preset_path(name: str) -> str:
     if name not in MODEL_PRESETS:
         raise ValueError(f"model.name_or_path: unknown built-in model 'builtin:{name}' (known: "
                          f"{', '.join('builtin:' + n for n in MODEL_PRESETS)})")
-    return _atomic_folder(os.path.join(cache_root(), "presets", f"{name}-{PRESET_VERSION}"), _materialise_tiny_llama)
+    return _atomic_folder(os.path.join(cache_root(), "presets", f"{name}-{PRESET_VERSION}-{_recipe_key()}"),
+                         _materialise_tiny_llama)
 
 
 def _write_lowercase(folder: str) -> None:
@@ -172,5 +190,6 @@ def data_preset_paths(name: str) -> tuple[str, str]:
     if name not in DATA_PRESETS:
         raise ValueError(f"data.train: unknown built-in dataset 'builtin:{name}' (known: "
                          f"{', '.join('builtin:' + n for n in DATA_PRESETS)})")
-    folder = _atomic_folder(os.path.join(cache_root(), "presets", f"data-{name}-{PRESET_VERSION}"), _write_lowercase)
+    folder = _atomic_folder(os.path.join(cache_root(), "presets", f"data-{name}-{PRESET_VERSION}-{_recipe_key()}"),
+                           _write_lowercase)
     return os.path.join(folder, "train.jsonl"), os.path.join(folder, "eval.jsonl")

@@ -459,14 +459,38 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict:
     process leaves that process as it found it)."""
     threads = torch.get_num_threads()
     ds = dist_utils.setup(cfg.train.distributed, cfg.train.device)
+    locks: list[int] = []
     try:
-        return _run(cfg, resume, ds)
+        return _run(cfg, resume, ds, locks)
     finally:
+        for fd in locks:
+            os.close(fd)  # releases the output folder
         dist_utils.cleanup(ds)
         torch.set_num_threads(threads)
 
 
-def _run(cfg: RunConfig, resume: bool, ds) -> dict:
+def _lock_output(out: str) -> int | None:
+    """Rank 0: hold ``out/.lock`` for the run (released when the process ends, however it ends); a TrainError when
+    another run holds it. Two runs in one folder interleaved their metrics and overwrote each other's checkpoints,
+    since the folder is refused only once it holds a checkpoint."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unlocked, as before
+        return None
+    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise TrainError(f"train.output_dir {out} is in use by another run{f' (pid {holder})' if holder else ''}; "
+                         "wait for it to end, or choose another output folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def _run(cfg: RunConfig, resume: bool, ds, locks: list) -> dict:
     from lorafusion.train.config import validate
 
     t = cfg.train
@@ -485,9 +509,17 @@ def _run(cfg: RunConfig, resume: bool, ds) -> dict:
                               "hooks are on the parameters ZeRO replaces with flat partitions); use torchrun (DDP) "
                               "or one process")
     out = t.output_dir
+    busy = None
     if ds.is_main:
         os.makedirs(out, exist_ok=True)
-    dist_utils.barrier(ds)
+        try:
+            fd = _lock_output(out)
+            if fd is not None:
+                locks.append(fd)
+        except TrainError as exc:
+            busy = exc
+    if dist_utils.any_flag(ds, busy is not None):  # every rank stops (also the barrier the others wait at)
+        raise busy or TrainError(f"train.output_dir {out} is in use by another run (rank 0 says which)")
     _setup_logging(out, ds.is_main)
     if t.num_threads:
         torch.set_num_threads(t.num_threads)

@@ -1,5 +1,6 @@
 """Data: line-numbered errors, prompt masking, and packing that keeps attention inside each sample."""
 import json
+import os
 
 import pytest
 import torch
@@ -159,3 +160,24 @@ def test_unreadable_data_file_is_a_data_error_naming_it(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.open", denied)
     with pytest.raises(DataError, match=r"data file .* cannot be read: Permission denied"):
         read_jsonl(path)
+
+
+def test_preset_cache_folders_are_keyed_by_the_recipe_and_readable_by_others(tmp_path, monkeypatch):
+    """The key was the name and a hand-bumped version, so a changed recipe silently reused the old model; and
+    mkdtemp's 0700 folder made a cache filled by one user (an image built as root) unreadable to the others."""
+    import hashlib
+    import stat
+
+    from lorafusion.train import presets
+
+    monkeypatch.setenv("LORAFUSION_CACHE", str(tmp_path))
+    old = os.umask(0o022)
+    try:
+        train, _ = presets.data_preset_paths("lowercase")
+    finally:
+        os.umask(old)
+    with open(presets.__file__, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()[:12]
+    folder = os.path.dirname(train)
+    assert os.path.basename(folder) == f"data-lowercase-{presets.PRESET_VERSION}-{digest}"
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o755 and stat.S_IMODE(os.stat(train).st_mode) == 0o644

@@ -213,3 +213,27 @@ def test_galore_and_layerwise_hooks_are_refused_under_deepspeed_before_the_model
     assert main(_args(tmp_path / "run", *extra)) == 2
     err = capsys.readouterr().err
     assert message in err and "use torchrun (DDP) or" in err and "Traceback" not in err
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path, capsys):
+    """Two runs in one folder both ran, interleaving metrics.jsonl and overwriting each other's checkpoints: the
+    folder was refused only once it held a checkpoint (a reviewer started two main jobs in the same second)."""
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = dict(os.environ, LORAFUSION_NO_PROGRESS="1", LORAFUSION_DEBUG_STEP_SLEEP="0.5")
+    first = subprocess.Popen([sys.executable, "-m", "lorafusion", *_args(out, "--train.max_steps", "40")], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.time() + 120
+        while not (out / "metrics.jsonl").is_file() and time.time() < end:  # it holds the folder by now
+            time.sleep(0.1)
+        assert main(_args(out, "--train.max_steps", "2")) == 2
+        assert f"train.output_dir {out} is in use by another run (pid {first.pid})" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+    from lorafusion.train.trainer import _lock_output
+
+    os.close(_lock_output(str(out)))  # a killed run's lock goes with it
