@@ -31,25 +31,20 @@ from lorafusion.multi.segments import AdapterSegments, AdapterSpec, SequenceLayo
 
 
 @contextlib.contextmanager
+def _set(var: contextvars.ContextVar, value):
+    """``var`` holds ``value`` inside the block, in this context (thread or task) only; its value before comes back
+    on exit."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 def _layouts(assignment):
-    """Each layer of ``assignment`` ((layer, layout) pairs) uses its layout inside the block, in this context (thread
-    or task) only; the layouts before (an enclosing block's, or none) come back on exit."""
-    layouts = dict(ACTIVE_LAYOUTS.get() or {})
-    layouts.update(assignment)
-    token = ACTIVE_LAYOUTS.set(layouts)
-    try:
-        yield
-    finally:
-        ACTIVE_LAYOUTS.reset(token)
-
-
-@contextlib.contextmanager
-def _restored(layouts):
-    token = ACTIVE_LAYOUTS.set(layouts)
-    try:
-        yield
-    finally:
-        ACTIVE_LAYOUTS.reset(token)
+    """Each layer of ``assignment`` ((layer, layout) pairs) uses its layout inside the block; the layouts before (an
+    enclosing block's, or none) come back on exit."""
+    return _set(ACTIVE_LAYOUTS, {**(ACTIVE_LAYOUTS.get() or {}), **dict(assignment)})
 
 
 # the SequenceLayouts of the use_sequence_adapters block running in this context (thread or task)
@@ -81,7 +76,7 @@ class _LayoutCheckpoint:
             return self.func(fn, *args, **kwargs)
 
         def run(*a, **k):
-            with _restored(layouts):
+            with _set(ACTIVE_LAYOUTS, layouts):
                 return fn(*a, **k)
         return self.func(run, *args, **kwargs)
 
@@ -228,12 +223,8 @@ class MultiLoRAModel(nn.Module):
             if not getattr(emb, "_lorafusion_batch_hook", False):
                 emb.register_forward_pre_hook(_capture_batch, with_kwargs=True)
                 emb._lorafusion_batch_hook = True
-        token = _SEQUENCE_LAYOUTS.set(layouts)
-        try:
-            with self._bound([(layer, layouts) for layer in self.layers().values()]):
-                yield
-        finally:
-            _SEQUENCE_LAYOUTS.reset(token)
+        with _set(_SEQUENCE_LAYOUTS, layouts), self._bound([(layer, layouts) for layer in self.layers().values()]):
+            yield
 
     def _token_embeddings(self) -> list[nn.Module]:
         """The token-embedding modules of the model (encoder and decoder ones for an encoder-decoder model): each
