@@ -157,13 +157,11 @@ def recover_adapter(adapter_dir: str, plan: PrunePlan | str, out_dir: str, *,
     """
     from safetensors.torch import load_file, save_file
 
-    plan_source = None
+    plan_folder = None  # the pruned model's folder, where the plan came from one
     if not isinstance(plan, PrunePlan):
-        plan_source = plan
+        plan_folder = plan if os.path.isdir(plan) else os.path.dirname(plan)
         plan = PrunePlan.load(plan)
-    refuse_overwriting(out_dir, {"adapter folder": adapter_dir, "pruned model folder":
-                                 plan_source if plan_source is None or os.path.isdir(plan_source)
-                                 else os.path.dirname(plan_source)})
+    refuse_overwriting(out_dir, {"adapter folder": adapter_dir, "pruned model folder": plan_folder})
     weights, config_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS), os.path.join(adapter_dir, ADAPTER_CONFIG)
     for path in (weights, config_path):
         if not os.path.isfile(path):
@@ -180,8 +178,8 @@ def recover_adapter(adapter_dir: str, plan: PrunePlan | str, out_dir: str, *,
                          f"({exc})") from None
     _check_trained_on(config, adapter_dir, plan)
     full = recover_state_dict(state, plan)
-    if base_model_name_or_path is None and plan_source is not None:
-        record = read_prune_record(plan_source if os.path.isdir(plan_source) else os.path.dirname(plan_source))
+    if base_model_name_or_path is None and plan_folder is not None:
+        record = read_prune_record(plan_folder)
         if record is not None:
             base_model_name_or_path = record.get("full_model")
     if base_model_name_or_path is not None:
