@@ -5,12 +5,16 @@
 
 Exit codes of ``train``: 0 done (or stopped cleanly by SIGINT / SIGTERM after a checkpoint), 2 a bad config, data,
 model folder or checkpoint, or an output that cannot be written (one line on stderr naming the problem and where
-``--resume`` continues), 130 interrupted before training began or by a second SIGINT (no checkpoint written then).
+``--resume`` continues), 130 interrupted before training began or by a second SIGINT (no checkpoint written then),
+143 the same for SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 TRAIN_HELP = """\
 Fine-tune a causal LM with LoRA.
@@ -41,12 +45,13 @@ def _train(argv: list[str]) -> int:
                 raise ConfigError(f"--data must be a mapping of data keys, got {overrides['data']!r}")
             overrides["data"]["skip_bad_lines"] = True
         cfg = load_config(args.config, overrides)
-        from lorafusion.train.trainer import TrainError, run_training
+        from lorafusion.train.trainer import Terminated, TrainError, run_training
     except ConfigError as exc:
         print(f"lorafusion train: config error: {exc}", file=sys.stderr)
         return 2
     try:
-        run_training(cfg, resume=args.resume)
+        with _sigterm_interrupts():
+            run_training(cfg, resume=args.resume)
     except ConfigError as exc:
         print(f"lorafusion train: config error: {exc}", file=sys.stderr)
         return 2
@@ -62,12 +67,34 @@ def _train(argv: list[str]) -> int:
     except OSError as exc:  # an output folder that cannot be made or written, a file named like a folder
         print(f"lorafusion train: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C before training began (loading the model), or a second one during it
-        from lorafusion.train.checkpoint import resume_hint
+    except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM before training began (loading or making the model), or a
+        from lorafusion.train.checkpoint import resume_hint  # second signal during it
 
-        print(f"lorafusion train: interrupted; {resume_hint(cfg.train.output_dir)}", file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"lorafusion train: {what}; {resume_hint(cfg.train.output_dir)}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises ``Terminated`` until the training loop installs its own handler (which finishes the step
+    and checkpoints) and after it restores this one. Without it a SIGTERM while the model loads or the built-in
+    model pre-trains killed the process on the spot: no message, and a half-built cache folder left behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    from lorafusion.train.trainer import Terminated
+
+    def handle(signum, frame):
+        raise Terminated
+
+    old = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _plan(argv: list[str]) -> int:

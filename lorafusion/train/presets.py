@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 
@@ -132,11 +133,40 @@ def _materialise_tiny_llama(folder: str) -> None:
                    "final_pretrain_loss": loss.item()}, fh)
 
 
+def _tmp_prefix(final: str, pid: int | None = None) -> str:
+    """The name every temporary build folder of ``final`` starts with: host and pid, so a later process can tell the
+    leftovers of a killed build (SIGKILL, power loss) from a build still running."""
+    import socket
+
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+    return f"{os.path.basename(final)}.tmp-{host}-{os.getpid() if pid is None else pid}-"
+
+
+def _remove_stale_builds(final: str) -> None:
+    """Removes temporary build folders of ``final`` left by processes of this host that are gone."""
+    parent, mine = os.path.dirname(final), _tmp_prefix(final, 0)[:-2]  # "<name>.tmp-<host>-"
+    for name in os.listdir(parent):
+        m = re.fullmatch(re.escape(mine) + r"(\d+)-.*", name)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        try:
+            os.kill(pid, 0)
+            continue  # still running (or another user's live process)
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        logger.info("removing %s, left by a build (pid %d) that did not finish", name, pid)
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 def _atomic_folder(final: str, build) -> str:
     if os.path.isfile(os.path.join(final, "lorafusion_preset.json")):
         return final
     os.makedirs(os.path.dirname(final), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp", dir=os.path.dirname(final))
+    _remove_stale_builds(final)
+    tmp = tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=os.path.dirname(final))
     try:
         build(tmp)
         # mkdtemp makes the folder 0700: a cache filled by one user (an image built as root) must be readable by

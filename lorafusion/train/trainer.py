@@ -279,6 +279,11 @@ def exact_match(model, tokenizer, records: list[dict], max_new_tokens: int, devi
 
 
 # ----------------------------------------------------------------------------------------------- the run
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop, or a second one inside it: unwinds like Ctrl-C (half-made folders are
+    removed on the way out), and the command exits 143 instead of 130."""
+
+
 class _Stop:
     def __init__(self):
         self.signal = None
@@ -291,7 +296,7 @@ class _Stop:
 
     def _handle(self, signum, frame):
         if self.signal is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.signal = signal.Signals(signum).name
         logger.warning("%s received: finishing the current step, then checkpointing and exiting", self.signal)
 

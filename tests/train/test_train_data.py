@@ -181,3 +181,31 @@ def test_preset_cache_folders_are_keyed_by_the_recipe_and_readable_by_others(tmp
     folder = os.path.dirname(train)
     assert os.path.basename(folder) == f"data-lowercase-{presets.PRESET_VERSION}-{digest}"
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o755 and stat.S_IMODE(os.stat(train).st_mode) == 0o644
+
+
+def test_preset_build_leftovers_of_dead_processes_are_removed_live_ones_kept(tmp_path, monkeypatch):
+    """A build killed by SIGKILL (no finally runs) left its temporary folder in the cache for ever. The next build
+    removes the folders of this host's processes that are gone, and keeps those of live ones (a build running)."""
+    import subprocess
+    import sys
+
+    from lorafusion.train import presets
+
+    monkeypatch.setenv("LORAFUSION_CACHE", str(tmp_path))
+    final = os.path.join(str(tmp_path), "presets", "thing")
+    os.makedirs(os.path.dirname(final))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    dead_tmp = presets._tmp_prefix(final, dead.pid) + "abc"
+    live_tmp = presets._tmp_prefix(final, os.getppid()) + "def"
+    other = "thing.tmp-otherhost-" + str(dead.pid) + "-ghi"  # another host's pid means nothing here: kept
+    for name in (dead_tmp, live_tmp, other):
+        os.makedirs(os.path.join(os.path.dirname(final), name, "half"))
+
+    def build(folder):
+        assert os.path.basename(folder).startswith(presets._tmp_prefix(final))
+        with open(os.path.join(folder, "lorafusion_preset.json"), "w") as fh:
+            fh.write("{}")
+
+    assert presets._atomic_folder(final, build) == final
+    assert sorted(os.listdir(os.path.dirname(final))) == sorted(["thing", live_tmp, other])

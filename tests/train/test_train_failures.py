@@ -237,3 +237,52 @@ def test_a_second_run_in_a_folder_in_use_is_refused(tmp_path, capsys):
     from lorafusion.train.trainer import _lock_output
 
     os.close(_lock_output(str(out)))  # a killed run's lock goes with it
+
+
+def test_sigterm_while_the_builtin_model_is_made_exits_143_and_leaves_no_half_built_folder(tmp_path):
+    """SIGTERM before the training loop (here: while builtin:tiny-llama pre-trains into an empty cache) killed the
+    process on the spot, with no message and its temporary folder left in the cache. It now unwinds: exit 143, one
+    line saying where --resume continues, the temporary folder removed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache = tmp_path / "cache"
+    env = dict(os.environ, LORAFUSION_CACHE=str(cache), LORAFUSION_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "lorafusion", "train", "--train.output_dir", str(tmp_path / "run"),
+                             "--train.max_steps", "2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    end = time.time() + 120
+    building = []
+    while not building and time.time() < end and proc.poll() is None:
+        time.sleep(0.05)
+        building = [p for p in (cache / "presets").glob("tiny-llama-*.tmp-*")] if (cache / "presets").is_dir() else []
+    assert building, "the built-in model's build never started"
+    time.sleep(1.0)  # into the pre-training loop
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert ("lorafusion train: terminated (SIGTERM); no checkpoint was written yet, so a rerun starts from step 0"
+            in err) and "Traceback" not in err
+    assert not list((cache / "presets").glob("tiny-llama-*")), list((cache / "presets").iterdir())
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_second_signal_stops_at_once_and_keeps_its_kind(sig, capsys):
+    """The first signal finishes the step and checkpoints; a second one stops now. A second SIGTERM (an
+    orchestrator's kill after its grace period) exited 130 as if it were Ctrl-C; it exits 143 now."""
+    import signal
+
+    from lorafusion.cli import _sigterm_interrupts
+    from lorafusion.train.trainer import Terminated, _Stop
+
+    signum = getattr(signal, sig)
+    before = signal.getsignal(signal.SIGTERM)
+    with _sigterm_interrupts(), _Stop() as stop:
+        stop._handle(signum, None)
+        assert stop.signal == sig
+        with pytest.raises(KeyboardInterrupt) as exc:
+            stop._handle(signum, None)
+    assert isinstance(exc.value, Terminated) == (sig == "SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) is before  # both handlers put back
