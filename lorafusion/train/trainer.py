@@ -200,22 +200,28 @@ OPTIMIZERS = {
 }
 
 
-def build_scheduler(optimizer, cfg: RunConfig, total_steps: int):
-    o = cfg.optimizer
+def lr_schedule(optimizer, schedule: str, warmup_steps: int, min_lr_ratio: float, total_steps: int):
+    """A linear warm-up over ``warmup_steps``, then ``schedule`` (cosine / linear / constant) down to
+    ``min_lr_ratio`` of the learning rate at ``total_steps``."""
 
     def factor(step: int) -> float:
-        if o.warmup_steps and step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
             return 1.0
-        frac = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
-        if o.schedule == "linear":
+        frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
             decay = 1.0 - frac
         else:
             decay = 0.5 * (1.0 + math.cos(math.pi * frac))
-        return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * decay
+        return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_scheduler(optimizer, cfg: RunConfig, total_steps: int):
+    o = cfg.optimizer
+    return lr_schedule(optimizer, o.schedule, o.warmup_steps, o.min_lr_ratio, total_steps)
 
 
 # ----------------------------------------------------------------------------------------------- loss and eval
