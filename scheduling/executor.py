@@ -6,8 +6,9 @@ Each job brings its own data (a JSONL file of ``{"prompt", "completion"}`` or ``
 ``builtin:lowercase``), its global batch size and length, its LoRA settings and its optimizer settings. The executor
 
 1. tokenizes every job's data as ``lorafusion train`` does (prompt tokens masked out of the loss, EOS appended),
-2. plans the jobs with :func:`scheduling.planner.plan` (sample ids are record indices; global batch ``g`` of a job is
-   its records ``g·B .. g·B+B-1``, epoch after epoch) and checks the schedule with :func:`scheduling.verify.check`,
+2. plans the jobs with :func:`scheduling.planner.plan` (sample ids are record indices; a job's records are cut into
+   global batches in file order, epoch after epoch, the last of an epoch short where the batch size does not divide
+   the record count) and checks the schedule with :func:`scheduling.verify.check`,
 3. wraps the base model's linears in :class:`lorafusion.MultiLoRAModel` with one adapter per job,
 4. runs the microbatches in schedule order. A microbatch is one packed row: each segment's samples one after another
    (position ids restart at every sample, so no sample attends to another; the model's attention must honour packed
@@ -75,7 +76,7 @@ class CoJobConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 0.0           # 0: no clipping
-    eval_data: Optional[str] = None      # JSONL path (relative to the config file); builtin:lowercase: its eval split
+    eval_data: Optional[str] = None      # JSONL path (relative to the config file), or builtin:lowercase (eval split)
     max_eval_samples: int = 200
     generate_eval: bool = True           # greedy exact match on the eval prompts (prompt / completion records)
     max_new_tokens: int = 32
@@ -250,22 +251,31 @@ class TokenizedJob:
         return sum(sum(1 for t in self.targets[s] if t != IGNORE_INDEX) for s in samples)
 
 
-def read_samples(path: str, tokenizer, capacity: int, where: str, limit: int | None = None):
+def builtin_data_path(path: str, default_split: str, where: str) -> str:
+    """The JSONL file of ``builtin:NAME`` (its ``default_split``) or ``builtin:NAME:train`` / ``builtin:NAME:eval``."""
+    from lorafusion.train.presets import data_preset_paths
+
+    name, _, split = path[len("builtin:"):].partition(":")
+    split = split or default_split
+    if split not in ("train", "eval"):
+        raise CoTrainError(f"{where}: {path!r} names no split of builtin:{name} (train or eval)")
+    try:
+        train, evals = data_preset_paths(name)
+    except ValueError as exc:
+        raise CoTrainError(f"{where}: {str(exc).replace('data.train: ', '')}") from None
+    return evals if split == "eval" else train
+
+
+def read_samples(path: str, tokenizer, max_tokens: int, where: str, limit: int | None = None,
+                 default_split: str = "train", too_long: str = ""):
     """``(ids, targets, lines, records)`` of a JSONL file, tokenized as ``lorafusion train`` does (prompt tokens
-    out of the loss, EOS appended); ``builtin:lowercase`` is its train split, ``builtin:lowercase:eval`` its eval
-    split. A sample longer than ``capacity`` or with no label token is an error naming ``where``, the file and the
-    line."""
+    out of the loss, EOS appended); ``builtin:NAME[:train|:eval]`` is a built-in dataset's split (``default_split``
+    without one). A sample longer than ``max_tokens`` (``too_long`` says why that is the limit) or with no label
+    token is an error naming ``where``, the file and the line."""
     from lorafusion.train.data import DataError, jsonl_values, record_problem, record_tokens
 
     if path.startswith("builtin:"):
-        from lorafusion.train.presets import data_preset_paths
-
-        name, _, split = path[len("builtin:"):].partition(":")
-        try:
-            train, evals = data_preset_paths(name)
-        except ValueError as exc:
-            raise CoTrainError(f"{where}: {str(exc).replace('data.train: ', '')}") from None
-        path = evals if split == "eval" else train
+        path = builtin_data_path(path, default_split, where)
     if not os.path.isfile(path):
         raise CoTrainError(f"{where}: {path} is not a file")
     ids, targets, lines, records = [], [], [], []
@@ -276,9 +286,9 @@ def read_samples(path: str, tokenizer, capacity: int, where: str, limit: int | N
             if problem is not None:
                 raise CoTrainError(f"{where}: {path} line {lineno}: {problem}")
             x, labels = record_tokens(rec, tokenizer)
-            if len(x) > capacity:
-                raise CoTrainError(f"{where}: {path} line {lineno} has {len(x)} tokens, more than the "
-                                   f"microbatch capacity {capacity}; raise capacity or shorten the sample")
+            if len(x) > max_tokens:
+                raise CoTrainError(f"{where}: {path} line {lineno} has {len(x)} tokens, more than the {max_tokens} "
+                                   f"{too_long or 'a microbatch holds'}; raise capacity or shorten the sample")
             tgt = labels[1:] + [IGNORE_INDEX]  # position t predicts token t+1 of the same sample
             if all(t == IGNORE_INDEX for t in tgt):
                 raise CoTrainError(f"{where}: {path} line {lineno} has no completion token to learn from")
@@ -295,9 +305,14 @@ def read_samples(path: str, tokenizer, capacity: int, where: str, limit: int | N
     return ids, targets, lines, records
 
 
-def tokenize_job(j: CoJobConfig, tokenizer, capacity: int, where: str) -> TokenizedJob:
+def tokenize_job(j: CoJobConfig, tokenizer, params: PlanParams, where: str) -> TokenizedJob:
     """Read and tokenize one job's data into a planner :class:`Job` (sample id = record index)."""
-    ids, targets, lines, _ = read_samples(j.data, tokenizer, capacity, f"{where}.data")
+    why = (f"a microbatch holds (capacity {params.capacity})" if params.max_piece == params.capacity else
+           f"tokens a microbatch holds once padded (capacity {params.capacity}, pad_multiple {params.pad_multiple})")
+    ids, targets, lines, _ = read_samples(j.data, tokenizer, params.max_piece, f"{where}.data", too_long=why)
+    if j.global_batch_size > len(ids):
+        raise CoTrainError(f"{where}.global_batch_size: {j.global_batch_size} is more than the {len(ids)} samples "
+                           f"of {j.data}")
     if j.num_global_batches is not None:
         num_gb = j.num_global_batches
     else:
@@ -383,7 +398,7 @@ class CoTrainer:
             try:
                 path = model_preset_path(name[len("builtin:"):])
             except ValueError as exc:
-                raise CoTrainError(f"model: {exc}") from None
+                raise CoTrainError(f"model: {str(exc).replace('model.name_or_path: ', '')}") from None
         else:
             path = name
             if not os.path.isfile(os.path.join(path, "config.json")):
@@ -394,6 +409,8 @@ class CoTrainer:
         except Exception as exc:  # noqa: BLE001
             raise CoTrainError(f"model: cannot load a tokenizer from {path}: {exc}") from None
         tok.model_max_length = 2**62  # samples are checked against the capacity here, not cut
+        if tok.pad_token_id is None:  # most Llama tokenizers: padding (generation, segments) uses EOS
+            tok.pad_token = tok.eos_token
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         except Exception as exc:  # noqa: BLE001
@@ -414,11 +431,10 @@ class CoTrainer:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         base, self.tokenizer = self._load_model()
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
-            self.tokenizer.eos_token_id
-        self.data = {j.adapter: tokenize_job(j, self.tokenizer, cfg.capacity, f"jobs[{i}] ({j.adapter})")
-                     for i, j in enumerate(cfg.jobs)}
+        self.pad_id = self.tokenizer.pad_token_id
         self.params = PlanParams(cfg.capacity, cfg.pad_multiple, cfg.stages)
+        self.data = {j.adapter: tokenize_job(j, self.tokenizer, self.params, f"jobs[{i}] ({j.adapter})")
+                     for i, j in enumerate(cfg.jobs)}
         jobs = [self.data[j.adapter].job for j in cfg.jobs]
         t0 = time.perf_counter()
         self.schedule = plan(jobs, self.params, seed=cfg.seed)
@@ -444,12 +460,18 @@ class CoTrainer:
             self.optimizers[j.adapter] = opt
             self.schedulers[j.adapter] = lr_schedule(opt, j.schedule, j.warmup_steps, j.min_lr_ratio,
                                                      self.data[j.adapter].job.num_global_batches)
+        self._check_backend_and_packing()
         self.evals = {}
         for i, j in enumerate(cfg.jobs):
             if j.eval_data:
                 ids, targets, _, records = read_samples(j.eval_data, self.tokenizer, cfg.capacity,
-                                                        f"jobs[{i}] ({j.adapter}).eval_data", j.max_eval_samples)
-                self.evals[j.adapter] = (ids, targets, [r for r in records if "prompt" in r])
+                                                        f"jobs[{i}] ({j.adapter}).eval_data", j.max_eval_samples,
+                                                        default_split="eval")
+                prompts = [r for r in records if "prompt" in r]
+                if j.generate_eval and not prompts:
+                    logger.warning("jobs[%d] (%s): eval_data %s has no prompt / completion records, so no exact "
+                                   "match is measured (only the eval loss)", i, j.adapter, j.eval_data)
+                self.evals[j.adapter] = (ids, targets, prompts)
         # the optimizer step of (adapter, global batch) after microbatch i: {i: [(adapter, g), ...]}
         self.steps_after: dict[int, list] = {}
         for a, idx in self.schedule.optimizer_steps.items():
@@ -457,6 +479,41 @@ class CoTrainer:
                 self.steps_after.setdefault(i, []).append((a, g))
         self.loss_tokens = {(a, g): self.data[a].loss_tokens(self.data[a].job.global_batch_samples(g))
                             for a, idx in self.schedule.optimizer_steps.items() for g in range(len(idx))}
+
+    @torch.no_grad()
+    def _check_backend_and_packing(self) -> None:
+        """The multi-adapter backend runs here, and the model keeps packed samples apart: a sample's logits in a
+        packed row must not change when the sample before it changes (a model whose attention ignores packed
+        position ids, as ALiBi models such as Bloom do, would train on samples attending to each other)."""
+        from lorafusion.multi.backends import get_multi_backend
+
+        try:
+            get_multi_backend(self.device.type, self.cfg.backend, self.dtype)
+        except (RuntimeError, TypeError) as exc:
+            raise CoTrainError(f"backend: {exc}") from None
+        tj = self.data[self.cfg.jobs[0].adapter]
+        vocab = self.mm.model.get_input_embeddings().num_embeddings
+        second = tj.ids[0][: max(2, self.cfg.capacity // 2)]
+        first = [7 % vocab, 11 % vocab, 13 % vocab][: max(1, min(3, self.cfg.capacity - len(second)))]
+        other = [(t * 5 + 3) % vocab for t in first]
+        name = self.cfg.jobs[0].adapter
+        outs = []
+        was = self.mm.training
+        self.mm.eval()  # no dropout: the two forwards must differ only by the leading sample
+        for lead in (first, other):
+            row = lead + second
+            pos = list(range(len(lead))) + list(range(len(second)))
+            with self.mm.use_segments(self.mm.make_segments([name] * len(row))):
+                logits = self.mm.model(input_ids=torch.tensor([row], device=self.device),
+                                       position_ids=torch.tensor([pos], device=self.device), use_cache=False).logits
+            outs.append(logits[0, len(lead):].double())
+        self.mm.train(was)
+        leak = float((outs[0] - outs[1]).abs().max())
+        if leak > 1e-6 * (1.0 + float(outs[0].abs().max())):
+            raise CoTrainError(f"model: {self.cfg.model} ({type(self.mm.model).__name__}) lets packed samples attend "
+                               f"to each other (a sample's logits moved by {leak:.3g} when the sample before it in the "
+                               "row changed): its attention ignores the packed position ids, so the executor cannot "
+                               "pack its samples; use a model whose attention honours them (Llama, Mistral, Qwen2, ...)")
 
     # -- evaluation
     @torch.no_grad()
@@ -495,8 +552,15 @@ class CoTrainer:
             self.mm.train(was)
 
     # -- checkpoints
+    def _data_digest(self) -> dict:
+        """Per job, a digest of its token ids and targets: a resume on changed data (same lengths) is refused."""
+        import hashlib
+
+        return {a: hashlib.sha256(json.dumps([tj.ids, tj.targets]).encode()).hexdigest()[:16]
+                for a, tj in self.data.items()}
+
     def _state(self, next_mb: int, inflight: dict, stats: dict) -> dict:
-        return {"next_microbatch": next_mb, "schedule_digest": self._digest(),
+        return {"next_microbatch": next_mb, "schedule_digest": self._digest(), "data_digest": self._data_digest(),
                 "inflight_loss": [[a, g, v] for (a, g), v in sorted(inflight.items())], "stats": stats}
 
     def _digest(self) -> str:
@@ -539,6 +603,10 @@ class CoTrainer:
             if state.get("schedule_digest") != self._digest():
                 raise CoTrainError(f"checkpoint {path} was written for another schedule (a changed config or data); "
                                    "resume with the run's own config and data, or start a new output_dir")
+            changed = sorted(a for a, d in self._data_digest().items() if state.get("data_digest", {}).get(a) != d)
+            if changed:
+                raise CoTrainError(f"checkpoint {path}: the data of job(s) {', '.join(changed)} changed since it was "
+                                   "written; resume on the run's own data, or start a new output_dir")
             weights = load_file(os.path.join(path, "adapters.safetensors"))
             grads = load_file(os.path.join(path, "grads.safetensors"))
             opts = torch.load(os.path.join(path, "optimizers.pt"), weights_only=True)
@@ -582,11 +650,17 @@ class CoTrainer:
         out = self.cfg.output_dir
         cfg_path = os.path.join(out, "cotrain_config.json")
         if not resume:
-            if os.path.exists(cfg_path) or ckpt.complete_checkpoints(out):
+            if os.path.exists(cfg_path):
                 raise CoTrainError(f"output_dir {out} holds an earlier co-training run; pass --resume to continue it, "
                                    "or choose another output_dir")
+            if os.path.isdir(ckpt.checkpoints_dir(out)) or os.path.exists(os.path.join(out, "metrics.jsonl")):
+                raise CoTrainError(f"output_dir {out} holds checkpoints or metrics of another run; choose another "
+                                   "output_dir")
             return None
         if not os.path.isfile(cfg_path):
+            if os.path.isdir(ckpt.checkpoints_dir(out)) or os.path.exists(os.path.join(out, "metrics.jsonl")):
+                raise CoTrainError(f"output_dir {out} holds checkpoints or metrics but no cotrain_config.json: it is "
+                                   "not a co-training run (a lorafusion train run?); choose another output_dir")
             return None  # nothing to resume: a fresh start
         with open(cfg_path) as fh:
             saved = json.load(fh)
@@ -664,12 +738,12 @@ class CoTrainer:
                 for a, g in self.steps_after.get(i, ()):
                     self._step(a, g, i, inflight, stats, metrics)
                 done = i + 1
-                if (cfg.save_every and done % cfg.save_every == 0 and done < len(mbs)) or stop.signal:
+                if (cfg.save_every and done % cfg.save_every == 0 or stop.signal) and done < len(mbs):
                     stats["seconds"] += time.perf_counter() - t_run
                     t_run = time.perf_counter()
                     self._save(done, inflight, stats)
                     last_saved = done
-                if stop.signal:
+                if stop.signal and done < len(mbs):
                     logger.warning("stopped by %s after microbatch %d; --resume continues from there", stop.signal,
                                    done)
                     return {"stopped": stop.signal, "next_microbatch": done}
@@ -699,15 +773,14 @@ class CoTrainer:
             inflight[(a, g)] = inflight.get((a, g), 0.0) + float(part.detach())
             total = total + part / self.loss_tokens[(a, g)]
         total.backward()
-        return len(ids)
+        return mb.real_tokens
 
     def _step(self, a: str, g: int, i: int, inflight: dict, stats: dict, metrics) -> None:
         j = next(j for j in self.cfg.jobs if j.adapter == a)
         opt, sched = self.optimizers[a], self.schedulers[a]
         params = self.mm.adapter_parameters(a)
-        grad_norm = None
-        if j.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, j.max_grad_norm))
+        # the norm before clipping (an infinite bound scales by exactly 1: nothing changes without clipping)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, j.max_grad_norm if j.max_grad_norm > 0 else math.inf))
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -715,9 +788,7 @@ class CoTrainer:
         loss = inflight.pop((a, g), 0.0) / self.loss_tokens[(a, g)]
         stats["steps"].setdefault(a, []).append(loss)
         rec = {"adapter": a, "global_batch": g, "loss": loss, "lr": lr, "after_microbatch": i,
-               "loss_tokens": self.loss_tokens[(a, g)]}
-        if grad_norm is not None:
-            rec["grad_norm"] = grad_norm
+               "loss_tokens": self.loss_tokens[(a, g)], "grad_norm": grad_norm}
         metrics.write(json.dumps(rec) + "\n")
         metrics.flush()
         if g == self.data[a].job.num_global_batches - 1:

@@ -145,6 +145,7 @@ def test_cotrained_adapters_equal_each_job_trained_alone_with_peft(tmp_path, tin
             assert not torch.equal(init[k], got[k]), f"{name} {k} never moved"
             torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-11, msg=f"{name} {k}")
     lines = [json.loads(x) for x in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    assert all(r["grad_norm"] > 0 for r in lines)
     assert sorted((r["adapter"], r["global_batch"]) for r in lines) == sorted(
         (j["adapter"], g) for j in three_jobs for g in range(first.data[j["adapter"]].job.num_global_batches))
 
@@ -271,13 +272,33 @@ def test_bad_data_names_the_job_file_and_line(tmp_path, tiny_model, three_jobs):
     _write(long_path, [{"prompt": "ab=", "completion": "BA"}, {"prompt": "a" * 80 + "=", "completion": "b"}])
     three_jobs[2]["data"] = str(long_path)
     with pytest.raises(CoTrainError, match=rf"jobs\[2\] \(mixed\)\.data: {long_path} line 2 has 84 tokens, more "
-                                           r"than the microbatch capacity 64"):
+                                           r"than the 64 a microbatch holds \(capacity 64\)"):
         CoTrainer(load_cotrain_config(_config(tmp_path, tiny_model, three_jobs))).run()
+    # a sample that fits the capacity but not once padded (capacity 66 holds 64 tokens in multiples of 4)
+    _write(long_path, [{"prompt": "ab=", "completion": "BA"}, {"prompt": "a" * 60 + "=", "completion": "bcd"}])
+    with pytest.raises(CoTrainError, match=r"line 2 has 66 tokens, more than the 64 tokens a microbatch holds once "
+                                           r"padded \(capacity 66, pad_multiple 4\)"):
+        CoTrainer(load_cotrain_config(_config(tmp_path, tiny_model, three_jobs, capacity=66,
+                                              output_dir=str(tmp_path / "r1")))).run()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ab=", "completion": "BA"}\n{"prompt": 3}\n')
     three_jobs[2]["data"] = str(bad)
     with pytest.raises(CoTrainError, match=rf"jobs\[2\] \(mixed\)\.data: {bad} line 2: "):
         CoTrainer(load_cotrain_config(_config(tmp_path, tiny_model, three_jobs, output_dir=str(tmp_path / "r2")))).run()
+    three_jobs[2]["data"] = "builtin:lowercase:evl"
+    with pytest.raises(CoTrainError, match=r"jobs\[2\] \(mixed\)\.data: 'builtin:lowercase:evl' names no split of "
+                                           r"builtin:lowercase \(train or eval\)"):
+        CoTrainer(load_cotrain_config(_config(tmp_path, tiny_model, three_jobs, output_dir=str(tmp_path / "r4")))).run()
+    three_jobs[2]["data"] = three_jobs[0]["data"]
+    three_jobs[2]["global_batch_size"] = 12
+    with pytest.raises(CoTrainError, match=r"jobs\[2\] \(mixed\)\.global_batch_size: 12 is more than the 11 "
+                                           r"samples of "):
+        CoTrainer(load_cotrain_config(_config(tmp_path, tiny_model, three_jobs, output_dir=str(tmp_path / "r5")))).run()
+    three_jobs[2]["global_batch_size"] = 5
+    with pytest.raises(CoTrainError, match=r"^backend: multi-adapter backend 'cuda' was requested but is unavailable"):
+        CoTrainer(load_cotrain_config(_config(tmp_path, tiny_model, three_jobs, output_dir=str(tmp_path / "r6"),
+                                              backend="cuda"))).run()
+    assert not os.path.exists(tmp_path / "r6" / "cotrain_config.json")  # refused before the run was recorded
     three_jobs[2]["data"] = "missing.jsonl"
     with pytest.raises(CoTrainError, match=r"jobs\[2\] \(mixed\)\.data: .*missing.jsonl is not a file"):
         CoTrainer(load_cotrain_config(_config(tmp_path, tiny_model, three_jobs, output_dir=str(tmp_path / "r3")))).run()
@@ -328,3 +349,60 @@ def test_cli_runs_the_jobs_and_reports_errors_in_one_line(tmp_path, tiny_model, 
     assert main(["cotrain", "--config", _config(tmp_path, tiny_model, three_jobs)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lorafusion cotrain: config error: jobs[0] (short).r") and "Traceback" not in err
+
+
+def test_a_model_whose_attention_ignores_packed_position_ids_is_refused(tmp_path, three_jobs):
+    """Bloom's ALiBi attention takes no position ids: packed samples would attend to each other (its logits moved by
+    ~2e-3 in a reviewer's run, and the run trained without a word)."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    from lorafusion.train.presets import build_tokenizer
+
+    tok = build_tokenizer()
+    folder = tmp_path / "bloom"
+    BloomForCausalLM(BloomConfig(vocab_size=32, hidden_size=32, n_layer=2, n_head=4, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    three_jobs[1].pop("target_modules")  # Llama's module names
+    with pytest.raises(CoTrainError, match=r"\(BloomForCausalLM\) lets packed samples attend to each other"):
+        CoTrainer(load_cotrain_config(_config(tmp_path, str(folder), three_jobs, precision="fp32"))).run()
+
+
+def test_resume_refuses_changed_data_of_the_same_lengths(tmp_path, tiny_model, three_jobs):
+    cfg = load_cotrain_config(_config(tmp_path, tiny_model, three_jobs, precision="fp32"))
+    CoTrainer(cfg).run(stop_after=2)
+    path = three_jobs[1]["data"]
+    recs = [json.loads(x) for x in open(path)]
+    _write(tmp_path / "b.jsonl", [{**r, "completion": r["completion"].swapcase()} for r in recs])
+    with pytest.raises(CoTrainError, match=r"the data of job\(s\) long changed since it was written"):
+        CoTrainer(cfg).run(resume=True)
+
+
+def test_a_tokenizer_without_pad_token_pads_and_generates_with_eos(tmp_path, tiny_model, three_jobs):
+    """Most Llama tokenizers have no pad token: the exact-match eval crashed on it (torch.full with None)."""
+    import shutil
+
+    folder = tmp_path / "nopad"
+    shutil.copytree(tiny_model, folder)
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    tc.pop("pad_token", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(folder).pad_token_id is None
+    job = {**three_jobs[2], "eval_data": three_jobs[2]["data"], "max_eval_samples": 3, "max_new_tokens": 4}
+    summary = CoTrainer(load_cotrain_config(_config(tmp_path, str(folder), [job], precision="fp32"))).run()
+    assert summary["jobs"]["mixed"]["eval_after"]["eval_exact_match"] in (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+def test_a_folder_of_another_run_is_refused_with_or_without_resume(tmp_path, tiny_model, three_jobs):
+    """--resume in a lorafusion train folder (checkpoints, no cotrain_config.json) started afresh there, dropping
+    that run's metrics and pruning its checkpoints."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-0000010").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 10}\n')
+    cfg = load_cotrain_config(_config(tmp_path, tiny_model, three_jobs, precision="fp32"))
+    for resume in (False, True):
+        with pytest.raises(CoTrainError, match="holds checkpoints or metrics"):
+            CoTrainer(cfg).run(resume=resume)
+    assert (out / "checkpoints" / "step-0000010").is_dir() and (out / "metrics.jsonl").read_text() == '{"step": 10}\n'
