@@ -4,6 +4,7 @@ jobs' adapters trained together over one base model, following a plan).
     lorafusion train [--config run.yaml] [--resume] [--skip-bad-lines] [--section.key value ...]
     lorafusion plan ...            (see ``lorafusion plan --help``)
     lorafusion cotrain --config cotrain.yaml [--resume]
+    lorafusion queue {init,submit,status,cancel,work} --queue Q ...
 
 Exit codes of ``train``: 0 done (or stopped cleanly by SIGINT / SIGTERM after a checkpoint), 2 a bad config, data,
 model folder or checkpoint, or an output that cannot be written (one line on stderr naming the problem and where
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -164,6 +166,87 @@ def _cotrain(argv: list[str]) -> int:
     return 0
 
 
+QUEUE_HELP = """\
+A multi-tenant job queue over one base model: tenants submit LoRA jobs, a worker co-trains them in fair batches
+(lorafusion cotrain's executor) and leaves each job's adapter in its folder. See docs/cotrain.md.
+
+  lorafusion queue init   --queue Q --config queue.yaml
+  lorafusion queue submit --queue Q --tenant NAME job.yaml
+  lorafusion queue status --queue Q [--json]
+  lorafusion queue cancel --queue Q JOB_ID
+  lorafusion queue work   --queue Q [--once] [--poll SECONDS]
+"""
+
+
+def _queue(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lorafusion queue", description=QUEUE_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["init", "submit", "status", "cancel", "work"])
+    parser.add_argument("target", nargs="?", help="submit: the job file; cancel: the job id")
+    parser.add_argument("--queue", required=True, help="the queue's folder")
+    parser.add_argument("--config", help="init: the queue's settings (YAML: model, capacity, ..., max_jobs_per_batch)")
+    parser.add_argument("--tenant", help="submit: who submits the job")
+    parser.add_argument("--json", action="store_true", help="status: print every job's state as JSON")
+    parser.add_argument("--once", action="store_true", help="work: run one batch at most")
+    parser.add_argument("--poll", type=float, default=0.0,
+                        help="work: seconds between looks for new jobs once the queue is empty (0: stop then)")
+    args = parser.parse_intermixed_args(argv)
+
+    from lorafusion.train.config import ConfigError
+
+    need = {"init": "--config", "submit": "--tenant"}
+    if args.action in need and getattr(args, need[args.action][2:]) is None:
+        parser.error(f"{args.action} needs {need[args.action]}")
+    if args.action in ("submit", "cancel") and not args.target:
+        parser.error(f"{args.action} needs {'the job file' if args.action == 'submit' else 'the job id'}")
+    try:
+        from scheduling.executor import CoTrainError
+        from scheduling.queue import Queue, QueueError
+
+        with _sigterm_interrupts():
+            if args.action == "init":
+                Queue.init(args.queue, args.config)
+                print(f"lorafusion queue: made queue {args.queue}")
+                return 0
+            q = Queue(args.queue)
+            q.settings()  # a folder that is not a queue: one line
+            if args.action == "submit":
+                print(q.submit(args.tenant, args.target))
+            elif args.action == "cancel":
+                q.cancel(args.target)
+                print(f"lorafusion queue: cancelled {args.target}")
+            elif args.action == "status":
+                jobs = q.jobs()
+                if args.json:
+                    print(json.dumps(jobs, indent=1))
+                else:
+                    for j in jobs:
+                        extra = j.get("error") or (f"batch {j['batch']}" if j.get("batch") else "")
+                        print(f"{j['id']}  {j['state']:<9}  {j['tenant']:<12}  {j['name']}  {extra}".rstrip())
+                    counts = {st: sum(1 for j in jobs if j["state"] == st) for st in
+                              ("pending", "running", "done", "failed", "cancelled")}
+                    print("lorafusion queue: " + ", ".join(f"{n} {st}" for st, n in counts.items()))
+            else:
+                for r in q.work(once=args.once, poll=args.poll):
+                    what = (f"failed: {r['failed']}" if "failed" in r else
+                            f"stopped ({r['stopped']}); the next worker resumes it" if "stopped" in r else
+                            f"done: {', '.join(r['done'])}")
+                    print(f"lorafusion queue: batch {r['batch']} {what}")
+    except ConfigError as exc:
+        print(f"lorafusion queue: config error: {exc}", file=sys.stderr)
+        return 2
+    except (QueueError, CoTrainError) as exc:
+        print(f"lorafusion queue: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        from lorafusion.train.trainer import Terminated
+
+        print(f"lorafusion queue: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}; a "
+              "batch left running is resumed by the next worker", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    return 0
+
+
 def _strip_launcher_args(argv: list[str]) -> list[str]:
     """The deepspeed launcher puts ``--local_rank=N`` before the subcommand; LOCAL_RANK in the environment is used."""
     out, i = [], 0
@@ -182,15 +265,16 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
-    commands = {"train": _train, "plan": _plan, "cotrain": _cotrain}
+    commands = {"train": _train, "plan": _plan, "cotrain": _cotrain, "queue": _queue}
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: lorafusion {train,plan,cotrain} ...\n\n"
+        print("usage: lorafusion {train,plan,cotrain,queue} ...\n\n"
               "  train     fine-tune a model with LoRA (lorafusion train --help)\n"
               "  plan      plan many fine-tuning jobs over one base model (lorafusion plan --help)\n"
-              "  cotrain   co-train many jobs' adapters over one base model (lorafusion cotrain --help)")
+              "  cotrain   co-train many jobs' adapters over one base model (lorafusion cotrain --help)\n"
+              "  queue     a multi-tenant job queue feeding cotrain (lorafusion queue --help)")
         return 0 if argv else 2
     if argv[0] not in commands:
-        print(f"lorafusion: unknown command {argv[0]!r} (choose from train, plan, cotrain)", file=sys.stderr)
+        print(f"lorafusion: unknown command {argv[0]!r} (choose from train, plan, cotrain, queue)", file=sys.stderr)
         return 2
     return commands[argv[0]](argv[1:])
 

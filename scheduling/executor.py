@@ -238,6 +238,13 @@ def validate(cfg: CoTrainConfig) -> CoTrainConfig:
     return cfg
 
 
+def adapter_seed(seed: int, adapter: str) -> int:
+    """The seed of adapter ``adapter``'s initial weights in a run seeded ``seed``."""
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(adapter.encode())) % 2**63
+
+
 # ----------------------------------------------------------------------------------------------- data
 @dataclass
 class TokenizedJob:
@@ -386,23 +393,27 @@ class CoTrainer:
         self.dtype = PRECISIONS[cfg.precision]
 
     # -- set-up
-    def _load_model(self):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from lorafusion.train.data import check_eos
-
+    def model_path(self) -> str:
+        """The local folder of the base model (a built-in one made on first use)."""
         name = self.cfg.model
         if name.startswith("builtin:"):
             from lorafusion.train.presets import model_preset_path
 
             try:
-                path = model_preset_path(name[len("builtin:"):])
+                return model_preset_path(name[len("builtin:"):])
             except ValueError as exc:
                 raise CoTrainError(f"model: {str(exc).replace('model.name_or_path: ', '')}") from None
-        else:
-            path = name
-            if not os.path.isfile(os.path.join(path, "config.json")):
-                raise CoTrainError(f"model: {path} is not a Hugging Face model folder (no config.json)")
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise CoTrainError(f"model: {name} is not a Hugging Face model folder (no config.json)")
+        return name
+
+    def load_tokenizer(self):
+        """The base model's tokenizer as the executor uses it (EOS checked, EOS as the pad token where none)."""
+        from transformers import AutoTokenizer
+
+        from lorafusion.train.data import check_eos
+
+        path = self.model_path()
         try:
             tok = AutoTokenizer.from_pretrained(path)
             check_eos(tok)
@@ -411,12 +422,18 @@ class CoTrainer:
         tok.model_max_length = 2**62  # samples are checked against the capacity here, not cut
         if tok.pad_token_id is None:  # most Llama tokenizers: padding (generation, segments) uses EOS
             tok.pad_token = tok.eos_token
+        return tok
+
+    def _load_model(self):
+        from transformers import AutoModelForCausalLM
+
+        path = self.model_path()
+        tok = self.load_tokenizer()
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
         except Exception as exc:  # noqa: BLE001
             raise CoTrainError(f"model: cannot load {path}: {type(exc).__name__}: {exc}") from None
         model.config.use_cache = False
-        self.model_path = path
         return model.to(self.device), tok
 
     def setup(self):
@@ -448,6 +465,9 @@ class CoTrainer:
         adapter_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         self.optimizers, self.schedulers = {}, {}
         for i, j in enumerate(cfg.jobs):
+            # each adapter's initial weights from (seed, its name) alone: a job starts from the same adapter
+            # whatever jobs it is batched with, and in whatever order
+            torch.manual_seed(adapter_seed(cfg.seed, j.adapter))
             try:
                 self.mm.add_adapter(j.adapter, r=j.r, alpha=j.alpha, dropout=j.dropout, use_rslora=j.use_rslora,
                                     dtype=adapter_dtype, target_modules=j.target_modules)
@@ -472,6 +492,7 @@ class CoTrainer:
                     logger.warning("jobs[%d] (%s): eval_data %s has no prompt / completion records, so no exact "
                                    "match is measured (only the eval loss)", i, j.adapter, j.eval_data)
                 self.evals[j.adapter] = (ids, targets, prompts)
+        torch.manual_seed(cfg.seed)  # the dropout masks' stream
         # the optimizer step of (adapter, global batch) after microbatch i: {i: [(adapter, g), ...]}
         self.steps_after: dict[int, list] = {}
         for a, idx in self.schedule.optimizer_steps.items():

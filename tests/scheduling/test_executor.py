@@ -16,24 +16,6 @@ from scheduling.executor import CoTrainer, CoTrainError, load_cotrain_config, pa
 LETTERS = "abcdefghijklABCDEFGHIJKL"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A random 2-layer Llama over the built-in character tokenizer, saved as a Hugging Face folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lorafusion.train.presets import build_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny")
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
-
-
 def _records(rng, n, lo, hi, text_share=0.0):
     out = []
     for _ in range(n):
@@ -406,3 +388,14 @@ def test_a_folder_of_another_run_is_refused_with_or_without_resume(tmp_path, tin
         with pytest.raises(CoTrainError, match="holds checkpoints or metrics"):
             CoTrainer(cfg).run(resume=resume)
     assert (out / "checkpoints" / "step-0000010").is_dir() and (out / "metrics.jsonl").read_text() == '{"step": 10}\n'
+
+
+def test_a_jobs_initial_adapter_does_not_depend_on_its_batch_mates(tmp_path, tiny_model, three_jobs):
+    together = CoTrainer(load_cotrain_config(_config(tmp_path, tiny_model, three_jobs)))
+    together.setup()
+    alone = CoTrainer(load_cotrain_config(_config(tmp_path, tiny_model, [three_jobs[2]])))
+    alone.setup()
+    a, b = together.mm.adapter_parameters("mixed"), alone.mm.adapter_parameters("mixed")
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(together.mm.adapter_parameters("short")[0][:2, :2],
+                           together.mm.adapter_parameters("mixed")[0][:2, :2])

@@ -1,0 +1,351 @@
+"""A multi-tenant job queue that feeds the co-training executor: tenants submit LoRA jobs against one base model, a
+worker takes the pending jobs in fair batches and co-trains each batch over the shared base (``scheduling.executor``).
+
+    lorafusion queue init   --queue Q --config queue.yaml      # the base model and the executor's settings
+    lorafusion queue submit --queue Q --tenant alice job.yaml   # prints the job id
+    lorafusion queue status --queue Q [--json]
+    lorafusion queue cancel --queue Q JOB_ID                    # a pending job
+    lorafusion queue work   --queue Q [--once] [--poll 10]      # run batches until the queue is empty (--poll: wait)
+
+The queue is a folder (a local or shared file system):
+
+    Q/queue.yaml                 the settings fixed at init (base model, capacity, padding, stages, precision, ...)
+    Q/jobs/<id>/job.yaml         the job as submitted, its data files copied in (a job never changes once queued)
+    Q/jobs/<id>/state.json       pending / running / done / failed / cancelled, its tenant, batch, times, result
+    Q/jobs/<id>/adapter/         the trained adapter (a PEFT folder), once done
+    Q/batches/<batch>/           one co-training run (``lorafusion cotrain``'s output folder, resumable)
+
+Every change of state happens under an exclusive lock on ``Q/.lock`` and is written atomically, so several
+submitters and workers may share one queue. A job is checked in full when it is submitted (its keys and values,
+its data tokenized with the base model's tokenizer against the capacity): a bad job is refused then, with the
+reason, instead of failing a batch later. A worker takes at most ``max_jobs_per_batch`` pending jobs, round-robin
+over tenants in order of submission (one tenant's hundred jobs do not starve another's one). A batch whose worker
+died (its run folder is no longer locked) is resumed from its last checkpoint by the next worker.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+
+logger = logging.getLogger("lorafusion.queue")
+
+STATES = ("pending", "running", "done", "failed", "cancelled")
+QUEUE_KEYS = ("model", "capacity", "pad_multiple", "stages", "target_modules", "seed", "precision", "device",
+              "backend", "save_every", "keep_checkpoints", "num_threads", "max_jobs_per_batch")
+_TENANT = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+
+
+class QueueError(RuntimeError):
+    """A queue operation cannot be done; the message says why."""
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@contextlib.contextmanager
+def _locked(queue: str):
+    """The queue's exclusive lock, for every read-modify-write of job states."""
+    import fcntl
+
+    fd = os.open(os.path.join(queue, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _claim(batch_dir: str) -> int | None:
+    """The worker lock of a batch (``<batch>/.worker``), held for as long as a worker runs the batch: its fd, or
+    None when a live worker holds it. A worker that dies releases it with its process, however it dies."""
+    import fcntl
+
+    fd = os.open(os.path.join(batch_dir, ".worker"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+@dataclass
+class Queue:
+    path: str
+
+    # -- set-up
+    @classmethod
+    def init(cls, path: str, config_path: str) -> "Queue":
+        """Make queue ``path`` with the settings of ``config_path`` (the top-level keys of a cotrain config, no
+        jobs, no output_dir, plus ``max_jobs_per_batch``)."""
+        import yaml
+
+        from lorafusion.train.config import ConfigError, UniqueKeyLoader
+
+        if os.path.exists(os.path.join(path, "queue.yaml")):
+            raise QueueError(f"--queue {path} is a queue already (it holds queue.yaml)")
+        if not os.path.isfile(config_path):
+            raise ConfigError(f"config file not found: {config_path}")
+        try:
+            with open(config_path, encoding="utf-8-sig") as fh:
+                settings = yaml.load(fh, Loader=UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader subclass)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {config_path} is not valid YAML: {exc}") from None
+        if not isinstance(settings, dict):
+            raise ConfigError(f"config file {config_path}: top level must be a mapping")
+        unknown = sorted(set(settings) - set(QUEUE_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown queue config key {unknown[0]!r} (known: {', '.join(QUEUE_KEYS)})")
+        q = cls(path)
+        q._check_settings(settings)
+        os.makedirs(os.path.join(path, "jobs"), exist_ok=True)
+        os.makedirs(os.path.join(path, "batches"), exist_ok=True)
+        with open(os.path.join(path, "queue.yaml.tmp"), "w") as fh:
+            yaml.safe_dump(settings, fh, sort_keys=False)
+        os.replace(os.path.join(path, "queue.yaml.tmp"), os.path.join(path, "queue.yaml"))
+        return q
+
+    def _check_settings(self, settings: dict) -> None:
+        from lorafusion.train.config import ConfigError
+
+        per_batch = settings.get("max_jobs_per_batch", 8)
+        if isinstance(per_batch, bool) or not isinstance(per_batch, int) or per_batch < 1:
+            raise ConfigError(f"max_jobs_per_batch: must be a positive integer (got {per_batch!r})")
+        self._cotrain_config([], settings)  # every other key checked as the executor checks it
+
+    def settings(self) -> dict:
+        import yaml
+
+        path = os.path.join(self.path, "queue.yaml")
+        if not os.path.isfile(path):
+            raise QueueError(f"--queue {self.path} is not a queue (no queue.yaml; make one with lorafusion queue init)")
+        with open(path) as fh:
+            return yaml.safe_load(fh) or {}
+
+    def _cotrain_config(self, jobs: list, settings: dict | None = None, output_dir: str = "unused"):
+        from scheduling.executor import load_cotrain_config
+
+        s = dict(self.settings() if settings is None else settings)
+        s.pop("max_jobs_per_batch", None)
+        return load_cotrain_config(None, {**s, "output_dir": output_dir,
+                                          "jobs": jobs or [{"adapter": "probe", "data": "builtin:lowercase"}]})
+
+    # -- jobs
+    def _job_dir(self, job_id: str) -> str:
+        return os.path.join(self.path, "jobs", job_id)
+
+    def state(self, job_id: str) -> dict:
+        path = os.path.join(self._job_dir(job_id), "state.json")
+        if not os.path.isfile(path):
+            raise QueueError(f"no job {job_id!r} in queue {self.path}")
+        with open(path) as fh:
+            return json.load(fh)
+
+    def _set_state(self, job_id: str, **changes) -> dict:
+        st = {**self.state(job_id), **changes, "updated": _now()}
+        _atomic_json(os.path.join(self._job_dir(job_id), "state.json"), st)
+        return st
+
+    def jobs(self) -> list[dict]:
+        """Every job's state (with its ``id``), in order of submission."""
+        root = os.path.join(self.path, "jobs")
+        out = []
+        for name in sorted(os.listdir(root)):
+            path = os.path.join(root, name, "state.json")
+            if os.path.isfile(path):
+                with open(path) as fh:
+                    out.append({"id": name, **json.load(fh)})
+        return sorted(out, key=lambda s: (s["seq"], s["id"]))
+
+    def submit(self, tenant: str, job_file: str) -> str:
+        """Queue the job of ``job_file`` (a YAML mapping of cotrain job keys; ``adapter`` is optional and only names
+        the job) for ``tenant``; returns its id. The job is checked in full first (keys, values, data against the
+        base model's tokenizer and the capacity); nothing is queued when it is refused."""
+        import yaml
+
+        from lorafusion.train.config import ConfigError, UniqueKeyLoader
+        from scheduling.executor import CoTrainer, read_samples, tokenize_job
+        from scheduling.jobs import PlanParams
+
+        if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
+            raise QueueError(f"--tenant must be 1-64 letters, digits, '_' or '-', starting with a letter, got {tenant!r}")
+        settings = self.settings()
+        if not os.path.isfile(job_file):
+            raise ConfigError(f"job file not found: {job_file}")
+        try:
+            with open(job_file, encoding="utf-8-sig") as fh:
+                spec = yaml.load(fh, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"job file {job_file} is not valid YAML: {exc}") from None
+        if not isinstance(spec, dict):
+            raise ConfigError(f"job file {job_file}: top level must be a mapping of job keys, got {spec!r}")
+        name = str(spec.get("adapter") or os.path.splitext(os.path.basename(job_file))[0])
+        job_id = f"{tenant}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"  # an adapter name
+        base = os.path.dirname(os.path.abspath(job_file))
+        spec = {**spec, "adapter": "job"}
+        for key in ("data", "eval_data"):  # relative to the job file, as in a cotrain config
+            v = spec.get(key)
+            if isinstance(v, str) and v and not v.startswith("builtin:") and not os.path.isabs(v):
+                spec[key] = os.path.normpath(os.path.join(base, v))
+        try:
+            cfg = self._cotrain_config([spec], settings)  # keys and values: a ConfigError naming them
+        except ConfigError as exc:
+            msg = str(exc).replace("jobs[0] (job).", "").replace("jobs[0].", "").replace("in jobs[0]:", "in a job:")
+            raise ConfigError(f"job file {job_file}: {msg}") from None
+        j = cfg.jobs[0]
+        trainer = CoTrainer(cfg)
+        tokenizer = trainer.load_tokenizer()
+        params = PlanParams(cfg.capacity, cfg.pad_multiple, cfg.stages)
+        try:
+            tokenize_job(j, tokenizer, params, "job")  # the data: lengths, records, batch size against it
+            if j.eval_data:
+                read_samples(j.eval_data, tokenizer, cfg.capacity, "job.eval_data", j.max_eval_samples,
+                             default_split="eval")
+        except Exception as exc:  # noqa: BLE001 (CoTrainError, ValueError: the reason is the message)
+            raise QueueError(f"job {job_file} refused: {exc}") from None
+        folder = self._job_dir(job_id)
+        tmp = folder + ".tmp"
+        os.makedirs(tmp)
+        try:
+            for key in ("data", "eval_data"):  # copied in: a queued job's data never changes under it
+                v = getattr(j, key)
+                if v and not v.startswith("builtin:"):
+                    dest = f"{key}.jsonl"
+                    shutil.copyfile(v, os.path.join(tmp, dest))
+                    spec[key] = dest
+            with open(os.path.join(tmp, "job.yaml"), "w") as fh:
+                yaml.safe_dump({k: v for k, v in spec.items() if k != "adapter"}, fh, sort_keys=False)
+            with _locked(self.path):
+                seq = 1 + max((s["seq"] for s in self.jobs()), default=0)
+                _atomic_json(os.path.join(tmp, "state.json"), {
+                    "state": "pending", "tenant": tenant, "name": name, "seq": seq, "submitted": _now(),
+                    "updated": _now(), "batch": None, "result": None, "error": None})
+                os.rename(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("queued job %s (%s) for tenant %s", job_id, name, tenant)
+        return job_id
+
+    def cancel(self, job_id: str) -> None:
+        with _locked(self.path):
+            st = self.state(job_id)
+            if st["state"] != "pending":
+                raise QueueError(f"job {job_id} is {st['state']}"
+                                 + (f" in batch {st['batch']}" if st["state"] == "running" else "")
+                                 + "; only a pending job can be cancelled")
+            self._set_state(job_id, state="cancelled")
+
+    # -- the worker
+    def _job_spec(self, job_id: str) -> dict:
+        import yaml
+
+        with open(os.path.join(self._job_dir(job_id), "job.yaml")) as fh:
+            spec = yaml.safe_load(fh)
+        for key in ("data", "eval_data"):
+            v = spec.get(key)
+            if isinstance(v, str) and v and not v.startswith("builtin:"):
+                spec[key] = os.path.join(self._job_dir(job_id), v)
+        return {**spec, "adapter": job_id}
+
+    def _take_batch(self) -> tuple[str, list[str], bool, int] | None:
+        """Under the lock: a batch whose worker died (to resume), else a new batch of pending jobs taken
+        round-robin over tenants, with its worker lock held (the fd); None when there is nothing to run."""
+        per_batch = self.settings().get("max_jobs_per_batch", 8)
+        with _locked(self.path):
+            states = self.jobs()
+            running: dict[str, list[str]] = {}
+            for s in states:
+                if s["state"] == "running":
+                    running.setdefault(s["batch"], []).append(s["id"])
+            for batch, ids in sorted(running.items()):
+                fd = _claim(os.path.join(self.path, "batches", batch))
+                if fd is not None:
+                    return batch, ids, True, fd
+            by_tenant: dict[str, list[str]] = {}
+            for s in states:
+                if s["state"] == "pending":
+                    by_tenant.setdefault(s["tenant"], []).append(s["id"])
+            order = sorted(by_tenant, key=lambda t: min(x["seq"] for x in states if x["id"] == by_tenant[t][0]))
+            taken: list[str] = []
+            while len(taken) < per_batch and any(by_tenant[t] for t in order):
+                for t in order:
+                    if by_tenant[t] and len(taken) < per_batch:
+                        taken.append(by_tenant[t].pop(0))
+            if not taken:
+                return None
+            batch = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+            os.makedirs(os.path.join(self.path, "batches", batch))
+            fd = _claim(os.path.join(self.path, "batches", batch))
+            _atomic_json(os.path.join(self.path, "batches", batch, "jobs.json"), taken)
+            for job_id in taken:
+                self._set_state(job_id, state="running", batch=batch, started=_now())
+            return batch, taken, False, fd
+
+    def run_batch(self, batch: str, job_ids: list[str], resume: bool, claim: int) -> dict:
+        """Co-train one batch (its worker lock ``claim`` held, released at the end); each job ends done (its adapter
+        copied into its folder) or failed (the reason)."""
+        try:
+            return self._run_batch(batch, job_ids, resume)
+        finally:
+            os.close(claim)
+
+    def _run_batch(self, batch: str, job_ids: list[str], resume: bool) -> dict:
+        from lorafusion.train.config import ConfigError
+        from scheduling.executor import CoTrainer, CoTrainError
+
+        run_dir = os.path.join(self.path, "batches", batch, "run")
+        logger.info("batch %s: %s %d job(s): %s", batch, "resuming" if resume else "running", len(job_ids),
+                    ", ".join(job_ids))
+        try:
+            cfg = self._cotrain_config([self._job_spec(j) for j in job_ids], output_dir=run_dir)
+            summary = CoTrainer(cfg).run(resume=resume)
+        except (CoTrainError, ConfigError, ValueError, OSError) as exc:
+            with _locked(self.path):
+                for j in job_ids:
+                    self._set_state(j, state="failed", error=f"batch {batch}: {exc}", finished=_now())
+            logger.error("batch %s failed: %s", batch, exc)
+            return {"batch": batch, "failed": str(exc)}
+        if "stopped" in summary:  # a signal: the batch stays running, and the next worker resumes it
+            return {"batch": batch, **summary}
+        with _locked(self.path):
+            for j in job_ids:
+                dest = os.path.join(self._job_dir(j), "adapter")
+                shutil.rmtree(dest, ignore_errors=True)
+                shutil.copytree(os.path.join(run_dir, "adapters", j), dest)
+                self._set_state(j, state="done", finished=_now(), result=summary["jobs"][j])
+        return {"batch": batch, "done": job_ids}
+
+    def work(self, once: bool = False, poll: float = 0.0, stop=None) -> list[dict]:
+        """Run batches until the queue has nothing left (``once``: one batch at most), or with ``poll`` > 0 and
+        not ``once``, wait for new jobs until ``stop()`` is true. Returns what each batch did."""
+        done = []
+        while True:
+            taken = self._take_batch()
+            if taken is None:
+                if once or poll <= 0 or (stop is not None and stop()):
+                    return done
+                time.sleep(poll)
+                continue
+            result = self.run_batch(*taken)
+            done.append(result)
+            if once or "stopped" in result or (stop is not None and stop()):
+                return done

@@ -1,0 +1,170 @@
+"""The multi-tenant job queue (``scheduling.queue``, ``lorafusion queue``): jobs checked in full when submitted,
+batches taken fairly over tenants, every job's adapter equal to the executor's on the same batch, a batch whose
+worker died resumed by the next worker, and a batch a live worker holds left alone."""
+import json
+import os
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scheduling.executor import CoTrainer, load_cotrain_config
+from scheduling.queue import Queue, QueueError, _claim
+
+LETTERS = "abcdefghijklABCDEFGHIJKL"
+
+
+def _data(path, rng, n, lo, hi):
+    rows = []
+    for _ in range(n):
+        s = "".join(rng.choice(LETTERS) for _ in range(rng.randint(lo, hi)))
+        rows.append(json.dumps({"prompt": s + "=", "completion": s[::-1]}))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.fixture
+def queue(tmp_path, tiny_model):
+    settings = tmp_path / "queue.yaml"
+    settings.write_text(json.dumps({"model": tiny_model, "capacity": 48, "stages": 1, "save_every": 2,
+                                    "max_jobs_per_batch": 2}))
+    return Queue.init(str(tmp_path / "Q"), str(settings))
+
+
+@pytest.fixture
+def job_files(tmp_path):
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    files = []
+    for k, (n, lo, hi, gbs, r) in enumerate([(9, 2, 6, 3, 4), (6, 5, 12, 2, 8), (7, 3, 9, 4, 2), (5, 2, 4, 5, 4)]):
+        d = _data(tmp_path / f"d{k}.jsonl", rng, n, lo, hi)
+        f = tmp_path / f"job{k}.yaml"
+        f.write_text(json.dumps({"data": d.name, "global_batch_size": gbs, "epochs": 2, "r": r, "alpha": 2 * r,
+                                 "lr": 1e-2, "dropout": 0.1}))
+        files.append(str(f))
+    return files
+
+
+def _direct(tmp_path, q, job_ids, name):
+    """The same batch run by the executor directly: the queue adds nothing to the training."""
+    cfg = q._cotrain_config([q._job_spec(j) for j in job_ids], output_dir=str(tmp_path / name))
+    CoTrainer(cfg).run()
+    return {j: load_file(str(tmp_path / name / "adapters" / j / "adapter_model.safetensors")) for j in job_ids}
+
+
+def _adapter(q, job_id):
+    return load_file(os.path.join(q.path, "jobs", job_id, "adapter", "adapter_model.safetensors"))
+
+
+def test_batches_are_fair_over_tenants_and_train_what_the_executor_trains(tmp_path, queue, job_files):
+    a1 = queue.submit("alice", job_files[0])
+    a2 = queue.submit("alice", job_files[1])
+    a3 = queue.submit("alice", job_files[2])
+    b1 = queue.submit("bob", job_files[3])
+    assert [j["state"] for j in queue.jobs()] == ["pending"] * 4
+    results = queue.work()
+    # two a batch, round-robin over tenants in order of submission: bob's one job is not left behind alice's three
+    assert [r["done"] for r in results] == [[a1, b1], [a2, a3]]
+    states = {j["id"]: j for j in queue.jobs()}
+    assert all(s["state"] == "done" and s["result"]["steps"] > 0 for s in states.values())
+    want = _direct(tmp_path, queue, [a1, b1], "direct")
+    for j in (a1, b1):
+        got = _adapter(queue, j)
+        assert set(got) == set(want[j]) and all(torch.equal(got[k], want[j][k]) for k in got)
+    cfg = json.load(open(os.path.join(queue.path, "jobs", a1, "adapter", "adapter_config.json")))
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8
+
+
+def test_a_bad_job_is_refused_at_submit_and_nothing_is_queued(tmp_path, queue, job_files):
+    from lorafusion.train.config import ConfigError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({"data": "d0.jsonl", "global_batch_size": 2, "r": 0}))
+    with pytest.raises(ConfigError, match=rf"^job file {bad}: r: must be in \[1, 256\] \(got 0\)"):
+        queue.submit("alice", str(bad))
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "a" * 60 + "=", "completion": "b"}) + "\n")
+    bad.write_text(json.dumps({"data": "long.jsonl", "global_batch_size": 1}))
+    with pytest.raises(QueueError, match=rf"job {bad} refused: job\.data: {long} line 1 has 64 tokens, more than "
+                                         r"the 48 a microbatch holds"):
+        queue.submit("alice", str(bad))
+    bad.write_text(json.dumps({"data": "d0.jsonl", "global_batch_size": 2, "colour": "red"}))
+    with pytest.raises(ConfigError, match=r"unknown config key 'colour' \(known in a job: adapter, alpha"):
+        queue.submit("alice", str(bad))
+    with pytest.raises(QueueError, match="--tenant must be 1-64 letters"):
+        queue.submit("../x", job_files[0])
+    assert queue.jobs() == [] and os.listdir(os.path.join(queue.path, "jobs")) == []
+
+
+def test_a_queued_job_keeps_its_data_when_the_file_changes(tmp_path, queue, job_files):
+    j = queue.submit("alice", job_files[3])
+    data = tmp_path / "d3.jsonl"
+    before = data.read_text()
+    data.write_text("not json\n")
+    assert open(os.path.join(queue.path, "jobs", j, "data.jsonl")).read() == before
+    assert [r["done"] for r in queue.work()] == [[j]]
+
+
+def test_cancel_takes_a_pending_job_out_and_refuses_others(queue, job_files):
+    a = queue.submit("alice", job_files[0])
+    b = queue.submit("bob", job_files[3])
+    queue.cancel(a)
+    assert [r["done"] for r in queue.work()] == [[b]]
+    assert {j["id"]: j["state"] for j in queue.jobs()} == {a: "cancelled", b: "done"}
+    with pytest.raises(QueueError, match=rf"job {b} is done; only a pending job can be cancelled"):
+        queue.cancel(b)
+    with pytest.raises(QueueError, match="no job 'nope'"):
+        queue.cancel("nope")
+
+
+def test_a_batch_whose_worker_died_is_resumed_and_one_a_live_worker_holds_is_left_alone(tmp_path, queue,
+                                                                                        job_files, monkeypatch):
+    a = queue.submit("alice", job_files[0])
+    b = queue.submit("bob", job_files[1])
+    real = CoTrainer._microbatch
+    calls = {"n": 0}
+
+    def dies(self, mb, inflight):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise RuntimeError("worker killed")
+        return real(self, mb, inflight)
+
+    monkeypatch.setattr(CoTrainer, "_microbatch", dies)
+    with pytest.raises(RuntimeError, match="worker killed"):
+        queue.work()
+    monkeypatch.setattr(CoTrainer, "_microbatch", real)
+    st = {j["id"]: j for j in queue.jobs()}
+    assert st[a]["state"] == st[b]["state"] == "running"
+    batch = st[a]["batch"]
+    held = _claim(os.path.join(queue.path, "batches", batch))  # a live worker on it: nobody else takes it
+    assert held is not None and queue.work() == []
+    os.close(held)
+    assert queue.work() == [{"batch": batch, "done": [a, b]}]  # resumed from its checkpoint
+    want = _direct(tmp_path, queue, [a, b], "direct")
+    for j in (a, b):
+        got = _adapter(queue, j)
+        assert all(torch.equal(got[k], want[j][k]) for k in got)
+
+
+def test_cli(tmp_path, tiny_model, job_files, capsys):
+    from lorafusion.cli import main
+
+    settings = tmp_path / "q.yaml"
+    settings.write_text(json.dumps({"model": tiny_model, "capacity": 48}))
+    q = str(tmp_path / "Q")
+    assert main(["queue", "init", "--queue", q, "--config", str(settings)]) == 0
+    assert main(["queue", "submit", "--queue", q, "--tenant", "carol", job_files[3]]) == 0
+    job = capsys.readouterr().out.strip().splitlines()[-1]
+    assert job.startswith("carol-")
+    assert main(["queue", "status", "--queue", q]) == 0
+    assert "1 pending" in capsys.readouterr().out
+    assert main(["queue", "work", "--queue", q, "--once"]) == 0
+    assert f"done: {job}" in capsys.readouterr().out
+    assert main(["queue", "status", "--queue", q, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["state"] == "done"
+    assert main(["queue", "status", "--queue", str(tmp_path)]) == 2
+    assert "is not a queue (no queue.yaml" in capsys.readouterr().err
+    settings.write_text(json.dumps({"model": tiny_model, "max_jobs_per_batch": 0}))
+    assert main(["queue", "init", "--queue", str(tmp_path / "Q2"), "--config", str(settings)]) == 2
+    assert "max_jobs_per_batch: must be a positive integer (got 0)" in capsys.readouterr().err
