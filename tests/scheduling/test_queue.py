@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from scheduling.executor import CoTrainer, load_cotrain_config
+from scheduling.executor import CoTrainer
 from scheduling.queue import Queue, QueueError, _claim
 
 LETTERS = "abcdefghijklABCDEFGHIJKL"
