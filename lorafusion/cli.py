@@ -50,7 +50,7 @@ def _train(argv: list[str]) -> int:
                 raise ConfigError(f"--data must be a mapping of data keys, got {overrides['data']!r}")
             overrides["data"]["skip_bad_lines"] = True
         cfg = load_config(args.config, overrides)
-        from lorafusion.train.trainer import Terminated, TrainError, run_training
+        from lorafusion.train.trainer import TrainError, run_training
     except ConfigError as exc:
         print(f"lorafusion train: config error: {exc}", file=sys.stderr)
         return 2
@@ -75,10 +75,17 @@ def _train(argv: list[str]) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM before training began (loading or making the model), or a
         from lorafusion.train.checkpoint import resume_hint  # second signal during it
 
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"lorafusion train: {what}; {resume_hint(cfg.train.output_dir)}", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return _interrupted("train", exc, resume_hint(cfg.train.output_dir))
     return 0
+
+
+def _interrupted(command: str, exc: KeyboardInterrupt, where: str) -> int:
+    """One line for a Ctrl-C (exit 130) or SIGTERM (``Terminated``, exit 143), saying where a rerun continues."""
+    from lorafusion.train.trainer import Terminated
+
+    term = isinstance(exc, Terminated)
+    print(f"lorafusion {command}: {'terminated (SIGTERM)' if term else 'interrupted'}; {where}", file=sys.stderr)
+    return 143 if term else 130
 
 
 @contextlib.contextmanager
@@ -132,7 +139,7 @@ def _cotrain(argv: list[str]) -> int:
 
     try:
         from scheduling.executor import CoTrainer, CoTrainError, load_cotrain_config
-        from lorafusion.train.trainer import Terminated, TrainError
+        from lorafusion.train.trainer import TrainError
 
         cfg = load_cotrain_config(args.config, {"output_dir": args.output_dir} if args.output_dir else None)
     except ConfigError as exc:
@@ -151,9 +158,7 @@ def _cotrain(argv: list[str]) -> int:
         print(f"lorafusion cotrain: {type(exc).__name__}: {exc}; {resume_hint(cfg.output_dir)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-        print(f"lorafusion cotrain: {what}; {resume_hint(cfg.output_dir)}", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return _interrupted("cotrain", exc, resume_hint(cfg.output_dir))
     if "stopped" in summary:
         print(f"lorafusion cotrain: stopped ({summary['stopped']}) after microbatch {summary['next_microbatch']}; "
               f"{resume_hint(cfg.output_dir)}")
@@ -239,11 +244,7 @@ def _queue(argv: list[str]) -> int:
         print(f"lorafusion queue: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        from lorafusion.train.trainer import Terminated
-
-        print(f"lorafusion queue: {'terminated (SIGTERM)' if isinstance(exc, Terminated) else 'interrupted'}; a "
-              "batch left running is resumed by the next worker", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return _interrupted("queue", exc, "a batch left running is resumed by the next worker")
     return 0
 
 

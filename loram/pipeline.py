@@ -56,16 +56,12 @@ def calibration_batches(path: str, tokenizer, samples: int, max_length: int, bat
 
 
 def _resolve_model(name_or_path: str) -> str:
-    if name_or_path.startswith("builtin:"):
-        from lorafusion.train.presets import model_preset_path
+    from lorafusion.train.presets import model_folder
 
-        try:
-            return model_preset_path(name_or_path[len("builtin:"):])
-        except ValueError as exc:
-            raise PruneError(f"model: {name_or_path!r} is not a built-in model ({exc})") from None
-    if not os.path.isfile(os.path.join(name_or_path, "config.json")):
-        raise PruneError(f"model: {name_or_path} is not a Hugging Face model folder (no config.json)")
-    return name_or_path
+    try:
+        return model_folder(name_or_path)
+    except ValueError as exc:
+        raise PruneError(f"model: {exc}") from None
 
 
 def prune_to_folder(model: str, out_dir: str, *, keep_ratio: float, attn_keep_ratio: float | None = None,

@@ -116,28 +116,13 @@ def _fail(key: str, value, why: str):
 def load_cotrain_config(path: str | None = None, overrides: dict | None = None) -> CoTrainConfig:
     """Defaults <- YAML file <- overrides (``{"capacity": 1024, ...}``), then type and value checks; a
     ``ConfigError`` names the key and the value. Relative data paths are read from the config file's folder."""
-    import yaml
-
-    from lorafusion.train.config import ConfigError, UniqueKeyLoader, _build
+    from lorafusion.train.config import ConfigError, _build, read_yaml_mapping
 
     data: dict = {}
     base_dir = "."
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
         base_dir = os.path.dirname(os.path.abspath(path))
-        try:
-            with open(path, encoding="utf-8-sig") as fh:
-                loaded = yaml.load(fh, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid UTF-8: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
+        data = read_yaml_mapping(path)
     data = {**data, **(overrides or {})}
     jobs = data.get("jobs")
     cfg = _build(CoTrainConfig, {k: v for k, v in data.items() if k != "jobs"}, "")
@@ -395,17 +380,12 @@ class CoTrainer:
     # -- set-up
     def model_path(self) -> str:
         """The local folder of the base model (a built-in one made on first use)."""
-        name = self.cfg.model
-        if name.startswith("builtin:"):
-            from lorafusion.train.presets import model_preset_path
+        from lorafusion.train.presets import model_folder
 
-            try:
-                return model_preset_path(name[len("builtin:"):])
-            except ValueError as exc:
-                raise CoTrainError(f"model: {str(exc).replace('model.name_or_path: ', '')}") from None
-        if not os.path.isfile(os.path.join(name, "config.json")):
-            raise CoTrainError(f"model: {name} is not a Hugging Face model folder (no config.json)")
-        return name
+        try:
+            return model_folder(self.cfg.model)
+        except ValueError as exc:
+            raise CoTrainError(f"model: {exc}") from None
 
     def load_tokenizer(self):
         """The base model's tokenizer as the executor uses it (EOS checked, EOS as the pad token where none)."""

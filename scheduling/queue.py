@@ -99,19 +99,11 @@ class Queue:
         jobs, no output_dir, plus ``max_jobs_per_batch``)."""
         import yaml
 
-        from lorafusion.train.config import ConfigError, UniqueKeyLoader
+        from lorafusion.train.config import ConfigError, read_yaml_mapping
 
         if os.path.exists(os.path.join(path, "queue.yaml")):
             raise QueueError(f"--queue {path} is a queue already (it holds queue.yaml)")
-        if not os.path.isfile(config_path):
-            raise ConfigError(f"config file not found: {config_path}")
-        try:
-            with open(config_path, encoding="utf-8-sig") as fh:
-                settings = yaml.load(fh, Loader=UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader subclass)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {config_path} is not valid YAML: {exc}") from None
-        if not isinstance(settings, dict):
-            raise ConfigError(f"config file {config_path}: top level must be a mapping")
+        settings = read_yaml_mapping(config_path)
         unknown = sorted(set(settings) - set(QUEUE_KEYS))
         if unknown:
             raise ConfigError(f"unknown queue config key {unknown[0]!r} (known: {', '.join(QUEUE_KEYS)})")
@@ -182,22 +174,14 @@ class Queue:
         base model's tokenizer and the capacity); nothing is queued when it is refused."""
         import yaml
 
-        from lorafusion.train.config import ConfigError, UniqueKeyLoader
+        from lorafusion.train.config import ConfigError, read_yaml_mapping
         from scheduling.executor import CoTrainer, read_samples, tokenize_job
         from scheduling.jobs import PlanParams
 
         if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
             raise QueueError(f"--tenant must be 1-64 letters, digits, '_' or '-', starting with a letter, got {tenant!r}")
         settings = self.settings()
-        if not os.path.isfile(job_file):
-            raise ConfigError(f"job file not found: {job_file}")
-        try:
-            with open(job_file, encoding="utf-8-sig") as fh:
-                spec = yaml.load(fh, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"job file {job_file} is not valid YAML: {exc}") from None
-        if not isinstance(spec, dict):
-            raise ConfigError(f"job file {job_file}: top level must be a mapping of job keys, got {spec!r}")
+        spec = read_yaml_mapping(job_file, "job file")
         name = str(spec.get("adapter") or os.path.splitext(os.path.basename(job_file))[0])
         job_id = f"{tenant}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"  # an adapter name
         base = os.path.dirname(os.path.abspath(job_file))

@@ -455,24 +455,30 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def read_yaml_mapping(path: str, what: str = "config file") -> dict:
+    """The mapping at the top of YAML file ``path`` (empty for an empty file); a ConfigError naming ``what`` and
+    the path for a missing file, bad YAML or UTF-8, a key given twice, or a top level that is not a mapping."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8-sig") as fh:
+        try:
+            loaded = yaml.load(fh, Loader=UniqueKeyLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{what} {path} is not valid UTF-8: {exc}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path}: top level must be a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None, world_size: int = 1) -> RunConfig:
     """Defaults <- YAML file <- overrides, then type and value checks."""
     data: dict = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path, encoding="utf-8-sig") as fh:
-            try:
-                loaded = yaml.load(fh, Loader=UniqueKeyLoader)
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-            except UnicodeDecodeError as exc:
-                raise ConfigError(f"config file {path} is not valid UTF-8: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
+        data = read_yaml_mapping(path)
     if overrides:
         data = _merge(data, overrides)
     return validate(_build(RunConfig, data, ""), world_size)

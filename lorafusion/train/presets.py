@@ -197,6 +197,19 @@ def model_preset_path(name: str) -> str:
                          _materialise_tiny_llama)
 
 
+def model_folder(name_or_path: str) -> str:
+    """The local Hugging Face folder of ``name_or_path``: a built-in model (made on first use) or a folder holding
+    a config.json; a ValueError saying which it is not."""
+    if name_or_path.startswith("builtin:"):
+        try:
+            return model_preset_path(name_or_path[len("builtin:"):])
+        except ValueError as exc:
+            raise ValueError(f"{name_or_path!r} is not a built-in model ({str(exc).split(': ', 1)[-1]})") from None
+    if not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        raise ValueError(f"{name_or_path} is not a Hugging Face model folder (no config.json)")
+    return name_or_path
+
+
 def _write_lowercase(folder: str) -> None:
     rng = random.Random(4321)
     seen: set = set()
