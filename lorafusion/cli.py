@@ -179,6 +179,7 @@ A multi-tenant job queue over one base model: tenants submit LoRA jobs, a worker
   lorafusion queue submit --queue Q --tenant NAME job.yaml
   lorafusion queue status --queue Q [--json]
   lorafusion queue cancel --queue Q JOB_ID
+  lorafusion queue retry  --queue Q JOB_ID
   lorafusion queue work   --queue Q [--once] [--poll SECONDS]
 """
 
@@ -186,8 +187,8 @@ A multi-tenant job queue over one base model: tenants submit LoRA jobs, a worker
 def _queue(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorafusion queue", description=QUEUE_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["init", "submit", "status", "cancel", "work"])
-    parser.add_argument("target", nargs="?", help="submit: the job file; cancel: the job id")
+    parser.add_argument("action", choices=["init", "submit", "status", "cancel", "retry", "work"])
+    parser.add_argument("target", nargs="?", help="submit: the job file; cancel / retry: the job id")
     parser.add_argument("--queue", required=True, help="the queue's folder")
     parser.add_argument("--config", help="init: the queue's settings (YAML: model, capacity, ..., max_jobs_per_batch)")
     parser.add_argument("--tenant", help="submit: who submits the job")
@@ -202,7 +203,7 @@ def _queue(argv: list[str]) -> int:
     need = {"init": "--config", "submit": "--tenant"}
     if args.action in need and getattr(args, need[args.action][2:]) is None:
         parser.error(f"{args.action} needs {need[args.action]}")
-    if args.action in ("submit", "cancel") and not args.target:
+    if args.action in ("submit", "cancel", "retry") and not args.target:
         parser.error(f"{args.action} needs {'the job file' if args.action == 'submit' else 'the job id'}")
     try:
         from scheduling.executor import CoTrainError
@@ -220,6 +221,9 @@ def _queue(argv: list[str]) -> int:
             elif args.action == "cancel":
                 q.cancel(args.target)
                 print(f"lorafusion queue: cancelled {args.target}")
+            elif args.action == "retry":
+                q.retry(args.target)
+                print(f"lorafusion queue: {args.target} is pending again")
             elif args.action == "status":
                 jobs = q.jobs()
                 if args.json:
@@ -229,7 +233,7 @@ def _queue(argv: list[str]) -> int:
                         extra = j.get("error") or (f"batch {j['batch']}" if j.get("batch") else "")
                         print(f"{j['id']}  {j['state']:<9}  {j['tenant']:<12}  {j['name']}  {extra}".rstrip())
                     counts = {st: sum(1 for j in jobs if j["state"] == st) for st in
-                              ("pending", "running", "done", "failed", "cancelled")}
+                              ("pending", "running", "done", "failed", "cancelled", "corrupt")}
                     print("lorafusion queue: " + ", ".join(f"{n} {st}" for st, n in counts.items()))
             else:
                 for r in q.work(once=args.once, poll=args.poll):
@@ -242,6 +246,9 @@ def _queue(argv: list[str]) -> int:
         return 2
     except (QueueError, CoTrainError) as exc:
         print(f"lorafusion queue: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"lorafusion queue: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         return _interrupted("queue", exc, "a batch left running is resumed by the next worker")

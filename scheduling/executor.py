@@ -666,6 +666,11 @@ class CoTrainer:
         with open(cfg_path) as fh:
             saved = json.load(fh)
         now = self.cfg.to_dict()
+        for d in (saved, now):  # where the data lies may change (a moved folder, another mount): its tokens may
+            for j in d.get("jobs") or []:  # not, and the checkpoint's per-job token digest checks them
+                if isinstance(j, dict):
+                    j.pop("data", None)
+                    j.pop("eval_data", None)
         differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_KEYS and saved.get(k) != now.get(k))
         if differ:
             raise ConfigError(f"--resume: {', '.join(differ)} differ(s) from the run in {out} "

@@ -5,6 +5,7 @@ worker takes the pending jobs in fair batches and co-trains each batch over the 
     lorafusion queue submit --queue Q --tenant alice job.yaml   # prints the job id
     lorafusion queue status --queue Q [--json]
     lorafusion queue cancel --queue Q JOB_ID                    # a pending job
+    lorafusion queue retry  --queue Q JOB_ID                    # a failed or cancelled job, back to pending
     lorafusion queue work   --queue Q [--once] [--poll 10]      # run batches until the queue is empty (--poll: wait)
 
 The queue is a folder (a local or shared file system):
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 logger = logging.getLogger("lorafusion.queue")
 
-STATES = ("pending", "running", "done", "failed", "cancelled")
+STATES = ("pending", "running", "done", "failed", "cancelled")  # and "corrupt": a state file that cannot be read
 QUEUE_KEYS = ("model", "capacity", "pad_multiple", "stages", "target_modules", "seed", "precision", "device",
               "backend", "save_every", "keep_checkpoints", "num_threads", "max_jobs_per_batch")
 _TENANT = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
@@ -107,14 +108,24 @@ class Queue:
         unknown = sorted(set(settings) - set(QUEUE_KEYS))
         if unknown:
             raise ConfigError(f"unknown queue config key {unknown[0]!r} (known: {', '.join(QUEUE_KEYS)})")
+        model = settings.get("model")
+        if isinstance(model, str) and model and not model.startswith("builtin:"):
+            # read relative to the config file, stored absolute: every worker, wherever it starts, finds it
+            settings["model"] = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(config_path)), model))
         q = cls(path)
         q._check_settings(settings)
-        os.makedirs(os.path.join(path, "jobs"), exist_ok=True)
-        os.makedirs(os.path.join(path, "batches"), exist_ok=True)
-        with open(os.path.join(path, "queue.yaml.tmp"), "w") as fh:
-            yaml.safe_dump(settings, fh, sort_keys=False)
-        os.replace(os.path.join(path, "queue.yaml.tmp"), os.path.join(path, "queue.yaml"))
+        try:
+            os.makedirs(os.path.join(path, "jobs"), exist_ok=True)
+            os.makedirs(os.path.join(path, "batches"), exist_ok=True)
+            with open(os.path.join(path, "queue.yaml.tmp"), "w") as fh:
+                yaml.safe_dump(settings, fh, sort_keys=False)
+            os.replace(os.path.join(path, "queue.yaml.tmp"), os.path.join(path, "queue.yaml"))
+        except OSError as exc:
+            raise QueueError(f"--queue {path}: cannot make the queue there: {exc.strerror or exc}") from None
         return q
+
+    def __post_init__(self):
+        self.path = os.path.abspath(self.path)
 
     def _check_settings(self, settings: dict) -> None:
         from lorafusion.train.config import ConfigError
@@ -122,7 +133,37 @@ class Queue:
         per_batch = settings.get("max_jobs_per_batch", 8)
         if isinstance(per_batch, bool) or not isinstance(per_batch, int) or per_batch < 1:
             raise ConfigError(f"max_jobs_per_batch: must be a positive integer (got {per_batch!r})")
-        self._cotrain_config([], settings)  # every other key checked as the executor checks it
+        cfg = self._cotrain_config([], settings)  # every other key checked as the executor checks it
+        self._check_on_model(cfg)
+
+    @staticmethod
+    def _check_on_model(cfg) -> None:
+        """What a batch would meet first, checked now on the real tokenizer and a weightless (meta) copy of the
+        model: the model folder, the device, the backend, and that every job's target_modules match wrapped
+        linears. A setting or job that would fail every batch is refused before it is stored."""
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from lorafusion.multi import MultiLoRAModel
+        from lorafusion.multi.backends import get_multi_backend
+        from scheduling.executor import PRECISIONS, CoTrainer, CoTrainError
+
+        ct = CoTrainer(cfg)
+        ct.load_tokenizer()  # the model folder and its tokenizer
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise QueueError("device: cuda, but no CUDA device is available here")
+        try:
+            get_multi_backend(cfg.device, cfg.backend, PRECISIONS[cfg.precision])
+        except (RuntimeError, TypeError) as exc:
+            raise QueueError(f"backend: {exc}") from None
+        try:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ct.model_path()))
+            mm = MultiLoRAModel(model, target_modules=cfg.target_modules or "all-linear")
+            for j in cfg.jobs:
+                mm.add_adapter(j.adapter, r=j.r, alpha=j.alpha, target_modules=j.target_modules)
+        except ValueError as exc:
+            raise CoTrainError(f"target_modules: {exc}") from None
 
     def settings(self) -> dict:
         import yaml
@@ -130,6 +171,8 @@ class Queue:
         path = os.path.join(self.path, "queue.yaml")
         if not os.path.isfile(path):
             raise QueueError(f"--queue {self.path} is not a queue (no queue.yaml; make one with lorafusion queue init)")
+        for sub in ("jobs", "batches"):
+            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
         with open(path) as fh:
             return yaml.safe_load(fh) or {}
 
@@ -147,10 +190,16 @@ class Queue:
 
     def state(self, job_id: str) -> dict:
         path = os.path.join(self._job_dir(job_id), "state.json")
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) or job_id.endswith(".tmp") or os.sep in job_id or job_id in (".", ".."):
             raise QueueError(f"no job {job_id!r} in queue {self.path}")
-        with open(path) as fh:
-            return json.load(fh)
+        try:
+            with open(path) as fh:
+                st = json.load(fh)
+        except ValueError as exc:
+            raise QueueError(f"job {job_id}: its state file {path} is corrupt ({exc})") from None
+        if not isinstance(st, dict) or st.get("state") not in STATES:
+            raise QueueError(f"job {job_id}: its state file {path} is corrupt (no valid state)")
+        return st
 
     def _set_state(self, job_id: str, **changes) -> dict:
         st = {**self.state(job_id), **changes, "updated": _now()}
@@ -158,14 +207,24 @@ class Queue:
         return st
 
     def jobs(self) -> list[dict]:
-        """Every job's state (with its ``id``), in order of submission."""
+        """Every job's state (with its ``id``), in order of submission. A job folder whose state cannot be read is
+        listed as ``corrupt`` (with why) and never scheduled; the ``.tmp`` folder of a submit that did not finish is
+        not a job."""
         root = os.path.join(self.path, "jobs")
         out = []
-        for name in sorted(os.listdir(root)):
+        for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+            if name.endswith(".tmp") or not os.path.isdir(os.path.join(root, name)):
+                continue
             path = os.path.join(root, name, "state.json")
-            if os.path.isfile(path):
+            try:
                 with open(path) as fh:
-                    out.append({"id": name, **json.load(fh)})
+                    st = json.load(fh)
+                if not isinstance(st, dict) or st.get("state") not in STATES or not isinstance(st.get("seq"), int):
+                    raise ValueError(f"not a job state: {str(st)[:80]}")
+            except (OSError, ValueError) as exc:
+                st = {"state": "corrupt", "seq": 2**62, "tenant": "?", "name": name, "batch": None,
+                      "error": f"{path}: {type(exc).__name__}: {exc}"}
+            out.append({**st, "id": name})
         return sorted(out, key=lambda s: (s["seq"], s["id"]))
 
     def submit(self, tenant: str, job_file: str) -> str:
@@ -175,7 +234,7 @@ class Queue:
         import yaml
 
         from lorafusion.train.config import ConfigError, read_yaml_mapping
-        from scheduling.executor import CoTrainer, read_samples, tokenize_job
+        from scheduling.executor import CoTrainer, CoTrainError, read_samples, tokenize_job
         from scheduling.jobs import PlanParams
 
         if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
@@ -196,34 +255,44 @@ class Queue:
             msg = str(exc).replace("jobs[0] (job).", "").replace("jobs[0].", "").replace("in jobs[0]:", "in a job:")
             raise ConfigError(f"job file {job_file}: {msg}") from None
         j = cfg.jobs[0]
-        trainer = CoTrainer(cfg)
-        tokenizer = trainer.load_tokenizer()
-        params = PlanParams(cfg.capacity, cfg.pad_multiple, cfg.stages)
-        try:
-            tokenize_job(j, tokenizer, params, "job")  # the data: lengths, records, batch size against it
-            if j.eval_data:
-                read_samples(j.eval_data, tokenizer, cfg.capacity, "job.eval_data", j.max_eval_samples,
-                             default_split="eval")
-        except Exception as exc:  # noqa: BLE001 (CoTrainError, ValueError: the reason is the message)
-            raise QueueError(f"job {job_file} refused: {exc}") from None
         folder = self._job_dir(job_id)
-        tmp = folder + ".tmp"
-        os.makedirs(tmp)
+        tmp = folder + ".tmp"  # never listed as a job; a submit killed before the rename leaves only this
+        originals: dict[str, str] = {}
         try:
+            os.makedirs(tmp)
             for key in ("data", "eval_data"):  # copied in: a queued job's data never changes under it
                 v = getattr(j, key)
                 if v and not v.startswith("builtin:"):
+                    if not os.path.isfile(v):
+                        raise QueueError(f"job {job_file} refused: {key}: {v} is not a file")
                     dest = f"{key}.jsonl"
                     shutil.copyfile(v, os.path.join(tmp, dest))
                     spec[key] = dest
+                    originals[os.path.join(tmp, dest)] = v
+                    setattr(j, key, os.path.join(tmp, dest))  # the copies are what is checked and run
+            tokenizer = CoTrainer(cfg).load_tokenizer()
+            params = PlanParams(cfg.capacity, cfg.pad_multiple, cfg.stages)
+            try:
+                tokenize_job(j, tokenizer, params, "job")  # the data: lengths, records, batch size against it
+                if j.eval_data:
+                    read_samples(j.eval_data, tokenizer, cfg.capacity, "job.eval_data", j.max_eval_samples,
+                                 default_split="eval")
+                self._check_on_model(cfg)  # its target_modules on the model
+            except (CoTrainError, ValueError) as exc:
+                msg = str(exc)
+                for copy, orig in originals.items():
+                    msg = msg.replace(copy, orig)
+                raise QueueError(f"job {job_file} refused: {msg}") from None
             with open(os.path.join(tmp, "job.yaml"), "w") as fh:
                 yaml.safe_dump({k: v for k, v in spec.items() if k != "adapter"}, fh, sort_keys=False)
             with _locked(self.path):
-                seq = 1 + max((s["seq"] for s in self.jobs()), default=0)
+                seq = 1 + max((x["seq"] for x in self.jobs() if x["state"] != "corrupt"), default=0)
                 _atomic_json(os.path.join(tmp, "state.json"), {
                     "state": "pending", "tenant": tenant, "name": name, "seq": seq, "submitted": _now(),
                     "updated": _now(), "batch": None, "result": None, "error": None})
                 os.rename(tmp, folder)
+        except OSError as exc:
+            raise QueueError(f"job {job_file}: cannot queue it in {self.path}: {exc.strerror or exc}") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         logger.info("queued job %s (%s) for tenant %s", job_id, name, tenant)
@@ -238,51 +307,90 @@ class Queue:
                                  + "; only a pending job can be cancelled")
             self._set_state(job_id, state="cancelled")
 
+    def retry(self, job_id: str) -> None:
+        """A failed or cancelled job back to pending, in its place of submission."""
+        with _locked(self.path):
+            st = self.state(job_id)
+            if st["state"] not in ("failed", "cancelled"):
+                raise QueueError(f"job {job_id} is {st['state']}; only a failed or cancelled job can be retried")
+            self._set_state(job_id, state="pending", batch=None, error=None)
+
     # -- the worker
     def _job_spec(self, job_id: str) -> dict:
         import yaml
 
         with open(os.path.join(self._job_dir(job_id), "job.yaml")) as fh:
             spec = yaml.safe_load(fh)
+        if not isinstance(spec, dict):
+            raise QueueError(f"job {job_id}: job.yaml does not hold a mapping of job keys")
         for key in ("data", "eval_data"):
             v = spec.get(key)
             if isinstance(v, str) and v and not v.startswith("builtin:"):
                 spec[key] = os.path.join(self._job_dir(job_id), v)
         return {**spec, "adapter": job_id}
 
+    def _served(self) -> dict:
+        path = os.path.join(self.path, "tenants.json")
+        try:
+            with open(path) as fh:
+                served = json.load(fh)
+            return served if isinstance(served, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
     def _take_batch(self) -> tuple[str, list[str], bool, int] | None:
-        """Under the lock: a batch whose worker died (to resume), else a new batch of pending jobs taken
-        round-robin over tenants, with its worker lock held (the fd); None when there is nothing to run."""
+        """Under the lock: a batch whose worker died (to resume, with its jobs in the batch's own order), else a
+        new batch of pending jobs, with its worker lock held (the fd); None when there is nothing to run.
+
+        A new batch is filled round-robin over the tenants with pending jobs, the tenant served longest ago (or
+        never) first, each tenant's jobs in order of submission; ``tenants.json`` remembers when each tenant was
+        last served, so the rotation carries over from batch to batch (with one job a batch, tenants alternate)."""
         per_batch = self.settings().get("max_jobs_per_batch", 8)
         with _locked(self.path):
             states = self.jobs()
-            running: dict[str, list[str]] = {}
-            for s in states:
-                if s["state"] == "running":
-                    running.setdefault(s["batch"], []).append(s["id"])
-            for batch, ids in sorted(running.items()):
-                fd = _claim(os.path.join(self.path, "batches", batch))
+            running = sorted({s["batch"] for s in states if s["state"] == "running"})
+            for batch in running:
+                bdir = os.path.join(self.path, "batches", batch)
+                fd = _claim(bdir)
                 if fd is not None:
+                    try:
+                        with open(os.path.join(bdir, "jobs.json")) as fh:
+                            ids = json.load(fh)
+                    except (OSError, ValueError):
+                        ids = [s["id"] for s in states if s["batch"] == batch]
                     return batch, ids, True, fd
-            by_tenant: dict[str, list[str]] = {}
+            pending: dict[str, list[str]] = {}
+            first: dict[str, int] = {}
             for s in states:
                 if s["state"] == "pending":
-                    by_tenant.setdefault(s["tenant"], []).append(s["id"])
-            order = sorted(by_tenant, key=lambda t: min(x["seq"] for x in states if x["id"] == by_tenant[t][0]))
+                    pending.setdefault(s["tenant"], []).append(s["id"])
+                    first.setdefault(s["tenant"], s["seq"])
+            served = self._served()
+            order = sorted(pending, key=lambda t: (served.get(t, -1), first[t]))
             taken: list[str] = []
-            while len(taken) < per_batch and any(by_tenant[t] for t in order):
+            while len(taken) < per_batch and any(pending[t] for t in order):
                 for t in order:
-                    if by_tenant[t] and len(taken) < per_batch:
-                        taken.append(by_tenant[t].pop(0))
+                    if pending[t] and len(taken) < per_batch:
+                        taken.append(pending[t].pop(0))
             if not taken:
                 return None
+            tick = 1 + max(served.values(), default=0)
+            for k, t in enumerate(order):  # served in this order, this round
+                if any(self._tenant_of(states, j) == t for j in taken):
+                    served[t] = tick + k
             batch = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
-            os.makedirs(os.path.join(self.path, "batches", batch))
-            fd = _claim(os.path.join(self.path, "batches", batch))
-            _atomic_json(os.path.join(self.path, "batches", batch, "jobs.json"), taken)
+            bdir = os.path.join(self.path, "batches", batch)
+            os.makedirs(bdir)
+            fd = _claim(bdir)
+            _atomic_json(os.path.join(bdir, "jobs.json"), taken)
             for job_id in taken:
                 self._set_state(job_id, state="running", batch=batch, started=_now())
+            _atomic_json(os.path.join(self.path, "tenants.json"), served)
             return batch, taken, False, fd
+
+    @staticmethod
+    def _tenant_of(states: list[dict], job_id: str) -> str:
+        return next(s["tenant"] for s in states if s["id"] == job_id)
 
     def run_batch(self, batch: str, job_ids: list[str], resume: bool, claim: int) -> dict:
         """Co-train one batch (its worker lock ``claim`` held, released at the end); each job ends done (its adapter
@@ -293,8 +401,7 @@ class Queue:
             os.close(claim)
 
     def _run_batch(self, batch: str, job_ids: list[str], resume: bool) -> dict:
-        from lorafusion.train.config import ConfigError
-        from scheduling.executor import CoTrainer, CoTrainError
+        from scheduling.executor import CoTrainer
 
         run_dir = os.path.join(self.path, "batches", batch, "run")
         logger.info("batch %s: %s %d job(s): %s", batch, "resuming" if resume else "running", len(job_ids),
@@ -302,25 +409,38 @@ class Queue:
         try:
             cfg = self._cotrain_config([self._job_spec(j) for j in job_ids], output_dir=run_dir)
             summary = CoTrainer(cfg).run(resume=resume)
-        except (CoTrainError, ConfigError, ValueError, OSError) as exc:
+            if "stopped" in summary:  # a signal: the batch stays running, and the next worker resumes it
+                return {"batch": batch, **summary}
+            with _locked(self.path):
+                for j in job_ids:  # idempotent: a worker killed half-way through is finished by the next one
+                    dest = os.path.join(self._job_dir(j), "adapter")
+                    tmp = dest + ".tmp"
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    shutil.copytree(os.path.join(run_dir, "adapters", j), tmp)
+                    shutil.rmtree(dest, ignore_errors=True)
+                    os.rename(tmp, dest)
+                    if self.state(j)["state"] != "done":
+                        self._set_state(j, state="done", finished=_now(), result=summary["jobs"][j])
+        except Exception as exc:  # noqa: BLE001 (any failure of the batch ends its jobs failed, with the reason:
+            reason = f"batch {batch}: {type(exc).__name__}: {exc}"  # a batch left running would block the queue)
             with _locked(self.path):
                 for j in job_ids:
-                    self._set_state(j, state="failed", error=f"batch {batch}: {exc}", finished=_now())
-            logger.error("batch %s failed: %s", batch, exc)
-            return {"batch": batch, "failed": str(exc)}
-        if "stopped" in summary:  # a signal: the batch stays running, and the next worker resumes it
-            return {"batch": batch, **summary}
-        with _locked(self.path):
-            for j in job_ids:
-                dest = os.path.join(self._job_dir(j), "adapter")
-                shutil.rmtree(dest, ignore_errors=True)
-                shutil.copytree(os.path.join(run_dir, "adapters", j), dest)
-                self._set_state(j, state="done", finished=_now(), result=summary["jobs"][j])
+                    try:
+                        if self.state(j)["state"] == "running":
+                            self._set_state(j, state="failed", error=reason, finished=_now())
+                    except (QueueError, OSError, ValueError):
+                        continue
+            logger.error("%s", reason)
+            return {"batch": batch, "failed": reason}
         return {"batch": batch, "done": job_ids}
 
     def work(self, once: bool = False, poll: float = 0.0, stop=None) -> list[dict]:
         """Run batches until the queue has nothing left (``once``: one batch at most), or with ``poll`` > 0 and
         not ``once``, wait for new jobs until ``stop()`` is true. Returns what each batch did."""
+        import math
+
+        if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not math.isfinite(poll) or poll < 0:
+            raise QueueError(f"--poll must be a finite number of seconds >= 0, got {poll!r}")
         done = []
         while True:
             taken = self._take_batch()

@@ -127,11 +127,11 @@ def test_a_batch_whose_worker_died_is_resumed_and_one_a_live_worker_holds_is_lef
     def dies(self, mb, inflight):
         calls["n"] += 1
         if calls["n"] > 5:
-            raise RuntimeError("worker killed")
+            raise _Killed()
         return real(self, mb, inflight)
 
     monkeypatch.setattr(CoTrainer, "_microbatch", dies)
-    with pytest.raises(RuntimeError, match="worker killed"):
+    with pytest.raises(_Killed):
         queue.work()
     monkeypatch.setattr(CoTrainer, "_microbatch", real)
     st = {j["id"]: j for j in queue.jobs()}
@@ -168,3 +168,112 @@ def test_cli(tmp_path, tiny_model, job_files, capsys):
     settings.write_text(json.dumps({"model": tiny_model, "max_jobs_per_batch": 0}))
     assert main(["queue", "init", "--queue", str(tmp_path / "Q2"), "--config", str(settings)]) == 2
     assert "max_jobs_per_batch: must be a positive integer (got 0)" in capsys.readouterr().err
+    assert main(["queue", "work", "--queue", q, "--poll", "nan"]) == 2
+    assert "--poll must be a finite number of seconds >= 0, got nan" in capsys.readouterr().err
+    settings.write_text(json.dumps({"model": tiny_model}))
+    assert main(["queue", "init", "--queue", "/dev/null/Q", "--config", str(settings)]) == 2
+    assert "lorafusion queue: --queue /dev/null/Q: cannot make the queue there" in capsys.readouterr().err
+    assert main(["queue", "retry", "--queue", q, job]) == 2
+    assert f"job {job} is done; only a failed or cancelled job can be retried" in capsys.readouterr().err
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: no ``except Exception`` sees it, as no handler runs when a process is killed."""
+
+
+def test_resume_keeps_the_batch_order_finishes_copying_and_takes_another_path_spelling(tmp_path, queue, job_files,
+                                                                                       monkeypatch):
+    """Three defects a reviewer found, each of which failed every job of a batch whose worker died: the resume took
+    the jobs in submission order instead of the batch's round-robin order; a worker killed while copying adapters
+    left its last jobs to a resume with only them; a worker naming the queue by another path spelling saw other
+    data paths."""
+    import yaml
+
+    qy = os.path.join(queue.path, "queue.yaml")
+    cfg = yaml.safe_load(open(qy))
+    cfg["max_jobs_per_batch"] = 3
+    yaml.safe_dump(cfg, open(qy, "w"))
+    a1 = queue.submit("alice", job_files[0])
+    a2 = queue.submit("alice", job_files[1])
+    b1 = queue.submit("bob", job_files[3])
+    real_copy = __import__("shutil").copytree
+    copies = {"n": 0}
+
+    def dies_in_copy(src, dst, *a, **k):
+        copies["n"] += 1
+        if copies["n"] == 2:
+            raise _Killed()
+        return real_copy(src, dst, *a, **k)
+
+    monkeypatch.setattr("scheduling.queue.shutil.copytree", dies_in_copy)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(_Killed):
+        Queue("Q").work()  # a relative spelling of the queue
+    monkeypatch.setattr("scheduling.queue.shutil.copytree", real_copy)
+    st = {j["id"]: j["state"] for j in queue.jobs()}
+    assert st == {a1: "done", b1: "running", a2: "running"}  # round-robin: [a1, b1, a2]
+    batch = next(j["batch"] for j in queue.jobs())
+    assert queue.work() == [{"batch": batch, "done": [a1, b1, a2]}]
+    want = _direct(tmp_path, queue, [a1, b1, a2], "direct")
+    for j in (a1, b1, a2):
+        got = _adapter(queue, j)
+        assert all(torch.equal(got[k], want[j][k]) for k in got)
+
+
+def test_a_broken_job_fails_its_batch_with_the_reason_and_the_queue_goes_on(tmp_path, queue, job_files):
+    a = queue.submit("alice", job_files[0])
+    b = queue.submit("bob", job_files[3])
+    with open(os.path.join(queue.path, "jobs", a, "job.yaml"), "w") as fh:
+        fh.write("data: [unclosed\n")
+    (result,) = queue.work()
+    assert result["failed"].startswith(f"batch {result['batch']}: ")
+    st = {j["id"]: j for j in queue.jobs()}
+    assert st[a]["state"] == st[b]["state"] == "failed" and "batch" in st[b]["error"]
+    c = queue.submit("carol", job_files[2])
+    assert [r["done"] for r in queue.work()] == [[c]]  # not blocked behind the failed batch
+    queue.retry(b)
+    assert [r["done"] for r in queue.work()] == [[b]]
+
+
+def test_corrupt_states_and_unfinished_submits_do_not_stop_the_queue(queue, job_files):
+    a = queue.submit("alice", job_files[0])
+    b = queue.submit("bob", job_files[3])
+    with open(os.path.join(queue.path, "jobs", a, "state.json"), "w") as fh:
+        fh.write("{not json")
+    os.makedirs(os.path.join(queue.path, "jobs", "bob-19990101-000000-abcdef.tmp"))  # a submit killed half-way
+    st = {j["id"]: j["state"] for j in queue.jobs()}
+    assert st == {a: "corrupt", b: "pending"}
+    assert [r["done"] for r in queue.work()] == [[b]]
+    with pytest.raises(QueueError, match=f"job {a}: its state file .* is corrupt"):
+        queue.cancel(a)
+
+
+def test_fairness_carries_over_from_batch_to_batch(tmp_path, tiny_model, job_files):
+    """With one job a batch, alice's four jobs and bob's one alternate instead of bob waiting behind all four."""
+    settings = tmp_path / "one.yaml"
+    settings.write_text(json.dumps({"model": tiny_model, "capacity": 48, "max_jobs_per_batch": 1}))
+    q = Queue.init(str(tmp_path / "Q1"), str(settings))
+    alice = [q.submit("alice", job_files[k]) for k in (0, 1, 2)]
+    bob = q.submit("bob", job_files[3])
+    order = [q._take_batch() for _ in range(4)]
+    for *_, fd in order:
+        os.close(fd)
+    assert [ids for _, ids, _, _ in order] == [[alice[0]], [bob], [alice[1]], [alice[2]]]
+
+
+def test_a_job_or_queue_that_would_fail_every_batch_is_refused_up_front(tmp_path, tiny_model, queue, job_files):
+    from scheduling.executor import CoTrainError
+
+    bad = tmp_path / "targets.yaml"
+    bad.write_text(json.dumps({"data": "d0.jsonl", "global_batch_size": 2, "target_modules": ["no_such_proj"]}))
+    with pytest.raises(QueueError, match=r"refused: target_modules: adapter 'job': target_modules=\['no_such_proj'\] "
+                                         r"match none of the wrapped linears"):
+        queue.submit("mallory", str(bad))
+    settings = tmp_path / "s.yaml"
+    for value, message in (({"device": "cuda"}, "device: cuda, but no CUDA device is available here"),
+                           ({"model": str(tmp_path / "nope")}, "is not a Hugging Face model folder"),
+                           ({"target_modules": ["nope"]}, "target_modules=\\['nope'\\] matched no nn.Linear")):
+        settings.write_text(json.dumps({"model": tiny_model, **value}))
+        with pytest.raises((QueueError, CoTrainError), match=message):
+            Queue.init(str(tmp_path / "Qx"), str(settings))
+        assert not os.path.exists(tmp_path / "Qx" / "queue.yaml")
