@@ -52,31 +52,31 @@ def _train(argv: list[str]) -> int:
         cfg = load_config(args.config, overrides)
         from lorafusion.train.trainer import TrainError, run_training
     except ConfigError as exc:
-        print(f"lorafusion train: config error: {exc}", file=sys.stderr)
-        return 2
+        return _error("train", f"config error: {exc}")
     try:
         with _sigterm_interrupts():
             run_training(cfg, resume=args.resume)
     except ConfigError as exc:
-        print(f"lorafusion train: config error: {exc}", file=sys.stderr)
-        return 2
+        return _error("train", f"config error: {exc}")
     except DataError as exc:
-        print(f"lorafusion train: data error: {exc}", file=sys.stderr)
-        return 2
+        return _error("train", f"data error: {exc}")
     except CheckpointError as exc:
-        print(f"lorafusion train: checkpoint error: {exc}", file=sys.stderr)
-        return 2
+        return _error("train", f"checkpoint error: {exc}")
     except TrainError as exc:
-        print(f"lorafusion train: {exc}", file=sys.stderr)
-        return 2
+        return _error("train", str(exc))
     except OSError as exc:  # an output folder that cannot be made or written, a file named like a folder
-        print(f"lorafusion train: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return _error("train", f"{type(exc).__name__}: {exc}")
     except KeyboardInterrupt as exc:  # Ctrl-C / SIGTERM before training began (loading or making the model), or a
         from lorafusion.train.checkpoint import resume_hint  # second signal during it
 
         return _interrupted("train", exc, resume_hint(cfg.train.output_dir))
     return 0
+
+
+def _error(command: str, text: str) -> int:
+    """One line on stderr for a run that cannot start or go on; exit status 2."""
+    print(f"lorafusion {command}: {text}", file=sys.stderr)
+    return 2
 
 
 def _interrupted(command: str, exc: KeyboardInterrupt, where: str) -> int:
@@ -143,20 +143,16 @@ def _cotrain(argv: list[str]) -> int:
 
         cfg = load_cotrain_config(args.config, {"output_dir": args.output_dir} if args.output_dir else None)
     except ConfigError as exc:
-        print(f"lorafusion cotrain: config error: {exc}", file=sys.stderr)
-        return 2
+        return _error("cotrain", f"config error: {exc}")
     try:
         with _sigterm_interrupts():
             summary = CoTrainer(cfg).run(resume=args.resume)
     except ConfigError as exc:
-        print(f"lorafusion cotrain: config error: {exc}", file=sys.stderr)
-        return 2
+        return _error("cotrain", f"config error: {exc}")
     except (CoTrainError, CheckpointError, TrainError, ValueError) as exc:
-        print(f"lorafusion cotrain: {exc}", file=sys.stderr)
-        return 2
+        return _error("cotrain", str(exc))
     except OSError as exc:
-        print(f"lorafusion cotrain: {type(exc).__name__}: {exc}; {resume_hint(cfg.output_dir)}", file=sys.stderr)
-        return 2
+        return _error("cotrain", f"{type(exc).__name__}: {exc}; {resume_hint(cfg.output_dir)}")
     except KeyboardInterrupt as exc:
         return _interrupted("cotrain", exc, resume_hint(cfg.output_dir))
     if "stopped" in summary:
@@ -242,14 +238,11 @@ def _queue(argv: list[str]) -> int:
                             f"done: {', '.join(r['done'])}")
                     print(f"lorafusion queue: batch {r['batch']} {what}")
     except ConfigError as exc:
-        print(f"lorafusion queue: config error: {exc}", file=sys.stderr)
-        return 2
+        return _error("queue", f"config error: {exc}")
     except (QueueError, CoTrainError) as exc:
-        print(f"lorafusion queue: {exc}", file=sys.stderr)
-        return 2
+        return _error("queue", str(exc))
     except OSError as exc:
-        print(f"lorafusion queue: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+        return _error("queue", f"{type(exc).__name__}: {exc}")
     except KeyboardInterrupt as exc:
         return _interrupted("queue", exc, "a batch left running is resumed by the next worker")
     return 0
