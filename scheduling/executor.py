@@ -42,6 +42,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from lorafusion.train.checkpoint import atomic_write_json, atomic_write_text
+
 from .jobs import Job, PlanParams
 from .schedule import Microbatch
 
@@ -162,9 +164,7 @@ def validate(cfg: CoTrainConfig) -> CoTrainConfig:
             resolve_backend_name(cfg.backend)
         except ValueError as exc:
             _fail("backend", cfg.backend, str(exc))
-    for name, targets in (("target_modules", cfg.target_modules),):
-        if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
-            _fail(name, targets, "must be a non-empty list of module names, or null")
+    _check_targets("target_modules", cfg.target_modules)
     seen = set()
     for i, j in enumerate(cfg.jobs):
         key = f"jobs[{i}]"
@@ -217,10 +217,13 @@ def validate(cfg: CoTrainConfig) -> CoTrainConfig:
             _fail(f"{key}.max_eval_samples", j.max_eval_samples, "must be a positive integer")
         if j.max_new_tokens < 1:
             _fail(f"{key}.max_new_tokens", j.max_new_tokens, "must be a positive integer")
-        if j.target_modules is not None and (not j.target_modules
-                                             or not all(isinstance(t, str) and t for t in j.target_modules)):
-            _fail(f"{key}.target_modules", j.target_modules, "must be a non-empty list of module names, or null")
+        _check_targets(f"{key}.target_modules", j.target_modules)
     return cfg
+
+
+def _check_targets(key: str, targets) -> None:
+    if targets is not None and (not targets or not all(isinstance(t, str) and t for t in targets)):
+        _fail(key, targets, "must be a non-empty list of module names, or null")
 
 
 def adapter_seed(seed: int, adapter: str) -> int:
@@ -362,11 +365,10 @@ class _OneAdapter:
         return self.mm.generate(input_ids=input_ids, adapter_names=[self.adapter] * input_ids.shape[0], **kwargs)
 
 
-def _atomic_write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(tmp, path)
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class CoTrainer:
@@ -418,6 +420,7 @@ class CoTrainer:
 
     def setup(self):
         from lorafusion.multi import MultiLoRAModel
+        from lorafusion.train.trainer import lr_schedule
 
         from .planner import plan
         from .verify import check
@@ -455,8 +458,6 @@ class CoTrainer:
                 raise CoTrainError(f"jobs[{i}] ({j.adapter}): {exc}") from None
             opt = torch.optim.AdamW(self.mm.adapter_parameters(j.adapter), lr=j.lr, betas=tuple(j.betas), eps=j.eps,
                                     weight_decay=j.weight_decay)
-            from lorafusion.train.trainer import lr_schedule
-
             self.optimizers[j.adapter] = opt
             self.schedulers[j.adapter] = lr_schedule(opt, j.schedule, j.warmup_steps, j.min_lr_ratio,
                                                      self.data[j.adapter].job.num_global_batches)
@@ -480,6 +481,19 @@ class CoTrainer:
                 self.steps_after.setdefault(i, []).append((a, g))
         self.loss_tokens = {(a, g): self.data[a].loss_tokens(self.data[a].job.global_batch_samples(g))
                             for a, idx in self.schedule.optimizer_steps.items() for g in range(len(idx))}
+        self.jobs_by_name = {j.adapter: j for j in cfg.jobs}
+        # what a checkpoint must have been written for: this schedule, and per job, these tokens (a resume on
+        # changed data of the same lengths is refused); fixed for the run, so worked out once
+        self.schedule_digest = _digest(self.schedule.to_json())
+        self.data_digest = {a: _digest(json.dumps([tj.ids, tj.targets])) for a, tj in self.data.items()}
+
+    def _row_logits(self, ids: list, pos: list, rows: list) -> torch.Tensor:
+        """The logits of one packed row: token ids, their position ids (restarting at every sample) and each
+        token's adapter (or None)."""
+        dev = self.device
+        with self.mm.use_segments(self.mm.make_segments(rows)):
+            return self.mm.model(input_ids=torch.tensor([ids], device=dev),
+                                 position_ids=torch.tensor([pos], device=dev), use_cache=False).logits[0]
 
     @torch.no_grad()
     def _check_backend_and_packing(self) -> None:
@@ -504,17 +518,15 @@ class CoTrainer:
         for lead in (first, other):
             row = lead + second
             pos = list(range(len(lead))) + list(range(len(second)))
-            with self.mm.use_segments(self.mm.make_segments([name] * len(row))):
-                logits = self.mm.model(input_ids=torch.tensor([row], device=self.device),
-                                       position_ids=torch.tensor([pos], device=self.device), use_cache=False).logits
-            outs.append(logits[0, len(lead):].double())
+            outs.append(self._row_logits(row, pos, [name] * len(row))[len(lead):].double())
         self.mm.train(was)
         leak = float((outs[0] - outs[1]).abs().max())
         if leak > 1e-6 * (1.0 + float(outs[0].abs().max())):
             raise CoTrainError(f"model: {self.cfg.model} ({type(self.mm.model).__name__}) lets packed samples attend "
                                f"to each other (a sample's logits moved by {leak:.3g} when the sample before it in the "
                                "row changed): its attention ignores the packed position ids, so the executor cannot "
-                               "pack its samples; use a model whose attention honours them (Llama, Mistral, Qwen2, ...)")
+                               "pack its samples; use a model whose attention honours them (Llama, Mistral, Qwen2, "
+                               "...)")
 
     # -- evaluation
     @torch.no_grad()
@@ -525,17 +537,14 @@ class CoTrainer:
         from lorafusion.train.trainer import exact_match
 
         ids, targets, records = self.evals[adapter]
-        job = next(j for j in self.cfg.jobs if j.adapter == adapter)
+        job = self.jobs_by_name[adapter]
         was = self.mm.training
         self.mm.eval()
         try:
             total, count, row, pos, tgt = 0.0, 0, [], [], []
             for k in range(len(ids) + 1):
                 if k == len(ids) or len(row) + len(ids[k]) > self.cfg.capacity:
-                    x = torch.tensor([row], device=self.device)
-                    with self.mm.use_segments(self.mm.make_segments([adapter] * len(row))):
-                        logits = self.mm.model(input_ids=x, position_ids=torch.tensor([pos], device=self.device),
-                                               use_cache=False).logits[0]
+                    logits = self._row_logits(row, pos, [adapter] * len(row))
                     t = torch.tensor(tgt, device=self.device)
                     total += float(F.cross_entropy(logits.double(), t, ignore_index=IGNORE_INDEX, reduction="sum"))
                     count += int((t != IGNORE_INDEX).sum())
@@ -553,21 +562,9 @@ class CoTrainer:
             self.mm.train(was)
 
     # -- checkpoints
-    def _data_digest(self) -> dict:
-        """Per job, a digest of its token ids and targets: a resume on changed data (same lengths) is refused."""
-        import hashlib
-
-        return {a: hashlib.sha256(json.dumps([tj.ids, tj.targets]).encode()).hexdigest()[:16]
-                for a, tj in self.data.items()}
-
     def _state(self, next_mb: int, inflight: dict, stats: dict) -> dict:
-        return {"next_microbatch": next_mb, "schedule_digest": self._digest(), "data_digest": self._data_digest(),
+        return {"next_microbatch": next_mb, "schedule_digest": self.schedule_digest, "data_digest": self.data_digest,
                 "inflight_loss": [[a, g, v] for (a, g), v in sorted(inflight.items())], "stats": stats}
-
-    def _digest(self) -> str:
-        import hashlib
-
-        return hashlib.sha256(self.schedule.to_json().encode()).hexdigest()[:16]
 
     def _save(self, next_mb: int, inflight: dict, stats: dict) -> str:
         from safetensors.torch import save_file
@@ -588,7 +585,7 @@ class CoTrainer:
             torch.save({a: o.state_dict() for a, o in self.optimizers.items()}, os.path.join(tmp, "optimizers.pt"))
             torch.save({a: s.state_dict() for a, s in self.schedulers.items()}, os.path.join(tmp, "schedulers.pt"))
             torch.save(ckpt.rng_state(), os.path.join(tmp, "rng.pt"))
-            _atomic_write_json(os.path.join(tmp, "cotrain_state.json"), self._state(next_mb, inflight, stats))
+            atomic_write_json(os.path.join(tmp, "cotrain_state.json"), self._state(next_mb, inflight, stats))
             return ckpt.commit(out, next_mb, self.cfg.keep_checkpoints)
         except OSError as exc:
             raise CoTrainError(str(ckpt.write_failed(out, next_mb, exc))) from None
@@ -601,10 +598,10 @@ class CoTrainer:
         try:
             with open(os.path.join(path, "cotrain_state.json")) as fh:
                 state = json.load(fh)
-            if state.get("schedule_digest") != self._digest():
+            if state.get("schedule_digest") != self.schedule_digest:
                 raise CoTrainError(f"checkpoint {path} was written for another schedule (a changed config or data); "
                                    "resume with the run's own config and data, or start a new output_dir")
-            changed = sorted(a for a, d in self._data_digest().items() if state.get("data_digest", {}).get(a) != d)
+            changed = sorted(a for a, d in self.data_digest.items() if state.get("data_digest", {}).get(a) != d)
             if changed:
                 raise CoTrainError(f"checkpoint {path}: the data of job(s) {', '.join(changed)} changed since it was "
                                    "written; resume on the run's own data, or start a new output_dir")
@@ -650,18 +647,15 @@ class CoTrainer:
 
         out = self.cfg.output_dir
         cfg_path = os.path.join(out, "cotrain_config.json")
-        if not resume:
-            if os.path.exists(cfg_path):
-                raise CoTrainError(f"output_dir {out} holds an earlier co-training run; pass --resume to continue it, "
-                                   "or choose another output_dir")
-            if os.path.isdir(ckpt.checkpoints_dir(out)) or os.path.exists(os.path.join(out, "metrics.jsonl")):
-                raise CoTrainError(f"output_dir {out} holds checkpoints or metrics of another run; choose another "
-                                   "output_dir")
-            return None
-        if not os.path.isfile(cfg_path):
-            if os.path.isdir(ckpt.checkpoints_dir(out)) or os.path.exists(os.path.join(out, "metrics.jsonl")):
-                raise CoTrainError(f"output_dir {out} holds checkpoints or metrics but no cotrain_config.json: it is "
-                                   "not a co-training run (a lorafusion train run?); choose another output_dir")
+        ours = os.path.exists(cfg_path)
+        other_run = os.path.isdir(ckpt.checkpoints_dir(out)) or os.path.exists(os.path.join(out, "metrics.jsonl"))
+        if not ours and other_run:
+            raise CoTrainError(f"output_dir {out} holds checkpoints or metrics but no cotrain_config.json: it is not a "
+                               "co-training run (a lorafusion train run?); choose another output_dir")
+        if ours and not resume:
+            raise CoTrainError(f"output_dir {out} holds an earlier co-training run; pass --resume to continue it, "
+                               "or choose another output_dir")
+        if not ours:
             return None  # nothing to resume: a fresh start
         with open(cfg_path) as fh:
             saved = json.load(fh)
@@ -686,13 +680,13 @@ class CoTrainer:
         cfg = self.cfg
         os.makedirs(cfg.output_dir, exist_ok=True)
         try:
-            lock = _lock_output(cfg.output_dir)
+            lock = _lock_output(cfg.output_dir, key="output_dir")
         except TrainError as exc:
-            raise CoTrainError(str(exc).replace("train.output_dir", "output_dir")) from None
+            raise CoTrainError(str(exc)) from None
         try:
             latest = self._check_output(resume)
             self.setup()
-            _atomic_write_json(os.path.join(cfg.output_dir, "cotrain_config.json"), cfg.to_dict())
+            atomic_write_json(os.path.join(cfg.output_dir, "cotrain_config.json"), cfg.to_dict())
             self.schedule.save(os.path.join(cfg.output_dir, "schedule.json"))
             start, inflight, stats = 0, {}, {"steps": {}, "tokens": 0, "seconds": 0.0}
             if latest is not None:
@@ -723,10 +717,7 @@ class CoTrainer:
             except (ValueError, KeyError, TypeError):  # a line cut by the kill
                 continue
         if len(keep) != len(lines):
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as fh:
-                fh.writelines(keep)
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(keep))
 
     def _loop(self, start: int, inflight: dict, stats: dict, stop, stop_after: int | None) -> dict:
         cfg = self.cfg
@@ -764,13 +755,8 @@ class CoTrainer:
 
     def _microbatch(self, mb: Microbatch, inflight: dict) -> int:
         ids, pos, tgt, rows, spans = pack_microbatch(mb, self.data, self.pad_id)
-        dev = self.device
-        x = torch.tensor([ids], device=dev)
-        p = torch.tensor([pos], device=dev)
-        t = torch.tensor(tgt, device=dev)
-        seg = self.mm.make_segments(rows)
-        with self.mm.use_segments(seg):
-            logits = self.mm.model(input_ids=x, position_ids=p, use_cache=False).logits[0]
+        logits = self._row_logits(ids, pos, rows)
+        t = torch.tensor(tgt, device=self.device)
         per_token = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, t,
                                     ignore_index=IGNORE_INDEX, reduction="none")
         total = per_token.new_zeros(())
@@ -782,7 +768,7 @@ class CoTrainer:
         return mb.real_tokens
 
     def _step(self, a: str, g: int, i: int, inflight: dict, stats: dict, metrics) -> None:
-        j = next(j for j in self.cfg.jobs if j.adapter == a)
+        j = self.jobs_by_name[a]
         opt, sched = self.optimizers[a], self.schedulers[a]
         params = self.mm.adapter_parameters(a)
         # the norm before clipping (an infinite bound scales by exactly 1: nothing changes without clipping)
@@ -826,5 +812,5 @@ class CoTrainer:
                    "tokens_per_second": stats["tokens"] / stats["seconds"] if stats["seconds"] else None,
                    "simulated_pipeline": {"stages": self.schedule.stages, "time": sim.time,
                                           "bubble_fraction": sim.bubble_fraction}}
-        _atomic_write_json(os.path.join(self.cfg.output_dir, "summary.json"), summary)
+        atomic_write_json(os.path.join(self.cfg.output_dir, "summary.json"), summary)
         return summary

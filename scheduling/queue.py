@@ -20,8 +20,9 @@ Every change of state happens under an exclusive lock on ``Q/.lock`` and is writ
 submitters and workers may share one queue. A job is checked in full when it is submitted (its keys and values,
 its data tokenized with the base model's tokenizer against the capacity): a bad job is refused then, with the
 reason, instead of failing a batch later. A worker takes at most ``max_jobs_per_batch`` pending jobs, round-robin
-over tenants in order of submission (one tenant's hundred jobs do not starve another's one). A batch whose worker
-died (its run folder is no longer locked) is resumed from its last checkpoint by the next worker.
+over tenants, the one served longest ago first, the rotation carried over from batch to batch (one tenant's hundred
+jobs do not starve another's one). A batch whose worker died (its ``.worker`` lock is free) is resumed from its last
+checkpoint by the next worker; a batch that fails ends its jobs ``failed``, and ``retry`` puts them back in line.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from lorafusion.train.checkpoint import atomic_write_json, atomic_write_text
+
 logger = logging.getLogger("lorafusion.queue")
 
 STATES = ("pending", "running", "done", "failed", "cancelled")  # and "corrupt": a state file that cannot be read
@@ -45,15 +48,6 @@ _TENANT = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 class QueueError(RuntimeError):
     """A queue operation cannot be done; the message says why."""
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _now() -> str:
@@ -76,17 +70,12 @@ def _locked(queue: str):
 def _claim(batch_dir: str) -> int | None:
     """The worker lock of a batch (``<batch>/.worker``), held for as long as a worker runs the batch: its fd, or
     None when a live worker holds it. A worker that dies releases it with its process, however it dies."""
-    import fcntl
+    from lorafusion.train.checkpoint import LockBusy, lock_file
 
-    fd = os.open(os.path.join(batch_dir, ".worker"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
+        return lock_file(os.path.join(batch_dir, ".worker"))
+    except LockBusy:
         return None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
 
 
 @dataclass
@@ -117,9 +106,7 @@ class Queue:
         try:
             os.makedirs(os.path.join(path, "jobs"), exist_ok=True)
             os.makedirs(os.path.join(path, "batches"), exist_ok=True)
-            with open(os.path.join(path, "queue.yaml.tmp"), "w") as fh:
-                yaml.safe_dump(settings, fh, sort_keys=False)
-            os.replace(os.path.join(path, "queue.yaml.tmp"), os.path.join(path, "queue.yaml"))
+            atomic_write_text(os.path.join(path, "queue.yaml"), yaml.safe_dump(settings, sort_keys=False))
         except OSError as exc:
             raise QueueError(f"--queue {path}: cannot make the queue there: {exc.strerror or exc}") from None
         return q
@@ -203,7 +190,7 @@ class Queue:
 
     def _set_state(self, job_id: str, **changes) -> dict:
         st = {**self.state(job_id), **changes, "updated": _now()}
-        _atomic_json(os.path.join(self._job_dir(job_id), "state.json"), st)
+        atomic_write_json(os.path.join(self._job_dir(job_id), "state.json"), st)
         return st
 
     def jobs(self) -> list[dict]:
@@ -238,7 +225,8 @@ class Queue:
         from scheduling.jobs import PlanParams
 
         if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
-            raise QueueError(f"--tenant must be 1-64 letters, digits, '_' or '-', starting with a letter, got {tenant!r}")
+            raise QueueError("--tenant must be 1-64 letters, digits, '_' or '-', starting with a letter, got "
+                             f"{tenant!r}")
         settings = self.settings()
         spec = read_yaml_mapping(job_file, "job file")
         name = str(spec.get("adapter") or os.path.splitext(os.path.basename(job_file))[0])
@@ -287,7 +275,7 @@ class Queue:
                 yaml.safe_dump({k: v for k, v in spec.items() if k != "adapter"}, fh, sort_keys=False)
             with _locked(self.path):
                 seq = 1 + max((x["seq"] for x in self.jobs() if x["state"] != "corrupt"), default=0)
-                _atomic_json(os.path.join(tmp, "state.json"), {
+                atomic_write_json(os.path.join(tmp, "state.json"), {
                     "state": "pending", "tenant": tenant, "name": name, "seq": seq, "submitted": _now(),
                     "updated": _now(), "batch": None, "result": None, "error": None})
                 os.rename(tmp, folder)
@@ -382,10 +370,10 @@ class Queue:
             bdir = os.path.join(self.path, "batches", batch)
             os.makedirs(bdir)
             fd = _claim(bdir)
-            _atomic_json(os.path.join(bdir, "jobs.json"), taken)
+            atomic_write_json(os.path.join(bdir, "jobs.json"), taken)
             for job_id in taken:
                 self._set_state(job_id, state="running", batch=batch, started=_now())
-            _atomic_json(os.path.join(self.path, "tenants.json"), served)
+            atomic_write_json(os.path.join(self.path, "tenants.json"), served)
             return batch, taken, False, fd
 
     @staticmethod

@@ -28,13 +28,44 @@ def checkpoints_dir(output_dir: str) -> str:
     return os.path.join(output_dir, "checkpoints")
 
 
-def _atomic_write_text(path: str, text: str) -> None:
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` all or nothing: a temp file, fsynced, renamed over it."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+class LockBusy(OSError):
+    """The lock file is held by another process; ``holder`` is the pid it wrote there ('' if none)."""
+
+    def __init__(self, path: str, holder: str):
+        super().__init__(f"{path} is locked by {holder or 'another process'}")
+        self.holder = holder
+
+
+def lock_file(path: str) -> int:
+    """An exclusive ``flock`` on ``path`` (made if missing), held until the returned fd is closed or the process
+    ends, however it ends; our pid is written into it. :class:`LockBusy` (with the holder's pid) when another
+    process holds it; ImportError where there is no ``fcntl`` (Windows)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise LockBusy(path, holder) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 def _fsync_path(path: str) -> None:
@@ -118,7 +149,7 @@ def commit(output_dir: str, step: int, keep: int) -> str:
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_path(checkpoints_dir(output_dir))
-    _atomic_write_text(os.path.join(checkpoints_dir(output_dir), "latest"), os.path.basename(final) + "\n")
+    atomic_write_text(os.path.join(checkpoints_dir(output_dir), "latest"), os.path.basename(final) + "\n")
     names = _step_folders(output_dir)
     older = [n for n in names if n != os.path.basename(final)]  # the checkpoint just written is always kept
     for old in older[:max(0, len(names) - keep)]:

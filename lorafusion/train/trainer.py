@@ -480,25 +480,19 @@ def run_training(cfg: RunConfig, resume: bool = False) -> dict:
         torch.set_num_threads(threads)
 
 
-def _lock_output(out: str) -> int | None:
-    """Rank 0: hold ``out/.lock`` for the run (released when the process ends, however it ends); a TrainError when
-    another run holds it. Two runs in one folder interleaved their metrics and overwrote each other's checkpoints,
-    since the folder is refused only once it holds a checkpoint."""
+def _lock_output(out: str, key: str = "train.output_dir") -> int | None:
+    """Rank 0: hold ``out/.lock`` for the run (released when the process ends, however it ends); a TrainError
+    naming config key ``key`` when another run holds it. Two runs in one folder interleaved their metrics and
+    overwrote each other's checkpoints, since the folder is refused only once it holds a checkpoint."""
+    from lorafusion.train.checkpoint import LockBusy, lock_file
+
     try:
-        import fcntl
+        return lock_file(os.path.join(out, ".lock"))
     except ImportError:  # no flock (Windows): unlocked, as before
         return None
-    fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise TrainError(f"train.output_dir {out} is in use by another run{f' (pid {holder})' if holder else ''}; "
+    except LockBusy as exc:
+        raise TrainError(f"{key} {out} is in use by another run{f' (pid {exc.holder})' if exc.holder else ''}; "
                          "wait for it to end, or choose another output folder") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
 
 
 def _run(cfg: RunConfig, resume: bool, ds, locks: list) -> dict:
