@@ -123,6 +123,9 @@ COTRAIN_HELP = """\
 Co-train several jobs' LoRA adapters over one frozen base model: plan their samples into shared microbatches
 (scheduling.planner), then train every job's adapter with its own optimizer, one PEFT adapter folder per job.
 The config (YAML) lists the jobs; see configs/cotrain_example.yaml and docs/cotrain.md.
+
+Pipeline-parallel: one process per pipeline stage (the config's stages: S), each holding its share of the decoder
+layers, e.g.  torchrun --nproc_per_node S -m lorafusion cotrain --config cotrain.yaml
 """
 
 
@@ -132,29 +135,49 @@ def _cotrain(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, help="YAML config: model, output_dir, capacity, ..., jobs")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("--output-dir", help="override the config's output_dir")
+    parser.add_argument("--stop-after", type=int, metavar="N",
+                        help="stop, checkpointed, once N microbatches of the schedule are done (a time-boxed slot); "
+                             "--resume continues")
     args = parser.parse_args(argv)
+    if args.stop_after is not None and args.stop_after < 1:
+        from scheduling.pipeline import is_lead
+
+        if not is_lead():
+            return 2
+        return _error("cotrain", f"--stop-after: must be a positive number of microbatches (got {args.stop_after})")
 
     from lorafusion.train.checkpoint import CheckpointError, resume_hint
     from lorafusion.train.config import ConfigError
+    from scheduling.pipeline import is_lead, launched, run_pipeline
 
     try:
         from scheduling.executor import CoTrainer, CoTrainError, load_cotrain_config
         from lorafusion.train.trainer import TrainError
 
         cfg = load_cotrain_config(args.config, {"output_dir": args.output_dir} if args.output_dir else None)
-    except ConfigError as exc:
-        return _error("cotrain", f"config error: {exc}")
+    except ConfigError as exc:  # under torchrun every stage finds it: the last one prints it
+        return _error("cotrain", f"config error: {exc}") if is_lead() else 2
+
     try:
         with _sigterm_interrupts():
-            summary = CoTrainer(cfg).run(resume=args.resume)
+            if launched():  # torchrun: one pipeline stage per process
+                summary = run_pipeline(cfg, resume=args.resume, stop_after=args.stop_after)
+            else:
+                summary = CoTrainer(cfg).run(resume=args.resume, stop_after=args.stop_after)
     except ConfigError as exc:
-        return _error("cotrain", f"config error: {exc}")
+        return 2 if getattr(exc, "quiet", False) else _error("cotrain", f"config error: {exc}")
     except (CoTrainError, CheckpointError, TrainError, ValueError) as exc:
-        return _error("cotrain", str(exc))
+        return 2 if getattr(exc, "quiet", False) else _error("cotrain", str(exc))
     except OSError as exc:
         return _error("cotrain", f"{type(exc).__name__}: {exc}; {resume_hint(cfg.output_dir)}")
     except KeyboardInterrupt as exc:
+        if not is_lead():  # every stage got the signal: the last one says so
+            from lorafusion.train.trainer import Terminated
+
+            return 143 if isinstance(exc, Terminated) else 130
         return _interrupted("cotrain", exc, resume_hint(cfg.output_dir))
+    if not is_lead():  # the last pipeline stage reports
+        return 0
     if "stopped" in summary:
         print(f"lorafusion cotrain: stopped ({summary['stopped']}) after microbatch {summary['next_microbatch']}; "
               f"{resume_hint(cfg.output_dir)}")

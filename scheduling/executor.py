@@ -24,7 +24,8 @@ Each job brings its own data (a JSONL file of ``{"prompt", "completion"}`` or ``
 
 This executor runs the whole model in one process, microbatch after microbatch: the schedule's order, capacity and
 per-segment padding are honoured exactly, its no-op slots (which only matter between pipeline stages) are skipped.
-Running the stages on several devices (``torch.distributed.pipelining``) is not built yet.
+Under ``torchrun --nproc_per_node S`` (``stages: S``), :class:`scheduling.pipeline.PipelineCoTrainer` runs the same
+plan pipeline-parallel, one stage per process.
 """
 from __future__ import annotations
 
@@ -406,7 +407,7 @@ class CoTrainer:
             tok.pad_token = tok.eos_token
         return tok
 
-    def _load_model(self):
+    def _load_model(self, device: torch.device | None = None):
         from transformers import AutoModelForCausalLM
 
         path = self.model_path()
@@ -416,9 +417,15 @@ class CoTrainer:
         except Exception as exc:  # noqa: BLE001
             raise CoTrainError(f"model: cannot load {path}: {type(exc).__name__}: {exc}") from None
         model.config.use_cache = False
-        return model.to(self.device), tok
+        return model.to(self.device if device is None else device), tok
 
     def setup(self):
+        """Model, data, plan, adapters and optimizers; the backend and packing check; the eval data."""
+        self._build()
+        self._check_backend_and_packing()
+        self._read_evals()
+
+    def _build(self):
         from lorafusion.multi import MultiLoRAModel
         from lorafusion.train.trainer import lr_schedule
 
@@ -446,7 +453,6 @@ class CoTrainer:
         except ValueError as exc:
             raise CoTrainError(f"target_modules: {exc}") from None
         adapter_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
-        self.optimizers, self.schedulers = {}, {}
         for i, j in enumerate(cfg.jobs):
             # each adapter's initial weights from (seed, its name) alone: a job starts from the same adapter
             # whatever jobs it is batched with, and in whatever order
@@ -456,24 +462,14 @@ class CoTrainer:
                                     dtype=adapter_dtype, target_modules=j.target_modules)
             except ValueError as exc:
                 raise CoTrainError(f"jobs[{i}] ({j.adapter}): {exc}") from None
-            opt = torch.optim.AdamW(self.mm.adapter_parameters(j.adapter), lr=j.lr, betas=tuple(j.betas), eps=j.eps,
+        self._place()
+        self.optimizers, self.schedulers = {}, {}
+        for j in cfg.jobs:
+            opt = torch.optim.AdamW(self._optimized(j.adapter), lr=j.lr, betas=tuple(j.betas), eps=j.eps,
                                     weight_decay=j.weight_decay)
             self.optimizers[j.adapter] = opt
             self.schedulers[j.adapter] = lr_schedule(opt, j.schedule, j.warmup_steps, j.min_lr_ratio,
                                                      self.data[j.adapter].job.num_global_batches)
-        self._check_backend_and_packing()
-        self.evals = {}
-        for i, j in enumerate(cfg.jobs):
-            if j.eval_data:
-                ids, targets, _, records = read_samples(j.eval_data, self.tokenizer, cfg.capacity,
-                                                        f"jobs[{i}] ({j.adapter}).eval_data", j.max_eval_samples,
-                                                        default_split="eval")
-                prompts = [r for r in records if "prompt" in r]
-                if j.generate_eval and not prompts:
-                    logger.warning("jobs[%d] (%s): eval_data %s has no prompt / completion records, so no exact "
-                                   "match is measured (only the eval loss)", i, j.adapter, j.eval_data)
-                self.evals[j.adapter] = (ids, targets, prompts)
-        torch.manual_seed(cfg.seed)  # the dropout masks' stream
         # the optimizer step of (adapter, global batch) after microbatch i: {i: [(adapter, g), ...]}
         self.steps_after: dict[int, list] = {}
         for a, idx in self.schedule.optimizer_steps.items():
@@ -487,6 +483,31 @@ class CoTrainer:
         self.schedule_digest = _digest(self.schedule.to_json())
         self.data_digest = {a: _digest(json.dumps([tj.ids, tj.targets])) for a, tj in self.data.items()}
 
+    def _place(self) -> None:
+        """Where the adapted model is put before the optimizers are made (one process: it is on its device)."""
+
+    def _optimized(self, adapter: str) -> list:
+        """The parameters adapter ``adapter``'s optimizer steps here."""
+        return self.mm.adapter_parameters(adapter)
+
+    def _read_evals(self) -> None:
+        cfg = self.cfg
+        self.evals = {}
+        for i, j in enumerate(cfg.jobs):
+            if j.eval_data:
+                ids, targets, _, records = read_samples(j.eval_data, self.tokenizer, cfg.capacity,
+                                                        f"jobs[{i}] ({j.adapter}).eval_data", j.max_eval_samples,
+                                                        default_split="eval")
+                prompts = [r for r in records if "prompt" in r]
+                if j.generate_eval and not prompts:
+                    logger.warning("jobs[%d] (%s): eval_data %s has no prompt / completion records, so no exact "
+                                   "match is measured (only the eval loss)", i, j.adapter, j.eval_data)
+                self.evals[j.adapter] = (ids, targets, prompts)
+        torch.manual_seed(self._dropout_seed())  # the dropout masks' stream
+
+    def _dropout_seed(self) -> int:
+        return self.cfg.seed
+
     def _row_logits(self, ids: list, pos: list, rows: list) -> torch.Tensor:
         """The logits of one packed row: token ids, their position ids (restarting at every sample) and each
         token's adapter (or None)."""
@@ -494,6 +515,11 @@ class CoTrainer:
         with self.mm.use_segments(self.mm.make_segments(rows)):
             return self.mm.model(input_ids=torch.tensor([ids], device=dev),
                                  position_ids=torch.tensor([pos], device=dev), use_cache=False).logits[0]
+
+    def _rows_logits(self, rows):
+        """The logits of packed rows ``(ids, pos, row adapters)``, one after another (no gradients needed)."""
+        for ids, pos, adapters in rows:
+            yield self._row_logits(ids, pos, adapters)
 
     @torch.no_grad()
     def _check_backend_and_packing(self) -> None:
@@ -507,19 +533,19 @@ class CoTrainer:
         except (RuntimeError, TypeError) as exc:
             raise CoTrainError(f"backend: {exc}") from None
         tj = self.data[self.cfg.jobs[0].adapter]
-        vocab = self.mm.model.get_input_embeddings().num_embeddings
+        vocab = self.mm.model.config.vocab_size
         second = tj.ids[0][: max(2, self.cfg.capacity // 2)]
         first = [7 % vocab, 11 % vocab, 13 % vocab][: max(1, min(3, self.cfg.capacity - len(second)))]
         other = [(t * 5 + 3) % vocab for t in first]
         name = self.cfg.jobs[0].adapter
-        outs = []
+        rows = [(lead + second, list(range(len(lead))) + list(range(len(second))), [name] * (len(lead) + len(second)))
+                for lead in (first, other)]
         was = self.mm.training
         self.mm.eval()  # no dropout: the two forwards must differ only by the leading sample
-        for lead in (first, other):
-            row = lead + second
-            pos = list(range(len(lead))) + list(range(len(second)))
-            outs.append(self._row_logits(row, pos, [name] * len(row))[len(lead):].double())
+        outs = [None if x is None else x[len(first):].double() for x in self._rows_logits(rows)]
         self.mm.train(was)
+        if outs[0] is None:  # a pipeline stage without the output head: the last stage judges
+            return
         leak = float((outs[0] - outs[1]).abs().max())
         if leak > 1e-6 * (1.0 + float(outs[0].abs().max())):
             raise CoTrainError(f"model: {self.cfg.model} ({type(self.mm.model).__name__}) lets packed samples attend "
@@ -538,33 +564,60 @@ class CoTrainer:
 
         ids, targets, records = self.evals[adapter]
         job = self.jobs_by_name[adapter]
+        rows, row, pos, tgt = [], [], [], []
+        for k in range(len(ids) + 1):
+            if k == len(ids) or len(row) + len(ids[k]) > self.cfg.capacity:
+                rows.append((row, pos, tgt))
+                row, pos, tgt = [], [], []
+            if k < len(ids):
+                row += ids[k]
+                pos += range(len(ids[k]))
+                tgt += targets[k]
         was = self.mm.training
         self.mm.eval()
         try:
-            total, count, row, pos, tgt = 0.0, 0, [], [], []
-            for k in range(len(ids) + 1):
-                if k == len(ids) or len(row) + len(ids[k]) > self.cfg.capacity:
-                    logits = self._row_logits(row, pos, [adapter] * len(row))
-                    t = torch.tensor(tgt, device=self.device)
-                    total += float(F.cross_entropy(logits.double(), t, ignore_index=IGNORE_INDEX, reduction="sum"))
-                    count += int((t != IGNORE_INDEX).sum())
-                    row, pos, tgt = [], [], []
-                if k < len(ids):
-                    row += ids[k]
-                    pos += range(len(ids[k]))
-                    tgt += targets[k]
-            out = {"eval_loss": total / count}
+            total, count = 0.0, 0
+            for (_, _, tgt), logits in zip(rows, self._rows_logits((r, p, [adapter] * len(r)) for r, p, _ in rows)):
+                if logits is None:  # a pipeline stage without the output head
+                    continue
+                t = torch.tensor(tgt, device=self.device)
+                total += float(F.cross_entropy(logits.double(), t, ignore_index=IGNORE_INDEX, reduction="sum"))
+                count += int((t != IGNORE_INDEX).sum())
+            out = {"eval_loss": total / count if count else None}
             if job.generate_eval and records:
-                out["eval_exact_match"] = exact_match(_OneAdapter(self.mm, adapter), self.tokenizer, records,
+                out["eval_exact_match"] = exact_match(self._generator(adapter), self.tokenizer, records,
                                                       job.max_new_tokens, self.device, contextlib.nullcontext)
             return out
         finally:
             self.mm.train(was)
 
+    def _generator(self, adapter: str):
+        """What generates with adapter ``adapter`` for the exact match (``.generate`` as transformers')."""
+        return _OneAdapter(self.mm, adapter)
+
     # -- checkpoints
     def _state(self, next_mb: int, inflight: dict, stats: dict) -> dict:
         return {"next_microbatch": next_mb, "schedule_digest": self.schedule_digest, "data_digest": self.data_digest,
-                "inflight_loss": [[a, g, v] for (a, g), v in sorted(inflight.items())], "stats": stats}
+                "inflight_loss": [[a, g, v] for (a, g), v in sorted(inflight.items())], "stats": stats,
+                "processes": self.processes}
+
+    processes = 1  # pipeline stages run by separate processes (one: the whole model here)
+
+    def _check_state(self, path: str, state: dict) -> None:
+        """The checkpoint's state file ``state`` was written by a run of this schedule, data and process count."""
+        if state.get("schedule_digest") != self.schedule_digest:
+            raise CoTrainError(f"checkpoint {path} was written for another schedule (a changed config or data); "
+                               "resume with the run's own config and data, or start a new output_dir")
+        changed = sorted(a for a, d in self.data_digest.items() if state.get("data_digest", {}).get(a) != d)
+        if changed:
+            raise CoTrainError(f"checkpoint {path}: the data of job(s) {', '.join(changed)} changed since it was "
+                               "written; resume on the run's own data, or start a new output_dir")
+        was = state.get("processes", 1)
+        if was != self.processes:
+            how = ("one process (lorafusion cotrain ...)" if was == 1 else
+                   f"`torchrun --nproc_per_node {was} -m lorafusion cotrain ...`")
+            raise CoTrainError(f"checkpoint {path} was written by a run of {was} process(es), one per pipeline "
+                               f"stage, and this run has {self.processes}; resume it with {how}")
 
     def _save(self, next_mb: int, inflight: dict, stats: dict) -> str:
         from safetensors.torch import save_file
@@ -598,13 +651,7 @@ class CoTrainer:
         try:
             with open(os.path.join(path, "cotrain_state.json")) as fh:
                 state = json.load(fh)
-            if state.get("schedule_digest") != self.schedule_digest:
-                raise CoTrainError(f"checkpoint {path} was written for another schedule (a changed config or data); "
-                                   "resume with the run's own config and data, or start a new output_dir")
-            changed = sorted(a for a, d in self.data_digest.items() if state.get("data_digest", {}).get(a) != d)
-            if changed:
-                raise CoTrainError(f"checkpoint {path}: the data of job(s) {', '.join(changed)} changed since it was "
-                                   "written; resume on the run's own data, or start a new output_dir")
+            self._check_state(path, state)
             weights = load_file(os.path.join(path, "adapters.safetensors"))
             grads = load_file(os.path.join(path, "grads.safetensors"))
             opts = torch.load(os.path.join(path, "optimizers.pt"), weights_only=True)
@@ -777,18 +824,32 @@ class CoTrainer:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        self._record(a, g, i, lr, grad_norm, inflight, stats, metrics)
+        if g == self.data[a].job.num_global_batches - 1:
+            self._job_done(a, stats)
+
+    def _record(self, a: str, g: int, i: int, lr: float, grad_norm: float, inflight: dict, stats: dict,
+                metrics) -> None:
+        """Global batch ``g`` of adapter ``a`` stepped after microbatch ``i``: its loss in the stats and a
+        metrics line."""
         loss = inflight.pop((a, g), 0.0) / self.loss_tokens[(a, g)]
         stats["steps"].setdefault(a, []).append(loss)
         rec = {"adapter": a, "global_batch": g, "loss": loss, "lr": lr, "after_microbatch": i,
                "loss_tokens": self.loss_tokens[(a, g)], "grad_norm": grad_norm}
         metrics.write(json.dumps(rec) + "\n")
         metrics.flush()
-        if g == self.data[a].job.num_global_batches - 1:
-            folder = self._write_adapter(a)
-            logger.info("job %s done: %d steps, last loss %.4f, adapter in %s", a, g + 1, loss, folder)
-            if a in self.evals:
-                stats.setdefault("eval_after", {})[a] = self.evaluate(a)
-                logger.info("job %s eval: %s", a, stats["eval_after"][a])
+
+    def _job_done(self, a: str, stats: dict) -> None:
+        """Adapter ``a`` took its last step: its PEFT folder, and its eval."""
+        folder = self._write_adapter(a)
+        losses = stats["steps"].get(a)
+        if losses:
+            logger.info("job %s done: %d steps, last loss %.4f, adapter in %s", a, len(losses), losses[-1], folder)
+        if a in self.evals:
+            result = self.evaluate(a)
+            if result.get("eval_loss") is not None:
+                stats.setdefault("eval_after", {})[a] = result
+                logger.info("job %s eval: %s", a, result)
 
     def _summary(self, stats: dict) -> dict:
         from .simulate import simulate

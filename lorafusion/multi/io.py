@@ -17,7 +17,7 @@ from lorafusion.multi.model import MultiLoRAModel, _matches
 _PREFIX = "base_model.model."
 
 
-def _target_modules(model: MultiLoRAModel, name: str) -> list[str] | str:
+def peft_target_modules(model: MultiLoRAModel, name: str) -> list[str] | str:
     """PEFT's ``target_modules`` that select exactly the linears adapter ``name`` targets: their last names
     (``q_proj``, ..) when PEFT, which matches a module whose path is a target or ends with ``.target``, would find
     no other module by them; else a regular expression of their full paths, which PEFT matches whole (a list of
@@ -32,23 +32,33 @@ def _target_modules(model: MultiLoRAModel, name: str) -> list[str] | str:
 
 def save_adapter(model: MultiLoRAModel, name: str, folder: str, base_model_name_or_path: str | None = None) -> None:
     """Write adapter ``name`` of ``model`` to ``folder`` as a PEFT LoRA adapter."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
     if name not in model.adapter_specs:
         raise ValueError(f"unknown adapter {name!r} (held: {list(model.adapter_specs)})")
-    spec = model.adapter_specs[name]
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
+    write_adapter(folder, adapter_tensors(model, name), model.adapter_specs[name], peft_target_modules(model, name),
+                  base_model_name_or_path)
+
+
+def adapter_tensors(model: MultiLoRAModel, name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s weights in ``model`` under PEFT's keys (on the CPU)."""
     tensors = {}
     layers = model.layers()
     for path in model.adapter_layers[name]:
         layer = layers[path]
         tensors[f"{_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].detach().contiguous().cpu()
         tensors[f"{_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].detach().contiguous().cpu()
-    if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model.model, "config", None), "_name_or_path", None) or None
+    return tensors
+
+
+def write_adapter(folder: str, tensors: dict, spec, target_modules, base_model_name_or_path: str | None) -> None:
+    """A PEFT LoRA folder of ``tensors`` (PEFT's keys) for an adapter of ``spec`` (r, alpha, dropout, rsLoRA) over
+    ``target_modules``."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, use_rslora=spec.use_rslora,
-                        target_modules=_target_modules(model, name), bias="none",
-                        base_model_name_or_path=base_model_name_or_path)
+                        target_modules=target_modules, bias="none", base_model_name_or_path=base_model_name_or_path)
     os.makedirs(folder, exist_ok=True)
     config.save_pretrained(folder)
     save_file(tensors, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -182,6 +182,18 @@ class MultiLoRAModel(nn.Module):
         del self.adapter_layers[name]
         return removed
 
+    def release_layers(self, paths) -> None:
+        """Forget the wrapped linears at ``paths``: their modules were taken out of the model (a pipeline stage
+        keeps only its own layers). Adapters keep their names and settings; their parameters here are those of the
+        linears kept, which may be none."""
+        gone = set(paths)
+        unknown = sorted(gone - set(self.layer_names))
+        if unknown:
+            raise ValueError(f"release_layers: not wrapped linears of the model: {unknown[:5]}")
+        self.layer_names = [p for p in self.layer_names if p not in gone]
+        for name, held in self.adapter_layers.items():
+            self.adapter_layers[name] = [p for p in held if p not in gone]
+
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         if name not in self.adapter_specs:
             raise ValueError(f"unknown adapter {name!r}")

@@ -584,3 +584,24 @@ def test_exclude_modules_takes_one_name_or_none():
     assert "lm_head" in mm.layer_names  # the default exclusion is replaced, as a tuple would replace it
     assert "lm_head" in MultiLoRAModel(_base(), exclude_modules=None).layer_names
     assert "lm_head" not in MultiLoRAModel(_base()).layer_names
+
+
+def test_release_layers_keeps_the_adapters_of_the_linears_left():
+    """A pipeline stage drops the layers other stages hold: the adapters keep their names and specs, their
+    parameters shrink to the linears kept (none for an adapter that targets only dropped ones), and the saved
+    tensors name only the linears kept."""
+    from lorafusion.multi.io import adapter_tensors
+
+    mm = MultiLoRAModel(_base())
+    mm.add_adapter("all", r=2, alpha=4)
+    names = list(mm.layer_names)
+    mm.add_adapter("one", r=2, alpha=4, layers=[names[0]])
+    before = len(mm.adapter_parameters("all"))
+    mm.release_layers(names[:1])
+    assert mm.layer_names == names[1:]
+    assert len(mm.adapter_parameters("all")) == before - 2
+    assert mm.adapter_parameters("one") == [] and "one" in mm.adapter_specs
+    assert adapter_tensors(mm, "one") == {}
+    assert not any(names[0] + "." in k for k in adapter_tensors(mm, "all"))
+    with pytest.raises(ValueError, match="not wrapped linears of the model"):
+        mm.release_layers(["no.such.layer"])

@@ -1,0 +1,634 @@
+"""Pipeline-parallel co-training: the executor with the base model's decoder layers split over ``stages`` processes.
+
+    torchrun --nproc_per_node S -m lorafusion cotrain --config cotrain.yaml [--resume]     (the config's stages: S)
+
+Every process reads the config, tokenizes the data and makes the same plan (planning is deterministic), so each
+knows every microbatch's token count and no shapes cross the wire. Process ``s`` keeps decoder layers
+``split_layers(n, S)[s]`` (contiguous, as even as the count allows) and their adapters; the layers other stages hold are
+replaced by pass-through modules, so module paths, and the keys of the PEFT folders written, stay the whole model's.
+The first stage embeds the tokens, the last applies the final norm and the output head and computes the loss.
+
+The microbatches run in the schedule's order under one-forward-one-backward (1F1B, non-interleaved, as Megatron-LM's
+``forward_backward_pipelining_without_interleaving``): stage ``s`` runs ``S - s - 1`` warm-up forwards, then
+alternates a forward and a backward, then drains. Activations go forward and their gradients backward over
+point-to-point sends (gloo on CPU, NCCL on CUDA), each pair batched (``batch_isend_irecv``) as Megatron does so two
+neighbours never wait on each other's sends. The plan's no-op slots are kept as empty positions: they hold a job's
+next global batch back until the optimizer step of the one before has been applied.
+
+Each adapter's optimizer steps on every stage, over that stage's share of its parameters, right after the stage's
+backward of the microbatch the plan names: global batch ``g + 1`` of an adapter starts at least ``S`` positions
+after ``g``'s last microbatch, and in 1F1B the forward of position ``k + S`` on stage ``s`` comes after its backward of
+position ``k`` (the verifier checks the first; the second is 1F1B's order), so the next forward already sees the
+stepped weights. Gradient clipping needs the adapter's norm over all stages: each stage starts a non-blocking
+all-reduce of its squared norm after that backward, and waits for it only before its next forward of that adapter.
+AdamW is elementwise, so per-stage optimizers step exactly as one optimizer over all the parameters would.
+
+``torch.distributed.pipelining`` is not used: its schedules run a fixed number of equally shaped microbatches per
+``step()`` and step the optimizer after all of them (uneven microbatch shapes are not supported: pytorch/pytorch#126600),
+while a plan has a different token count in every microbatch and a different adapter's optimizer step after many
+of them.
+
+Checkpoints are taken with the pipeline drained, every ``save_every`` microbatches (each stage writes its own files
+into the one checkpoint folder; the last stage commits it), and a SIGINT / SIGTERM is honoured at the next such
+boundary (with ``save_every: 0``, at the end). Finished jobs' adapters are gathered to the last stage, which writes
+their PEFT folders, at those boundaries too; their evals run through the pipeline (greedy decoding re-runs the whole
+prefix at each new token: no KV cache across stages). Dropout draws from a per-stage stream: with dropout a pipeline
+run's masks differ from a one-process run's (the same distribution), and its resume is exact.
+
+Each process loads the whole checkpoint on the CPU before keeping its layers, and keeps the token embedding (the first
+stage uses it, a tied output head on the last stage shares it): peak host memory is one copy of the model per
+process while loading. All processes must see the same output_dir (one machine, or a shared file system).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from lorafusion.train.checkpoint import atomic_write_json
+
+from .executor import IGNORE_INDEX, CoTrainConfig, CoTrainer, CoTrainError, _fail, pack_microbatch
+
+logger = logging.getLogger("lorafusion.cotrain")
+SIGNALS = ("SIGINT", "SIGTERM")
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_lead() -> bool:
+    """This process runs the last stage: it writes the run's files and prints its results."""
+    return int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1
+
+
+def split_layers(n_layers: int, stages: int) -> list[range]:
+    """Contiguous layer ranges, one per stage, the first ``n_layers % stages`` one layer longer."""
+    if stages > n_layers:
+        raise ValueError(f"{stages} stages for {n_layers} decoder layers: at most one stage per layer")
+    size, extra = divmod(n_layers, stages)
+    out, lo = [], 0
+    for s in range(stages):
+        hi = lo + size + (1 if s < extra else 0)
+        out.append(range(lo, hi))
+        lo = hi
+    return out
+
+
+class _Elsewhere(nn.Module):
+    """A decoder layer another pipeline stage holds: passes the hidden states through."""
+
+    def __init__(self, index: int, stage: int):
+        super().__init__()
+        self.index, self.stage = index, stage
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def extra_repr(self) -> str:
+        return f"layer {self.index} on stage {self.stage}"
+
+
+def _decoder(model: nn.Module, where: str):
+    """The decoder of a causal LM with its layer list, the list's module path and its final norm."""
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(dec, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not isinstance(getattr(dec, "norm", None), nn.Module):
+        raise CoTrainError(f"model: {where} ({type(model).__name__}) has no decoder with a `layers` list and a final "
+                           "`norm`, which pipeline stages split (Llama, Mistral, Qwen2, ... have them); run it with "
+                           "stages: 1")
+    path = next(n for n, m in model.named_modules() if m is layers)
+    return dec, layers, path
+
+
+class _PipelineGreedy:
+    """``generate`` for the exact match: greedy decoding through the pipeline, one whole-prefix forward per token."""
+
+    def __init__(self, trainer: "PipelineCoTrainer", adapter: str):
+        self.t, self.adapter = trainer, adapter
+
+    @property
+    def training(self) -> bool:
+        return self.t.mm.training
+
+    def train(self, mode: bool = True):
+        self.t.mm.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id, **_):
+        t = self.t
+        ids, mask = input_ids, attention_mask
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            layout = t.mm.make_segments([self.adapter] * ids.shape[0], seq_len=ids.shape[1])
+            logits = t._forward_only(ids, pos, mask, layout)
+            nxt = logits[:, -1].argmax(-1).cpu() if t.last else torch.zeros(ids.shape[0], dtype=torch.long)
+            dist.broadcast(nxt, src=t.world - 1, group=t.side)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            ids = torch.cat([ids, nxt[:, None].to(ids.device)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            done |= nxt == eos_token_id
+            if bool(done.all()):
+                break
+        return ids
+
+
+class PipelineCoTrainer(CoTrainer):
+    """The executor over ``cfg.stages`` processes, one pipeline stage each (a process group must be up)."""
+
+    def __init__(self, cfg: CoTrainConfig):
+        super().__init__(cfg)
+        if not dist.is_initialized():
+            raise CoTrainError("a pipeline run needs a process group: start it with `torchrun --nproc_per_node "
+                               f"{cfg.stages} -m lorafusion cotrain --config ...`")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        try:
+            self._check_launch(cfg)
+        except Exception as exc:  # every process finds it: the last one prints it
+            exc.quiet = self.rank != self.world - 1
+            raise
+        self.processes = self.world
+        self.first, self.last = self.rank == 0, self.rank == self.world - 1
+        # CPU control messages (squared gradient norms, stop flags, errors, objects) on a gloo group of their own, so
+        # they never queue behind the activations on the default group
+        self.side = dist.new_group(backend="gloo")
+        self.pending: dict[str, tuple] = {}  # adapter -> (global batch, microbatch, squared-norm tensor, work)
+        self.finished: list[str] = []        # jobs whose last step is done, written at the next boundary
+
+    def _check_launch(self, cfg: CoTrainConfig) -> None:
+        if self.world != cfg.stages:
+            _fail("stages", cfg.stages, f"must equal the number of processes the launcher started ({self.world}): "
+                                        "one pipeline stage per process")
+        if cfg.device == "cuda":
+            if not torch.cuda.is_available():
+                _fail("device", cfg.device, "no CUDA device is available")
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+            if torch.cuda.device_count() < local:
+                _fail("device", cfg.device, f"{local} pipeline stages on this machine need one GPU each, and it has "
+                                            f"{torch.cuda.device_count()}")
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+
+    # -- agreement between the stages
+    def _agree(self, fn, *args):
+        """Run ``fn`` here; if it raised on any stage, raise on every stage (the failing one with its own error, the
+        others with the same message, marked ``quiet`` so the launcher prints it once)."""
+        from lorafusion.train.config import ConfigError
+
+        out, err, exc = None, None, None
+        try:
+            out = fn(*args)
+        except Exception as e:  # noqa: BLE001 -- handed to every stage below, then raised
+            exc, err = e, (type(e).__name__, str(e))
+        errs = [None] * self.world
+        dist.all_gather_object(errs, err, group=self.side)
+        bad = [(r, e) for r, e in enumerate(errs) if e is not None]
+        if not bad:
+            return out
+        r, (kind, msg) = bad[0]
+        if exc is not None and r == self.rank:
+            raise exc
+        mine = (ConfigError if kind == "ConfigError" else CoTrainError)(msg)
+        mine.quiet = True
+        raise mine
+
+    def _from_lead(self, obj):
+        """``obj`` as the last stage has it, on every stage."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.world - 1, group=self.side)
+        return box[0]
+
+    # -- the stage's share of the model
+    def _load_model(self, device=None):
+        return super()._load_model(torch.device("cpu"))  # the whole model on the CPU; _place keeps this stage's part
+
+    def _place(self) -> None:
+        from lorafusion.multi.io import peft_target_modules
+
+        model = self.mm.model
+        dec, layers, path = _decoder(model, self.cfg.model)
+        try:
+            self.layer_ranges = split_layers(len(layers), self.world)
+        except ValueError as exc:
+            _fail("stages", self.cfg.stages, f"{exc} ({self.cfg.model})")
+        # the PEFT target_modules of each adapter over the whole model, for the folders the last stage writes
+        self.peft_targets = {a: peft_target_modules(self.mm, a) for a in self.mm.adapter_specs}
+        mine = self.layer_ranges[self.rank]
+        gone = []
+        for k in range(len(layers)):
+            if k in mine:
+                continue
+            prefix = f"{path}.{k}."
+            gone += [n for n in self.mm.layer_names if n.startswith(prefix)]
+            layers[k] = _Elsewhere(k, next(s for s, r in enumerate(self.layer_ranges) if k in r))
+        self.mm.release_layers(gone)
+        if not self.last:
+            dec.norm = nn.Identity()
+            if hasattr(model, "lm_head"):
+                model.lm_head = nn.Identity()
+        self.hidden = model.config.hidden_size
+        self.mm.to(self.device)
+        self._empty = {}
+
+    def _optimized(self, adapter: str) -> list:
+        params = self.mm.adapter_parameters(adapter)
+        if params:
+            return params
+        # the adapter targets no linear of this stage's layers: a zero-size stand-in carries its optimizer and
+        # schedule (it never has a gradient, so AdamW leaves it alone)
+        self._empty[adapter] = nn.Parameter(torch.zeros(0, device=self.device))
+        return [self._empty[adapter]]
+
+    def _dropout_seed(self) -> int:
+        return (self.cfg.seed * 1_000_003 + 7919 * (self.rank + 1)) % 2**63
+
+    def setup(self):
+        self._agree(self._build)
+        self._agree(self._check_backend_and_packing)
+        self._agree(self._read_evals)
+
+    # -- moving tensors between neighbours
+    def _p2p(self, send_next=None, send_prev=None, recv_next=None, recv_prev=None):
+        """Post the given sends and receives together and wait for all of them; returns the received tensors
+        (``recv_*``: the shape to receive, or None)."""
+        ops, got = [], {}
+        for tensor, peer in ((send_next, self.rank + 1), (send_prev, self.rank - 1)):
+            if tensor is not None:
+                ops.append(dist.P2POp(dist.isend, tensor.contiguous(), peer))
+        for key, shape, peer in (("next", recv_next, self.rank + 1), ("prev", recv_prev, self.rank - 1)):
+            if shape is not None:
+                got[key] = torch.empty(shape, dtype=self.dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, got[key], peer))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        return got.get("next"), got.get("prev")
+
+    def _stage_forward(self, x, pos, mask):
+        """This stage's layers on ``x`` (token ids on the first stage, hidden states after): hidden states, or on
+        the last stage the logits."""
+        kw = {"input_ids": x} if self.first else {"inputs_embeds": x}
+        if self.last:
+            return self.mm.model(**kw, position_ids=pos, attention_mask=mask, use_cache=False).logits
+        return self.mm.model.get_decoder()(**kw, position_ids=pos, attention_mask=mask,
+                                           use_cache=False).last_hidden_state
+
+    def _forward_only(self, ids, pos, mask, layout):
+        """One forward through the pipeline (no gradients): the logits on the last stage, None elsewhere."""
+        dev = self.device
+        shape = (*ids.shape, self.hidden)
+        with self.mm.use_segments(layout):
+            x = ids.to(dev) if self.first else self._p2p(recv_prev=shape)[1]
+            y = self._stage_forward(x, pos.to(dev), None if mask is None else mask.to(dev))
+        if not self.last:
+            self._p2p(send_next=y)
+            return None
+        return y
+
+    def _rows_logits(self, rows):
+        for ids, pos, adapters in rows:
+            out = self._forward_only(torch.tensor([ids]), torch.tensor([pos]), None, self.mm.make_segments(adapters))
+            yield None if out is None else out[0]
+
+    def _generator(self, adapter: str):
+        return _PipelineGreedy(self, adapter)
+
+    # -- training: one 1F1B pass over microbatches [lo, hi)
+    def _segment(self, lo: int, hi: int, inflight: dict, stats: dict, metrics) -> None:
+        mbs = self.schedule.microbatches
+        dev = self.device
+        live: dict[int, tuple] = {}  # microbatch -> (its input (grad wanted), its output or loss)
+
+        def shape(k):
+            return None if mbs[k].is_noop else (1, mbs[k].padded_tokens, self.hidden)
+
+        def forward(k, x):
+            mb = mbs[k]
+            if mb.is_noop:
+                return None
+            for seg in mb.segments:  # a step this forward must see (the previous global batch of its adapter)
+                if seg.adapter in self.pending:
+                    self._finish_step(seg.adapter, inflight, stats, metrics)
+            ids, pos, tgt, rows, spans = pack_microbatch(mb, self.data, self.pad_id)
+            if not self.first:
+                x.requires_grad_(True)
+            with self.mm.use_segments(self.mm.make_segments(rows)):
+                y = self._stage_forward(torch.tensor([ids], device=dev) if self.first else x,
+                                        torch.tensor([pos], device=dev), None)
+            if not self.last:
+                live[k] = (x, y)
+                return y.detach()
+            logits = y[0]
+            per_token = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits,
+                                        torch.tensor(tgt, device=dev), ignore_index=IGNORE_INDEX, reduction="none")
+            total = per_token.new_zeros(())
+            for a, g, s, e in spans:
+                part = per_token[s:e].sum()
+                inflight[(a, g)] = inflight.get((a, g), 0.0) + float(part.detach())
+                total = total + part / self.loss_tokens[(a, g)]
+            stats["tokens"] += mb.real_tokens
+            live[k] = (x, total)
+            return None
+
+        def backward(k, grad):
+            dx = None
+            if not mbs[k].is_noop:
+                x, y = live.pop(k)
+                if y.requires_grad:  # not when no row of it has an adapter here and nothing before this stage
+                    torch.autograd.backward(y, None if self.last else grad)
+                dx = None if self.first else (x.grad if x.grad is not None else torch.zeros_like(x))
+            self._launch_steps(k)
+            return dx
+
+        def fwd_send(k, y):  # what goes to the next stage after forward k
+            return y if not self.last and not mbs[k].is_noop else None
+
+        def bwd_send(k, dx):
+            return dx if not self.first and not mbs[k].is_noop else None
+
+        def recv_fwd(k):
+            return None if self.first else shape(k)
+
+        def recv_bwd(k):
+            return None if self.last else shape(k)
+
+        ks = list(range(lo, hi))
+        n = len(ks)
+        warm = min(self.world - self.rank - 1, n)
+        for k in ks[:warm]:
+            x = self._p2p(recv_prev=recv_fwd(k))[1]
+            self._p2p(send_next=fwd_send(k, forward(k, x)))
+        rest = n - warm
+        x = self._p2p(recv_prev=recv_fwd(ks[warm]))[1] if rest else None
+        for i in range(rest):
+            kf, kb = ks[warm + i], ks[i]
+            y = forward(kf, x)
+            grad = self._p2p(send_next=fwd_send(kf, y), recv_next=recv_bwd(kb))[0]
+            dx = backward(kb, grad)
+            if i == rest - 1:
+                self._p2p(send_prev=bwd_send(kb, dx))
+            else:
+                x = self._p2p(send_prev=bwd_send(kb, dx), recv_prev=recv_fwd(ks[warm + i + 1]))[1]
+        for k in ks[rest:]:
+            grad = self._p2p(recv_next=recv_bwd(k))[0]
+            self._p2p(send_prev=bwd_send(k, backward(k, grad)))
+        for a in list(self.pending):  # drained: every step of the segment is taken
+            self._finish_step(a, inflight, stats, metrics)
+
+    def _launch_steps(self, k: int) -> None:
+        """After this stage's backward of microbatch ``k``: start the all-reduce of the squared gradient norm of each
+        adapter the plan steps after ``k``."""
+        for a, g in self.steps_after.get(k, ()):
+            norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64)
+                     for p in self.mm.adapter_parameters(a) if p.grad is not None]
+            sq = (torch.stack(norms).square().sum() if norms else torch.zeros((), dtype=torch.float64))
+            sq = sq.reshape(1).cpu()  # one copy from the device per step
+            self.pending[a] = (g, k, sq, dist.all_reduce(sq, group=self.side, async_op=True))
+
+    def _finish_step(self, a: str, inflight: dict, stats: dict, metrics) -> None:
+        g, k, sq, work = self.pending.pop(a)
+        work.wait()
+        norm = math.sqrt(float(sq[0]))
+        j = self.jobs_by_name[a]
+        if j.max_grad_norm > 0:  # as clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6))
+            coef = min(1.0, j.max_grad_norm / (norm + 1e-6))
+            for p in self.mm.adapter_parameters(a):
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+        opt, sched = self.optimizers[a], self.schedulers[a]
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if self.last:
+            self._record(a, g, k, lr, norm, inflight, stats, metrics)
+        if g == self.data[a].job.num_global_batches - 1:
+            self.finished.append(a)
+
+    # -- outputs
+    def _write_adapter(self, adapter: str) -> str:
+        import shutil
+
+        from lorafusion.multi.io import adapter_tensors, write_adapter
+
+        parts = [None] * self.world if self.last else None
+        dist.gather_object(adapter_tensors(self.mm, adapter), parts, dst=self.world - 1, group=self.side)
+        folder = os.path.join(self.cfg.output_dir, "adapters", adapter)
+        if self.last:
+            tensors = {k: v for part in parts for k, v in part.items()}
+            tmp = folder + f".tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            write_adapter(tmp, tensors, self.mm.adapter_specs[adapter], self.peft_targets[adapter], self.cfg.model)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        return folder
+
+    # -- checkpoints: each stage its own files in one folder, committed by the last stage
+    def _save(self, next_mb: int, inflight: dict, stats: dict) -> str:
+        from safetensors.torch import save_file
+
+        from lorafusion.train import checkpoint as ckpt
+
+        out = self.cfg.output_dir
+
+        def failed(exc):
+            return CoTrainError(str(ckpt.write_failed(out, next_mb, exc)))
+
+        def begin():
+            try:
+                return ckpt.begin(out, next_mb) if self.last else None
+            except OSError as exc:
+                raise failed(exc) from None
+
+        tmp = self._from_lead(self._agree(begin))
+
+        def write():
+            try:
+                weights, grads = {}, {}
+                for a in self.optimizers:
+                    for k, p in enumerate(self.mm.adapter_parameters(a)):
+                        weights[f"{a}/{k}"] = p.detach().cpu().contiguous()
+                        if p.grad is not None:
+                            grads[f"{a}/{k}"] = p.grad.detach().cpu().contiguous()
+                tag = f"stage{self.rank}"
+                save_file(weights, os.path.join(tmp, f"adapters-{tag}.safetensors"))
+                save_file(grads, os.path.join(tmp, f"grads-{tag}.safetensors"))
+                torch.save({a: o.state_dict() for a, o in self.optimizers.items()},
+                           os.path.join(tmp, f"optimizers-{tag}.pt"))
+                torch.save({a: s.state_dict() for a, s in self.schedulers.items()},
+                           os.path.join(tmp, f"schedulers-{tag}.pt"))
+                torch.save(ckpt.rng_state(), os.path.join(tmp, f"rng-{tag}.pt"))
+                if self.last:
+                    atomic_write_json(os.path.join(tmp, "cotrain_state.json"), self._state(next_mb, inflight, stats))
+            except OSError as exc:
+                raise failed(exc) from None
+
+        self._agree(write)
+
+        def commit():
+            try:
+                return ckpt.commit(out, next_mb, self.cfg.keep_checkpoints) if self.last else None
+            except OSError as exc:
+                raise failed(exc) from None
+
+        return self._from_lead(self._agree(commit))
+
+    def _load(self, path: str) -> tuple[int, dict, dict]:
+        import json
+
+        from safetensors.torch import load_file
+
+        from lorafusion.train import checkpoint as ckpt
+
+        try:
+            with open(os.path.join(path, "cotrain_state.json")) as fh:
+                state = json.load(fh)
+            self._check_state(path, state)
+            tag = f"stage{self.rank}"
+            weights = load_file(os.path.join(path, f"adapters-{tag}.safetensors"))
+            grads = load_file(os.path.join(path, f"grads-{tag}.safetensors"))
+            opts = torch.load(os.path.join(path, f"optimizers-{tag}.pt"), weights_only=True)
+            scheds = torch.load(os.path.join(path, f"schedulers-{tag}.pt"), weights_only=True)
+            rng = torch.load(os.path.join(path, f"rng-{tag}.pt"), weights_only=False)
+        except CoTrainError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise CoTrainError(f"checkpoint {path} is corrupt or unreadable (stage {self.rank}): "
+                               f"{type(exc).__name__}: {exc}; complete checkpoints: "
+                               f"{', '.join(ckpt.complete_checkpoints(self.cfg.output_dir))}") from None
+        with torch.no_grad():
+            for a in self.optimizers:
+                for k, p in enumerate(self.mm.adapter_parameters(a)):
+                    p.copy_(weights[f"{a}/{k}"])
+                    g = grads.get(f"{a}/{k}")
+                    p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
+        for a in self.optimizers:
+            self.optimizers[a].load_state_dict(opts[a])
+            self.schedulers[a].load_state_dict(scheds[a])
+        ckpt.set_rng_state(rng)
+        inflight = {(a, g): v for a, g, v in state["inflight_loss"]}
+        return int(state["next_microbatch"]), inflight, state["stats"]
+
+    # -- the run
+    def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        """As :meth:`CoTrainer.run`, on every stage; returns the last stage's result on all of them."""
+        from lorafusion.train.trainer import TrainError, _Stop, _lock_output
+
+        cfg = self.cfg
+        lock = None
+
+        def prepare():
+            nonlocal lock
+            if not self.last:
+                return None
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            try:
+                lock = _lock_output(cfg.output_dir, key="output_dir")
+            except TrainError as exc:
+                raise CoTrainError(str(exc)) from None
+            return self._check_output(resume)
+
+        try:
+            latest = self._from_lead(self._agree(prepare))
+            self.setup()
+
+            def write_run_files():
+                if self.last:
+                    atomic_write_json(os.path.join(cfg.output_dir, "cotrain_config.json"), cfg.to_dict())
+                    self.schedule.save(os.path.join(cfg.output_dir, "schedule.json"))
+
+            self._agree(write_run_files)
+            start, inflight, stats = 0, {}, {"steps": {}, "tokens": 0, "seconds": 0.0}
+            if latest is not None:
+                start, inflight, stats = self._agree(self._load, latest)
+                if self.last:
+                    logger.info("resuming from %s (microbatch %d of %d)", latest, start,
+                                len(self.schedule.microbatches))
+            if self.last:
+                self._agree(self._trim_metrics, start)
+            else:
+                self._agree(lambda: None)
+            if latest is None and self.evals:
+                before = {a: self.evaluate(a) for a in self.evals}
+                if self.last:
+                    stats["eval_before"] = before
+            with _Stop() as stop:
+                return self._from_lead(self._loop(start, inflight, stats, stop, stop_after))
+        finally:
+            if lock is not None:
+                os.close(lock)
+
+    def _stop_signal(self, stop) -> str | None:
+        """The signal any stage received (all stages agree on whether to stop)."""
+        code = torch.tensor([SIGNALS.index(stop.signal) + 1 if stop.signal in SIGNALS else 0])
+        dist.all_reduce(code, op=dist.ReduceOp.MAX, group=self.side)
+        return SIGNALS[int(code) - 1] if int(code) else None
+
+    def _loop(self, start: int, inflight: dict, stats: dict, stop, stop_after: int | None) -> dict:
+        cfg = self.cfg
+        n = len(self.schedule.microbatches)
+        end = n if stop_after is None else max(start, min(n, stop_after))
+        every = cfg.save_every
+        bounds = sorted({start, end} | {b for b in range(start + 1, end) if every and b % every == 0})
+        metrics = open(os.path.join(cfg.output_dir, "metrics.jsonl"), "a") if self.last else None
+        last_saved = start
+        self.mm.train()
+        try:
+            for lo, hi in zip(bounds, bounds[1:]):
+                t0 = time.perf_counter()
+                self._segment(lo, hi, inflight, stats, metrics)
+                stats["seconds"] += time.perf_counter() - t0
+                # in the plan's order on every stage (their adapter folders and evals are collective)
+                for a in sorted(self.finished, key=lambda a: self.schedule.optimizer_steps[a][-1]):
+                    self._job_done(a, stats)
+                self.finished = []
+                signal = self._stop_signal(stop)
+                if (every and hi % every == 0 or signal) and hi < n:
+                    self._save(hi, inflight, stats)
+                    last_saved = hi
+                if signal and hi < n:
+                    if self.last:
+                        logger.warning("stopped by %s after microbatch %d; --resume continues from there", signal, hi)
+                    return {"stopped": signal, "next_microbatch": hi}
+            if end > last_saved:
+                self._save(end, inflight, stats)
+        finally:
+            if metrics is not None:
+                metrics.close()
+        if end < n:
+            return {"stopped": "stop_after", "next_microbatch": end}
+        if not self.last:
+            return None
+        summary = self._summary(stats)
+        summary["pipeline"] = {"processes": self.world,
+                               "layers": [[r.start, r.stop] for r in self.layer_ranges]}
+        atomic_write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
+        return summary
+
+
+def run_pipeline(cfg: CoTrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Join the launcher's process group, run this process's stage, leave the group."""
+    backend = "nccl" if cfg.device == "cuda" else "gloo"
+    try:
+        dist.init_process_group(backend=backend)
+    except Exception as exc:  # noqa: BLE001 -- no NCCL in this torch build, a rendezvous that fails, ...
+        err = CoTrainError(f"device: cannot start the pipeline's process group ({backend}): "
+                           f"{type(exc).__name__}: {exc}")
+        err.quiet = not is_lead()
+        raise err from None
+    try:
+        return PipelineCoTrainer(cfg).run(resume=resume, stop_after=stop_after)
+    finally:
+        dist.destroy_process_group()
