@@ -619,26 +619,40 @@ class CoTrainer:
             raise CoTrainError(f"checkpoint {path} was written by a run of {was} process(es), one per pipeline "
                                f"stage, and this run has {self.processes}; resume it with {how}")
 
-    def _save(self, next_mb: int, inflight: dict, stats: dict) -> str:
+    def _file(self, name: str) -> str:
+        """The name of a checkpoint file this process writes (a pipeline stage: its own)."""
+        return name
+
+    writes_state = True  # this process writes the run's state file into a checkpoint
+
+    def _write_files(self, tmp: str, next_mb: int, inflight: dict, stats: dict) -> None:
         from safetensors.torch import save_file
 
+        from lorafusion.train import checkpoint as ckpt
+
+        weights, grads = {}, {}
+        for a in self.optimizers:
+            for k, p in enumerate(self.mm.adapter_parameters(a)):
+                weights[f"{a}/{k}"] = p.detach().cpu().contiguous()
+                if p.grad is not None:
+                    grads[f"{a}/{k}"] = p.grad.detach().cpu().contiguous()
+        save_file(weights, os.path.join(tmp, self._file("adapters.safetensors")))
+        save_file(grads, os.path.join(tmp, self._file("grads.safetensors")))
+        torch.save({a: o.state_dict() for a, o in self.optimizers.items()},
+                   os.path.join(tmp, self._file("optimizers.pt")))
+        torch.save({a: s.state_dict() for a, s in self.schedulers.items()},
+                   os.path.join(tmp, self._file("schedulers.pt")))
+        torch.save(ckpt.rng_state(), os.path.join(tmp, self._file("rng.pt")))
+        if self.writes_state:
+            atomic_write_json(os.path.join(tmp, "cotrain_state.json"), self._state(next_mb, inflight, stats))
+
+    def _save(self, next_mb: int, inflight: dict, stats: dict) -> str:
         from lorafusion.train import checkpoint as ckpt
 
         out = self.cfg.output_dir
         try:
             tmp = ckpt.begin(out, next_mb)
-            weights, grads = {}, {}
-            for a in self.optimizers:
-                for k, p in enumerate(self.mm.adapter_parameters(a)):
-                    weights[f"{a}/{k}"] = p.detach().cpu().contiguous()
-                    if p.grad is not None:
-                        grads[f"{a}/{k}"] = p.grad.detach().cpu().contiguous()
-            save_file(weights, os.path.join(tmp, "adapters.safetensors"))
-            save_file(grads, os.path.join(tmp, "grads.safetensors"))
-            torch.save({a: o.state_dict() for a, o in self.optimizers.items()}, os.path.join(tmp, "optimizers.pt"))
-            torch.save({a: s.state_dict() for a, s in self.schedulers.items()}, os.path.join(tmp, "schedulers.pt"))
-            torch.save(ckpt.rng_state(), os.path.join(tmp, "rng.pt"))
-            atomic_write_json(os.path.join(tmp, "cotrain_state.json"), self._state(next_mb, inflight, stats))
+            self._write_files(tmp, next_mb, inflight, stats)
             return ckpt.commit(out, next_mb, self.cfg.keep_checkpoints)
         except OSError as exc:
             raise CoTrainError(str(ckpt.write_failed(out, next_mb, exc))) from None
@@ -652,11 +666,11 @@ class CoTrainer:
             with open(os.path.join(path, "cotrain_state.json")) as fh:
                 state = json.load(fh)
             self._check_state(path, state)
-            weights = load_file(os.path.join(path, "adapters.safetensors"))
-            grads = load_file(os.path.join(path, "grads.safetensors"))
-            opts = torch.load(os.path.join(path, "optimizers.pt"), weights_only=True)
-            scheds = torch.load(os.path.join(path, "schedulers.pt"), weights_only=True)
-            rng = torch.load(os.path.join(path, "rng.pt"), weights_only=False)
+            weights = load_file(os.path.join(path, self._file("adapters.safetensors")))
+            grads = load_file(os.path.join(path, self._file("grads.safetensors")))
+            opts = torch.load(os.path.join(path, self._file("optimizers.pt")), weights_only=True)
+            scheds = torch.load(os.path.join(path, self._file("schedulers.pt")), weights_only=True)
+            rng = torch.load(os.path.join(path, self._file("rng.pt")), weights_only=False)
         except CoTrainError:
             raise
         except Exception as exc:  # noqa: BLE001

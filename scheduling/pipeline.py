@@ -24,9 +24,9 @@ all-reduce of its squared norm after that backward, and waits for it only before
 AdamW is elementwise, so per-stage optimizers step exactly as one optimizer over all the parameters would.
 
 ``torch.distributed.pipelining`` is not used: its schedules run a fixed number of equally shaped microbatches per
-``step()`` and step the optimizer after all of them (uneven microbatch shapes are not supported: pytorch/pytorch#126600),
-while a plan has a different token count in every microbatch and a different adapter's optimizer step after many
-of them.
+``step()`` and step the optimizer after all of them (uneven microbatch shapes are not supported:
+pytorch/pytorch#126600), while a plan has a different token count in every microbatch and a different adapter's
+optimizer step after many of them.
 
 Checkpoints are taken with the pipeline drained, every ``save_every`` microbatches (each stage writes its own files
 into the one checkpoint folder; the last stage commits it), and a SIGINT / SIGTERM is honoured at the next such
@@ -161,6 +161,7 @@ class PipelineCoTrainer(CoTrainer):
             raise
         self.processes = self.world
         self.first, self.last = self.rank == 0, self.rank == self.world - 1
+        self.writes_state = self.last
         # CPU control messages (squared gradient norms, stop flags, errors, objects) on a gloo group of their own, so
         # they never queue behind the activations on the default group
         self.side = dist.new_group(backend="gloo")
@@ -437,8 +438,6 @@ class PipelineCoTrainer(CoTrainer):
 
     # -- checkpoints: each stage its own files in one folder, committed by the last stage
     def _save(self, next_mb: int, inflight: dict, stats: dict) -> str:
-        from safetensors.torch import save_file
-
         from lorafusion.train import checkpoint as ckpt
 
         out = self.cfg.output_dir
@@ -456,22 +455,7 @@ class PipelineCoTrainer(CoTrainer):
 
         def write():
             try:
-                weights, grads = {}, {}
-                for a in self.optimizers:
-                    for k, p in enumerate(self.mm.adapter_parameters(a)):
-                        weights[f"{a}/{k}"] = p.detach().cpu().contiguous()
-                        if p.grad is not None:
-                            grads[f"{a}/{k}"] = p.grad.detach().cpu().contiguous()
-                tag = f"stage{self.rank}"
-                save_file(weights, os.path.join(tmp, f"adapters-{tag}.safetensors"))
-                save_file(grads, os.path.join(tmp, f"grads-{tag}.safetensors"))
-                torch.save({a: o.state_dict() for a, o in self.optimizers.items()},
-                           os.path.join(tmp, f"optimizers-{tag}.pt"))
-                torch.save({a: s.state_dict() for a, s in self.schedulers.items()},
-                           os.path.join(tmp, f"schedulers-{tag}.pt"))
-                torch.save(ckpt.rng_state(), os.path.join(tmp, f"rng-{tag}.pt"))
-                if self.last:
-                    atomic_write_json(os.path.join(tmp, "cotrain_state.json"), self._state(next_mb, inflight, stats))
+                self._write_files(tmp, next_mb, inflight, stats)
             except OSError as exc:
                 raise failed(exc) from None
 
@@ -485,41 +469,9 @@ class PipelineCoTrainer(CoTrainer):
 
         return self._from_lead(self._agree(commit))
 
-    def _load(self, path: str) -> tuple[int, dict, dict]:
-        import json
-
-        from safetensors.torch import load_file
-
-        from lorafusion.train import checkpoint as ckpt
-
-        try:
-            with open(os.path.join(path, "cotrain_state.json")) as fh:
-                state = json.load(fh)
-            self._check_state(path, state)
-            tag = f"stage{self.rank}"
-            weights = load_file(os.path.join(path, f"adapters-{tag}.safetensors"))
-            grads = load_file(os.path.join(path, f"grads-{tag}.safetensors"))
-            opts = torch.load(os.path.join(path, f"optimizers-{tag}.pt"), weights_only=True)
-            scheds = torch.load(os.path.join(path, f"schedulers-{tag}.pt"), weights_only=True)
-            rng = torch.load(os.path.join(path, f"rng-{tag}.pt"), weights_only=False)
-        except CoTrainError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise CoTrainError(f"checkpoint {path} is corrupt or unreadable (stage {self.rank}): "
-                               f"{type(exc).__name__}: {exc}; complete checkpoints: "
-                               f"{', '.join(ckpt.complete_checkpoints(self.cfg.output_dir))}") from None
-        with torch.no_grad():
-            for a in self.optimizers:
-                for k, p in enumerate(self.mm.adapter_parameters(a)):
-                    p.copy_(weights[f"{a}/{k}"])
-                    g = grads.get(f"{a}/{k}")
-                    p.grad = None if g is None else g.to(device=p.device, dtype=p.dtype)
-        for a in self.optimizers:
-            self.optimizers[a].load_state_dict(opts[a])
-            self.schedulers[a].load_state_dict(scheds[a])
-        ckpt.set_rng_state(rng)
-        inflight = {(a, g): v for a, g, v in state["inflight_loss"]}
-        return int(state["next_microbatch"]), inflight, state["stats"]
+    def _file(self, name: str) -> str:
+        root, ext = name.split(".", 1)
+        return f"{root}-stage{self.rank}.{ext}"
 
     # -- the run
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
