@@ -51,6 +51,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lorafusion.multi.layer import MultiLoRALinear
 from lorafusion.train.checkpoint import atomic_write_json
 
 from .executor import IGNORE_INDEX, CoTrainConfig, CoTrainer, CoTrainError, _fail, pack_microbatch
@@ -97,15 +98,21 @@ class _Elsewhere(nn.Module):
 
 
 def _decoder(model: nn.Module, where: str):
-    """The decoder of a causal LM with its layer list, the list's module path and its final norm."""
+    """The decoder of a causal LM and its layer list (it must have a final norm too)."""
     dec = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(dec, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not isinstance(getattr(dec, "norm", None), nn.Module):
         raise CoTrainError(f"model: {where} ({type(model).__name__}) has no decoder with a `layers` list and a final "
                            "`norm`, which pipeline stages split (Llama, Mistral, Qwen2, ... have them); run it with "
                            "stages: 1")
-    path = next(n for n, m in model.named_modules() if m is layers)
-    return dec, layers, path
+    return dec, layers
+
+
+def _module(model: nn.Module, path: str):
+    try:
+        return model.get_submodule(path)
+    except AttributeError:  # under a pass-through layer
+        return None
 
 
 class _PipelineGreedy:
@@ -219,7 +226,7 @@ class PipelineCoTrainer(CoTrainer):
         from lorafusion.multi.io import peft_target_modules
 
         model = self.mm.model
-        dec, layers, path = _decoder(model, self.cfg.model)
+        dec, layers = _decoder(model, self.cfg.model)
         try:
             self.layer_ranges = split_layers(len(layers), self.world)
         except ValueError as exc:
@@ -227,18 +234,16 @@ class PipelineCoTrainer(CoTrainer):
         # the PEFT target_modules of each adapter over the whole model, for the folders the last stage writes
         self.peft_targets = {a: peft_target_modules(self.mm, a) for a in self.mm.adapter_specs}
         mine = self.layer_ranges[self.rank]
-        gone = []
         for k in range(len(layers)):
-            if k in mine:
-                continue
-            prefix = f"{path}.{k}."
-            gone += [n for n in self.mm.layer_names if n.startswith(prefix)]
-            layers[k] = _Elsewhere(k, next(s for s, r in enumerate(self.layer_ranges) if k in r))
-        self.mm.release_layers(gone)
+            if k not in mine:
+                layers[k] = _Elsewhere(k, next(s for s, r in enumerate(self.layer_ranges) if k in r))
         if not self.last:
             dec.norm = nn.Identity()
             if hasattr(model, "lm_head"):
                 model.lm_head = nn.Identity()
+        # the wrapped linears no longer in this stage's model (other stages' layers; an adapted output head on
+        # stages before the last)
+        self.mm.release_layers([n for n in self.mm.layer_names if not isinstance(_module(model, n), MultiLoRALinear)])
         self.hidden = model.config.hidden_size
         self.mm.to(self.device)
         self._empty = {}

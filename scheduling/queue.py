@@ -23,6 +23,8 @@ reason, instead of failing a batch later. A worker takes at most ``max_jobs_per_
 over tenants, the one served longest ago first, the rotation carried over from batch to batch (one tenant's hundred
 jobs do not starve another's one). A batch whose worker died (its ``.worker`` lock is free) is resumed from its last
 checkpoint by the next worker; a batch that fails ends its jobs ``failed``, and ``retry`` puts them back in line.
+With ``pipeline_processes: S`` (= ``stages``) a worker runs each batch pipeline-parallel, one process per stage,
+under ``torch.distributed.run`` (``scheduling.pipeline``).
 """
 from __future__ import annotations
 
@@ -42,12 +44,24 @@ logger = logging.getLogger("lorafusion.queue")
 
 STATES = ("pending", "running", "done", "failed", "cancelled")  # and "corrupt": a state file that cannot be read
 QUEUE_KEYS = ("model", "capacity", "pad_multiple", "stages", "target_modules", "seed", "precision", "device",
-              "backend", "save_every", "keep_checkpoints", "num_threads", "max_jobs_per_batch")
+              "backend", "save_every", "keep_checkpoints", "num_threads", "max_jobs_per_batch", "pipeline_processes")
+WORKER_KEYS = ("max_jobs_per_batch", "pipeline_processes")  # the worker's own, not the executor's
 _TENANT = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
 class QueueError(RuntimeError):
     """A queue operation cannot be done; the message says why."""
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG; a no-op elsewhere)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def _now() -> str:
@@ -120,11 +134,17 @@ class Queue:
         per_batch = settings.get("max_jobs_per_batch", 8)
         if isinstance(per_batch, bool) or not isinstance(per_batch, int) or per_batch < 1:
             raise ConfigError(f"max_jobs_per_batch: must be a positive integer (got {per_batch!r})")
+        procs = settings.get("pipeline_processes", 1)
+        if isinstance(procs, bool) or not isinstance(procs, int) or procs < 1:
+            raise ConfigError(f"pipeline_processes: must be a positive integer (got {procs!r})")
+        if procs > 1 and procs != settings.get("stages", 1):
+            raise ConfigError(f"pipeline_processes: must equal stages ({settings.get('stages', 1)}), one process per "
+                              f"pipeline stage (got {procs!r})")
         cfg = self._cotrain_config([], settings)  # every other key checked as the executor checks it
-        self._check_on_model(cfg)
+        self._check_on_model(cfg, procs)
 
     @staticmethod
-    def _check_on_model(cfg) -> None:
+    def _check_on_model(cfg, processes: int = 1) -> None:
         """What a batch would meet first, checked now on the real tokenizer and a weightless (meta) copy of the
         model: the model folder, the device, the backend, and that every job's target_modules match wrapped
         linears. A setting or job that would fail every batch is refused before it is stored."""
@@ -151,6 +171,17 @@ class Queue:
                 mm.add_adapter(j.adapter, r=j.r, alpha=j.alpha, target_modules=j.target_modules)
         except ValueError as exc:
             raise CoTrainError(f"target_modules: {exc}") from None
+        if processes > 1:  # what the pipeline's stages need: a decoder to split, and a GPU each
+            from scheduling.pipeline import _decoder, split_layers
+
+            _, layers = _decoder(model, cfg.model)
+            try:
+                split_layers(len(layers), processes)
+            except ValueError as exc:
+                raise QueueError(f"pipeline_processes: {exc} ({cfg.model})") from None
+            if cfg.device == "cuda" and torch.cuda.device_count() < processes:
+                raise QueueError(f"pipeline_processes: {processes} stages need one GPU each, and this machine has "
+                                 f"{torch.cuda.device_count()}")
 
     def settings(self) -> dict:
         import yaml
@@ -167,7 +198,8 @@ class Queue:
         from scheduling.executor import load_cotrain_config
 
         s = dict(self.settings() if settings is None else settings)
-        s.pop("max_jobs_per_batch", None)
+        for key in WORKER_KEYS:
+            s.pop(key, None)
         return load_cotrain_config(None, {**s, "output_dir": output_dir,
                                           "jobs": jobs or [{"adapter": "probe", "data": "builtin:lowercase"}]})
 
@@ -384,11 +416,46 @@ class Queue:
         """Co-train one batch (its worker lock ``claim`` held, released at the end); each job ends done (its adapter
         copied into its folder) or failed (the reason)."""
         try:
-            return self._run_batch(batch, job_ids, resume)
+            return self._run_batch(batch, job_ids, resume, claim)
         finally:
             os.close(claim)
 
-    def _run_batch(self, batch: str, job_ids: list[str], resume: bool) -> dict:
+    def _run_pipeline(self, batch: str, cfg, resume: bool, claim: int, processes: int) -> dict:
+        """The batch run pipeline-parallel: ``torch.distributed.run`` (torchrun) with one process per stage, its
+        output in ``batches/<batch>/pipeline.log``. The launcher holds the batch's worker lock too, so a batch is
+        not resumed while a run of it is still alive, and gets SIGTERM if this worker dies (Linux)."""
+        import signal
+        import subprocess
+        import sys
+
+        from lorafusion.train.trainer import Terminated
+
+        folder = os.path.join(self.path, "batches", batch)
+        config = os.path.join(folder, "cotrain.json")
+        atomic_write_json(config, cfg.to_dict())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "lorafusion", "cotrain", "--config", config] + (["--resume"] if resume else [])
+        log = os.path.join(folder, "pipeline.log")
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, pass_fds=(claim,),
+                                    preexec_fn=_die_with_parent)
+            try:
+                rc = proc.wait()
+            except KeyboardInterrupt as exc:  # the run checkpoints at its next boundary; the batch stays running
+                proc.send_signal(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+                proc.wait()
+                raise
+        summary = os.path.join(cfg.output_dir, "summary.json")
+        if rc == 0 and os.path.isfile(summary):
+            with open(summary) as fh:
+                return json.load(fh)
+        with open(log, errors="replace") as fh:
+            said = [line.strip() for line in fh if line.startswith("lorafusion cotrain:")]
+        if rc == 0:
+            return {"stopped": said[-1] if said else "signal"}
+        raise QueueError(f"{said[-1] if said else f'the pipeline run exited {rc}'} (log: {log})")
+
+    def _run_batch(self, batch: str, job_ids: list[str], resume: bool, claim: int) -> dict:
         from scheduling.executor import CoTrainer
 
         run_dir = os.path.join(self.path, "batches", batch, "run")
@@ -396,7 +463,9 @@ class Queue:
                     ", ".join(job_ids))
         try:
             cfg = self._cotrain_config([self._job_spec(j) for j in job_ids], output_dir=run_dir)
-            summary = CoTrainer(cfg).run(resume=resume)
+            procs = self.settings().get("pipeline_processes", 1)
+            summary = (self._run_pipeline(batch, cfg, resume, claim, procs) if procs > 1 else
+                       CoTrainer(cfg).run(resume=resume))
             if "stopped" in summary:  # a signal: the batch stays running, and the next worker resumes it
                 return {"batch": batch, **summary}
             with _locked(self.path):

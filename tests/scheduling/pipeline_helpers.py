@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 LETTERS = "abcdefghijklABCDEFGHIJKL"
 TORCHRUN = shutil.which("torchrun")
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+# every linear, the output head too ("long" adapts it: only the last stage holds it)
+LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
 def make_model3(folder):
@@ -67,7 +69,8 @@ def greedy_records(model, rng, n, max_new):
 
 
 def jobs(tmp_path, model, dropout=0.0):
-    """Three jobs on fresh random data; "tail" adapts only the last layer's linears (no parameter on stage 0)."""
+    """Three jobs on fresh random data; "tail" adapts only the last layer's linears (no parameter on stage 0), "long"
+    the output head too."""
     rng = random.Random(int.from_bytes(os.urandom(4), "little"))
     return [
         {"adapter": "short", "data": write(tmp_path / "a.jsonl", records(rng, 11, 2, 5)),
@@ -75,7 +78,7 @@ def jobs(tmp_path, model, dropout=0.0):
          "eval_data": write(tmp_path / "ev.jsonl", greedy_records(model, rng, 5, 6)), "max_new_tokens": 6},
         {"adapter": "long", "data": write(tmp_path / "b.jsonl", records(rng, 9, 8, 14)),
          "global_batch_size": 3, "num_global_batches": 3, "r": 8, "alpha": 8, "lr": 3e-3, "use_rslora": True,
-         "target_modules": ["q_proj", "v_proj", "down_proj"], "weight_decay": 0.1, "schedule": "linear",
+         "target_modules": ["q_proj", "v_proj", "down_proj", "lm_head"], "weight_decay": 0.1, "schedule": "linear",
          "warmup_steps": 1, "min_lr_ratio": 0.2, "max_grad_norm": 0.05},
         {"adapter": "tail", "data": write(tmp_path / "c.jsonl", records(rng, 7, 3, 12)),
          "global_batch_size": 5, "num_global_batches": 2, "r": 2, "alpha": 6, "lr": 1e-2, "betas": [0.8, 0.95],
@@ -85,7 +88,7 @@ def jobs(tmp_path, model, dropout=0.0):
 
 def config(tmp_path, model, jobs, name, **top):
     cfg = {"model": model, "output_dir": str(tmp_path / name), "capacity": 64, "pad_multiple": 4, "stages": 2,
-           "save_every": 0, "precision": "fp64", "jobs": jobs, **top}
+           "save_every": 0, "precision": "fp64", "jobs": jobs, "target_modules": LINEARS, **top}
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(cfg))
     return str(path)

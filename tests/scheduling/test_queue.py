@@ -4,6 +4,7 @@ worker died resumed by the next worker, and a batch a live worker holds left alo
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -277,3 +278,40 @@ def test_a_job_or_queue_that_would_fail_every_batch_is_refused_up_front(tmp_path
         with pytest.raises((QueueError, CoTrainError), match=message):
             Queue.init(str(tmp_path / "Qx"), str(settings))
         assert not os.path.exists(tmp_path / "Qx" / "queue.yaml")
+
+
+def test_a_pipeline_queue_runs_each_batch_over_its_stages(tmp_path, tiny_model):
+    """pipeline_processes: each batch runs under torchrun, one process per stage, and its jobs end with the
+    adapters the one-process executor trains on the same batch; a setting the pipeline cannot run is refused."""
+    from lorafusion.train.config import ConfigError
+
+    rng = random.Random(int.from_bytes(os.urandom(4), "little"))
+    files = []
+    for k, (n, lo, hi, gbs) in enumerate([(7, 2, 6, 3), (5, 4, 10, 2)]):
+        d = _data(tmp_path / f"p{k}.jsonl", rng, n, lo, hi)
+        f = tmp_path / f"pjob{k}.yaml"
+        f.write_text(json.dumps({"data": d.name, "global_batch_size": gbs, "epochs": 2, "r": 4, "alpha": 8,
+                                 "lr": 1e-2, "max_grad_norm": 0.5}))
+        files.append(str(f))
+    base = {"model": tiny_model, "capacity": 48, "stages": 2, "save_every": 3, "precision": "fp64"}
+    for bad, message in [({"pipeline_processes": 3}, "pipeline_processes: must equal stages (2)"),
+                         ({"pipeline_processes": 3, "stages": 3}, "3 stages for 2 decoder layers")]:
+        path = tmp_path / "bad.yaml"
+        path.write_text(json.dumps({**base, **bad}))
+        with pytest.raises((ConfigError, QueueError), match=re.escape(message)):
+            Queue.init(str(tmp_path / "Qbad"), str(path))
+    settings = tmp_path / "pq.yaml"
+    settings.write_text(json.dumps({**base, "pipeline_processes": 2}))
+    q = Queue.init(str(tmp_path / "PQ"), str(settings))
+    ids = [q.submit("alice", files[0]), q.submit("bob", files[1])]
+    results = q.work()
+    assert results == [{"batch": results[0]["batch"], "done": ids}], open(
+        os.path.join(q.path, "batches", results[0]["batch"], "pipeline.log")).read()[-3000:]
+    summary = json.load(open(os.path.join(q.path, "batches", results[0]["batch"], "run", "summary.json")))
+    assert summary["pipeline"]["processes"] == 2
+    want = _direct(tmp_path, q, ids, "direct")
+    for j in ids:
+        got = _adapter(q, j)
+        assert set(got) == set(want[j])
+        for k in got:
+            torch.testing.assert_close(got[k], want[j][k], rtol=1e-9, atol=1e-12)
