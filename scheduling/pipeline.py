@@ -29,9 +29,10 @@ pytorch/pytorch#126600), while a plan has a different token count in every micro
 optimizer step after many of them.
 
 Checkpoints are taken with the pipeline drained, every ``save_every`` microbatches (each stage writes its own files
-into the one checkpoint folder; the last stage commits it), and a SIGINT / SIGTERM is honoured at the next such
-boundary (with ``save_every: 0``, at the end). Finished jobs' adapters are gathered to the last stage, which writes
-their PEFT folders, at those boundaries too; their evals run through the pipeline (greedy decoding re-runs the whole
+into the one checkpoint folder; the last stage commits it). A SIGINT / SIGTERM on any stage cuts the segment at
+the next stop check (every ``STOP_CHECK_EVERY`` microbatches, agreed without draining), which then drains and
+checkpoints: torchrun SIGKILLs its stages 30 s after passing a signal on. Finished jobs' adapters are gathered to the last stage, which writes
+their PEFT folders, at the end of each segment; their evals run through the pipeline (greedy decoding re-runs the whole
 prefix at each new token: no KV cache across stages). Dropout draws from a per-stage stream: with dropout a pipeline
 run's masks differ from a one-process run's (the same distribution), and its resume is exact.
 
@@ -58,6 +59,9 @@ from .executor import IGNORE_INDEX, CoTrainConfig, CoTrainer, CoTrainError, _fai
 
 logger = logging.getLogger("lorafusion.cotrain")
 SIGNALS = ("SIGINT", "SIGTERM")
+# microbatches between the checks for a stop signal inside a segment ($LORAFUSION_STOP_CHECK_EVERY): a stop must be
+# taken well within the 30 s torchrun waits before it SIGKILLs the stages it passed a signal on to
+STOP_CHECK_EVERY = max(1, int(os.environ.get("LORAFUSION_STOP_CHECK_EVERY", "32")))
 
 
 def launched() -> bool:
@@ -174,6 +178,7 @@ class PipelineCoTrainer(CoTrainer):
         self.side = dist.new_group(backend="gloo")
         self.pending: dict[str, tuple] = {}  # adapter -> (global batch, microbatch, squared-norm tensor, work)
         self.finished: list[str] = []        # jobs whose last step is done, written at the next boundary
+        self._stop = None                    # the loop's signal catcher
 
     def _check_launch(self, cfg: CoTrainConfig) -> None:
         if self.world != cfg.stages:
@@ -312,7 +317,8 @@ class PipelineCoTrainer(CoTrainer):
         return _PipelineGreedy(self, adapter)
 
     # -- training: one 1F1B pass over microbatches [lo, hi)
-    def _segment(self, lo: int, hi: int, inflight: dict, stats: dict, metrics) -> None:
+    def _segment(self, lo: int, hi: int, inflight: dict, stats: dict, metrics) -> int:
+        """Runs microbatches [lo, hi), or [lo, c) when a signal cuts the segment at c; returns where it ended."""
         mbs = self.schedule.microbatches
         dev = self.device
         live: dict[int, tuple] = {}  # microbatch -> (its input (grad wanted), its output or loss)
@@ -372,26 +378,55 @@ class PipelineCoTrainer(CoTrainer):
 
         ks = list(range(lo, hi))
         n = len(ks)
-        warm = min(self.world - self.rank - 1, n)
+        S, st = self.world, self.rank
+        warm = min(S - st - 1, n)
+        # stop checks: a signal on any stage may cut the segment at c (every STOP_CHECK_EVERY microbatches), so a
+        # stop does not wait for the next checkpoint boundary (torchrun SIGKILLs its workers 30 s after it passes
+        # a signal on). Each stage starts the all-reduce of its stop flag after its backward of b = c - S, and
+        # waits for it after its backward of b + s, right before it would post the receive of forward c: by then
+        # every stage has started it (stage 0 last, after its backward of b), and none waits on a send held behind
+        # a wait. On a cut, that backward is this stage's last of the steady phase of the segment [lo, c).
+        checks = {c - S: c for c in range(lo + STOP_CHECK_EVERY, hi, STOP_CHECK_EVERY) if c - S >= lo}
+        votes = {}
+
+        def check(kb, steady=True):  # after this stage's backward of kb: the cut position, or None
+            if kb in checks:
+                flag = torch.tensor([1 if self._stop is not None and self._stop.signal else 0])
+                votes[kb] = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.side, async_op=True))
+            if steady and kb - st in checks:
+                flag, work = votes.pop(kb - st)
+                work.wait()
+                return checks[kb - st] if int(flag[0]) else None
+            return None
+
         for k in ks[:warm]:
             x = self._p2p(recv_prev=recv_fwd(k))[1]
             self._p2p(send_next=fwd_send(k, forward(k, x)))
         rest = n - warm
         x = self._p2p(recv_prev=recv_fwd(ks[warm]))[1] if rest else None
-        for i in range(rest):
+        i = 0
+        while i < rest:
             kf, kb = ks[warm + i], ks[i]
             y = forward(kf, x)
             grad = self._p2p(send_next=fwd_send(kf, y), recv_next=recv_bwd(kb))[0]
             dx = backward(kb, grad)
+            cut = check(kb)
+            if cut is not None:  # the segment ends at `cut`: this was the last steady iteration
+                rest, hi = i + 1, cut
             if i == rest - 1:
                 self._p2p(send_prev=bwd_send(kb, dx))
             else:
                 x = self._p2p(send_prev=bwd_send(kb, dx), recv_prev=recv_fwd(ks[warm + i + 1]))[1]
-        for k in ks[rest:]:
+            i += 1
+        for k in ks[rest:warm + rest]:
             grad = self._p2p(recv_next=recv_bwd(k))[0]
             self._p2p(send_prev=bwd_send(k, backward(k, grad)))
+            check(k, steady=False)  # a cut is decided in the steady phase; here flags are only started
+        for _, work in votes.values():  # flags of cuts past a cut already made
+            work.wait()
         for a in list(self.pending):  # drained: every step of the segment is taken
             self._finish_step(a, inflight, stats, metrics)
+        return hi
 
     def _launch_steps(self, k: int) -> None:
         """After this stage's backward of microbatch ``k``: start the all-reduce of the squared gradient norm of each
@@ -543,9 +578,10 @@ class PipelineCoTrainer(CoTrainer):
         last_saved = start
         self.mm.train()
         try:
+            self._stop = stop
             for lo, hi in zip(bounds, bounds[1:]):
                 t0 = time.perf_counter()
-                self._segment(lo, hi, inflight, stats, metrics)
+                hi = self._segment(lo, hi, inflight, stats, metrics)
                 stats["seconds"] += time.perf_counter() - t0
                 # in the plan's order on every stage (their adapter folders and evals are collective)
                 for a in sorted(self.finished, key=lambda a: self.schedule.optimizer_steps[a][-1]):
@@ -575,8 +611,21 @@ class PipelineCoTrainer(CoTrainer):
         return summary
 
 
+def die_with_parent() -> None:
+    """SIGTERM to this process when its parent dies (Linux ``prctl(PR_SET_PDEATHSIG)``; a no-op elsewhere): a stage
+    whose launcher was killed stops, checkpointed, instead of running on unwatched."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_pipeline(cfg: CoTrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
     """Join the launcher's process group, run this process's stage, leave the group."""
+    die_with_parent()
     backend = "nccl" if cfg.device == "cuda" else "gloo"
     try:
         dist.init_process_group(backend=backend)

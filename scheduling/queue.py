@@ -53,17 +53,6 @@ class QueueError(RuntimeError):
     """A queue operation cannot be done; the message says why."""
 
 
-def _die_with_parent() -> None:
-    """In a child, before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG; a no-op elsewhere)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -422,26 +411,32 @@ class Queue:
 
     def _run_pipeline(self, batch: str, cfg, resume: bool, claim: int, processes: int) -> dict:
         """The batch run pipeline-parallel: ``torch.distributed.run`` (torchrun) with one process per stage, its
-        output in ``batches/<batch>/pipeline.log``. The launcher holds the batch's worker lock too, so a batch is
-        not resumed while a run of it is still alive, and gets SIGTERM if this worker dies (Linux)."""
+        output appended to ``batches/<batch>/pipeline.log``. The launcher runs in a session of its own (a signal
+        reaches it once, passed on by this worker), holds the batch's worker lock too, so a batch is not resumed
+        while its launcher is alive, and gets SIGTERM if this worker dies (Linux); its stages stop, checkpointed,
+        if it dies."""
         import signal
         import subprocess
         import sys
+
+        from scheduling.pipeline import die_with_parent
 
         from lorafusion.train.trainer import Terminated
 
         folder = os.path.join(self.path, "batches", batch)
         config = os.path.join(folder, "cotrain.json")
         atomic_write_json(config, cfg.to_dict())
+        self._wait_for_run(cfg.output_dir)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
                "-m", "lorafusion", "cotrain", "--config", config] + (["--resume"] if resume else [])
         log = os.path.join(folder, "pipeline.log")
         with open(log, "ab") as fh:
+            start = fh.tell()  # this run's output starts here
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, pass_fds=(claim,),
-                                    preexec_fn=_die_with_parent)
+                                    start_new_session=True, preexec_fn=die_with_parent)
             try:
                 rc = proc.wait()
-            except KeyboardInterrupt as exc:  # the run checkpoints at its next boundary; the batch stays running
+            except KeyboardInterrupt as exc:  # the run checkpoints and stops; the batch stays running
                 proc.send_signal(signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
                 proc.wait()
                 raise
@@ -449,11 +444,37 @@ class Queue:
         if rc == 0 and os.path.isfile(summary):
             with open(summary) as fh:
                 return json.load(fh)
-        with open(log, errors="replace") as fh:
-            said = [line.strip() for line in fh if line.startswith("lorafusion cotrain:")]
-        if rc == 0:
-            return {"stopped": said[-1] if said else "signal"}
-        raise QueueError(f"{said[-1] if said else f'the pipeline run exited {rc}'} (log: {log})")
+        with open(log, "rb") as fh:
+            fh.seek(start)
+            said = [line.strip() for line in fh.read().decode(errors="replace").splitlines()
+                    if line.startswith("lorafusion cotrain:")]
+        last = said[-1] if said else ""
+        # stopped by a signal (to this worker, the launcher or a stage): torchrun exits 1 even when its stages
+        # stopped cleanly, checkpointed; the next worker resumes the batch
+        if rc == 0 or last.startswith(("lorafusion cotrain: stopped", "lorafusion cotrain: terminated",
+                                       "lorafusion cotrain: interrupted")):
+            return {"stopped": last or "signal"}
+        raise QueueError(f"{last or f'the pipeline run exited {rc}'} (log: {log})")
+
+    @staticmethod
+    def _wait_for_run(run_dir: str, timeout: float = 300.0) -> None:
+        """Wait while another process holds the run folder's lock: the stages of a run whose launcher was killed
+        stop, checkpointed, within a few microbatches."""
+        from lorafusion.train.checkpoint import LockBusy, lock_file
+
+        lock = os.path.join(run_dir, ".lock")
+        deadline = time.monotonic() + timeout
+        while os.path.exists(lock):
+            try:
+                os.close(lock_file(lock))
+                return
+            except ImportError:  # no flock here
+                return
+            except LockBusy as exc:
+                if time.monotonic() > deadline:
+                    raise QueueError(f"{run_dir} is still in use by pid {exc.holder or '?'} after {timeout:.0f} s; "
+                                     "that run's stages outlived their launcher") from None
+                time.sleep(1.0)
 
     def _run_batch(self, batch: str, job_ids: list[str], resume: bool, claim: int) -> dict:
         from scheduling.executor import CoTrainer
