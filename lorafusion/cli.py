@@ -139,16 +139,14 @@ def _cotrain(argv: list[str]) -> int:
                         help="stop, checkpointed, once N microbatches of the schedule are done (a time-boxed slot); "
                              "--resume continues")
     args = parser.parse_args(argv)
-    if args.stop_after is not None and args.stop_after < 1:
-        from scheduling.pipeline import is_lead
+    from scheduling.pipeline import is_lead, launched, run_pipeline
 
-        if not is_lead():
-            return 2
-        return _error("cotrain", f"--stop-after: must be a positive number of microbatches (got {args.stop_after})")
+    if args.stop_after is not None and args.stop_after < 1:  # under torchrun the last stage prints it
+        return _error("cotrain", f"--stop-after: must be a positive number of microbatches (got {args.stop_after})") \
+            if is_lead() else 2
 
     from lorafusion.train.checkpoint import CheckpointError, resume_hint
     from lorafusion.train.config import ConfigError
-    from scheduling.pipeline import is_lead, launched, run_pipeline
 
     try:
         from scheduling.executor import CoTrainer, CoTrainError, load_cotrain_config

@@ -816,7 +816,12 @@ class CoTrainer:
 
     def _microbatch(self, mb: Microbatch, inflight: dict) -> int:
         ids, pos, tgt, rows, spans = pack_microbatch(mb, self.data, self.pad_id)
-        logits = self._row_logits(ids, pos, rows)
+        self._loss(self._row_logits(ids, pos, rows), tgt, spans, inflight).backward()
+        return mb.real_tokens
+
+    def _loss(self, logits: torch.Tensor, tgt: list, spans: list, inflight: dict) -> torch.Tensor:
+        """A packed row's loss to back-propagate: each segment's token losses over its global batch's label tokens
+        (the token-mean of that global batch, once all its microbatches are in); their sums go into ``inflight``."""
         t = torch.tensor(tgt, device=self.device)
         per_token = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits, t,
                                     ignore_index=IGNORE_INDEX, reduction="none")
@@ -825,22 +830,26 @@ class CoTrainer:
             part = per_token[s:e].sum()
             inflight[(a, g)] = inflight.get((a, g), 0.0) + float(part.detach())
             total = total + part / self.loss_tokens[(a, g)]
-        total.backward()
-        return mb.real_tokens
+        return total
 
     def _step(self, a: str, g: int, i: int, inflight: dict, stats: dict, metrics) -> None:
         j = self.jobs_by_name[a]
-        opt, sched = self.optimizers[a], self.schedulers[a]
         params = self.mm.adapter_parameters(a)
         # the norm before clipping (an infinite bound scales by exactly 1: nothing changes without clipping)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, j.max_grad_norm if j.max_grad_norm > 0 else math.inf))
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        lr = self._optimizer_step(a)
         self._record(a, g, i, lr, grad_norm, inflight, stats, metrics)
         if g == self.data[a].job.num_global_batches - 1:
             self._job_done(a, stats)
+
+    def _optimizer_step(self, a: str) -> float:
+        """Adapter ``a``'s optimizer and schedule step (its gradients ready); the learning rate it stepped with."""
+        opt = self.optimizers[a]
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        self.schedulers[a].step()
+        opt.zero_grad(set_to_none=True)
+        return lr
 
     def _record(self, a: str, g: int, i: int, lr: float, grad_norm: float, inflight: dict, stats: dict,
                 metrics) -> None:
@@ -886,6 +895,10 @@ class CoTrainer:
                    "plan_seconds": self.plan_seconds, "train_seconds": stats["seconds"],
                    "tokens_per_second": stats["tokens"] / stats["seconds"] if stats["seconds"] else None,
                    "simulated_pipeline": {"stages": self.schedule.stages, "time": sim.time,
-                                          "bubble_fraction": sim.bubble_fraction}}
+                                          "bubble_fraction": sim.bubble_fraction}, **self._run_info()}
         atomic_write_json(os.path.join(self.cfg.output_dir, "summary.json"), summary)
         return summary
+
+    def _run_info(self) -> dict:
+        """What the summary adds about how the run was executed (a pipeline: its processes and layers)."""
+        return {}

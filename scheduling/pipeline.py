@@ -49,13 +49,12 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from lorafusion.multi.layer import MultiLoRALinear
 from lorafusion.train.checkpoint import atomic_write_json
 
-from .executor import IGNORE_INDEX, CoTrainConfig, CoTrainer, CoTrainError, _fail, pack_microbatch
+from .executor import CoTrainConfig, CoTrainer, CoTrainError, _fail, pack_microbatch
 
 logger = logging.getLogger("lorafusion.cotrain")
 SIGNALS = ("SIGINT", "SIGTERM")
@@ -342,16 +341,8 @@ class PipelineCoTrainer(CoTrainer):
             if not self.last:
                 live[k] = (x, y)
                 return y.detach()
-            logits = y[0]
-            per_token = F.cross_entropy(logits.float() if logits.dtype != torch.float64 else logits,
-                                        torch.tensor(tgt, device=dev), ignore_index=IGNORE_INDEX, reduction="none")
-            total = per_token.new_zeros(())
-            for a, g, s, e in spans:
-                part = per_token[s:e].sum()
-                inflight[(a, g)] = inflight.get((a, g), 0.0) + float(part.detach())
-                total = total + part / self.loss_tokens[(a, g)]
             stats["tokens"] += mb.real_tokens
-            live[k] = (x, total)
+            live[k] = (x, self._loss(y[0], tgt, spans, inflight))
             return None
 
         def backward(k, grad):
@@ -448,11 +439,7 @@ class PipelineCoTrainer(CoTrainer):
             for p in self.mm.adapter_parameters(a):
                 if p.grad is not None:
                     p.grad.mul_(coef)
-        opt, sched = self.optimizers[a], self.schedulers[a]
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        lr = self._optimizer_step(a)
         if self.last:
             self._record(a, g, k, lr, norm, inflight, stats, metrics)
         if g == self.data[a].job.num_global_batches - 1:
@@ -482,32 +469,18 @@ class PipelineCoTrainer(CoTrainer):
 
         out = self.cfg.output_dir
 
-        def failed(exc):
-            return CoTrainError(str(ckpt.write_failed(out, next_mb, exc)))
+        def guarded(fn):  # a write that fails: the checkpoint error, on every stage
+            def call():
+                try:
+                    return fn()
+                except OSError as exc:
+                    raise CoTrainError(str(ckpt.write_failed(out, next_mb, exc))) from None
+            return call
 
-        def begin():
-            try:
-                return ckpt.begin(out, next_mb) if self.last else None
-            except OSError as exc:
-                raise failed(exc) from None
-
-        tmp = self._from_lead(self._agree(begin))
-
-        def write():
-            try:
-                self._write_files(tmp, next_mb, inflight, stats)
-            except OSError as exc:
-                raise failed(exc) from None
-
-        self._agree(write)
-
-        def commit():
-            try:
-                return ckpt.commit(out, next_mb, self.cfg.keep_checkpoints) if self.last else None
-            except OSError as exc:
-                raise failed(exc) from None
-
-        return self._from_lead(self._agree(commit))
+        tmp = self._from_lead(self._agree(guarded(lambda: ckpt.begin(out, next_mb) if self.last else None)))
+        self._agree(guarded(lambda: self._write_files(tmp, next_mb, inflight, stats)))
+        return self._from_lead(self._agree(guarded(
+            lambda: ckpt.commit(out, next_mb, self.cfg.keep_checkpoints) if self.last else None)))
 
     def _file(self, name: str) -> str:
         root, ext = name.split(".", 1)
@@ -548,10 +521,7 @@ class PipelineCoTrainer(CoTrainer):
                 if self.last:
                     logger.info("resuming from %s (microbatch %d of %d)", latest, start,
                                 len(self.schedule.microbatches))
-            if self.last:
-                self._agree(self._trim_metrics, start)
-            else:
-                self._agree(lambda: None)
+            self._agree(lambda: self._trim_metrics(start) if self.last else None)
             if latest is None and self.evals:
                 before = {a: self.evaluate(a) for a in self.evals}
                 if self.last:
@@ -602,13 +572,10 @@ class PipelineCoTrainer(CoTrainer):
                 metrics.close()
         if end < n:
             return {"stopped": "stop_after", "next_microbatch": end}
-        if not self.last:
-            return None
-        summary = self._summary(stats)
-        summary["pipeline"] = {"processes": self.world,
-                               "layers": [[r.start, r.stop] for r in self.layer_ranges]}
-        atomic_write_json(os.path.join(cfg.output_dir, "summary.json"), summary)
-        return summary
+        return self._summary(stats) if self.last else None
+
+    def _run_info(self) -> dict:
+        return {"pipeline": {"processes": self.world, "layers": [[r.start, r.stop] for r in self.layer_ranges]}}
 
 
 def die_with_parent() -> None:

@@ -2,7 +2,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -27,16 +26,6 @@ def small_params():
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A random 2-layer Llama over the built-in character tokenizer, saved as a Hugging Face folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from pipeline_helpers import tiny_llama
 
-    from lorafusion.train.presets import build_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny")
-    tok = build_tokenizer()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return str(folder)
+    return tiny_llama(tmp_path_factory.mktemp("tiny"), 2, 0)
