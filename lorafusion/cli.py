@@ -185,6 +185,10 @@ def _cotrain(argv: list[str]) -> int:
           f"{os.path.join(cfg.output_dir, 'adapters')}")
     for name, j in summary["jobs"].items():
         print(f"  {name}: {j['steps']} steps, loss {j['first_loss']:.4f} -> {j['last_loss']:.4f}")
+    stages = summary.get("pipeline", {}).get("peak_memory_mb")
+    where = "GPU memory allocated" if cfg.device == "cuda" else "host memory (RSS)"
+    print(f"  peak {where}: " + (" / ".join(f"{m:.0f}" for m in stages) + " MiB (stage by stage)" if stages
+                                 else f"{summary['peak_memory_mb']:.0f} MiB"))
     return 0
 
 

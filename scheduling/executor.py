@@ -454,12 +454,13 @@ class CoTrainer:
             raise CoTrainError(f"target_modules: {exc}") from None
         adapter_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         for i, j in enumerate(cfg.jobs):
-            # each adapter's initial weights from (seed, its name) alone: a job starts from the same adapter
-            # whatever jobs it is batched with, and in whatever order
-            torch.manual_seed(adapter_seed(cfg.seed, j.adapter))
+            # each adapter's initial weights from (seed, its name) alone, and each layer's from that and its path: a
+            # job starts from the same adapter whatever jobs it is batched with, in whatever order, on whatever
+            # device, and on a pipeline stage holding only some of the layers
             try:
                 self.mm.add_adapter(j.adapter, r=j.r, alpha=j.alpha, dropout=j.dropout, use_rslora=j.use_rslora,
-                                    dtype=adapter_dtype, target_modules=j.target_modules)
+                                    dtype=adapter_dtype, target_modules=j.target_modules,
+                                    init_seed=adapter_seed(cfg.seed, j.adapter))
             except ValueError as exc:
                 raise CoTrainError(f"jobs[{i}] ({j.adapter}): {exc}") from None
         self._place()
@@ -875,6 +876,8 @@ class CoTrainer:
                 logger.info("job %s eval: %s", a, result)
 
     def _summary(self, stats: dict) -> dict:
+        from lorafusion.train.trainer import peak_memory_mb
+
         from .simulate import simulate
 
         sim = simulate(self.schedule)
@@ -895,7 +898,8 @@ class CoTrainer:
                    "plan_seconds": self.plan_seconds, "train_seconds": stats["seconds"],
                    "tokens_per_second": stats["tokens"] / stats["seconds"] if stats["seconds"] else None,
                    "simulated_pipeline": {"stages": self.schedule.stages, "time": sim.time,
-                                          "bubble_fraction": sim.bubble_fraction}, **self._run_info()}
+                                          "bubble_fraction": sim.bubble_fraction},
+                   "peak_memory_mb": peak_memory_mb(self.device), **self._run_info()}
         atomic_write_json(os.path.join(self.cfg.output_dir, "summary.json"), summary)
         return summary
 

@@ -36,15 +36,19 @@ their PEFT folders, at the end of each segment; their evals run through the pipe
 prefix at each new token: no KV cache across stages). Dropout draws from a per-stage stream: with dropout a pipeline
 run's masks differ from a one-process run's (the same distribution), and its resume is exact.
 
-Each process loads the whole checkpoint on the CPU before keeping its layers, and keeps the token embedding (the first
-stage uses it, a tied output head on the last stage shares it): peak host memory is one copy of the model per
-process while loading. All processes must see the same output_dir (one machine, or a shared file system).
+Each process reads only its share of the checkpoint (``load_stage``): its decoder layers, the token embedding on the
+first stage (and on the last where the output head is tied to it), the final norm and the output head on the last.
+The model is made on the meta device and loaded by ``from_pretrained`` with the other stages' modules swapped out, so
+their tensors are never read (safetensors files are memory-mapped). An adapter's initial weights are drawn per layer
+(``MultiLoRAModel.add_adapter(init_seed=...)``), so a stage's are those of the one-process run without the other
+layers being made. All processes must see the same output_dir (one machine, or a shared file system).
 """
 from __future__ import annotations
 
 import logging
 import math
 import os
+import re
 import time
 
 import torch
@@ -109,6 +113,87 @@ def _decoder(model: nn.Module, where: str):
                            "`norm`, which pipeline stages split (Llama, Mistral, Qwen2, ... have them); run it with "
                            "stages: 1")
     return dec, layers
+
+
+class _NotHere(nn.Module):
+    """A module another pipeline stage holds (the token embedding after the first stage, the final norm and the
+    output head before the last): it has no weights here and is never run."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"{self.path} is held by another pipeline stage; this stage never runs it")
+
+    def extra_repr(self) -> str:
+        return self.path
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    (model.get_submodule(parent) if parent else model)._modules[child] = module
+
+
+def _path_of(model: nn.Module, module) -> str | None:
+    return next((n for n, m in model.named_modules() if m is module), None) if isinstance(module, nn.Module) else None
+
+
+def _stage_class(cls: type, away: list[str], untie: bool) -> type:
+    """``cls`` building only a stage's share: the modules at ``away`` are swapped for weightless stand-ins as the
+    model is made (on the meta device, inside ``from_pretrained``), so the loader reads none of their tensors and
+    does not report their checkpoint keys."""
+    def __init__(self, config, *args, **kwargs):
+        cls.__init__(self, config, *args, **kwargs)
+        for path in away:
+            _set_module(self, path, _NotHere(path))
+        self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | {
+            rf"(^|\.){re.escape(p)}\." for p in away}
+        if untie:  # the output head is not here: nothing to tie (the embedding may not be either)
+            self.all_tied_weights_keys = {}
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+def load_stage(path: str, dtype: torch.dtype, rank: int, world: int, where: str | None = None, stages=None):
+    """Stage ``rank`` of ``world``'s share of the causal LM in folder ``path``, read alone from its checkpoint onto
+    the CPU, and the split of the decoder layers: its decoder layers ``split_layers(n, world)[rank]``; the token
+    embedding on the first stage (and on the last where the output head is tied to it); the final norm and the
+    output head on the last. The modules other stages hold are the meta device's (no memory), so the model's module
+    paths stay the whole model's until ``PipelineCoTrainer._place`` drops them. Loading goes through
+    ``from_pretrained`` (its weight renames and conversions apply), which reads only the tensors this stage keeps."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where = where or path
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            whole = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001
+        raise CoTrainError(f"model: cannot load {path}: {type(exc).__name__}: {exc}") from None
+    dec, layers = _decoder(whole, where)
+    try:
+        ranges = split_layers(len(layers), world)
+    except ValueError as exc:
+        _fail("stages", world if stages is None else stages, f"{exc} ({where})")
+    prefix = _path_of(whole, dec)
+    prefix = f"{prefix}." if prefix else ""
+    embed, head = _path_of(whole, whole.get_input_embeddings()), _path_of(whole, whole.get_output_embeddings())
+    tied = head is not None and bool(getattr(whole.config.get_text_config(), "tie_word_embeddings", False))
+    first, last = rank == 0, rank == world - 1
+    away = [f"{prefix}layers.{k}" for k in range(len(layers)) if k not in ranges[rank]]
+    if not first and embed and not (tied and last):
+        away.append(embed)
+    if not last:
+        away += [f"{prefix}norm"] + ([head] if head else [])
+    try:
+        model = _stage_class(type(whole), away, tied and not last).from_pretrained(path, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001
+        raise CoTrainError(f"model: cannot load {path}: {type(exc).__name__}: {exc}") from None
+    for p in away:
+        _set_module(model, p, whole.get_submodule(p))
+    return model, ranges
 
 
 def _module(model: nn.Module, path: str):
@@ -224,17 +309,17 @@ class PipelineCoTrainer(CoTrainer):
 
     # -- the stage's share of the model
     def _load_model(self, device=None):
-        return super()._load_model(torch.device("cpu"))  # the whole model on the CPU; _place keeps this stage's part
+        tok = self.load_tokenizer()
+        model, self.layer_ranges = load_stage(self.model_path(), self.dtype, self.rank, self.world, self.cfg.model,
+                                              self.cfg.stages)
+        model.config.use_cache = False
+        return model, tok
 
     def _place(self) -> None:
         from lorafusion.multi.io import peft_target_modules
 
         model = self.mm.model
         dec, layers = _decoder(model, self.cfg.model)
-        try:
-            self.layer_ranges = split_layers(len(layers), self.world)
-        except ValueError as exc:
-            _fail("stages", self.cfg.stages, f"{exc} ({self.cfg.model})")
         # the PEFT target_modules of each adapter over the whole model, for the folders the last stage writes
         self.peft_targets = {a: peft_target_modules(self.mm, a) for a in self.mm.adapter_specs}
         mine = self.layer_ranges[self.rank]
@@ -245,6 +330,14 @@ class PipelineCoTrainer(CoTrainer):
             dec.norm = nn.Identity()
             if hasattr(model, "lm_head"):
                 model.lm_head = nn.Identity()
+        embed = model.get_input_embeddings()
+        if not self.first and any(t.is_meta for t in embed.parameters()):
+            _set_module(model, _path_of(model, embed), _NotHere(_path_of(model, embed)))
+        meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if meta:  # a module the split does not know (kept meta, not loaded): refuse rather than train on nothing
+            raise CoTrainError(f"model: {self.cfg.model} ({type(model).__name__}): pipeline stage {self.rank} found "
+                               f"no weights for {meta[:3]} outside the decoder layers, final norm, token embedding and"
+                               " output head it splits; run it with stages: 1")
         # the wrapped linears no longer in this stage's model (other stages' layers; an adapted output head on
         # stages before the last)
         self.mm.release_layers([n for n in self.mm.layer_names if not isinstance(_module(model, n), MultiLoRALinear)])
@@ -572,10 +665,15 @@ class PipelineCoTrainer(CoTrainer):
                 metrics.close()
         if end < n:
             return {"stopped": "stop_after", "next_microbatch": end}
+        from lorafusion.train.trainer import peak_memory_mb
+
+        self.stage_peaks = [None] * self.world  # each stage's peak memory (GPU allocated, or host RSS), in MiB
+        dist.all_gather_object(self.stage_peaks, peak_memory_mb(self.device), group=self.side)
         return self._summary(stats) if self.last else None
 
     def _run_info(self) -> dict:
-        return {"pipeline": {"processes": self.world, "layers": [[r.start, r.stop] for r in self.layer_ranges]}}
+        return {"pipeline": {"processes": self.world, "layers": [[r.start, r.stop] for r in self.layer_ranges],
+                             "peak_memory_mb": self.stage_peaks}}
 
 
 def die_with_parent() -> None:

@@ -75,9 +75,12 @@ class MultiLoRALinear(nn.Module):
         return self.base.out_features
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    dtype: torch.dtype | None = None) -> None:
+                    dtype: torch.dtype | None = None, generator: torch.Generator | None = None) -> None:
         """Add adapter ``name`` (PEFT init: A Kaiming-uniform, B zero). Other adapters are untouched. ``dtype``:
-        the base weight's, or float32 over a float16 / bfloat16 base."""
+        the base weight's, or float32 over a float16 / bfloat16 base. ``generator``: a CPU generator A is drawn
+        from (on the CPU, then moved to the weight's device, so the draw is the same on every device); without
+        one, A is drawn on the weight's device from torch's default generator there. Over a base on the meta
+        device (a model skeleton) nothing is drawn."""
         check_adapter_name(name)
         if name in self.adapter_specs:
             raise ValueError(f"duplicate adapter name {name!r}: this layer already holds it")
@@ -87,8 +90,17 @@ class MultiLoRALinear(nn.Module):
         w = self.base.weight
         # fp32 adapters over a half-precision base, as PEFT keeps them: bf16 / fp16 adapters lose small updates
         dtype = dtype or (torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype)
-        A = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
-        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if generator is not None and w.device.type != "meta":
+            if generator.device.type != "cpu":
+                raise ValueError(f"MultiLoRALinear adapter {name!r}: generator must be a CPU generator, got one on "
+                                 f"{generator.device}")
+            A = torch.empty(r, self.in_features, dtype=dtype)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+            A = A.to(w.device)
+        else:
+            A = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
+            if w.device.type != "meta":
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         B = torch.zeros(self.out_features, r, device=w.device, dtype=dtype)  # both allocated before either is added
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 
 import torch
 from torch import nn
@@ -87,6 +88,12 @@ def _matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def layer_seed(seed: int, path: str) -> int:
+    """The seed of the layer at module path ``path`` for an adapter's ``init_seed`` ``seed``."""
+    digest = hashlib.sha256(f"{int(seed)}:{path}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
 class MultiLoRAModel(nn.Module):
     def __init__(self, model: nn.Module, target_modules="all-linear", backend: str | None = None,
                  exclude_modules=("lm_head",)):
@@ -126,11 +133,16 @@ class MultiLoRAModel(nn.Module):
         return {n: self.model.get_submodule(n) for n in self.layer_names}
 
     def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                    dtype: torch.dtype | None = None, target_modules=None, layers=None) -> None:
+                    dtype: torch.dtype | None = None, target_modules=None, layers=None,
+                    init_seed: int | None = None) -> None:
         """Add adapter ``name`` to every wrapped linear, or with ``target_modules`` (names or dotted path suffixes,
         as for the model and PEFT) to those of them it matches, or with ``layers`` to exactly the wrapped linears
         at those module paths: each job keeps its own LoRA targets; in the layers an adapter does not target, its
-        rows get the base output alone."""
+        rows get the base output alone.
+
+        ``init_seed``: each layer's A is drawn from its own CPU generator seeded from (``init_seed``, the layer's
+        path), so a layer's initial adapter depends on neither the other layers present (a pipeline stage holds
+        only some) nor the device. Without it, A is drawn layer after layer from torch's default generator."""
         check_adapter_name(name)
         if name in self.adapter_specs:
             raise ValueError(f"duplicate adapter name {name!r}: the model already holds it")
@@ -159,7 +171,8 @@ class MultiLoRAModel(nn.Module):
             for path in paths:
                 layer = layers[path]
                 try:
-                    layer.add_adapter(name, r, alpha, dropout, use_rslora, dtype)
+                    gen = None if init_seed is None else torch.Generator().manual_seed(layer_seed(init_seed, path))
+                    layer.add_adapter(name, r, alpha, dropout, use_rslora, dtype, generator=gen)
                 except (ValueError, TypeError) as e:
                     raise type(e)(f"layer {path}: {e}") from e
                 done.append(layer)

@@ -17,8 +17,9 @@ needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PA
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 
 
-def tiny_llama(folder, layers: int, seed: int):
-    """A random Llama of ``layers`` decoder layers over the built-in character tokenizer, saved in ``folder``."""
+def tiny_llama(folder, layers: int, seed: int, tied: bool = False):
+    """A random Llama of ``layers`` decoder layers over the built-in character tokenizer, saved in ``folder``
+    (``tied``: its output head shares the token embedding's weight)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lorafusion.train.presets import build_tokenizer
@@ -28,15 +29,15 @@ def tiny_llama(folder, layers: int, seed: int):
     cfg = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
+                      tie_word_embeddings=tied)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
 
 
-def make_model3(folder):
+def make_model3(folder, tied: bool = False):
     """A random 3-layer Llama (an uneven split over 2 stages), drawn afresh."""
-    return tiny_llama(folder, 3, int.from_bytes(os.urandom(4), "little"))
+    return tiny_llama(folder, 3, int.from_bytes(os.urandom(4), "little"), tied)
 
 
 def records(rng, n, lo, hi):

@@ -17,6 +17,12 @@ def model3(tmp_path_factory):
     return ph.make_model3(tmp_path_factory.mktemp("tiny3"))
 
 
+@pytest.fixture(scope="module")
+def model3_tied(tmp_path_factory):
+    """The output head tied to the embedding: the last stage (not the first) reads the embedding for it."""
+    return ph.make_model3(tmp_path_factory.mktemp("tiny3t"), tied=True)
+
+
 def _exercising(sched, stages) -> bool:
     """The plan exercises what the pipeline has to get right: shared microbatches, and a global batch starting
     exactly ``stages`` positions after the previous step of its adapter (the tightest the 1F1B order allows)."""
@@ -27,8 +33,9 @@ def _exercising(sched, stages) -> bool:
 
 
 @ph.needs_torchrun
-@pytest.mark.parametrize("stages", [2, 3])
-def test_pipeline_stages_end_where_one_process_does(tmp_path, model3, stages):
+@pytest.mark.parametrize("stages,model", [(2, "model3_tied"), (3, "model3")])
+def test_pipeline_stages_end_where_one_process_does(tmp_path, request, stages, model):
+    model3 = request.getfixturevalue(model)
     for _ in range(8):  # fresh random data until its plan exercises the pipeline (most first draws do)
         jobs = ph.jobs(tmp_path, model3)
         one = load_cotrain_config(ph.config(tmp_path, model3, jobs, "one", stages=stages))
@@ -47,6 +54,7 @@ def test_pipeline_stages_end_where_one_process_does(tmp_path, model3, stages):
     got = json.load(open(os.path.join(out, "summary.json")))
     assert got["pipeline"]["processes"] == stages
     assert got["pipeline"]["layers"] == [[r.start, r.stop] for r in split_layers(3, stages)]
+    assert len(got["pipeline"]["peak_memory_mb"]) == stages and min(got["pipeline"]["peak_memory_mb"]) > 0
     assert res.stdout.count("lorafusion cotrain: 3 jobs") == 1, res.stdout  # the last stage reports, once
     a, b = ph.adapters(one.output_dir), ph.adapters(out)
     assert a.keys() == b.keys() == {"long", "short", "tail"}
