@@ -197,8 +197,9 @@ A multi-tenant job queue over one base model: tenants submit LoRA jobs, a worker
 (lorafusion cotrain's executor) and leaves each job's adapter in its folder. See docs/cotrain.md.
 
   lorafusion queue init   --queue Q --config queue.yaml
-  lorafusion queue submit --queue Q --tenant NAME job.yaml
+  lorafusion queue submit --queue Q --tenant NAME job.yaml [--priority P]
   lorafusion queue status --queue Q [--json]
+  lorafusion queue priority --queue Q JOB_ID --priority P      (a pending job's)
   lorafusion queue cancel --queue Q JOB_ID
   lorafusion queue retry  --queue Q JOB_ID
   lorafusion queue work   --queue Q [--once] [--poll SECONDS]
@@ -208,11 +209,13 @@ A multi-tenant job queue over one base model: tenants submit LoRA jobs, a worker
 def _queue(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="lorafusion queue", description=QUEUE_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["init", "submit", "status", "cancel", "retry", "work"])
-    parser.add_argument("target", nargs="?", help="submit: the job file; cancel / retry: the job id")
+    parser.add_argument("action", choices=["init", "submit", "status", "priority", "cancel", "retry", "work"])
+    parser.add_argument("target", nargs="?", help="submit: the job file; priority / cancel / retry: the job id")
     parser.add_argument("--queue", required=True, help="the queue's folder")
     parser.add_argument("--config", help="init: the queue's settings (YAML: model, capacity, ..., max_jobs_per_batch)")
     parser.add_argument("--tenant", help="submit: who submits the job")
+    parser.add_argument("--priority", type=int, default=None,
+                        help="submit (default 0) / priority: -1000 to 1000; a batch takes the highest pending first")
     parser.add_argument("--json", action="store_true", help="status: print every job's state as JSON")
     parser.add_argument("--once", action="store_true", help="work: run one batch at most")
     parser.add_argument("--poll", type=float, default=0.0,
@@ -221,10 +224,12 @@ def _queue(argv: list[str]) -> int:
 
     from lorafusion.train.config import ConfigError
 
-    need = {"init": "--config", "submit": "--tenant"}
+    need = {"init": "--config", "submit": "--tenant", "priority": "--priority"}
     if args.action in need and getattr(args, need[args.action][2:]) is None:
         parser.error(f"{args.action} needs {need[args.action]}")
-    if args.action in ("submit", "cancel", "retry") and not args.target:
+    if args.priority is not None and args.action not in ("submit", "priority"):
+        parser.error(f"--priority is for submit and priority, not {args.action}")
+    if args.action in ("submit", "priority", "cancel", "retry") and not args.target:
         parser.error(f"{args.action} needs {'the job file' if args.action == 'submit' else 'the job id'}")
     try:
         from scheduling.executor import CoTrainError
@@ -238,7 +243,10 @@ def _queue(argv: list[str]) -> int:
             q = Queue(args.queue)
             q.settings()  # a folder that is not a queue: one line
             if args.action == "submit":
-                print(q.submit(args.tenant, args.target))
+                print(q.submit(args.tenant, args.target, 0 if args.priority is None else args.priority))
+            elif args.action == "priority":
+                q.set_priority(args.target, args.priority)
+                print(f"lorafusion queue: {args.target} has priority {args.priority}")
             elif args.action == "cancel":
                 q.cancel(args.target)
                 print(f"lorafusion queue: cancelled {args.target}")
@@ -252,6 +260,8 @@ def _queue(argv: list[str]) -> int:
                 else:
                     for j in jobs:
                         extra = j.get("error") or (f"batch {j['batch']}" if j.get("batch") else "")
+                        if j.get("priority"):
+                            extra = f"priority {j['priority']}  {extra}"
                         print(f"{j['id']}  {j['state']:<9}  {j['tenant']:<12}  {j['name']}  {extra}".rstrip())
                     counts = {st: sum(1 for j in jobs if j["state"] == st) for st in
                               ("pending", "running", "done", "failed", "cancelled", "corrupt")}

@@ -19,9 +19,10 @@ The queue is a folder (a local or shared file system):
 Every change of state happens under an exclusive lock on ``Q/.lock`` and is written atomically, so several
 submitters and workers may share one queue. A job is checked in full when it is submitted (its keys and values,
 its data tokenized with the base model's tokenizer against the capacity): a bad job is refused then, with the
-reason, instead of failing a batch later. A worker takes at most ``max_jobs_per_batch`` pending jobs, round-robin
-over tenants, the one served longest ago first, the rotation carried over from batch to batch (one tenant's hundred
-jobs do not starve another's one). A batch whose worker died (its ``.worker`` lock is free) is resumed from its last
+reason, instead of failing a batch later. A worker takes at most ``max_jobs_per_batch`` pending jobs of the highest
+priority pending (``submit --priority``, default 0), round-robin over their tenants, the one served longest ago
+first, the rotation carried over from batch to batch (one tenant's hundred jobs do not starve another's one).
+``max_queued_per_tenant`` caps the jobs a tenant may have pending or running at once. A batch whose worker died (its ``.worker`` lock is free) is resumed from its last
 checkpoint by the next worker; a batch that fails ends its jobs ``failed``, and ``retry`` puts them back in line.
 With ``pipeline_processes: S`` (= ``stages``) a worker runs each batch pipeline-parallel, one process per stage,
 under ``torch.distributed.run`` (``scheduling.pipeline``).
@@ -44,13 +45,28 @@ logger = logging.getLogger("lorafusion.queue")
 
 STATES = ("pending", "running", "done", "failed", "cancelled")  # and "corrupt": a state file that cannot be read
 QUEUE_KEYS = ("model", "capacity", "pad_multiple", "stages", "target_modules", "seed", "precision", "device",
-              "backend", "save_every", "keep_checkpoints", "num_threads", "max_jobs_per_batch", "pipeline_processes")
-WORKER_KEYS = ("max_jobs_per_batch", "pipeline_processes")  # the worker's own, not the executor's
+              "backend", "save_every", "keep_checkpoints", "num_threads", "max_jobs_per_batch", "pipeline_processes",
+              "max_queued_per_tenant")
+# the queue's and the worker's own, not the executor's
+WORKER_KEYS = ("max_jobs_per_batch", "pipeline_processes", "max_queued_per_tenant")
+PRIORITY_RANGE = (-1000, 1000)
 _TENANT = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 
 
 class QueueError(RuntimeError):
     """A queue operation cannot be done; the message says why."""
+
+
+def _check_priority(priority) -> None:
+    lo, hi = PRIORITY_RANGE
+    if isinstance(priority, bool) or not isinstance(priority, int) or not lo <= priority <= hi:
+        raise QueueError(f"--priority must be an integer from {lo} to {hi} (higher runs first), got {priority!r}")
+
+
+def _priority(state: dict) -> int:
+    """A job's priority (0 for a job queued before priorities were kept)."""
+    p = state.get("priority", 0)
+    return p if isinstance(p, int) and not isinstance(p, bool) else 0
 
 
 def _now() -> str:
@@ -123,6 +139,9 @@ class Queue:
         per_batch = settings.get("max_jobs_per_batch", 8)
         if isinstance(per_batch, bool) or not isinstance(per_batch, int) or per_batch < 1:
             raise ConfigError(f"max_jobs_per_batch: must be a positive integer (got {per_batch!r})")
+        quota = settings.get("max_queued_per_tenant")
+        if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int) or quota < 1):
+            raise ConfigError(f"max_queued_per_tenant: must be a positive integer, or null for no cap (got {quota!r})")
         procs = settings.get("pipeline_processes", 1)
         if isinstance(procs, bool) or not isinstance(procs, int) or procs < 1:
             raise ConfigError(f"pipeline_processes: must be a positive integer (got {procs!r})")
@@ -235,10 +254,11 @@ class Queue:
             out.append({**st, "id": name})
         return sorted(out, key=lambda s: (s["seq"], s["id"]))
 
-    def submit(self, tenant: str, job_file: str) -> str:
+    def submit(self, tenant: str, job_file: str, priority: int = 0) -> str:
         """Queue the job of ``job_file`` (a YAML mapping of cotrain job keys; ``adapter`` is optional and only names
         the job) for ``tenant``; returns its id. The job is checked in full first (keys, values, data against the
-        base model's tokenizer and the capacity); nothing is queued when it is refused."""
+        base model's tokenizer and the capacity); nothing is queued when it is refused. Batches take the jobs of
+        the highest ``priority`` pending first (an integer in ``PRIORITY_RANGE``)."""
         import yaml
 
         from lorafusion.train.config import ConfigError, read_yaml_mapping
@@ -248,7 +268,9 @@ class Queue:
         if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
             raise QueueError("--tenant must be 1-64 letters, digits, '_' or '-', starting with a letter, got "
                              f"{tenant!r}")
+        _check_priority(priority)
         settings = self.settings()
+        self._check_quota(tenant, settings)  # early, before the data is read (again under the lock below)
         spec = read_yaml_mapping(job_file, "job file")
         name = str(spec.get("adapter") or os.path.splitext(os.path.basename(job_file))[0])
         job_id = f"{tenant}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"  # an adapter name
@@ -295,10 +317,11 @@ class Queue:
             with open(os.path.join(tmp, "job.yaml"), "w") as fh:
                 yaml.safe_dump({k: v for k, v in spec.items() if k != "adapter"}, fh, sort_keys=False)
             with _locked(self.path):
+                self._check_quota(tenant, settings)
                 seq = 1 + max((x["seq"] for x in self.jobs() if x["state"] != "corrupt"), default=0)
                 atomic_write_json(os.path.join(tmp, "state.json"), {
-                    "state": "pending", "tenant": tenant, "name": name, "seq": seq, "submitted": _now(),
-                    "updated": _now(), "batch": None, "result": None, "error": None})
+                    "state": "pending", "tenant": tenant, "name": name, "seq": seq, "priority": priority,
+                    "submitted": _now(), "updated": _now(), "batch": None, "result": None, "error": None})
                 os.rename(tmp, folder)
         except OSError as exc:
             raise QueueError(f"job {job_file}: cannot queue it in {self.path}: {exc.strerror or exc}") from None
@@ -306,6 +329,24 @@ class Queue:
             shutil.rmtree(tmp, ignore_errors=True)
         logger.info("queued job %s (%s) for tenant %s", job_id, name, tenant)
         return job_id
+
+    def _check_quota(self, tenant: str, settings: dict) -> None:
+        cap = settings.get("max_queued_per_tenant")
+        if cap is None:
+            return
+        held = sum(1 for x in self.jobs() if x["tenant"] == tenant and x["state"] in ("pending", "running"))
+        if held >= cap:
+            raise QueueError(f"tenant {tenant} has {held} jobs pending or running, the most max_queued_per_tenant "
+                             f"({cap}) allows; submit again when one ends, or cancel a pending one")
+
+    def set_priority(self, job_id: str, priority: int) -> None:
+        """A pending job's priority (it keeps its place of submission among the jobs of its new priority)."""
+        _check_priority(priority)
+        with _locked(self.path):
+            st = self.state(job_id)
+            if st["state"] != "pending":
+                raise QueueError(f"job {job_id} is {st['state']}; only a pending job's priority can be changed")
+            self._set_state(job_id, priority=priority)
 
     def cancel(self, job_id: str) -> None:
         with _locked(self.path):
@@ -351,9 +392,11 @@ class Queue:
         """Under the lock: a batch whose worker died (to resume, with its jobs in the batch's own order), else a
         new batch of pending jobs, with its worker lock held (the fd); None when there is nothing to run.
 
-        A new batch is filled round-robin over the tenants with pending jobs, the tenant served longest ago (or
-        never) first, each tenant's jobs in order of submission; ``tenants.json`` remembers when each tenant was
-        last served, so the rotation carries over from batch to batch (with one job a batch, tenants alternate)."""
+        A new batch holds pending jobs of one priority, the highest pending (a batch's jobs train together and end
+        together, so a lower-priority job would only slow a higher one's batch down). It is filled round-robin
+        over the tenants with jobs of that priority, the tenant served longest ago (or never) first, each tenant's
+        jobs in order of submission; ``tenants.json`` remembers when each tenant was last served, so the rotation
+        carries over from batch to batch (with one job a batch, tenants alternate)."""
         per_batch = self.settings().get("max_jobs_per_batch", 8)
         with _locked(self.path):
             states = self.jobs()
@@ -370,8 +413,9 @@ class Queue:
                     return batch, ids, True, fd
             pending: dict[str, list[str]] = {}
             first: dict[str, int] = {}
+            top = max((_priority(s) for s in states if s["state"] == "pending"), default=0)
             for s in states:
-                if s["state"] == "pending":
+                if s["state"] == "pending" and _priority(s) == top:
                     pending.setdefault(s["tenant"], []).append(s["id"])
                     first.setdefault(s["tenant"], s["seq"])
             served = self._served()

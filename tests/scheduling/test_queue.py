@@ -315,3 +315,57 @@ def test_a_pipeline_queue_runs_each_batch_over_its_stages(tmp_path, tiny_model):
         assert set(got) == set(want[j])
         for k in got:
             torch.testing.assert_close(got[k], want[j][k], rtol=1e-9, atol=1e-12)
+
+
+def test_priorities_pick_the_batch_and_a_tenant_quota_caps_what_it_queues(tmp_path, tiny_model, job_files, capsys):
+    """A batch holds jobs of the highest pending priority only, round-robin over their tenants; a job's priority can
+    be changed while it is pending; max_queued_per_tenant refuses a tenant's submit beyond the cap (pending and
+    running jobs count), queuing nothing; bad priorities and caps are refused by name."""
+    from lorafusion.cli import main
+    from lorafusion.train.config import ConfigError
+
+    settings = tmp_path / "pq.yaml"
+    settings.write_text(json.dumps({"model": tiny_model, "capacity": 48, "max_jobs_per_batch": 2,
+                                    "max_queued_per_tenant": 2}))
+    q = Queue.init(str(tmp_path / "PQ"), str(settings))
+    a0, a1 = q.submit("alice", job_files[0]), q.submit("alice", job_files[1])
+    with pytest.raises(QueueError, match=r"tenant alice has 2 jobs pending or running, the most "
+                                         r"max_queued_per_tenant \(2\) allows"):
+        q.submit("alice", job_files[2])
+    assert len(q.jobs()) == 2  # nothing queued, no half-made folder
+    assert not [n for n in os.listdir(os.path.join(q.path, "jobs")) if n.endswith(".tmp")]
+    b0 = q.submit("bob", job_files[2], priority=5)
+    c0 = q.submit("carol", job_files[3], priority=-3)
+    assert main(["queue", "priority", "--queue", q.path, a1, "--priority", "5"]) == 0
+    assert f"{a1} has priority 5" in capsys.readouterr().out
+    batch, ids, resumed, claim = q._take_batch()
+    assert ids == [a1, b0] and not resumed  # priority 5 only, alice's first job of it submitted before bob's
+    with pytest.raises(QueueError, match=f"job {a1} is running; only a pending job's priority can be changed"):
+        q.set_priority(a1, 0)
+    with pytest.raises(QueueError, match="tenant alice has 2 jobs pending or running"):  # a0 pending, a1 running
+        q.submit("alice", job_files[2])
+    for j in (a1, b0):  # the batch ends
+        q._set_state(j, state="done")
+    os.close(claim)
+    a2 = q.submit("alice", job_files[2])
+    _, ids, _, fd = q._take_batch()
+    os.close(fd)
+    assert ids == [a0, a2]  # priority 0 before carol's -3, however long carol has waited
+    for j in ids:
+        q._set_state(j, state="done")
+    _, ids, _, claim = q._take_batch()
+    assert ids == [c0] and q._take_batch() is None  # its worker holds the last batch: nothing else to run
+    os.close(claim)
+    for bad in (1001, -1001, True, "high"):
+        with pytest.raises(QueueError, match=r"--priority must be an integer from -1000 to 1000"):
+            q.submit("dave", job_files[3], priority=bad)
+    assert main(["queue", "submit", "--queue", q.path, "--tenant", "dave", "--priority", "2000", job_files[3]]) == 2
+    assert "--priority must be an integer from -1000 to 1000 (higher runs first), got 2000" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["queue", "status", "--queue", q.path, "--priority", "1"])
+    assert "--priority is for submit and priority, not status" in capsys.readouterr().err
+    for cap in (0, -1, 1.5, True, "2"):
+        settings.write_text(json.dumps({"model": tiny_model, "max_queued_per_tenant": cap}))
+        with pytest.raises(ConfigError, match=re.escape(f"max_queued_per_tenant: must be a positive integer, or null "
+                                                        f"for no cap (got {cap!r})")):
+            Queue.init(str(tmp_path / "PQx"), str(settings))
