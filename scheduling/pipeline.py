@@ -149,7 +149,7 @@ def _stage_class(cls: type, away: list[str], untie: bool) -> type:
             _set_module(self, path, _NotHere(path))
         self._keys_to_ignore_on_load_unexpected = set(self._keys_to_ignore_on_load_unexpected or ()) | {
             rf"(^|\.){re.escape(p)}\." for p in away}
-        if untie:  # the output head is not here: nothing to tie (the embedding may not be either)
+        if untie:  # neither the embedding nor the tied head is here: nothing to tie
             self.all_tied_weights_keys = {}
 
     return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__,
@@ -185,13 +185,16 @@ def load_stage(path: str, dtype: torch.dtype, rank: int, world: int, where: str 
     away = [f"{prefix}layers.{k}" for k in range(len(layers)) if k not in ranges[rank]]
     if not first and embed and not (tied and last):
         away.append(embed)
+    # a tied head stays while loading on every stage that keeps the embedding (the checkpoint may store the shared
+    # matrix under either name; the loader fills both from it), and goes once loaded where it is not this stage's
+    dropped = [head] if tied and first and not last else []
     if not last:
-        away += [f"{prefix}norm"] + ([head] if head else [])
+        away += [f"{prefix}norm"] + ([head] if head and not dropped else [])
     try:
-        model = _stage_class(type(whole), away, tied and not last).from_pretrained(path, dtype=dtype)
+        model = _stage_class(type(whole), away, tied and not (first or last)).from_pretrained(path, dtype=dtype)
     except Exception as exc:  # noqa: BLE001
         raise CoTrainError(f"model: cannot load {path}: {type(exc).__name__}: {exc}") from None
-    for p in away:
+    for p in away + dropped:
         _set_module(model, p, whole.get_submodule(p))
     return model, ranges
 
@@ -328,8 +331,9 @@ class PipelineCoTrainer(CoTrainer):
                 layers[k] = _Elsewhere(k, next(s for s, r in enumerate(self.layer_ranges) if k in r))
         if not self.last:
             dec.norm = nn.Identity()
-            if hasattr(model, "lm_head"):
-                model.lm_head = nn.Identity()
+            head = _path_of(model, model.get_output_embeddings())
+            if head:
+                _set_module(model, head, nn.Identity())
         embed = model.get_input_embeddings()
         if not self.first and any(t.is_meta for t in embed.parameters()):
             _set_module(model, _path_of(model, embed), _NotHere(_path_of(model, embed)))
